@@ -1,0 +1,90 @@
+"""Checks that run before any worker starts (and are all `raydist validate` does): no Ray, no weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raydist.components.data import DataError, detect_format, load_records
+from raydist.components.export import missing_lora_targets
+from raydist.components.models import load_model_config, load_tokenizer, resolve_model_source
+from raydist.config.finetune import FinetuneConfig
+
+
+class PreflightError(ValueError):
+    """The config cannot run; the message names the problem."""
+
+
+@dataclass
+class PreflightReport:
+    model_kind: str
+    model_type: str
+    max_positions: int
+    data_formats: dict[str, str]
+    train_records: int
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"model: {self.model_kind} ({self.model_type}, up to {self.max_positions} positions)",
+            f"data: {self.train_records} train records; formats {self.data_formats}",
+        ]
+        return out + [f"note: {n}" for n in self.notes]
+
+
+def module_names(model_config) -> list[str]:
+    """Module names of a model built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return [n for n, _ in model.named_modules()]
+
+
+def preflight_finetune(cfg: FinetuneConfig) -> tuple[PreflightReport, Any]:
+    """Check model, tokenizer, data and option compatibility. Returns the report and the tokenizer.
+
+    Raises:
+        PreflightError: with a message naming the field or file at fault.
+    """
+    try:
+        src = resolve_model_source(cfg.model)
+        model_config = load_model_config(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)
+    except (ValueError, OSError) as e:
+        raise PreflightError(f"model.path: {e}") from None
+    max_pos = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    if max_pos and cfg.data.seq_len > max_pos:
+        raise PreflightError(
+            f"data.seq_len {cfg.data.seq_len} exceeds the model's limit of {max_pos} positions"
+        )
+    if cfg.lora.enabled:
+        missing = missing_lora_targets(module_names(model_config), cfg.lora.target_modules)
+        if missing:
+            raise PreflightError(
+                f"lora.target_modules {missing} match no module of this {model_config.model_type} model "
+                f"(linear layers are e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
+            )
+    formats: dict[str, str] = {}
+    try:
+        records = load_records(cfg.data.train)
+        formats["train"] = detect_format(records, cfg.data.train)
+        if cfg.data.eval is not None:
+            formats["eval"] = detect_format(load_records(cfg.data.eval), cfg.data.eval)
+    except DataError as e:
+        raise PreflightError(f"data: {e}") from None
+    if formats["train"] in ("chat", "instruction") and not tokenizer.chat_template:
+        notes = ["tokenizer has no chat template; using a plain 'role: content' rendering"]
+    else:
+        notes = []
+    report = PreflightReport(
+        model_kind=src.kind,
+        model_type=model_config.model_type,
+        max_positions=max_pos,
+        data_formats=formats,
+        train_records=len(records),
+        notes=notes,
+    )
+    return report, tokenizer
