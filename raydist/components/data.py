@@ -268,11 +268,12 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[dict], l
     """Read, split and tokenize train/eval once. Returns ``(train_examples, eval_examples)``."""
     records = load_records(cfg.train)
     fmt = detect_format(records, cfg.train)
+    eval_len = cfg.eval_seq_len or cfg.seq_len
     if cfg.eval is not None:
         eval_records = load_records(cfg.eval)
         eval_fmt = detect_format(eval_records, cfg.eval)
         train = tokenize_source(records, fmt, cfg.train, tokenizer, cfg.seq_len, cfg.packing)
-        evals = tokenize_source(eval_records, eval_fmt, cfg.eval, tokenizer, cfg.seq_len, cfg.packing)
+        evals = tokenize_source(eval_records, eval_fmt, cfg.eval, tokenizer, eval_len, cfg.packing)
     elif fmt == "text" and len(records) == 1:
         # A single document (e.g. the built-in corpus) is split by blocks, not by records.
         blocks = tokenize_source(records, fmt, cfg.train, tokenizer, cfg.seq_len, cfg.packing)
@@ -280,7 +281,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[dict], l
     else:
         tr, ev = split_records(records, cfg.eval_fraction, seed)
         train = tokenize_source(tr, fmt, cfg.train, tokenizer, cfg.seq_len, cfg.packing)
-        evals = tokenize_source(ev, fmt, cfg.train, tokenizer, cfg.seq_len, cfg.packing) if ev else []
+        evals = tokenize_source(ev, fmt, cfg.train, tokenizer, eval_len, cfg.packing) if ev else []
     if cfg.max_eval_sequences is not None:
         evals = evals[: cfg.max_eval_sequences]
     if not train:

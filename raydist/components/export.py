@@ -116,6 +116,7 @@ def export_artifact(
         info["num_parameters"] = count_parameters(reloaded)
         if out.exists():
             shutil.rmtree(out)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is meant to be shared
         os.replace(tmp, out)
     finally:
         if tmp.exists():

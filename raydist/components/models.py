@@ -193,6 +193,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     save_model_dir(model, tok, tmp)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is meant to be shared
     os.replace(tmp, out)
     return out
 

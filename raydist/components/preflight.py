@@ -56,10 +56,10 @@ def preflight_finetune(cfg: FinetuneConfig) -> tuple[PreflightReport, Any]:
     except (ValueError, OSError) as e:
         raise PreflightError(f"model.path: {e}") from None
     max_pos = int(getattr(model_config, "max_position_embeddings", 0) or 0)
-    if max_pos and cfg.data.seq_len > max_pos:
-        raise PreflightError(
-            f"data.seq_len {cfg.data.seq_len} exceeds the model's limit of {max_pos} positions"
-        )
+    for name in ("seq_len", "eval_seq_len"):
+        value = getattr(cfg.data, name)
+        if max_pos and value is not None and value > max_pos:
+            raise PreflightError(f"data.{name} {value} exceeds the model's limit of {max_pos} positions")
     if cfg.lora.enabled:
         missing = missing_lora_targets(module_names(model_config), cfg.lora.target_modules)
         if missing:

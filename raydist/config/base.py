@@ -81,6 +81,7 @@ class DataConfig(StrictModel):
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Records held out of `train` when no `eval`.")
     max_eval_sequences: Optional[int] = Field(None, gt=0, description="Cap on eval sequences (faster evals).")
     seq_len: int = Field(512, gt=1, description="Tokens per training sequence.")
+    eval_seq_len: Optional[int] = Field(None, gt=1, description="Tokens per eval window; default: seq_len.")
     packing: Optional[bool] = Field(
         None, description="Concatenate samples into full seq_len blocks. Default: on for text, off otherwise."
     )

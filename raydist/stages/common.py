@@ -67,6 +67,15 @@ def _diff_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def with_absolute_paths(cfg):
+    """A copy of ``cfg`` whose local model path is absolute: workers run in other directories (and on a
+    cluster, other machines with the same shared paths)."""
+    p = Path(cfg.model.path).expanduser()
+    if p.exists():
+        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(p.resolve())})})
+    return cfg
+
+
 def data_fingerprint(data_cfg, model_cfg, seed: int) -> str:
     """Identifies a tokenization: data config, tokenizer source and split seed."""
     blob = json.dumps(

@@ -51,6 +51,7 @@ from raydist.stages.common import (
     init_ray,
     open_run_dir,
     resolve_use_gpu,
+    with_absolute_paths,
     write_examples_parquet,
 )
 
@@ -75,6 +76,7 @@ def run_finetune(cfg: FinetuneConfig, *, verbose: bool = True) -> Path:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     report, tokenizer = preflight_finetune(cfg)
+    cfg = with_absolute_paths(cfg)
     run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
     say = print if verbose else (lambda *a, **k: None)
     say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new run'})")
