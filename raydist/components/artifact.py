@@ -43,6 +43,7 @@ def weight_bytes(path: str | Path) -> int:
 def write_json_atomic(path: str | Path, data: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
         fh.write("\n")

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from raydist.components.models import count_parameters, save_model_dir
+from raydist.components.models import count_parameters, make_shareable, save_model_dir
 from raydist.config.base import LoraSettings
 
 
@@ -116,7 +116,7 @@ def export_artifact(
         info["num_parameters"] = count_parameters(reloaded)
         if out.exists():
             shutil.rmtree(out)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+        make_shareable(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -193,9 +193,16 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     save_model_dir(model, tok, tmp)
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; an artifact is meant to be shared
+    make_shareable(tmp)
     os.replace(tmp, out)
     return out
+
+
+def make_shareable(directory: Path) -> None:
+    """mkdtemp (and some writers) create private files; an artifact is meant to be read by others."""
+    os.chmod(directory, 0o755)
+    for p in Path(directory).rglob("*"):
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
 
 
 def tiny_tokenizer():

@@ -1,0 +1,631 @@
+"""Fine-tuning benchmark: raydist's Ray Train overhead, and SmolLM2 LoRA on real data against a TRL peer.
+
+Run from anywhere (it changes to the repository root)::
+
+    .venv/bin/python scripts/bench/finetune_overhead.py            # everything, ~15 min on 2 CPU cores
+    .venv/bin/python scripts/bench/finetune_overhead.py --skip-lora --skip-peer   # overhead only
+
+Part 1 — overhead (``--skip-overhead`` skips it)
+    The same full fine-tune of SmolLM2-135M-Instruct (fp32, ZeRO-2, 2 data-parallel ranks, micro batch 2 x
+    128 tokens, no grad accumulation, 12 optimizer steps, no eval) runs
+      (a) through raydist: ``run_finetune(cfg)`` = Ray Train TorchTrainer + Ray Data + DeepSpeed, and
+      (b) through ``_ds_baseline_loop.py`` under ``torchrun --nproc_per_node 2``: the hand-written DeepSpeed
+          loop someone would write without raydist, built from the very same config (JSON).
+    Both sides run one thread per rank (Ray gives a 1-CPU worker OMP_NUM_THREADS=1; torchrun is given the
+    same). A step's time is the gap between consecutive per-step timestamps (raydist: the ``time`` of the
+    train records in ``metrics.jsonl``; baseline: taken at the same point of its loop). Steps 1-3 pay for
+    warm-up and are dropped; the steady-state step time is the median of the rest. Start-up, tokenization,
+    the final checkpoint and export happen outside those gaps. The box is shared, so the sides run
+    back-to-back as baseline, raydist, baseline (``--overhead-order``) and the baseline's steps are pooled:
+    slow drift in background load then hits both sides alike.
+      overhead_ratio = raydist median step time / baseline median step time   (goal <= 1.05)
+
+Part 2 — SmolLM2 LoRA on real data (``--skip-lora``)
+    ``jobs/quickstart.yaml`` unchanged except where the run lives: LoRA r16/alpha32 on q,k,v,o,gate,up,down;
+    batch 4 x 256 tokens (2 workers x micro batch 2); lr 2e-4 constant; 20 steps; train on the stdlib's
+    ``pydoc_data.topics`` tokens from 8,192 on; eval on its first 4,096 tokens in 512-token windows (at
+    start, step 10 and the end). Perplexities are the artifact's ``raydist.json`` figures. Throughput is
+    the steady state (median step, warm-up and the steps that carry an eval/checkpoint dropped); the
+    figure raydist itself reports is kept beside it.
+
+Part 3 — the TRL peer (``--skip-peer``; skipped with a note when ``trl`` is not importable)
+    TRL ``SFTTrainer`` + peft LoRA on the same protocol, single process, 2 torch threads: the same
+    tokenized blocks (built by raydist's data code from the same config), batch 4, lr 2e-4 constant,
+    grad clip 1.0, 20 steps, fp32, no gradient checkpointing (TRL's default turns it on; raydist's is off).
+    Its perplexities come from raydist's own ``sum_nll`` on the same eval windows, so the metric is shared.
+
+Results: ``benchmarks/results/finetune.json`` (parts that were skipped keep their previous values, with
+their own ``*_measured_at`` stamps) and the "Fine-tuning" section of ``BENCHMARKS.md``, both written from
+what this run measured. A benchmark, not a test; never imported by raydist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+os.chdir(REPO)  # the quickstart's model path is relative to the repository root
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU box: DeepSpeed's CPU accelerator, gloo
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = REPO / "benchmarks" / "results" / "finetune.json"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+MODEL_DIR = REPO / "models" / "smollm2-135m"
+COMMAND = ".venv/bin/python scripts/bench/finetune_overhead.py"
+WARMUP_STEPS = 3  # steps 1..3 carry kernel warm-up, data-pipeline start and allocator growth
+OVERHEAD_GOAL = 1.05
+PEER_REPORTED = {"tokens_per_s": 72.0, "ppl_before": 14.70, "ppl_after": 13.11}  # the brief's peer figures
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def say(msg: str) -> None:
+    print(f"[bench] {msg}", flush=True)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+    except (OSError, StopIteration):
+        mem_kib = 0
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": _versions(),
+    }
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "ray", "deepspeed", "transformers", "peft", "trl"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float) -> None:
+    """On a shared box, give other people's jobs a chance to finish before a timed phase (optional)."""
+    if max_wait_s <= 0:
+        return
+    deadline = time.time() + max_wait_s
+    while os.getloadavg()[0] > threshold and time.time() < deadline:
+        time.sleep(5)
+    say(f"1-min load average {os.getloadavg()[0]:.2f} at phase start")
+
+
+def step_gaps(times: dict[int, float]) -> dict[int, float]:
+    """``{step: seconds since the previous timestamp}`` from ``{step: unix time}`` (step 0 = start, if known)."""
+    steps = sorted(times)
+    return {b: times[b] - times[a] for a, b in zip(steps, steps[1:]) if b == a + 1}
+
+
+def steady_median(gaps: dict[int, float], exclude: set[int] = frozenset()) -> float:
+    """Median step time over steps past the warm-up, minus ``exclude`` (steps that carry other work)."""
+    kept = [dt for s, dt in gaps.items() if s > WARMUP_STEPS and s not in exclude]
+    if not kept:
+        raise RuntimeError(f"no steady-state steps to time (have {sorted(gaps)})")
+    return statistics.median(kept)
+
+
+def train_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Train-step records of a raydist run's ``metrics.jsonl`` (they carry ``tokens_per_s``)."""
+    from raydist.components.progress import read_history
+
+    return [r for r in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray so the next phase does not share the 2 cores with idle Ray daemons."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------- part 1
+
+
+def overhead_config(work: Path, args) -> "FinetuneConfig":  # noqa: F821
+    """The full fine-tune both sides run; eval and mid-run checkpoints are off so steps are pure training."""
+    from raydist.config.finetune import FinetuneConfig
+
+    return FinetuneConfig.model_validate(
+        {
+            "model": {"path": str(MODEL_DIR)},
+            # eval_fraction 0: no eval split, so raydist never evaluates (nor does the baseline).
+            "data": {"train": {"builtin": "pydoc_topics"}, "seq_len": args.overhead_seq_len, "eval_fraction": 0.0},
+            "lora": {"enabled": False},
+            "optim": {"lr": 1e-5, "schedule": "constant", "grad_clip": 1.0},
+            "train": {
+                "max_steps": args.overhead_steps,
+                "micro_batch_size": args.overhead_micro_batch,
+                "grad_accum_steps": 1,
+                "eval_at_start": False,
+                "eval_every": None,
+                "checkpoint_every": None,  # raydist still checkpoints once at the end (after the timed steps)
+                "keep_checkpoints": 1,
+            },
+            "deepspeed": {"zero_stage": 2},
+            "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+            "run": {"name": "overhead-raydist", "output_dir": str(work), "resume": "never", "max_failures": 0},
+        }
+    )
+
+
+def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
+    """One torchrun launch of the hand-written loop; returns its per-step gaps and wall time."""
+    cfg_file = work / "baseline_config.json"
+    cfg_file.write_text(cfg.model_dump_json())
+    out = work / f"baseline_{tag}.json"
+    log = work / f"baseline_{tag}.log"
+    # OMP_NUM_THREADS=1: the same one thread per rank a 1-CPU Ray Train worker gets.
+    env = {**os.environ, "OMP_NUM_THREADS": str(int(cfg.scaling.cpus_per_worker)), "DS_ACCELERATOR": "cpu"}
+    cmd = [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--standalone",
+        "--nproc_per_node",
+        str(cfg.scaling.num_workers),
+        str(REPO / "scripts" / "bench" / "_ds_baseline_loop.py"),
+        "--config",
+        str(cfg_file),
+        "--out",
+        str(out),
+    ]
+    say(f"baseline ({tag}): torchrun --nproc_per_node {cfg.scaling.num_workers} _ds_baseline_loop.py (log {log})")
+    t0 = time.time()
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.time() - t0
+    if rc:
+        raise RuntimeError(f"baseline loop failed (exit {rc}); see {log}:\n{log.read_text()[-3000:]}")
+    res = json.loads(out.read_text())
+    gaps = step_gaps(dict(enumerate(res["times"])))
+    say(f"baseline ({tag}): steps {fmt_gaps(gaps)}; wall {wall:.0f}s")
+    return {"gaps": gaps, "wall_s": wall, "losses": res["losses"], "torch_threads": res["torch_threads"]}
+
+
+def run_raydist_overhead(cfg) -> dict[str, Any]:
+    from raydist.stages.finetune import run_finetune
+
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if run_dir.exists():  # an earlier R in --overhead-order
+        shutil.rmtree(run_dir)
+    say("raydist: run_finetune (Ray Train + DeepSpeed)")
+    t0 = time.time()
+    run_finetune(cfg)
+    wall = time.time() - t0
+    recs = train_records(run_dir)
+    gaps = step_gaps({r["step"]: r["time"] for r in recs})  # no record before step 1: its gap is unknown
+    say(f"raydist: steps {fmt_gaps(gaps)}; wall {wall:.0f}s")
+    return {
+        "gaps": gaps,
+        "wall_s": wall,
+        "losses": [r["loss"] for r in recs],
+        "logged_tokens_per_s": {r["step"]: r["tokens_per_s"] for r in recs},
+    }
+
+
+def fmt_gaps(gaps: dict[int, float]) -> str:
+    return " ".join(f"{s}:{dt:.2f}" for s, dt in sorted(gaps.items()))
+
+
+def part_overhead(work: Path, args) -> dict[str, Any]:
+    cfg = overhead_config(work, args)
+    tokens_per_step = (
+        cfg.train.micro_batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps * cfg.data.seq_len
+    )
+    baselines, raydist = [], None
+    load = []
+    for side in args.overhead_order:
+        wait_for_quiet(args.wait_quiet_s, args.quiet_load)
+        load.append(round(os.getloadavg()[0], 2))
+        if side == "B":
+            baselines.append(run_baseline(cfg, work, f"{len(baselines) + 1}"))
+        else:
+            raydist = run_raydist_overhead(cfg)
+            if not args.keep_runs:  # 0.5 GB of exported weights
+                shutil.rmtree(Path(cfg.run.output_dir) / cfg.run.name, ignore_errors=True)
+            shutdown_ray()
+    assert raydist is not None and baselines, "--overhead-order needs at least one R and one B"
+
+    # Pool the baseline runs' steady steps (one median over all of them).
+    pooled = {}
+    for i, b in enumerate(baselines):
+        pooled.update({(i, s): dt for s, dt in b["gaps"].items() if s > WARMUP_STEPS})
+    base_step = statistics.median(pooled.values())
+    ray_step = steady_median(raydist["gaps"])
+    ratio = ray_step / base_step
+    return {
+        "overhead_ratio": ratio,
+        "raydist_tokens_per_s": tokens_per_step / ray_step,
+        "baseline_tokens_per_s": tokens_per_step / base_step,
+        "overhead": {
+            "protocol": (
+                f"SmolLM2-135M full fine-tune fp32, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.scaling.num_workers} ranks x "
+                f"1 thread, micro batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, grad accum 1, "
+                f"{cfg.train.max_steps} steps; median of steps {WARMUP_STEPS + 1}..{cfg.train.max_steps}"
+            ),
+            "order": args.overhead_order,
+            "tokens_per_step": tokens_per_step,
+            "raydist_step_s": ray_step,
+            "baseline_step_s": base_step,
+            "baseline_step_s_per_run": [steady_median(b["gaps"]) for b in baselines],
+            "raydist_step_gaps_s": {str(k): round(v, 3) for k, v in sorted(raydist["gaps"].items())},
+            "baseline_step_gaps_s": [{str(k): round(v, 3) for k, v in sorted(b["gaps"].items())} for b in baselines],
+            "raydist_logged_tokens_per_s_median": statistics.median(
+                v for s, v in raydist["logged_tokens_per_s"].items() if s > WARMUP_STEPS and v
+            ),
+            "raydist_wall_s": raydist["wall_s"],
+            "baseline_wall_s": [b["wall_s"] for b in baselines],
+            "raydist_losses": raydist["losses"],
+            "baseline_losses": baselines[0]["losses"],
+            "baseline_torch_threads": baselines[0]["torch_threads"],
+            "load_avg_1m_at_phase_start": load,
+        },
+        "overhead_measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- part 2
+
+
+def quickstart_config(work: Path):
+    from raydist.config.finetune import FinetuneConfig
+    from raydist.config.loading import load_config
+
+    return load_config(
+        FinetuneConfig, REPO / "jobs" / "quickstart.yaml", [f"run.name=bench-quickstart", f"run.output_dir={work}"]
+    )
+
+
+def steps_after_pauses(cfg) -> set[int]:
+    """Steps whose gap also holds the eval and/or checkpoint done at the end of the step before."""
+    out = set()
+    for k in range(1, (cfg.train.max_steps or 0) + 1):
+        if (cfg.train.eval_every and k % cfg.train.eval_every == 0) or (
+            cfg.train.checkpoint_every and k % cfg.train.checkpoint_every == 0
+        ):
+            out.add(k + 1)
+    return out
+
+
+def part_lora(work: Path, args) -> dict[str, Any]:
+    from raydist.stages.finetune import run_finetune
+
+    cfg = quickstart_config(work)
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    wait_for_quiet(args.wait_quiet_s, args.quiet_load)
+    load = round(os.getloadavg()[0], 2)
+    say("SmolLM2 LoRA (jobs/quickstart.yaml) through raydist")
+    t0 = time.time()
+    artifact = run_finetune(cfg)
+    wall = time.time() - t0
+    shutdown_ray()
+    manifest = json.loads((Path(artifact) / "raydist.json").read_text())
+    m = manifest["metrics"]
+    recs = train_records(run_dir)
+    gaps = step_gaps({r["step"]: r["time"] for r in recs})
+    step_s = steady_median(gaps, exclude=steps_after_pauses(cfg))
+    tokens_per_step = cfg.train.micro_batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps * cfg.data.seq_len
+    say(f"raydist LoRA: steps {fmt_gaps(gaps)}; wall {wall:.0f}s; ppl {m['eval_ppl_before']:.3f} -> {m['eval_ppl']:.3f}")
+    if not args.keep_runs:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {
+        "smollm2_ppl_before": m["eval_ppl_before"],
+        "smollm2_ppl_after": m["eval_ppl"],
+        "smollm2_lora_tokens_per_s": tokens_per_step / step_s,
+        "lora": {
+            "protocol": "jobs/quickstart.yaml: LoRA r16/a32 qkvo+gate/up/down, 2 workers x mb 2 x 256 tok, lr 2e-4 "
+            "constant, 20 steps, ZeRO-2, train pydoc tokens 8192+, eval first 4096 tokens in 512-token windows",
+            "step_s": step_s,
+            "step_gaps_s": {str(k): round(v, 3) for k, v in sorted(gaps.items())},
+            "steps_excluded_for_eval_or_checkpoint": sorted(steps_after_pauses(cfg)),
+            "raydist_reported_tokens_per_s": m.get("tokens_per_s"),
+            "train_loss_final": m.get("train_loss"),
+            "eval_loss_before": m.get("eval_loss_before"),
+            "eval_loss_after": m.get("eval_loss"),
+            "wall_s": wall,
+            "load_avg_1m_at_start": load,
+        },
+        "lora_measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- part 3
+
+
+def part_peer(work: Path, args) -> dict[str, Any]:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        say("trl is not importable: peer skipped (install with: .venv/bin/pip install trl torch==<installed>)")
+        return {"peer": {"skipped": "trl not installed"}, "peer_measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from raydist.components.data import build_datasets, collate
+    from raydist.components.export import peft_lora_config
+    from raydist.components.training import perplexity, sum_nll
+
+    cfg = quickstart_config(work)
+    torch.set_num_threads(2)  # the peer's setting: one process using both cores
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # The very blocks raydist trains and evaluates on (same data code, same config).
+    train, evals = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    batch = cfg.train.micro_batch_size * cfg.scaling.num_workers  # 4: raydist's global batch
+    tokens_per_step = batch * cfg.data.seq_len
+
+    def eval_ppl(model) -> float:
+        model.eval()
+        batches = (collate(evals[i : i + 2], tokenizer.pad_token_id) for i in range(0, len(evals), 2))
+        nll, n = sum_nll(model, batches, torch.device("cpu"))
+        model.train()
+        return perplexity(nll, n)
+
+    class StepClock(TrainerCallback):
+        """Unix time at train start (step 0) and at the end of every optimizer step."""
+
+        def __init__(self):
+            self.times: dict[int, float] = {}
+
+        def on_train_begin(self, args_, state, control, **kw):
+            self.times[0] = time.time()
+
+        def on_step_end(self, args_, state, control, **kw):
+            self.times[state.global_step] = time.time()
+
+    clock = StepClock()
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    sft = SFTConfig(
+        output_dir=str(work / "trl-peer"),
+        max_steps=cfg.train.max_steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        learning_rate=cfg.optim.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=cfg.optim.weight_decay,
+        max_grad_norm=cfg.optim.grad_clip,
+        adam_beta1=cfg.optim.betas[0],
+        adam_beta2=cfg.optim.betas[1],
+        adam_epsilon=cfg.optim.eps,
+        gradient_checkpointing=False,  # TRL's default is True; raydist's quickstart does not recompute
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        packing=False,  # the blocks are already packed to 256 tokens
+        max_length=cfg.data.seq_len,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        seed=cfg.train.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=sft,
+        train_dataset=Dataset.from_list([{"input_ids": ex["input_ids"]} for ex in train]),
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(cfg.lora),
+        callbacks=[clock],
+    )
+    wait_for_quiet(args.wait_quiet_s, args.quiet_load)
+    load = round(os.getloadavg()[0], 2)
+    say("TRL peer: SFTTrainer + peft LoRA, 1 process x 2 threads")
+    ppl_before = eval_ppl(trainer.model)
+    out = trainer.train()
+    ppl_after = eval_ppl(trainer.model)
+    gaps = step_gaps(clock.times)
+    step_s = steady_median(gaps)
+    say(f"TRL peer: steps {fmt_gaps(gaps)}; ppl {ppl_before:.3f} -> {ppl_after:.3f}")
+    shutil.rmtree(work / "trl-peer", ignore_errors=True)
+    return {
+        "peer": {
+            "what": "TRL SFTTrainer + peft LoRA, same blocks/batch/lr/steps, 1 process x 2 threads, fp32",
+            "tokens_per_s": tokens_per_step / step_s,
+            "tokens_per_s_train_runtime": cfg.train.max_steps * tokens_per_step / out.metrics["train_runtime"],
+            "step_s": step_s,
+            "step_gaps_s": {str(k): round(v, 3) for k, v in sorted(gaps.items())},
+            "ppl_before": ppl_before,
+            "ppl_after": ppl_after,
+            "train_loss": out.metrics.get("train_loss"),
+            "load_avg_1m_at_start": load,
+        },
+        "peer_measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def ratio_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, raydist, reference, ratio) rows for the console and BENCHMARKS.md."""
+    rows = []
+    if "overhead_ratio" in r:
+        o = r["overhead"]
+        rows.append(
+            ("full FT step time, s (lower is better)", f"{o['raydist_step_s']:.3f}", f"{o['baseline_step_s']:.3f} (DeepSpeed + torchrun)",
+             f"{r['overhead_ratio']:.3f} (goal <= {OVERHEAD_GOAL})")
+        )
+        rows.append(
+            ("full FT tokens/s", f"{r['raydist_tokens_per_s']:.1f}", f"{r['baseline_tokens_per_s']:.1f} (DeepSpeed + torchrun)",
+             f"{r['raydist_tokens_per_s'] / r['baseline_tokens_per_s']:.3f}")
+        )
+    peer = r.get("peer") or {}
+    has_peer = "tokens_per_s" in peer
+    if "smollm2_lora_tokens_per_s" in r:
+        ref = f"{peer['tokens_per_s']:.1f} (TRL, this run)" if has_peer else f"{PEER_REPORTED['tokens_per_s']:.0f} (TRL, reported)"
+        ref_v = peer["tokens_per_s"] if has_peer else PEER_REPORTED["tokens_per_s"]
+        rows.append(("SmolLM2 LoRA tokens/s", f"{r['smollm2_lora_tokens_per_s']:.1f}", ref, f"{r['smollm2_lora_tokens_per_s'] / ref_v:.3f}"))
+        for key, label in (("before", "SmolLM2 eval ppl before"), ("after", "SmolLM2 eval ppl after (lower is better)")):
+            mine = r[f"smollm2_ppl_{key}"]
+            ref_v = peer[f"ppl_{key}"] if has_peer else PEER_REPORTED[f"ppl_{key}"]
+            tag = "TRL, this run" if has_peer else "TRL, reported"
+            rows.append((label, f"{mine:.3f}", f"{ref_v:.3f} ({tag})", f"{mine / ref_v:.3f}"))
+    return rows
+
+
+def print_table(rows) -> None:
+    head = ("metric", "raydist", "reference", "raydist / reference")
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(4)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    print("\n" + line(head))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line(row))
+    print()
+
+
+def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
+    mach = r["machine"]
+    gpu = mach["gpu"] or "no GPU"
+    v = mach["versions"]
+    lines = [
+        "## Fine-tuning",
+        "",
+        f"Command: `{COMMAND}` (flags `--skip-overhead`, `--skip-lora`, `--skip-peer` rerun parts; "
+        f"results in `benchmarks/results/finetune.json`). This section is written by the script.",
+        "",
+        f"Machine: {mach['cores']}-core CPU ({mach['cpu']}), {mach['mem_gib']:.0f} GiB, {gpu}; shared with other "
+        f"work, so timings are noisy. torch {v['torch']}, ray {v['ray']}, deepspeed {v['deepspeed']}, "
+        f"transformers {v['transformers']}, peft {v['peft']}, trl {v['trl'] or 'not installed'}.",
+        "",
+        "| metric | raydist | reference | raydist / reference |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        "",
+    ]
+    if "overhead" in r:
+        o = r["overhead"]
+        lines += [
+            f"- Overhead ({r.get('overhead_measured_at')}): {o['protocol']}. Sides run back-to-back in the order "
+            f"{'-'.join(o['order'])} (B = hand-written DeepSpeed loop under torchrun, R = raydist on Ray Train); "
+            f"baseline runs pooled (per-run medians {', '.join(f'{x:.3f}' for x in o['baseline_step_s_per_run'])} s). "
+            f"1-min load average at each phase start: {o['load_avg_1m_at_phase_start']}.",
+        ]
+    if "lora" in r:
+        lo = r["lora"]
+        lines += [
+            f"- LoRA ({r.get('lora_measured_at')}): {lo['protocol']}. tokens/s is the steady state (median of steps "
+            f"{WARMUP_STEPS + 1}+ without step(s) {lo['steps_excluded_for_eval_or_checkpoint']}, whose gap also holds the "
+            f"step-10 eval + checkpoint); raydist's own figure in raydist.json is {lo['raydist_reported_tokens_per_s']:.1f} "
+            f"tokens/s. Whole run {lo['wall_s']:.0f} s.",
+        ]
+    peer = r.get("peer") or {}
+    if "tokens_per_s" in peer:
+        lines += [
+            f"- TRL peer ({r.get('peer_measured_at')}): {peer['what']}; ppl from raydist's `sum_nll` on the same eval "
+            f"windows; tokens/s measured like raydist's (median step), {peer['tokens_per_s_train_runtime']:.1f} tokens/s from "
+            f"TRL's own train_runtime. The peer as first reported: {PEER_REPORTED['tokens_per_s']:.0f} tokens/s, ppl "
+            f"{PEER_REPORTED['ppl_before']} -> {PEER_REPORTED['ppl_after']}.",
+        ]
+    elif peer.get("skipped"):
+        lines += [f"- TRL peer skipped: {peer['skipped']}; the reference column shows the peer's reported figures."]
+    if wall_s is not None:
+        lines += [f"- The last full-or-partial run of the script took {wall_s / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(section: str) -> None:
+    """Replace the '## Fine-tuning' section of BENCHMARKS.md (up to the next '## ') or append it."""
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.is_file() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Fine-tuning"), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    BENCHMARKS_MD.write_text(text)
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="raydist fine-tuning benchmark (see the module docstring)")
+    ap.add_argument("--skip-overhead", action="store_true", help="skip part 1 (Ray Train vs torchrun overhead)")
+    ap.add_argument("--skip-lora", action="store_true", help="skip part 2 (SmolLM2 LoRA quickstart protocol)")
+    ap.add_argument("--skip-peer", action="store_true", help="skip part 3 (TRL SFTTrainer peer)")
+    ap.add_argument("--overhead-steps", type=int, default=12, help="optimizer steps per overhead run")
+    ap.add_argument("--overhead-seq-len", type=int, default=128, help="tokens per sequence in the overhead runs")
+    ap.add_argument("--overhead-micro-batch", type=int, default=2, help="sequences per rank per step (overhead)")
+    ap.add_argument("--overhead-order", default="BRB", help="run order of Baseline/Raydist, e.g. BRB or BR")
+    ap.add_argument("--wait-quiet-s", type=float, default=0, help="wait up to this long for a quiet box before each phase")
+    ap.add_argument("--quiet-load", type=float, default=1.0, help="1-min load average that counts as quiet")
+    ap.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed) for inspection")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave the results file and BENCHMARKS.md alone")
+    args = ap.parse_args()
+    if set(args.overhead_order) - {"B", "R"} or "R" not in args.overhead_order or "B" not in args.overhead_order:
+        ap.error("--overhead-order takes B and R letters with at least one of each")
+
+    t_start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="raydist-bench-ft-"))
+    say(f"work dir {work}")
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results["machine"] = machine()
+    try:
+        if not args.skip_overhead:
+            results.update(part_overhead(work, args))
+        if not args.skip_lora:
+            results.update(part_lora(work, args))
+        if not args.skip_peer:
+            results.update(part_peer(work, args))
+    finally:
+        shutdown_ray()
+        if not args.keep_runs:
+            shutil.rmtree(work, ignore_errors=True)
+    wall = time.time() - t_start
+    results["script_wall_s"] = wall
+    results["script_parts_run"] = [p for p, skip in (("overhead", args.skip_overhead), ("lora", args.skip_lora), ("peer", args.skip_peer)) if not skip]
+
+    rows = ratio_rows(results)
+    print_table(rows)
+    say(f"took {wall / 60:.1f} min")
+    if args.no_write:
+        return
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    write_markdown(markdown_section(results, rows, wall))
+    say(f"wrote {RESULTS.relative_to(REPO)} and the Fine-tuning section of {BENCHMARKS_MD.name}")
+
+
+if __name__ == "__main__":
+    main()
