@@ -149,6 +149,115 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+# ----------------------------------------------------------------------------------------------- CPU profile
+
+
+class CpuSampler:
+    """Samples every process's CPU time (``/proc/<pid>/stat``) once a second in a background thread.
+
+    The box has 2 cores and is shared, so a step-time ratio alone cannot say *why* one side is slower.
+    With per-process CPU seconds over the steady-state window we can: the training ranks' own CPU, the
+    Ray daemons and actors this benchmark started (everything descending from this process), and
+    "foreign" CPU (other people's jobs on the box: the noise). Linux-only; a no-op elsewhere.
+    """
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self, period_s: float = 1.0):
+        import threading
+
+        self.period = period_s
+        self.samples: list[tuple[float, dict[int, tuple[int, float, str]]]] = []  # (t, {pid: (ppid, cpu_s, name)})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "CpuSampler":
+        if Path("/proc/self/stat").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), self._snapshot()))
+            if self._stop.wait(self.period):
+                self.samples.append((time.time(), self._snapshot()))
+                return
+
+    def _snapshot(self) -> dict[int, tuple[int, float, str]]:
+        snap = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+            # rest[1] = ppid, rest[11] = utime, rest[12] = stime (clock ticks)
+            snap[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / self.TICK, cmd.strip() or comm)
+        return snap
+
+    def breakdown(self, t0: float, t1: float, root: int) -> dict[str, float]:
+        """CPU seconds used in ``[t0, t1]``, by category (see ``_category``)."""
+        inside = [(t, s) for t, s in self.samples if t0 - self.period <= t <= t1 + self.period]
+        if len(inside) < 2:
+            return {}
+        first, last = inside[0][1], inside[-1][1]
+        scale = (t1 - t0) / max(1e-9, inside[-1][0] - inside[0][0])  # samples bracket the window loosely
+        parents = {pid: ppid for _, s in inside for pid, (ppid, _, _) in s.items()}
+        out: dict[str, float] = {}
+        for pid in set(first) | set(last) | {p for _, s in inside for p in s}:
+            seen = [s[pid] for _, s in inside if pid in s]
+            used = seen[-1][1] - (first[pid][1] if pid in first else 0.0)
+            if used <= 0:
+                continue
+            cat = self._category(pid, seen[-1][2], parents, root)
+            out[cat] = out.get(cat, 0.0) + used * scale
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    @staticmethod
+    def _category(pid: int, cmd: str, parents: dict[int, int], root: int) -> str:
+        if pid == root:
+            return "bench driver (Ray Train driver / Ray Data)"
+        p, ours = pid, False
+        for _ in range(64):  # walk up to see whether this process descends from the benchmark
+            p = parents.get(p, 0)
+            if p == root:
+                ours = True
+                break
+            if p <= 1:
+                break
+        if not ours:
+            return "foreign (other jobs on the box, kernel)"
+        if "_ds_baseline_loop.py" in cmd:
+            return "training ranks"
+        if cmd.startswith("ray::RayTrainWorker"):
+            return "training ranks"
+        if "torchrun" in cmd:
+            return "torchrun launcher"
+        for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
+            if key in cmd:
+                return "Ray daemons"
+        if cmd.startswith("ray::"):
+            return "Ray actors/tasks (" + cmd.split()[0][5:] + ")"
+        return "other children"
+
+
+def cpu_per_step(sampler: CpuSampler, times: dict[int, float], first_step: int) -> dict[str, float]:
+    """CPU seconds per optimizer step, by category, over steps ``first_step+1 ..`` (the steady window)."""
+    last = max(times)
+    if first_step not in times or last <= first_step:
+        return {}
+    t0, t1 = times[first_step], times[last]
+    return {k: round(v / (last - first_step), 3) for k, v in sampler.breakdown(t0, t1, os.getpid()).items()}
+
+
 # ----------------------------------------------------------------------------------------------- part 1
 
 
@@ -200,15 +309,17 @@ def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
     ]
     say(f"baseline ({tag}): torchrun --nproc_per_node {cfg.scaling.num_workers} _ds_baseline_loop.py (log {log})")
     t0 = time.time()
-    with open(log, "w") as fh:
+    with CpuSampler() as sampler, open(log, "w") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
     wall = time.time() - t0
     if rc:
         raise RuntimeError(f"baseline loop failed (exit {rc}); see {log}:\n{log.read_text()[-3000:]}")
     res = json.loads(out.read_text())
-    gaps = step_gaps(dict(enumerate(res["times"])))
-    say(f"baseline ({tag}): steps {fmt_gaps(gaps)}; wall {wall:.0f}s")
-    return {"gaps": gaps, "wall_s": wall, "losses": res["losses"], "torch_threads": res["torch_threads"]}
+    times = dict(enumerate(res["times"]))
+    gaps = step_gaps(times)
+    cpu = cpu_per_step(sampler, times, WARMUP_STEPS)
+    say(f"baseline ({tag}): steps {fmt_gaps(gaps)}; wall {wall:.0f}s; steady CPU-s/step {cpu}")
+    return {"gaps": gaps, "wall_s": wall, "losses": res["losses"], "torch_threads": res["torch_threads"], "cpu_s_per_step": cpu}
 
 
 def run_raydist_overhead(cfg) -> dict[str, Any]:
@@ -219,12 +330,16 @@ def run_raydist_overhead(cfg) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     say("raydist: run_finetune (Ray Train + DeepSpeed)")
     t0 = time.time()
-    run_finetune(cfg)
+    with CpuSampler() as sampler:
+        run_finetune(cfg)
     wall = time.time() - t0
     recs = train_records(run_dir)
-    gaps = step_gaps({r["step"]: r["time"] for r in recs})  # no record before step 1: its gap is unknown
-    say(f"raydist: steps {fmt_gaps(gaps)}; wall {wall:.0f}s")
+    times = {r["step"]: r["time"] for r in recs}
+    gaps = step_gaps(times)  # no record before step 1: its gap is unknown
+    cpu = cpu_per_step(sampler, times, WARMUP_STEPS)
+    say(f"raydist: steps {fmt_gaps(gaps)}; wall {wall:.0f}s; steady CPU-s/step {cpu}")
     return {
+        "cpu_s_per_step": cpu,
         "gaps": gaps,
         "wall_s": wall,
         "losses": [r["loss"] for r in recs],
@@ -282,6 +397,12 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
             "raydist_logged_tokens_per_s_median": statistics.median(
                 v for s, v in raydist["logged_tokens_per_s"].items() if s > WARMUP_STEPS and v
             ),
+            "raydist_step_s_min": min(dt for s, dt in raydist["gaps"].items() if s > WARMUP_STEPS),
+            "baseline_step_s_min": min(pooled.values()),
+            # CPU seconds per steady step by process category: where raydist's extra time goes, and how
+            # much CPU other jobs on the shared box took meanwhile ("foreign").
+            "raydist_cpu_s_per_step": raydist["cpu_s_per_step"],
+            "baseline_cpu_s_per_step": [b["cpu_s_per_step"] for b in baselines],
             "raydist_wall_s": raydist["wall_s"],
             "baseline_wall_s": [b["wall_s"] for b in baselines],
             "raydist_losses": raydist["losses"],

@@ -161,7 +161,9 @@ def test_worker_crash_recovers_from_checkpoint(runs, full_zero2, monkeypatch):
     assert marker.read_text().startswith("killed rank 1 at step 5")
     history = read_history(runs / "crash" / "metrics.jsonl")
     resumed = [h for h in history if h.get("event") == "resumed"]
-    assert [h["step"] for h in resumed] == [4]  # the last checkpoint before the crash
+    # Resumed from a checkpoint before the crash, not from step 0. Usually step 4; Ray Train collects
+    # reports asynchronously, so a crash right after a report may lose it and resume from step 2.
+    assert len(resumed) == 1 and resumed[0]["step"] in (2, 4)
     losses, ref = train_losses(runs / "crash"), train_losses(full_zero2)
     assert sorted(losses) == list(range(1, 9))
     for s in range(1, 9):
