@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
+
+
+def console(line: str) -> None:
+    """Print one line from a worker. Writes to the stream directly: Ray Train 2.60 patches ``print`` in
+    workers to tee into its logger as well, so a plain print reaches the driver's console twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
@@ -58,10 +66,9 @@ class ProgressPrinter:
         if self.enabled:
             per_step = self.time_sum / self.steps_timed if self.steps_timed else dt
             eta = timedelta(seconds=int(per_step * (self.total - step)))
-            print(
+            console(
                 f"[raydist] step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{(tok_s or 0):,.0f} tok/s | ETA {eta}",
-                flush=True,
+                f"{(tok_s or 0):,.0f} tok/s | ETA {eta}"
             )
         return tok_s
 

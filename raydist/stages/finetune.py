@@ -33,7 +33,7 @@ from raydist.components.artifact import write_manifest
 from raydist.components.data import build_datasets, collate, count_target_tokens, iter_rows
 from raydist.components.models import hash_model_source, load_model, load_model_config, load_tokenizer, resolve_model_source
 from raydist.components.preflight import PreflightError, preflight_finetune
-from raydist.components.progress import ProgressPrinter, append_jsonl, plot_loss_curve, read_history
+from raydist.components.progress import ProgressPrinter, append_jsonl, console, plot_loss_curve, read_history
 from raydist.components.training import (
     apply_dropout,
     deepspeed_config,
@@ -228,7 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step, micro = client["step"], client["micro"]
             set_rng_state(torch.load(Path(ckpt_dir) / f"rng_rank{rank}.pt", weights_only=False))
         if rank == 0:
-            print(f"[raydist] resumed from step {step}/{total_steps}", flush=True)
+            console(f"[raydist] resumed from step {step}/{total_steps}")
             append_jsonl(run_dir / "metrics.jsonl", {"event": "resumed", "step": step})
 
     eval_rows = _materialize("eval", config["n_eval"])
@@ -252,7 +252,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def log_eval(m: dict[str, float]) -> None:
         if rank == 0:
             append_jsonl(run_dir / "metrics.jsonl", {"step": step, **m})
-            print(f"[raydist] eval step {step}: loss {m['eval_loss']:.4f} ppl {m['eval_ppl']:.3f}", flush=True)
+            console(f"[raydist] eval step {step}: loss {m['eval_loss']:.4f} ppl {m['eval_ppl']:.3f}")
 
     first_metrics: dict[str, float] = {}
     if eval_rows and cfg.train.eval_at_start and step == 0:
@@ -403,5 +403,5 @@ def _export(engine, cfg: FinetuneConfig, config, tokenizer, rank, run_dir: Path,
             num_parameters=info["num_parameters"],
             extra={"lora": {"adapter_dir": "adapter", "adapter_nonzero": info["adapter_nonzero"]}} if cfg.lora.enabled else None,
         )
-        print(f"[raydist] exported {run_dir / ARTIFACT_DIR} ({info['num_parameters']:,} parameters)", flush=True)
+        console(f"[raydist] exported {run_dir / ARTIFACT_DIR} ({info['num_parameters']:,} parameters)")
     ray.train.report({"step": config["total_steps"], "exported": 1, **metrics})

@@ -163,7 +163,7 @@ class CpuSampler:
 
     TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-    def __init__(self, period_s: float = 1.0):
+    def __init__(self, period_s: float = 0.5):
         import threading
 
         self.period = period_s
@@ -234,7 +234,7 @@ class CpuSampler:
             if p <= 1:
                 break
         if not ours:
-            return "foreign (other jobs on the box, kernel)"
+            return FOREIGN
         if "_ds_baseline_loop.py" in cmd:
             return "training ranks"
         if cmd.startswith("ray::RayTrainWorker"):
@@ -243,10 +243,24 @@ class CpuSampler:
             return "torchrun launcher"
         for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
             if key in cmd:
-                return "Ray daemons"
+                return f"Ray daemon ({key})"
         if cmd.startswith("ray::"):
             return "Ray actors/tasks (" + cmd.split()[0][5:] + ")"
         return "other children"
+
+
+FOREIGN = "foreign (other jobs on the box, kernel)"
+QUIET_SHARE = 0.15  # a step is "quiet" when other jobs used under 0.15 of a core during it
+
+
+def foreign_share(sampler: CpuSampler, times: dict[int, float]) -> dict[int, float]:
+    """``{step: cores used by foreign processes during that step}`` (0.0 .. 2.0 on this box)."""
+    out = {}
+    for k in sorted(times):
+        if k - 1 in times:
+            t0, t1 = times[k - 1], times[k]
+            out[k] = sampler.breakdown(t0, t1, os.getpid()).get(FOREIGN, 0.0) / max(1e-9, t1 - t0)
+    return out
 
 
 def cpu_per_step(sampler: CpuSampler, times: dict[int, float], first_step: int) -> dict[str, float]:
@@ -318,8 +332,17 @@ def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
     times = dict(enumerate(res["times"]))
     gaps = step_gaps(times)
     cpu = cpu_per_step(sampler, times, WARMUP_STEPS)
-    say(f"baseline ({tag}): steps {fmt_gaps(gaps)}; wall {wall:.0f}s; steady CPU-s/step {cpu}")
-    return {"gaps": gaps, "wall_s": wall, "losses": res["losses"], "torch_threads": res["torch_threads"], "cpu_s_per_step": cpu}
+    foreign = foreign_share(sampler, times)
+    say(f"baseline ({tag}): steps {fmt_gaps(gaps)}; wall {wall:.0f}s")
+    say(f"baseline ({tag}): foreign cores per step {fmt_gaps(foreign)}; steady CPU-s/step {cpu}")
+    return {
+        "gaps": gaps,
+        "foreign": foreign,
+        "wall_s": wall,
+        "losses": res["losses"],
+        "torch_threads": res["torch_threads"],
+        "cpu_s_per_step": cpu,
+    }
 
 
 def run_raydist_overhead(cfg) -> dict[str, Any]:
@@ -337,9 +360,12 @@ def run_raydist_overhead(cfg) -> dict[str, Any]:
     times = {r["step"]: r["time"] for r in recs}
     gaps = step_gaps(times)  # no record before step 1: its gap is unknown
     cpu = cpu_per_step(sampler, times, WARMUP_STEPS)
-    say(f"raydist: steps {fmt_gaps(gaps)}; wall {wall:.0f}s; steady CPU-s/step {cpu}")
+    foreign = foreign_share(sampler, times)
+    say(f"raydist: steps {fmt_gaps(gaps)}; wall {wall:.0f}s")
+    say(f"raydist: foreign cores per step {fmt_gaps(foreign)}; steady CPU-s/step {cpu}")
     return {
         "cpu_s_per_step": cpu,
+        "foreign": foreign,
         "gaps": gaps,
         "wall_s": wall,
         "losses": [r["loss"] for r in recs],
@@ -370,13 +396,28 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
             shutdown_ray()
     assert raydist is not None and baselines, "--overhead-order needs at least one R and one B"
 
-    # Pool the baseline runs' steady steps (one median over all of them).
-    pooled = {}
-    for i, b in enumerate(baselines):
-        pooled.update({(i, s): dt for s, dt in b["gaps"].items() if s > WARMUP_STEPS})
-    base_step = statistics.median(pooled.values())
-    ray_step = steady_median(raydist["gaps"])
+    # Steady steps of each side; the baseline runs are pooled. "Quiet" steps are those during which other
+    # jobs on the shared box used under QUIET_SHARE of a core: when both sides have enough of them the
+    # ratio is taken over those (contention, not raydist, is what makes the other steps slow), else over
+    # all steady steps. Both figures are kept.
+    def steady(run) -> list[tuple[float, float]]:
+        return [(dt, run["foreign"].get(s, float("nan"))) for s, dt in run["gaps"].items() if s > WARMUP_STEPS]
+
+    ray_all = steady(raydist)
+    base_all = [x for b in baselines for x in steady(b)]
+    ray_quiet = [dt for dt, f in ray_all if f < QUIET_SHARE]
+    base_quiet = [dt for dt, f in base_all if f < QUIET_SHARE]
+    ray_step_all = statistics.median(dt for dt, _ in ray_all)
+    base_step_all = statistics.median(dt for dt, _ in base_all)
+    min_quiet = max(3, len(ray_all) // 2)
+    if len(ray_quiet) >= min_quiet and len(base_quiet) >= min_quiet:
+        basis, ray_step, base_step = "quiet steady steps", statistics.median(ray_quiet), statistics.median(base_quiet)
+    else:
+        basis, ray_step, base_step = "all steady steps (too few quiet ones)", ray_step_all, base_step_all
     ratio = ray_step / base_step
+    say(f"overhead: raydist {ray_step:.3f}s vs baseline {base_step:.3f}s per step -> ratio {ratio:.3f} ({basis}; "
+        f"quiet steps raydist {len(ray_quiet)}/{len(ray_all)}, baseline {len(base_quiet)}/{len(base_all)})")
+    ray_bg = sum(v for k, v in raydist["cpu_s_per_step"].items() if k.startswith("Ray"))
     return {
         "overhead_ratio": ratio,
         "raydist_tokens_per_s": tokens_per_step / ray_step,
@@ -388,17 +429,27 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
                 f"{cfg.train.max_steps} steps; median of steps {WARMUP_STEPS + 1}..{cfg.train.max_steps}"
             ),
             "order": args.overhead_order,
+            "basis": basis,
+            "quiet_share_threshold_cores": QUIET_SHARE,
+            "quiet_steps": {"raydist": f"{len(ray_quiet)}/{len(ray_all)}", "baseline": f"{len(base_quiet)}/{len(base_all)}"},
             "tokens_per_step": tokens_per_step,
             "raydist_step_s": ray_step,
             "baseline_step_s": base_step,
+            "overhead_ratio_all_steady_steps": ray_step_all / base_step_all,
+            "raydist_step_s_all_steady": ray_step_all,
+            "baseline_step_s_all_steady": base_step_all,
             "baseline_step_s_per_run": [steady_median(b["gaps"]) for b in baselines],
+            "raydist_foreign_cores_per_step": {str(k): round(v, 2) for k, v in sorted(raydist["foreign"].items())},
+            "baseline_foreign_cores_per_step": [{str(k): round(v, 2) for k, v in sorted(b["foreign"].items())} for b in baselines],
+            # Ray's own daemons and actors (not the training ranks), in cores, during steady training.
+            "raydist_ray_background_cores": ray_bg / statistics.mean(dt for dt, _ in ray_all),
             "raydist_step_gaps_s": {str(k): round(v, 3) for k, v in sorted(raydist["gaps"].items())},
             "baseline_step_gaps_s": [{str(k): round(v, 3) for k, v in sorted(b["gaps"].items())} for b in baselines],
             "raydist_logged_tokens_per_s_median": statistics.median(
                 v for s, v in raydist["logged_tokens_per_s"].items() if s > WARMUP_STEPS and v
             ),
-            "raydist_step_s_min": min(dt for s, dt in raydist["gaps"].items() if s > WARMUP_STEPS),
-            "baseline_step_s_min": min(pooled.values()),
+            "raydist_step_s_min": min(dt for dt, _ in ray_all),
+            "baseline_step_s_min": min(dt for dt, _ in base_all),
             # CPU seconds per steady step by process category: where raydist's extra time goes, and how
             # much CPU other jobs on the shared box took meanwhile ("foreign").
             "raydist_cpu_s_per_step": raydist["cpu_s_per_step"],
