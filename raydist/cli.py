@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model on Ray Train + DeepSpeed (full or LoRA)")
     _add_config_args(p)
 
+    p = sub.add_parser("generate", help="answer a prompt dataset with a model (Ray Data batch inference) -> jsonl")
+    _add_config_args(p)
+
     p = sub.add_parser("validate", help="check a config (files, model, options) without starting Ray")
     _add_config_args(p)
 
@@ -45,14 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_stage_config(args):
     from raydist.config.finetune import FinetuneConfig
-    from raydist.config.loading import config_from_dict, apply_overrides, read_yaml
+    from raydist.config.generate import GenerateConfig
+    from raydist.config.loading import apply_overrides, config_from_dict, read_yaml
 
     data = apply_overrides(read_yaml(args.config), args.overrides)
-    stage = data.get("stage", "finetune")
-    classes = {"finetune": FinetuneConfig}
+    stage = data.get("stage", args.command if args.command in ("finetune", "generate") else "finetune")
+    classes = {"finetune": FinetuneConfig, "generate": GenerateConfig}
     if stage not in classes:
         raise ConfigError(f"{args.config}: unknown stage {stage!r}; expected one of {sorted(classes)}")
     return config_from_dict(classes[stage], data, args.config)
+
+
+def _expect_stage(cfg, stage: str, path: str) -> None:
+    if cfg.stage != stage:
+        raise ConfigError(f"{path} is a {cfg.stage!r} config; run it with `raydist {cfg.stage}`")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -68,12 +77,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from raydist.stages.finetune import run_finetune
 
             cfg = _load_stage_config(args)
+            _expect_stage(cfg, "finetune", args.config)
             run_finetune(cfg)
-        elif args.command == "validate":
-            from raydist.components.preflight import preflight_finetune
+        elif args.command == "generate":
+            from raydist.stages.generate import run_generate
 
             cfg = _load_stage_config(args)
-            report, _ = preflight_finetune(cfg)
+            _expect_stage(cfg, "generate", args.config)
+            run_generate(cfg)
+        elif args.command == "validate":
+            from raydist.components.preflight import preflight
+
+            cfg = _load_stage_config(args)
+            report = preflight(cfg)
             print(f"{args.config}: OK ({cfg.stage})")
             for line in report.lines():
                 print(f"  {line}")

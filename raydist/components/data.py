@@ -85,8 +85,11 @@ def load_records(src: DataSourceConfig) -> list[dict[str, Any]]:
     return records
 
 
-def detect_format(records: Sequence[dict[str, Any]], src: DataSourceConfig) -> str:
-    """Resolve ``format: auto`` from the first record's keys, or check an explicit format against them."""
+def detect_format(records: Sequence[dict[str, Any]], src: DataSourceConfig, *, require_output: bool = True) -> str:
+    """Resolve ``format: auto`` from the first record's keys, or check an explicit format against them.
+
+    ``require_output=False`` accepts instruction records without answers (prompts for `raydist generate`).
+    """
     keys = set(records[0])
     fmt = src.format
     if fmt == "auto":
@@ -104,7 +107,7 @@ def detect_format(records: Sequence[dict[str, Any]], src: DataSourceConfig) -> s
     required = {"chat": {"messages"}, "instruction": {"instruction"}, "text": {src.text_field}}[fmt]
     if not required <= keys:
         raise DataError(f"format {fmt!r} needs fields {sorted(required)}; {src.path} has {sorted(keys)}")
-    if fmt == "instruction" and "output" not in keys and "instances" not in keys:
+    if require_output and fmt == "instruction" and "output" not in keys and "instances" not in keys:
         raise DataError(f"instruction data {src.path} needs an 'output' field (or 'instances' with outputs)")
     return fmt
 

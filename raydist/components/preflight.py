@@ -29,7 +29,7 @@ class PreflightReport:
     def lines(self) -> list[str]:
         out = [
             f"model: {self.model_kind} ({self.model_type}, up to {self.max_positions} positions)",
-            f"data: {self.train_records} train records; formats {self.data_formats}",
+            f"data: {self.train_records} records; formats {self.data_formats}",
         ]
         return out + [f"note: {n}" for n in self.notes]
 
@@ -88,3 +88,37 @@ def preflight_finetune(cfg: FinetuneConfig) -> tuple[PreflightReport, Any]:
         notes=notes,
     )
     return report, tokenizer
+
+
+def preflight_generate(cfg) -> PreflightReport:
+    """Checks for `raydist generate`: the model loads its config, the prompts read, the output is new."""
+    from pathlib import Path
+
+    try:
+        src = resolve_model_source(cfg.model)
+        model_config = load_model_config(cfg.model)
+    except (ValueError, OSError) as e:
+        raise PreflightError(f"model.path: {e}") from None
+    try:
+        records = load_records(cfg.prompts)
+        fmt = detect_format(records, cfg.prompts, require_output=False)
+    except DataError as e:
+        raise PreflightError(f"prompts: {e}") from None
+    if fmt == "text":
+        raise PreflightError("prompts: text data has no prompts; use instruction or chat records")
+    if Path(cfg.output).expanduser().exists():
+        raise PreflightError(f"output {cfg.output} exists; choose another path (nothing is overwritten)")
+    return PreflightReport(
+        model_kind=src.kind,
+        model_type=model_config.model_type,
+        max_positions=int(getattr(model_config, "max_position_embeddings", 0) or 0),
+        data_formats={"prompts": fmt},
+        train_records=len(records),
+    )
+
+
+def preflight(cfg) -> PreflightReport:
+    """Run the checks that fit ``cfg``'s stage (what `raydist validate` prints)."""
+    if cfg.stage == "generate":
+        return preflight_generate(cfg)
+    return preflight_finetune(cfg)[0]

@@ -1,0 +1,107 @@
+"""`raydist generate`: a model answers a prompt dataset with Ray Data batch inference.
+
+The output is a jsonl instruction (or chat) dataset that `raydist finetune` and `raydist distill` read,
+which is sequence-level knowledge distillation: the student trains on the teacher's answers.
+
+Driver: read + render prompts once, hand them to Ray Data, ``map_batches`` over a pool of actors that
+each hold one copy of the model (GPU when present), collect in input order, write the file atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raydist.components.data import DataError, detect_format, load_records
+from raydist.components.preflight import preflight_generate
+from raydist.components.generation import generate_answers, prompt_records, render_prompt
+from raydist.components.models import load_model, load_tokenizer
+from raydist.config.generate import GenerateConfig
+from raydist.stages.common import init_ray, resolve_use_gpu, with_absolute_paths
+
+
+class AnswerWriter:
+    """A Ray Data actor: loads the model once, then answers batches of rendered prompts."""
+
+    def __init__(self, cfg_json: dict[str, Any], use_gpu: bool):
+        import torch
+
+        self.cfg = GenerateConfig.model_validate(cfg_json)
+        self.tokenizer = load_tokenizer(self.cfg.model)
+        dtype = torch.bfloat16 if use_gpu else torch.float32
+        self.model = load_model(self.cfg.model, dtype=dtype).eval()
+        if use_gpu:
+            self.model.to("cuda")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = [list(p) for p in batch["prompt_ids"]]
+        answers = generate_answers(
+            self.model, self.tokenizer, prompts,
+            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p, seed=self.cfg.seed + int(batch["index"][0]),
+        )
+        return {"index": batch["index"], "answer": np.array(answers, dtype=object)}
+
+
+def run_generate(cfg: GenerateConfig, *, verbose: bool = True) -> Path:
+    """Answer every prompt and write ``cfg.output``; returns its path.
+
+    Raises:
+        PreflightError: unreadable prompts, unknown model, or ``cfg.output`` exists (never overwritten).
+        DataError: a prompt longer than ``max_prompt_tokens``.
+    """
+    import ray
+
+    say = print if verbose else (lambda *a, **k: None)
+    preflight_generate(cfg)
+    out = Path(cfg.output).expanduser().resolve()
+    records = load_records(cfg.prompts)
+    fmt = detect_format(records, cfg.prompts, require_output=False)
+    prompts = prompt_records(records, fmt)
+    tokenizer = load_tokenizer(cfg.model)
+    rendered = [render_prompt(tokenizer, p["messages"]) for p in prompts]
+    too_long = [i for i, r in enumerate(rendered) if len(r) > cfg.max_prompt_tokens]
+    if too_long:
+        raise DataError(f"prompts {too_long[:10]} exceed max_prompt_tokens={cfg.max_prompt_tokens}")
+    cfg = with_absolute_paths(cfg)
+
+    init_ray(cfg.num_actors)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    use_gpu = resolve_use_gpu(cfg.use_gpu, cfg.num_actors)
+    # Sorting by length keeps padding low inside a batch; the index restores the input order at the end.
+    order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
+    ds = ray.data.from_items([{"index": i, "prompt_ids": rendered[i]} for i in order])
+    answers_ds = ds.map_batches(
+        AnswerWriter,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "use_gpu": use_gpu},
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+    t0 = time.time()
+    answers: dict[int, str] = {}
+    for row in answers_ds.iter_rows():
+        answers[int(row["index"])] = str(row["answer"])
+        if verbose and len(answers) % max(1, len(prompts) // 10) == 0:
+            say(f"[raydist] generated {len(answers)}/{len(prompts)} answers ({time.time() - t0:.0f}s)")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    with os.fdopen(fd, "w") as fh:
+        for i, p in enumerate(prompts):
+            if fmt == "instruction":
+                rec = {"instruction": p["instruction"], "input": p["input"], "output": answers[i]}
+            else:
+                rec = {"messages": p["messages"] + [{"role": "assistant", "content": answers[i]}]}
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)  # a half-written dataset is never visible under the final name
+    say(f"[raydist] wrote {len(prompts)} answers to {out}")
+    return out
