@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from raydist.components.data import DataError
     from raydist.components.models import ModelSourceError
     from raydist.components.preflight import PreflightError
-    from raydist.stages.common import RunDirError
+    from raydist.stages.common import RunDirError, StageFailed
 
     try:
         if args.command == "finetune":
@@ -104,6 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, PreflightError, RunDirError, DataError, ModelSourceError, FileExistsError) as e:
         print(f"raydist {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StageFailed as e:
+        print(f"raydist {args.command}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

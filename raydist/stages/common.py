@@ -14,6 +14,25 @@ from raydist.components.preflight import PreflightError
 from raydist.config.loading import dump_config
 
 
+class StageFailed(RuntimeError):
+    """A stage started but did not finish (workers kept failing); what was checkpointed is kept."""
+
+
+def fit_or_explain(trainer, run_dir: Path, max_failures: int):
+    """``trainer.fit()``, turning Ray Train's failure into a short message that says what is kept."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith(" ")]
+        cause = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else repr(e))
+        raise StageFailed(
+            f"training failed after {max_failures} automatic restart(s): {cause.strip()}\n"
+            f"checkpoints and logs are kept in {run_dir}; fix the cause and rerun the same command to resume"
+        ) from e
+
+
 class RunDirError(ValueError):
     """The run directory cannot be used as asked (exists with another config, already complete, ...)."""
 

@@ -5,7 +5,6 @@ and the crashed runs must reproduce step for step.
 """
 
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,296 @@
+"""Worker-side machinery every Ray Train stage shares: DeepSpeed engine, resume, data order, the
+optimizer-step loop with its eval / checkpoint / progress cadence, and gathering weights for export.
+
+A stage's worker function builds its model(s), then hands ``TrainingSession.run`` a ``loss_fn`` (what one
+micro-batch costs) and an ``eval_fn`` (what an evaluation reports); everything that must be identical
+across stages — exact mid-epoch resume, ZeRO-3-safe collectives, fault drills — lives here once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from raydist.components.data import collate, iter_rows
+from raydist.components.progress import ProgressPrinter, append_jsonl, console
+from raydist.components.training import (
+    deepspeed_config,
+    lr_lambda,
+    param_groups,
+    perplexity,
+    rng_state,
+    set_rng_state,
+    sum_nll,
+)
+
+_CKPT_TAG = "state"
+
+LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+EvalFn = Callable[[], dict[str, float]]
+
+
+class TrainingSession:
+    """One data-parallel rank's view of a run. ``config`` is the dict the driver passed to the workers
+    (``cfg``, ``run_dir``, ``total_steps``, ``micro_per_epoch``, ``n_eval``, ``use_gpu``, ``fault``); ``cfg``
+    is the validated stage config (it has ``train``, ``data``, ``optim``, ``deepspeed``, ``run``)."""
+
+    def __init__(self, config: dict[str, Any], cfg, pad_id: int):
+        import ray.train
+        import ray.train.torch
+
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.cfg = cfg
+        self.config = config
+        self.run_dir = Path(config["run_dir"])
+        self.total_steps: int = config["total_steps"]
+        self.micro_per_epoch: int = config["micro_per_epoch"]
+        self.device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+        self.bf16 = self.device.type == "cuda"
+        self.pad_id = pad_id
+        self.step, self.micro = 0, 0
+        self.engine = None
+        self.first_eval: dict[str, float] = {}
+        self.progress: Optional[ProgressPrinter] = None
+        self.eval_rows = self._materialize("eval", config["n_eval"])
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def build_engine(self, model: torch.nn.Module):
+        """AdamW + warmup/decay schedule + the DeepSpeed engine around ``model`` (the trainable one)."""
+        import deepspeed
+
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, self.total_steps))
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(
+                cfg.deepspeed,
+                micro_batch_size=cfg.train.micro_batch_size,
+                grad_accum_steps=cfg.train.grad_accum_steps,
+                grad_clip=cfg.optim.grad_clip,
+                bf16=self.bf16,
+            ),
+        )
+        return self.engine
+
+    def restore(self) -> None:
+        """Resume from Ray Train's latest checkpoint: weights, optimizer, scheduler (DeepSpeed), step and
+        data position (client state), and this rank's RNG streams."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as ckpt_dir:
+            _, client = self.engine.load_checkpoint(ckpt_dir, tag=_CKPT_TAG)
+            self.step, self.micro = client["step"], client["micro"]
+            set_rng_state(torch.load(Path(ckpt_dir) / f"rng_rank{self.rank}.pt", weights_only=False))
+        if self.rank == 0:
+            console(f"[raydist] resumed from step {self.step}/{self.total_steps}")
+            self.log({"event": "resumed", "step": self.step})
+
+    # ----------------------------------------------------------------------------- eval / report
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            append_jsonl(self.run_dir / "metrics.jsonl", record)
+
+    def nll_of(self, module: torch.nn.Module) -> tuple[float, int]:
+        """Summed NLL and token count of ``module`` over the whole eval set (a collective: every rank
+        calls it; each evaluates its share)."""
+        import torch.distributed as dist
+
+        nll, n = sum_nll(module, self._eval_batches(), self.device)
+        totals = torch.tensor([nll, float(n)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)
+        return float(totals[0]), int(totals[1])
+
+    def model_eval(self) -> dict[str, float]:
+        """Eval loss / perplexity of the model being trained."""
+        self.engine.eval()
+        nll, n = self.nll_of(self.engine.module)
+        self.engine.train()
+        return {"eval_loss": nll / n if n else float("nan"), "eval_ppl": perplexity(nll, n), "eval_tokens": n}
+
+    def _log_eval(self, m: dict[str, float]) -> None:
+        self.log({"step": self.step, **m})
+        if self.rank == 0:
+            extra = "".join(f" {k} {v:.4g}" for k, v in m.items() if k not in ("eval_loss", "eval_ppl", "eval_tokens"))
+            console(f"[raydist] eval step {self.step}: loss {m['eval_loss']:.4f} ppl {m['eval_ppl']:.3f}{extra}")
+
+    def _save_and_report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save_checkpoint(tmp, tag=_CKPT_TAG, client_state={"step": self.step, "micro": self.micro})
+            torch.save(rng_state(), Path(tmp) / f"rng_rank{self.rank}.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # ---------------------------------------------------------------------------------- the loop
+
+    def run(self, loss_fn: LossFn, eval_fn: Optional[EvalFn] = None) -> bool:
+        """Train from the restored step to ``total_steps`` (or ``run.stop_after_steps``).
+
+        Args:
+            loss_fn: this rank's micro-batch (``input_ids``/``labels``/``attention_mask`` [b, T] on the
+                device) → scalar loss to backpropagate.
+            eval_fn: → metrics with at least ``eval_loss``/``eval_ppl``; default ``model_eval``.
+
+        Returns:
+            True when the run reached ``total_steps`` (export next), False when it stopped early on purpose.
+        """
+        import ray.train
+        import torch.distributed as dist
+
+        cfg, engine = self.cfg, self.engine
+        eval_fn = eval_fn or self.model_eval
+        gas = cfg.train.grad_accum_steps
+        evaluating = bool(self.eval_rows)
+        if evaluating and cfg.train.eval_at_start and self.step == 0:
+            self.first_eval = eval_fn()
+            self._log_eval(self.first_eval)
+            ray.train.report({"step": 0, **self.first_eval})
+
+        self.progress = ProgressPrinter(self.total_steps, start_step=self.step, enabled=self.rank == 0)
+        engine.train()
+        stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
+        step_loss, step_tokens = 0.0, 0
+        batches = self._micro_batches()
+        while self.step < stop_at:
+            batch, global_tokens = next(batches)
+            loss = loss_fn({k: v.to(self.device) for k, v in batch.items()})
+            engine.backward(loss)
+            engine.step()
+            step_loss += loss.item() / gas
+            step_tokens += global_tokens
+            self.micro += 1
+            if self.micro % gas:
+                continue
+            self.step += 1
+            loss_t = torch.tensor([step_loss], dtype=torch.float64, device=self.device)
+            dist.all_reduce(loss_t)
+            mean_loss = float(loss_t) / self.world
+            lr = engine.get_lr()[0]
+            tok_s = self.progress.update(self.step, loss=mean_loss, lr=lr, tokens=step_tokens)
+            if self.step % cfg.train.log_every == 0 or self.step == stop_at:
+                self.log({"step": self.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tok_s})
+            step_loss, step_tokens = 0.0, 0
+            self._maybe_fault()
+
+            metrics: dict[str, Any] = {"step": self.step, "loss": mean_loss, "lr": lr}
+            at_end = self.step == stop_at
+            every = cfg.train.eval_every
+            if evaluating and ((every and self.step % every == 0) or (at_end and self.step == self.total_steps)):
+                m = eval_fn()
+                self._log_eval(m)
+                metrics.update(m)
+            if at_end or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
+                self._save_and_report(metrics)
+            elif "eval_loss" in metrics:
+                ray.train.report(metrics)
+        return self.step >= self.total_steps
+
+    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        """This rank's micro-batches from the current data position on, forever (the loop stops it).
+
+        Every rank reads the same global batch (``micro_batch_size x world`` rows, in a deterministic
+        per-epoch shuffled order) and keeps its slice; so the position is one integer (``micro``) and a
+        resumed run sees exactly the rows the interrupted one would have. Also yields the global batch's
+        token count, known to every rank without a collective.
+        """
+        import ray.train
+
+        mb, world = self.cfg.train.micro_batch_size, self.world
+        shard = ray.train.get_dataset_shard("train")
+        buf = self.cfg.data.shuffle_buffer
+        while True:
+            epoch, skip = divmod(self.micro, self.micro_per_epoch)
+            batches = shard.iter_batches(
+                batch_size=mb * world,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=buf or None,
+                local_shuffle_seed=(self.cfg.train.seed + epoch) if buf else None,
+            )
+            for i, batch in enumerate(batches):
+                if i < skip:  # mid-epoch resume: skip what the interrupted run already trained on
+                    continue
+                if i >= self.micro_per_epoch:
+                    break
+                rows = list(iter_rows(batch))
+                tokens = sum(len(r["input_ids"]) for r in rows)
+                yield collate(rows[self.rank * mb : (self.rank + 1) * mb], self.pad_id), tokens
+
+    def _maybe_fault(self) -> None:
+        """The fault drill (see ``_fault_from_env`` in the stages): the last rank dies once, hard."""
+        fault = self.config.get("fault")
+        if fault and self.step == fault["step"] and self.rank == self.world - 1 and not os.path.exists(fault["marker"]):
+            Path(fault["marker"]).write_text(f"killed rank {self.rank} at step {self.step}\n")
+            os._exit(1)  # as when a node dies: no cleanup, no report
+
+    # ------------------------------------------------------------------------------------ export
+
+    def gather_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """The full state dict of the trained module on rank 0 (None elsewhere); all ranks must call."""
+        if self.cfg.deepspeed.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        if self.rank != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def summary_metrics(self) -> dict[str, Any]:
+        """Before/after eval metrics and throughput from this run's history (rank 0)."""
+        from raydist.components.progress import read_history
+
+        history = read_history(self.run_dir / "metrics.jsonl")
+        evals = [h for h in history if "eval_loss" in h]
+        trains = [h for h in history if "tokens_per_s" in h]
+        out: dict[str, Any] = {"steps": self.total_steps}
+        start = self.first_eval or (evals[0] if evals else None)
+        if start:
+            out.update(eval_loss_before=start["eval_loss"], eval_ppl_before=start["eval_ppl"])
+        if evals:
+            out.update({k: v for k, v in evals[-1].items() if k not in ("step", "time", "eval_tokens")})
+        if trains:
+            mean = self.progress.mean_tokens_per_s() if self.progress else None
+            out.update(train_loss=trains[-1]["loss"], tokens_per_s=mean or trains[-1]["tokens_per_s"])
+        return out
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _materialize(name: str, n: int) -> list[dict[str, Any]]:
+        import ray.train
+
+        if not n:
+            return []
+        rows: list[dict[str, Any]] = []
+        for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=256, batch_format="numpy"):
+            rows.extend(iter_rows(batch))
+        return rows
+
+    def _eval_batches(self):
+        """This rank's eval batches. Every rank yields the same number of batches (dummy ones with weight 0
+        where it has run out) because under ZeRO-3 each forward is a collective."""
+        rows, rank, world, mb = self.eval_rows, self.rank, self.world, self.cfg.train.micro_batch_size
+        mine = rows[rank::world]
+        n_batches = math.ceil(math.ceil(len(rows) / world) / mb)
+        for i in range(n_batches):
+            chunk_rows = mine[i * mb : (i + 1) * mb]
+            if chunk_rows:
+                yield collate(chunk_rows, self.pad_id)
+            else:
+                yield {**collate(rows[:1], self.pad_id), "weight": 0}
