@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -150,3 +150,117 @@ def resolve_use_gpu(use_gpu: Union[bool, Literal["auto"]], num_workers: int) -> 
     if use_gpu and gpus < num_workers:
         raise PreflightError(f"scaling.use_gpu is true but the cluster has {gpus:g} GPUs for {num_workers} workers")
     return bool(use_gpu)
+
+
+def tokenize_once(run_dir: Path, data_cfg, model_cfg, seed: int, tokenizer, say) -> dict[str, int]:
+    """Tokenize train/eval into ``run_dir/data`` unless an identical tokenization is already there (a
+    resumed run reuses the same files, so its data order is identical). Returns the split sizes."""
+    import time
+
+    from raydist.components.data import build_datasets
+
+    data_dir = run_dir / "data"
+    fp = data_fingerprint(data_cfg, model_cfg, seed)
+    if not (data_dir / "fingerprint.txt").is_file() or (data_dir / "fingerprint.txt").read_text() != fp:
+        t0 = time.time()
+        train_ex, eval_ex = build_datasets(data_cfg, tokenizer, seed)
+        write_examples_parquet(data_dir, {"train": train_ex, "eval": eval_ex}, fp)
+        say(f"[raydist] tokenized {len(train_ex)} train / {len(eval_ex)} eval sequences in {time.time() - t0:.1f}s")
+    return json.loads((data_dir / "counts.json").read_text())
+
+
+def plan_steps(counts: dict[str, int], train_cfg, world: int) -> tuple[int, int]:
+    """``(total_steps, micro_batches_per_epoch)`` for this data size, batch shape and world size."""
+    global_rows = train_cfg.micro_batch_size * world
+    micro_per_epoch = counts["train"] // global_rows
+    if micro_per_epoch < train_cfg.grad_accum_steps:
+        raise PreflightError(
+            f"the training data has {counts['train']} sequences, fewer than one optimizer step needs "
+            f"({global_rows * train_cfg.grad_accum_steps} = micro_batch_size x num_workers x grad_accum_steps)"
+        )
+    total = train_cfg.max_steps or max(1, int(train_cfg.epochs * micro_per_epoch) // train_cfg.grad_accum_steps)
+    return total, micro_per_epoch
+
+
+def fault_from_env() -> Optional[dict[str, Any]]:
+    """Fault-injection drill for tests and chaos runs: kill the last worker once at a given step.
+
+    ``RAYDIST_FAULT_AT_STEP=k`` and ``RAYDIST_FAULT_MARKER=/path``: the marker file records that the fault
+    happened, so the restarted worker does not die again.
+    """
+    step = os.environ.get("RAYDIST_FAULT_AT_STEP")
+    if not step:
+        return None
+    return {"step": int(step), "marker": os.environ["RAYDIST_FAULT_MARKER"]}
+
+
+def train_on_ray(loop_fn, cfg, run_dir: Path, counts: dict[str, int], extra: dict[str, Any], say, what: str) -> None:
+    """Run ``loop_fn`` on ``cfg.scaling.num_workers`` Ray Train workers over the tokenized data.
+
+    The workers get a plain dict: the resolved config, the run dir, the step plan, the device choice, the
+    fault drill and ``extra`` (stage-specific). Returns when training finished or stopped on purpose.
+    """
+    import ray
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    world = cfg.scaling.num_workers
+    total_steps, micro_per_epoch = plan_steps(counts, cfg.train, world)
+    init_ray(world * cfg.scaling.cpus_per_worker)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # they garble the progress lines
+    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu, world)
+    data_dir = run_dir / "data"
+    datasets = {"train": ray.data.read_parquet(str(data_dir / "train.parquet"))}
+    if counts["eval"]:
+        datasets["eval"] = ray.data.read_parquet(str(data_dir / "eval.parquet"))
+    loop_config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "total_steps": total_steps,
+        "micro_per_epoch": micro_per_epoch,
+        "n_eval": counts["eval"],
+        "use_gpu": use_gpu,
+        "fault": fault_from_env(),
+        **extra,
+    }
+    worker_env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    if "RAYDIST_CACHE" in os.environ:
+        worker_env["RAYDIST_CACHE"] = os.environ["RAYDIST_CACHE"]
+    trainer = TorchTrainer(
+        loop_fn,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=world, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env},
+        ),
+        datasets=datasets,
+        # Every worker reads the whole (already tokenized) stream and keeps its rank's rows of each global
+        # batch: a deterministic order is what makes mid-epoch resume exact, which Ray Data's dynamic
+        # streaming_split does not promise.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    say(f"[raydist] {what}: {total_steps} steps on {world} {'GPU' if use_gpu else 'CPU'} workers "
+        f"(ZeRO-{cfg.deepspeed.zero_stage})")
+    fit_or_explain(trainer, run_dir, cfg.run.max_failures)
+
+
+def finish_run(run_dir: Path, artifact_name: str, stop_after: Optional[int], title: str, say) -> Path:
+    """Draw the loss curve; return the artifact (or the run dir when the run stopped early on purpose)."""
+    from raydist.components.progress import plot_loss_curve, read_history
+
+    plot_loss_curve(read_history(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png", title=title)
+    artifact = run_dir / artifact_name
+    if not artifact.is_dir():
+        say(f"[raydist] stopped after step {stop_after}; rerun the same command to resume")
+        return run_dir
+    say(f"[raydist] loss curve: {run_dir / 'loss_curve.png'}")
+    say(f"[raydist] artifact: {artifact}")
+    return artifact

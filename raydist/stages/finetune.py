@@ -19,31 +19,19 @@ Run directory (``<run.output_dir>/<run.name>``):
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from raydist.components.artifact import write_manifest
-from raydist.components.data import build_datasets
 from raydist.components.export import export_artifact, logits_of, peft_lora_config, probe_batch
 from raydist.components.models import hash_model_source, load_model, load_model_config, load_tokenizer, resolve_model_source
-from raydist.components.preflight import PreflightError, preflight_finetune
-from raydist.components.progress import console, plot_loss_curve, read_history
+from raydist.components.preflight import preflight_finetune
+from raydist.components.progress import console
 from raydist.components.training import apply_dropout, seed_everything
 from raydist.config.finetune import FinetuneConfig
-from raydist.stages.common import (
-    data_fingerprint,
-    fit_or_explain,
-    init_ray,
-    open_run_dir,
-    resolve_use_gpu,
-    with_absolute_paths,
-    write_examples_parquet,
-)
+from raydist.stages.common import finish_run, open_run_dir, tokenize_once, train_on_ray, with_absolute_paths
 from raydist.stages.worker import TrainingSession
 
 ARTIFACT_DIR = "artifact"
@@ -61,103 +49,16 @@ def run_finetune(cfg: FinetuneConfig, *, verbose: bool = True) -> Path:
     Raises:
         PreflightError / ConfigError / RunDirError: before any worker starts.
     """
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     report, tokenizer = preflight_finetune(cfg)
     cfg = with_absolute_paths(cfg)
     run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
     say = print if verbose else (lambda *a, **k: None)
     say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new run'})")
-
-    # Tokenize once; a resumed run reuses the same files so its data order is identical.
-    data_dir = run_dir / "data"
-    fp = data_fingerprint(cfg.data, cfg.model, cfg.train.seed)
-    if not (data_dir / "fingerprint.txt").is_file() or (data_dir / "fingerprint.txt").read_text() != fp:
-        t0 = time.time()
-        train_ex, eval_ex = build_datasets(cfg.data, tokenizer, cfg.train.seed)
-        write_examples_parquet(data_dir, {"train": train_ex, "eval": eval_ex}, fp)
-        say(f"[raydist] tokenized {len(train_ex)} train / {len(eval_ex)} eval sequences in {time.time() - t0:.1f}s")
-    counts = json.loads((data_dir / "counts.json").read_text())
-    world = cfg.scaling.num_workers
-    global_rows = cfg.train.micro_batch_size * world
-    micro_per_epoch = counts["train"] // global_rows
-    if micro_per_epoch < cfg.train.grad_accum_steps:
-        raise PreflightError(
-            f"the training data has {counts['train']} sequences, fewer than one optimizer step needs "
-            f"({global_rows * cfg.train.grad_accum_steps} = micro_batch_size x num_workers x grad_accum_steps)"
-        )
-    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * micro_per_epoch) // cfg.train.grad_accum_steps)
-
-    init_ray(world * cfg.scaling.cpus_per_worker)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # they garble the progress lines
-    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu, world)
-    train_ds = ray.data.read_parquet(str(data_dir / "train.parquet"))
-    datasets = {"train": train_ds}
-    if counts["eval"]:
-        datasets["eval"] = ray.data.read_parquet(str(data_dir / "eval.parquet"))
-
-    from ray.data import ExecutionOptions
-
-    loop_config = {
-        "cfg": cfg.model_dump(mode="json"),
-        "run_dir": str(run_dir),
-        "total_steps": total_steps,
-        "micro_per_epoch": micro_per_epoch,
-        "n_eval": counts["eval"],
-        "use_gpu": use_gpu,
-        "fault": _fault_from_env(),
-        "parent": {"kind": report.model_kind, "path": resolve_model_source(cfg.model).describe()},
-    }
-    worker_env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    if "RAYDIST_CACHE" in os.environ:
-        worker_env["RAYDIST_CACHE"] = os.environ["RAYDIST_CACHE"]
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env},
-        ),
-        datasets=datasets,
-        # Every worker reads the whole (already tokenized) stream and keeps its rank's rows of each global
-        # batch: a deterministic order is what makes mid-epoch resume exact, which Ray Data's dynamic
-        # streaming_split does not promise.
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    say(f"[raydist] training {total_steps} steps on {world} {'GPU' if use_gpu else 'CPU'} workers "
-        f"(ZeRO-{cfg.deepspeed.zero_stage}{', LoRA' if cfg.lora.enabled else ''})")
-    fit_or_explain(trainer, run_dir, cfg.run.max_failures)
-
-    history = read_history(run_dir / "metrics.jsonl")
-    plot_loss_curve(history, run_dir / "loss_curve.png", title=f"{run_dir.name} ({'LoRA' if cfg.lora.enabled else 'full'})")
-    artifact = run_dir / ARTIFACT_DIR
-    if not artifact.is_dir():
-        say(f"[raydist] stopped after step {cfg.run.stop_after_steps}; rerun the same command to resume")
-        return run_dir
-    say(f"[raydist] loss curve: {run_dir / 'loss_curve.png'}")
-    say(f"[raydist] artifact: {artifact}")
-    return artifact
-
-
-def _fault_from_env() -> Optional[dict[str, Any]]:
-    """Fault-injection drill for tests and chaos runs: kill the last worker once at a given step.
-
-    ``RAYDIST_FAULT_AT_STEP=k`` and ``RAYDIST_FAULT_MARKER=/path``: the marker file records that the fault
-    happened, so the restarted worker does not die again.
-    """
-    step = os.environ.get("RAYDIST_FAULT_AT_STEP")
-    if not step:
-        return None
-    return {"step": int(step), "marker": os.environ["RAYDIST_FAULT_MARKER"]}
+    counts = tokenize_once(run_dir, cfg.data, cfg.model, cfg.train.seed, tokenizer, say)
+    parent = {"kind": report.model_kind, "path": resolve_model_source(cfg.model).describe()}
+    method = "LoRA" if cfg.lora.enabled else "full"
+    train_on_ray(train_loop_per_worker, cfg, run_dir, counts, {"parent": parent}, say, f"fine-tuning ({method})")
+    return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} ({method})", say)
 
 
 # ----------------------------------------------------------------------------------------------- worker
@@ -183,7 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     session.restore()
 
     # The model's own loss: mean next-token cross-entropy over this micro-batch's target tokens.
-    finished = session.run(loss_fn=lambda b: engine(**b).loss)
+    finished = session.run(loss_fn=lambda b, _step_targets: engine(**b).loss)
     if finished:
         _export(session, cfg, tokenizer)
 

@@ -14,9 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
-from raydist.components.data import collate, iter_rows
+from raydist.components.data import IGNORE_INDEX, collate, iter_rows
 from raydist.components.progress import ProgressPrinter, append_jsonl, console
 from raydist.components.training import (
     deepspeed_config,
@@ -30,7 +31,10 @@ from raydist.components.training import (
 
 _CKPT_TAG = "state"
 
-LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# (this rank's micro-batch on the device, target tokens of the whole optimizer step over all ranks and
+# micro-batches) -> the scalar to backpropagate. DeepSpeed averages gradients over ranks and micro-batches,
+# so a summed loss scaled by world * grad_accum / step_targets gives an exact per-token mean.
+LossFn = Callable[[dict[str, torch.Tensor], int], torch.Tensor]
 EvalFn = Callable[[], dict[str, float]]
 
 
@@ -145,8 +149,8 @@ class TrainingSession:
         """Train from the restored step to ``total_steps`` (or ``run.stop_after_steps``).
 
         Args:
-            loss_fn: this rank's micro-batch (``input_ids``/``labels``/``attention_mask`` [b, T] on the
-                device) → scalar loss to backpropagate.
+            loss_fn: see ``LossFn``; gets this rank's micro-batch (``input_ids``/``labels``/``attention_mask``
+                [b, T] on the device) and the step's global target-token count.
             eval_fn: → metrics with at least ``eval_loss``/``eval_ppl``; default ``model_eval``.
 
         Returns:
@@ -167,18 +171,20 @@ class TrainingSession:
         self.progress = ProgressPrinter(self.total_steps, start_step=self.step, enabled=self.rank == 0)
         engine.train()
         stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
-        step_loss, step_tokens = 0.0, 0
         batches = self._micro_batches()
         while self.step < stop_at:
-            batch, global_tokens = next(batches)
-            loss = loss_fn({k: v.to(self.device) for k, v in batch.items()})
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / gas
-            step_tokens += global_tokens
-            self.micro += 1
-            if self.micro % gas:
-                continue
+            # One optimizer step's micro-batches are drawn together so a loss can be normalised by the
+            # target-token count of the whole step (all micro-batches, all ranks) — see ``LossFn``.
+            group = [next(batches) for _ in range(gas)]
+            step_targets = sum(g[2] for g in group)
+            step_loss, step_tokens = 0.0, 0
+            for batch, global_tokens, _ in group:
+                loss = loss_fn({k: v.to(self.device) for k, v in batch.items()}, step_targets)
+                engine.backward(loss)
+                engine.step()
+                step_loss += loss.item() / gas
+                step_tokens += global_tokens
+                self.micro += 1
             self.step += 1
             loss_t = torch.tensor([step_loss], dtype=torch.float64, device=self.device)
             dist.all_reduce(loss_t)
@@ -187,7 +193,6 @@ class TrainingSession:
             tok_s = self.progress.update(self.step, loss=mean_loss, lr=lr, tokens=step_tokens)
             if self.step % cfg.train.log_every == 0 or self.step == stop_at:
                 self.log({"step": self.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tok_s})
-            step_loss, step_tokens = 0.0, 0
             self._maybe_fault()
 
             metrics: dict[str, Any] = {"step": self.step, "loss": mean_loss, "lr": lr}
@@ -203,13 +208,13 @@ class TrainingSession:
                 ray.train.report(metrics)
         return self.step >= self.total_steps
 
-    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
         """This rank's micro-batches from the current data position on, forever (the loop stops it).
 
         Every rank reads the same global batch (``micro_batch_size x world`` rows, in a deterministic
         per-epoch shuffled order) and keeps its slice; so the position is one integer (``micro``) and a
         resumed run sees exactly the rows the interrupted one would have. Also yields the global batch's
-        token count, known to every rank without a collective.
+        token and target-token counts, known to every rank without a collective.
         """
         import ray.train
 
@@ -232,7 +237,8 @@ class TrainingSession:
                     break
                 rows = list(iter_rows(batch))
                 tokens = sum(len(r["input_ids"]) for r in rows)
-                yield collate(rows[self.rank * mb : (self.rank + 1) * mb], self.pad_id), tokens
+                targets = sum(int((np.asarray(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows)
+                yield collate(rows[self.rank * mb : (self.rank + 1) * mb], self.pad_id), tokens, targets
 
     def _maybe_fault(self) -> None:
         """The fault drill (see ``_fault_from_env`` in the stages): the last rank dies once, hard."""

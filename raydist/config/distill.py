@@ -1,0 +1,93 @@
+"""Config of the distillation stage (`raydist distill`): teacher → student on Ray Train + DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import Field, model_validator
+
+from raydist.config.base import (
+    DataConfig,
+    DeepSpeedSettings,
+    ModelConfig,
+    OptimConfig,
+    RunSettings,
+    ScalingSettings,
+    StrictModel,
+    TinyModelSpec,
+)
+from raydist.config.finetune import TrainSettings
+
+
+class PruneSettings(StrictModel):
+    """Minitron-style structured pruning that derives the student from the teacher."""
+
+    drop_layers: Union[int, list[int]] = Field(0, description="Layers to remove: a count (least important first) or indices.")
+    mlp_keep_ratio: float = Field(1.0, gt=0, le=1, description="Fraction of MLP channels kept (by activation).")
+    kv_groups_keep: Optional[int] = Field(None, gt=0, description="Attention KV groups kept (GQA-aware); null = all.")
+    hidden_keep_ratio: float = Field(1.0, gt=0, le=1, description="Fraction of hidden (embedding) channels kept.")
+    multiple_of: int = Field(1, gt=0, description="Round kept widths to a multiple of this (kernel-friendly).")
+    calibration_batches: int = Field(8, gt=0, description="Training sequences used to rank importance.")
+
+
+class StudentConfig(StrictModel):
+    """Where the student comes from."""
+
+    source: Literal["pruned", "pretrained", "config"] = Field(
+        "pruned", description="pruned: derived from the teacher; pretrained: `path`; config: random init of `tiny`."
+    )
+    path: Optional[str] = Field(None, description="A pretrained student (HF dir / .gguf) for source 'pretrained'.")
+    tiny: Optional[TinyModelSpec] = Field(None, description="Shape of a random Llama student for source 'config'.")
+    prune: PruneSettings = Field(default_factory=PruneSettings, description="Pruning recipe for source 'pruned'.")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "StudentConfig":
+        if self.source == "pretrained" and not self.path:
+            raise ValueError("source 'pretrained' needs `path`")
+        if self.source == "config" and self.tiny is None:
+            raise ValueError("source 'config' needs `tiny` (the student's shape)")
+        if self.source != "pretrained" and self.path:
+            raise ValueError(f"`path` is only used with source 'pretrained' (source is {self.source!r})")
+        return self
+
+
+class HiddenLossSettings(StrictModel):
+    """Optional hidden-state matching (student layer → teacher layer)."""
+
+    weight: float = Field(0.0, ge=0, description="Weight of the hidden-state loss (0 = off).")
+    kind: Literal["mse", "cosine"] = Field("mse", description="Distance between mapped hidden states.")
+    mapping: Optional[list[tuple[int, int]]] = Field(
+        None, description="(student_layer, teacher_layer) pairs of hidden_states indices; default evenly spaced."
+    )
+
+
+class KDSettings(StrictModel):
+    """The distillation objective."""
+
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="Logit divergence.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models (loss scaled by T²).")
+    beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD mixture weight (0 = forward KL, 1 = reverse KL).")
+    ce_weight: float = Field(0.0, ge=0, le=1, description="Loss = (1 - w)·KD + w·cross-entropy on the labels.")
+    hidden: HiddenLossSettings = Field(default_factory=HiddenLossSettings)
+
+
+class DistillConfig(StrictModel):
+    """Everything `raydist distill` needs."""
+
+    stage: Literal["distill"] = Field("distill", description="Which stage this config drives.")
+    teacher: ModelConfig = Field(..., description="The teacher (fine-tune it on the data first: 'teacher correction').")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data: DataConfig
+    kd: KDSettings = Field(default_factory=KDSettings)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    run: RunSettings
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "DistillConfig":
+        if self.run.stop_after_steps is not None and self.train.max_steps is not None:
+            if self.run.stop_after_steps >= self.train.max_steps:
+                raise ValueError("run.stop_after_steps must be below train.max_steps")
+        return self
