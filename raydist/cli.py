@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model on Ray Train + DeepSpeed (full or LoRA)")
     _add_config_args(p)
 
+    p = sub.add_parser("distill", help="distill a teacher into a (pruned) student on Ray Train + DeepSpeed")
+    _add_config_args(p)
+
     p = sub.add_parser("generate", help="answer a prompt dataset with a model (Ray Data batch inference) -> jsonl")
     _add_config_args(p)
 
@@ -47,16 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_stage_config(args):
-    from raydist.config.finetune import FinetuneConfig
-    from raydist.config.generate import GenerateConfig
-    from raydist.config.loading import apply_overrides, config_from_dict, read_yaml
+    from raydist.config import load_stage_config
 
-    data = apply_overrides(read_yaml(args.config), args.overrides)
-    stage = data.get("stage", args.command if args.command in ("finetune", "generate") else "finetune")
-    classes = {"finetune": FinetuneConfig, "generate": GenerateConfig}
-    if stage not in classes:
-        raise ConfigError(f"{args.config}: unknown stage {stage!r}; expected one of {sorted(classes)}")
-    return config_from_dict(classes[stage], data, args.config)
+    default = args.command if args.command in ("finetune", "distill", "generate") else "finetune"
+    return load_stage_config(args.config, args.overrides, default_stage=default)
 
 
 def _expect_stage(cfg, stage: str, path: str) -> None:
@@ -79,6 +76,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = _load_stage_config(args)
             _expect_stage(cfg, "finetune", args.config)
             run_finetune(cfg)
+        elif args.command == "distill":
+            from raydist.stages.distill import run_distill
+
+            cfg = _load_stage_config(args)
+            _expect_stage(cfg, "distill", args.config)
+            run_distill(cfg)
         elif args.command == "generate":
             from raydist.stages.generate import run_generate
 

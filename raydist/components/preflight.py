@@ -121,4 +121,78 @@ def preflight(cfg) -> PreflightReport:
     """Run the checks that fit ``cfg``'s stage (what `raydist validate` prints)."""
     if cfg.stage == "generate":
         return preflight_generate(cfg)
+    if cfg.stage == "distill":
+        return preflight_distill(cfg)[0]
     return preflight_finetune(cfg)[0]
+
+
+def check_shared_vocabulary(teacher_tok, student_tok) -> None:
+    """Logit KD compares distributions token by token, so both models must index the same vocabulary.
+
+    Same-family models may differ only in how far the embedding is padded; the losses truncate to the
+    common size. Anything else is refused here, before any worker starts.
+    """
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    common = min(len(tv), len(sv))
+    t_items = {tok: i for tok, i in tv.items() if i < common}
+    s_items = {tok: i for tok, i in sv.items() if i < common}
+    if t_items != s_items:
+        differing = sorted(set(t_items.items()) ^ set(s_items.items()), key=lambda x: x[1])[:3]
+        raise PreflightError(
+            "student and teacher tokenizers differ (e.g. " + ", ".join(f"{t!r}->{i}" for t, i in differing) + "); "
+            "logit distillation needs a shared vocabulary. Options: a student of the teacher's family, "
+            "student.source: pruned (derived from the teacher), or sequence-level KD "
+            "(`raydist generate` with the teacher, then `raydist finetune` the student on its answers)"
+        )
+
+
+def preflight_distill(cfg) -> tuple[PreflightReport, Any]:
+    """Checks for `raydist distill`: teacher, student source, shared vocabulary, pruning recipe, data."""
+    try:
+        src = resolve_model_source(cfg.teacher)
+        teacher_config = load_model_config(cfg.teacher)
+        tokenizer = load_tokenizer(cfg.teacher)
+    except (ValueError, OSError) as e:
+        raise PreflightError(f"teacher.path: {e}") from None
+    limits = [int(getattr(teacher_config, "max_position_embeddings", 0) or 0)]
+    st = cfg.student
+    if st.source == "pretrained":
+        from raydist.config.base import ModelConfig
+
+        try:
+            student_cfg = ModelConfig(path=st.path)
+            student_config = load_model_config(student_cfg)
+            student_tok = load_tokenizer(student_cfg)
+        except (ValueError, OSError) as e:
+            raise PreflightError(f"student.path: {e}") from None
+        check_shared_vocabulary(tokenizer, student_tok)
+        limits.append(int(getattr(student_config, "max_position_embeddings", 0) or 0))
+    elif st.source == "pruned":
+        p = st.prune
+        n_layers = teacher_config.num_hidden_layers
+        n_drop = p.drop_layers if isinstance(p.drop_layers, int) else len(p.drop_layers)
+        if n_drop >= n_layers:
+            raise PreflightError(f"student.prune.drop_layers removes {n_drop} of the teacher's {n_layers} layers")
+        bad = [i for i in ([] if isinstance(p.drop_layers, int) else p.drop_layers) if not 0 <= i < n_layers]
+        if bad:
+            raise PreflightError(f"student.prune.drop_layers {bad} are not layers of the teacher (0..{n_layers - 1})")
+        kv = getattr(teacher_config, "num_key_value_heads", None) or teacher_config.num_attention_heads
+        if p.kv_groups_keep is not None and p.kv_groups_keep > kv:
+            raise PreflightError(f"student.prune.kv_groups_keep {p.kv_groups_keep} exceeds the teacher's {kv} KV heads")
+    max_pos = min(x for x in limits if x) if any(limits) else 0
+    for name in ("seq_len", "eval_seq_len"):
+        value = getattr(cfg.data, name)
+        if max_pos and value is not None and value > max_pos:
+            raise PreflightError(f"data.{name} {value} exceeds the models' limit of {max_pos} positions")
+    try:
+        records = load_records(cfg.data.train)
+        formats = {"train": detect_format(records, cfg.data.train)}
+        if cfg.data.eval is not None:
+            formats["eval"] = detect_format(load_records(cfg.data.eval), cfg.data.eval)
+    except DataError as e:
+        raise PreflightError(f"data: {e}") from None
+    report = PreflightReport(
+        model_kind=src.kind, model_type=teacher_config.model_type, max_positions=max_pos,
+        data_formats=formats, train_records=len(records), notes=[f"student: {st.source}"],
+    )
+    return report, tokenizer

@@ -11,7 +11,9 @@ from raydist.config.base import (
     ScalingSettings,
     TinyModelSpec,
 )
+from raydist.config.distill import DistillConfig, KDSettings, PruneSettings, StudentConfig
 from raydist.config.finetune import FinetuneConfig, TrainSettings
+from raydist.config.generate import GenerateConfig
 from raydist.config.loading import ConfigError, apply_overrides, dump_config, load_config
 
 __all__ = [
@@ -19,15 +21,38 @@ __all__ = [
     "DataConfig",
     "DataSourceConfig",
     "DeepSpeedSettings",
+    "DistillConfig",
     "FinetuneConfig",
+    "GenerateConfig",
+    "KDSettings",
     "LoraSettings",
     "ModelConfig",
     "OptimConfig",
+    "PruneSettings",
     "RunSettings",
     "ScalingSettings",
+    "StudentConfig",
     "TinyModelSpec",
     "TrainSettings",
     "apply_overrides",
     "dump_config",
     "load_config",
+    "load_stage_config",
+    "stage_config_class",
 ]
+
+
+def stage_config_class(stage: str):
+    """The config class of a stage name (``finetune``, ``distill``, ``generate``)."""
+    classes = {"finetune": FinetuneConfig, "distill": DistillConfig, "generate": GenerateConfig}
+    if stage not in classes:
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(classes)}")
+    return classes[stage]
+
+
+def load_stage_config(path, overrides=(), default_stage: str = "finetune"):
+    """Load a YAML config as the class its ``stage:`` field names (``default_stage`` when absent)."""
+    from raydist.config.loading import config_from_dict, read_yaml
+
+    data = apply_overrides(read_yaml(path), overrides)
+    return config_from_dict(stage_config_class(data.get("stage", default_stage)), data, str(path))

@@ -87,12 +87,24 @@ def _diff_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def with_absolute_paths(cfg):
-    """A copy of ``cfg`` whose local model path is absolute: workers run in other directories (and on a
-    cluster, other machines with the same shared paths)."""
-    p = Path(cfg.model.path).expanduser()
-    if p.exists():
-        return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(p.resolve())})})
-    return cfg
+    """A copy of ``cfg`` whose local model paths (``model``, ``teacher``, ``student.path``) are absolute:
+    workers run in other directories (and on a cluster, other machines with the same shared paths)."""
+
+    def absolute(path: Optional[str]) -> Optional[str]:
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        return str(p.resolve()) if p.exists() else path
+
+    update = {}
+    for field in ("model", "teacher"):
+        section = getattr(cfg, field, None)
+        if section is not None:
+            update[field] = section.model_copy(update={"path": absolute(section.path)})
+    student = getattr(cfg, "student", None)
+    if student is not None and student.path:
+        update["student"] = student.model_copy(update={"path": absolute(student.path)})
+    return cfg.model_copy(update=update)
 
 
 def data_fingerprint(data_cfg, model_cfg, seed: int) -> str:

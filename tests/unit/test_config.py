@@ -75,5 +75,18 @@ def test_missing_config_file():
 
 @pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_jobs_are_valid_configs(job):
-    cfg = load_config(FinetuneConfig, job)
-    assert cfg.stage == "finetune"
+    from raydist.config import load_stage_config
+
+    cfg = load_stage_config(job)
+    import yaml
+
+    assert cfg.stage == yaml.safe_load(job.read_text())["stage"]
+
+
+def test_stage_dispatch_rejects_unknown_stage(tmp_path):
+    from raydist.config import load_stage_config
+
+    p = tmp_path / "c.yaml"
+    p.write_text("stage: serve\n")
+    with pytest.raises(ConfigError, match="unknown stage 'serve'"):
+        load_stage_config(p)

@@ -1,0 +1,250 @@
+"""The distillation stage: `raydist distill`, teacher → student on Ray Train + DeepSpeed, read top to bottom.
+
+Driver (``run_distill``): check teacher, student and data (shared vocabulary included), open or resume the
+run directory, tokenize once, build the student once (pruned from the teacher on calibration data,
+a pretrained model, or a random config) into ``run_dir/student_init``, then start the workers.
+
+Worker (``distill_loop_per_worker``): the frozen teacher runs in inference mode in every worker (bf16 on
+GPU); DeepSpeed wraps and shards only the student (plus the hidden-state projection when that loss is on).
+Each micro-batch costs ``(1 - w)·KD + w·CE`` summed over the real target tokens and normalised by the
+whole optimizer step's token count, plus the optional hidden-state loss. Evaluations report the student's
+and the teacher's perplexity on the same held-out text and the fraction of the gap recovered. Resume,
+failure recovery and export are the fine-tuning stage's (``TrainingSession``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raydist.components.artifact import write_manifest
+from raydist.components.export import export_artifact, logits_of, probe_batch
+from raydist.components.kd_losses import HiddenProjection, default_layer_mapping, hidden_state_loss, kd_loss
+from raydist.components.models import (
+    hash_model_source,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    make_shareable,
+    resolve_model_source,
+    save_model_dir,
+    tiny_llama_config,
+)
+from raydist.components.preflight import preflight_distill
+from raydist.components.progress import console, read_history
+from raydist.components.training import perplexity, seed_everything
+from raydist.config.base import ModelConfig
+from raydist.config.distill import DistillConfig
+from raydist.stages.common import finish_run, open_run_dir, tokenize_once, train_on_ray, with_absolute_paths
+from raydist.stages.worker import TrainingSession
+
+ARTIFACT_DIR = "artifact"
+STUDENT_INIT = "student_init"
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
+    """Distill ``cfg.teacher`` into a student on ``cfg.data``; return the artifact directory.
+
+    Raises:
+        PreflightError / ConfigError / RunDirError: before any worker starts.
+    """
+    say = print if verbose else (lambda *a, **k: None)
+    report, tokenizer = preflight_distill(cfg)
+    cfg = with_absolute_paths(cfg)
+    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
+    say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new run'})")
+    counts = tokenize_once(run_dir, cfg.data, cfg.teacher, cfg.train.seed, tokenizer, say)
+    student_dir = build_student(cfg, run_dir, tokenizer, say)
+    teacher_src = resolve_model_source(cfg.teacher)
+    extra = {
+        "student_dir": str(student_dir),
+        "parent": {"kind": report.model_kind, "path": teacher_src.describe(), "role": "teacher"},
+    }
+    train_on_ray(distill_loop_per_worker, cfg, run_dir, counts, extra, say, f"distilling ({cfg.kd.loss})")
+    return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} (distill)", say)
+
+
+def build_student(cfg: DistillConfig, run_dir: Path, tokenizer, say) -> Path:
+    """The student's initial weights as an HF directory, built once per run (a resume reuses it)."""
+    if cfg.student.source == "pretrained":
+        return Path(cfg.student.path)
+    out = run_dir / STUDENT_INIT
+    if (out / "config.json").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{STUDENT_INIT}.", dir=run_dir))
+    summary: dict[str, Any] = {"source": cfg.student.source}
+    if cfg.student.source == "config":
+        from transformers import AutoModelForCausalLM
+
+        vocab = load_model_config(cfg.teacher).vocab_size
+        torch.manual_seed(cfg.train.seed)
+        student = AutoModelForCausalLM.from_config(tiny_llama_config(cfg.student.tiny, vocab_size=vocab))
+    else:
+        from raydist.components.pruning import collect_importance, prune_model
+
+        student = load_model(cfg.teacher).eval()
+        batches = _calibration_batches(run_dir, cfg.student.prune.calibration_batches, tokenizer.pad_token_id)
+        importance = collect_importance(student, batches)
+        p = cfg.student.prune
+        summary.update(
+            prune_model(
+                student,
+                importance,
+                drop_layers=p.drop_layers,
+                mlp_keep_ratio=p.mlp_keep_ratio,
+                kv_groups_keep=p.kv_groups_keep,
+                hidden_keep_ratio=p.hidden_keep_ratio,
+                multiple_of=p.multiple_of,
+            )
+        )
+    save_model_dir(student, tokenizer, tmp)
+    (tmp / "student_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    make_shareable(tmp)
+    os.replace(tmp, out)
+    n = sum(p.numel() for p in {id(p): p for p in student.parameters()}.values())
+    say(f"[raydist] student ({cfg.student.source}): {n:,} parameters -> {out}")
+    return out
+
+
+def _calibration_batches(run_dir: Path, n: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``n`` tokenized training sequences, one per batch (no padding to skew activations)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(run_dir / "data" / "train.parquet", columns=["input_ids"]).slice(0, n).to_pylist()
+    return [{"input_ids": torch.tensor([r["input_ids"]])} for r in rows]
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+class StudentWithProjection(torch.nn.Module):
+    """The student plus the learned hidden-state projection, so DeepSpeed optimises (and checkpoints)
+    both; only ``student.*`` weights are exported."""
+
+    def __init__(self, student: torch.nn.Module, projection: torch.nn.Module):
+        super().__init__()
+        self.student = student
+        self.projection = projection
+
+    def forward(self, **kwargs):
+        return self.student(**kwargs)
+
+
+def distill_loop_per_worker(config: dict[str, Any]) -> None:
+    """One data-parallel rank: frozen teacher, DeepSpeed-wrapped student, KD loss, eval with gap recovered."""
+    cfg = DistillConfig.model_validate(config["cfg"])
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.teacher)
+    session = TrainingSession(config, cfg, pad_id=tokenizer.pad_token_id)
+    device = session.device
+
+    # The teacher is not a DeepSpeed module: each rank holds a frozen copy and runs it without grad.
+    teacher = load_model(cfg.teacher, dtype=torch.bfloat16 if session.bf16 else torch.float32)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = load_model(ModelConfig(path=config["student_dir"]), seed=cfg.train.seed)
+    hidden = cfg.kd.hidden
+    mapping = None
+    model: torch.nn.Module = student
+    if hidden.weight > 0:
+        mapping = [tuple(p) for p in hidden.mapping] if hidden.mapping else default_layer_mapping(
+            student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        )
+        projection = HiddenProjection(student.config.hidden_size, teacher.config.hidden_size, len(mapping))
+        model = StudentWithProjection(student, projection)
+    engine = session.build_engine(model)
+    session.restore()
+
+    kd = cfg.kd
+    w = kd.ce_weight
+    scale = session.world * cfg.train.grad_accum_steps
+
+    def loss_fn(b: dict[str, torch.Tensor], step_targets: int) -> torch.Tensor:
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+        with torch.no_grad():
+            t_out = teacher(**inputs, output_hidden_states=mapping is not None)
+        s_out = engine(**inputs, output_hidden_states=mapping is not None)
+        kd_sum, _ = kd_loss(s_out.logits, t_out.logits, b["labels"], kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
+        total = (1 - w) * kd_sum
+        if w > 0:
+            shift = s_out.logits[:, :-1].float()  # [b, T-1, V]
+            total = total + w * torch.nn.functional.cross_entropy(
+                shift.reshape(-1, shift.size(-1)), b["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+            )
+        # Summed over tokens, scaled so DeepSpeed's mean over ranks and micro-batches is a per-token mean.
+        loss = total * scale / max(step_targets, 1)
+        if mapping is not None:
+            proj = engine.module.projection
+            loss = loss + hidden.weight * hidden_state_loss(
+                list(s_out.hidden_states), list(t_out.hidden_states), mapping, proj, b["attention_mask"], kind=hidden.kind
+            )
+        return loss
+
+    teacher_metrics: dict[str, float] = {}
+
+    def eval_fn() -> dict[str, float]:
+        m = session.model_eval()
+        if not teacher_metrics:  # the teacher is frozen: measure it once
+            nll, n = session.nll_of(teacher)
+            teacher_metrics.update(teacher_loss=nll / n, teacher_ppl=perplexity(nll, n))
+        m.update(teacher_metrics)
+        start = session.first_eval or _first_eval_in_history(session.run_dir) or m
+        gap = start["eval_ppl"] - m["teacher_ppl"]
+        m["gap_recovered"] = (start["eval_ppl"] - m["eval_ppl"]) / gap if gap > 0 else float("nan")
+        return m
+
+    finished = session.run(loss_fn, eval_fn)
+    if finished:
+        _export(session, cfg, config, tokenizer, teacher_metrics)
+
+
+def _first_eval_in_history(run_dir: Path):
+    evals = [h for h in read_history(run_dir / "metrics.jsonl") if "eval_ppl" in h]
+    return evals[0] if evals else None
+
+
+def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any], tokenizer, teacher_metrics) -> None:
+    """Gather the student's weights on rank 0, write + verify the artifact (all ranks must call this)."""
+    import ray.train
+
+    student_dir = Path(config["student_dir"])
+    student_config = load_model_config(ModelConfig(path=str(student_dir)))
+    probe = probe_batch(student_config.vocab_size)
+    session.engine.eval()
+    reference = logits_of(session.engine.module, probe)  # a collective forward under ZeRO-3
+    state = session.gather_state()
+    metrics: dict[str, Any] = {}
+    if session.rank == 0:
+        if any(k.startswith("student.") for k in state):
+            state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+        metrics = session.summary_metrics()
+        metrics["pruned_before_training_ppl"] = metrics.get("eval_ppl_before")
+        metrics.update(teacher_metrics)
+        out = session.run_dir / ARTIFACT_DIR
+        info = export_artifact(
+            state, base_config=student_config, tokenizer=tokenizer, lora=None, out_dir=out,
+            reference_logits=reference, probe=probe,
+            atol=1e-3 if next(iter(state.values())).dtype == torch.float32 else 5e-2,
+        )
+        metrics["export_max_abs_logit_diff"] = info["export_max_abs_logit_diff"]
+        src = resolve_model_source(cfg.teacher)
+        summary_file = student_dir / "student_summary.json"
+        write_manifest(
+            out,
+            stage="distill",
+            config=config["cfg"],
+            parent={**config["parent"], "hash": hash_model_source(src, cfg.teacher)},
+            metrics=metrics,
+            num_parameters=info["num_parameters"],
+            extra={"student": json.loads(summary_file.read_text()) if summary_file.is_file() else {"source": "pretrained", "path": str(student_dir)}},
+        )
+        console(f"[raydist] exported {out} ({info['num_parameters']:,} parameters; "
+                f"gap recovered {metrics.get('gap_recovered', float('nan')):.2f})")
+    ray.train.report({"step": session.total_steps, "exported": 1, **metrics})
