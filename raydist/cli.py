@@ -67,6 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from raydist.components.data import DataError
     from raydist.components.models import ModelSourceError
     from raydist.components.preflight import PreflightError
+    from raydist.components.teacher_cache import CacheMismatchError
     from raydist.stages.common import RunDirError, StageFailed
 
     try:
@@ -104,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from raydist.components.fetch import fetch_smollm2
 
             print(f"SmolLM2-135M-Instruct ready at {fetch_smollm2(Path(args.out))}")
-    except (ConfigError, PreflightError, RunDirError, DataError, ModelSourceError, FileExistsError) as e:
+    except (ConfigError, PreflightError, RunDirError, DataError, ModelSourceError, CacheMismatchError,
+            FileExistsError) as e:
         print(f"raydist {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailed as e:

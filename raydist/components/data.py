@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 from raydist.config.base import DataConfig, DataSourceConfig
@@ -296,7 +297,9 @@ def collate(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str, 
     """Right-pad a list of examples into tensors.
 
     Returns:
-        ``input_ids`` [B, T] long, ``labels`` [B, T] long (-100 on padding), ``attention_mask`` [B, T] long.
+        ``input_ids`` [B, T] long, ``labels`` [B, T] long (-100 on padding), ``attention_mask`` [B, T] long;
+        with a teacher cache's columns also ``topk_logprobs`` [B, T, k] float, ``topk_indices`` [B, T, k]
+        long and ``rest_mass`` [B, T] float (zeros on padding, which the labels mask anyway).
     """
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -307,7 +310,23 @@ def collate(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str, 
         ids[i, :n] = torch.as_tensor(list(r["input_ids"]), dtype=torch.long)
         labels[i, :n] = torch.as_tensor(list(r["labels"]), dtype=torch.long)
         mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if "topk_indices" in rows[0]:
+        out.update(_collate_teacher_cache(rows, width))
+    return out
+
+
+def _collate_teacher_cache(rows, width: int) -> dict[str, torch.Tensor]:
+    k = len(np.stack(list(rows[0]["topk_indices"]))[0])
+    logp = torch.zeros((len(rows), width, k), dtype=torch.float32)
+    idx = torch.zeros((len(rows), width, k), dtype=torch.long)
+    rest = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        logp[i, :n] = torch.as_tensor(np.stack(list(r["topk_logprobs"])), dtype=torch.float32)
+        idx[i, :n] = torch.as_tensor(np.stack(list(r["topk_indices"])), dtype=torch.long)
+        rest[i, :n] = torch.as_tensor(np.asarray(r["rest_mass"], dtype=np.float32))
+    return {"topk_logprobs": logp, "topk_indices": idx, "rest_mass": rest}
 
 
 def iter_rows(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -69,6 +69,19 @@ class KDSettings(StrictModel):
     beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD mixture weight (0 = forward KL, 1 = reverse KL).")
     ce_weight: float = Field(0.0, ge=0, le=1, description="Loss = (1 - w)·KD + w·cross-entropy on the labels.")
     hidden: HiddenLossSettings = Field(default_factory=HiddenLossSettings)
+    teacher_mode: Literal["online", "cache"] = Field(
+        "online", description="online: the teacher runs in every worker; cache: train from its stored top-k."
+    )
+    cache_dir: Optional[str] = Field(None, description="Teacher cache directory; default <output_dir>/teacher_cache/<name>.")
+    top_k: int = Field(64, gt=0, description="Teacher log-probabilities kept per token in the cache.")
+    cache_actors: int = Field(1, gt=0, description="Teacher replicas (Ray Data actors) building the cache.")
+    cache_batch_size: int = Field(8, gt=0, description="Sequences per teacher forward while building the cache.")
+
+    @model_validator(mode="after")
+    def _cache_compatible(self) -> "KDSettings":
+        if self.teacher_mode == "cache" and self.hidden.weight > 0:
+            raise ValueError("the hidden-state loss needs the online teacher (the cache stores logits only)")
+        return self
 
 
 class DistillConfig(StrictModel):

@@ -206,8 +206,12 @@ def fault_from_env() -> Optional[dict[str, Any]]:
     return {"step": int(step), "marker": os.environ["RAYDIST_FAULT_MARKER"]}
 
 
-def train_on_ray(loop_fn, cfg, run_dir: Path, counts: dict[str, int], extra: dict[str, Any], say, what: str) -> None:
-    """Run ``loop_fn`` on ``cfg.scaling.num_workers`` Ray Train workers over the tokenized data.
+def train_on_ray(
+    loop_fn, cfg, run_dir: Path, counts: dict[str, int], extra: dict[str, Any], say, what: str,
+    train_files: Optional[list[str]] = None,
+) -> None:
+    """Run ``loop_fn`` on ``cfg.scaling.num_workers`` Ray Train workers over the tokenized data
+    (``train_files`` replaces ``data/train.parquet``, e.g. by a teacher cache with the same rows).
 
     The workers get a plain dict: the resolved config, the run dir, the step plan, the device choice, the
     fault drill and ``extra`` (stage-specific). Returns when training finished or stopped on purpose.
@@ -223,7 +227,7 @@ def train_on_ray(loop_fn, cfg, run_dir: Path, counts: dict[str, int], extra: dic
     ray.data.DataContext.get_current().enable_progress_bars = False  # they garble the progress lines
     use_gpu = resolve_use_gpu(cfg.scaling.use_gpu, world)
     data_dir = run_dir / "data"
-    datasets = {"train": ray.data.read_parquet(str(data_dir / "train.parquet"))}
+    datasets = {"train": ray.data.read_parquet(train_files or str(data_dir / "train.parquet"))}
     if counts["eval"]:
         datasets["eval"] = ray.data.read_parquet(str(data_dir / "eval.parquet"))
     loop_config = {

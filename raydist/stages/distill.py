@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 
 from raydist.components.artifact import write_manifest
 from raydist.components.export import export_artifact, logits_of, probe_batch
-from raydist.components.kd_losses import HiddenProjection, default_layer_mapping, hidden_state_loss, kd_loss
+from raydist.components.kd_losses import HiddenProjection, default_layer_mapping, hidden_state_loss, kd_loss, topk_kd_loss
 from raydist.components.models import (
     hash_model_source,
     load_model,
@@ -37,6 +38,7 @@ from raydist.components.models import (
 )
 from raydist.components.preflight import preflight_distill
 from raydist.components.progress import console, read_history
+from raydist.components.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
 from raydist.components.training import perplexity, seed_everything
 from raydist.config.base import ModelConfig
 from raydist.config.distill import DistillConfig
@@ -68,7 +70,13 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
         "student_dir": str(student_dir),
         "parent": {"kind": report.model_kind, "path": teacher_src.describe(), "role": "teacher"},
     }
-    train_on_ray(distill_loop_per_worker, cfg, run_dir, counts, extra, say, f"distilling ({cfg.kd.loss})")
+    train_files = None
+    if cfg.kd.teacher_mode == "cache":
+        cache_dir = build_teacher_cache(cfg, run_dir, tokenizer, say)
+        train_files = [str(p) for p in sorted(cache_dir.glob("part-*.parquet"))]
+        extra["teacher_cache"] = str(cache_dir)
+    what = f"distilling ({cfg.kd.loss}, {cfg.kd.teacher_mode} teacher)"
+    train_on_ray(distill_loop_per_worker, cfg, run_dir, counts, extra, say, what, train_files=train_files)
     return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} (distill)", say)
 
 
@@ -114,6 +122,95 @@ def build_student(cfg: DistillConfig, run_dir: Path, tokenizer, say) -> Path:
     return out
 
 
+class TeacherTopK:
+    """A Ray Data actor holding one teacher replica; turns token rows into rows with top-k columns."""
+
+    def __init__(self, cfg_json: dict[str, Any], use_gpu: bool):
+        cfg = DistillConfig.model_validate(cfg_json)
+        self.k, self.temperature = cfg.kd.top_k, cfg.kd.temperature
+        self.pad_id = load_tokenizer(cfg.teacher).pad_token_id
+        dtype = torch.bfloat16 if use_gpu else torch.float32
+        self.model = load_model(cfg.teacher, dtype=dtype).to("cuda" if use_gpu else "cpu").eval()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        cols = topk_rows(self.model, list(batch["input_ids"]), self.k, self.temperature, self.pad_id)
+        return {**batch, **{name: _object_array(v) for name, v in cols.items()}}
+
+
+def _object_array(items: list) -> Any:
+    import numpy as np
+
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out
+
+
+def build_teacher_cache(cfg: DistillConfig, run_dir: Path, tokenizer, say, rows_per_shard: int = 256) -> Path:
+    """Build (or reuse) the offline teacher cache with a Ray Data batch-inference job.
+
+    The teacher runs on ``kd.cache_actors`` actors (a GPU each when present); rows come back in training
+    order and are written as ``part-*.parquet`` shards into a temporary sibling directory, which is
+    renamed to the cache directory only when complete.
+
+    Raises:
+        CacheMismatchError: the directory holds a cache for another teacher / data / tokenizer / k / T.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from raydist.stages.common import init_ray, resolve_use_gpu
+
+    src = resolve_model_source(cfg.teacher)
+    key = cache_key(
+        teacher_hash=hash_model_source(src, cfg.teacher),
+        data_fingerprint=(run_dir / "data" / "fingerprint.txt").read_text(),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        top_k=cfg.kd.top_k,
+        temperature=cfg.kd.temperature,
+    )
+    cache_dir = Path(cfg.kd.cache_dir or Path(cfg.run.output_dir) / "teacher_cache" / cfg.run.name).expanduser().resolve()
+    if check_cache(cache_dir, key):
+        say(f"[raydist] reusing teacher cache {cache_dir}")
+        return cache_dir
+    init_ray(cfg.kd.cache_actors)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True  # rows must stay in training order
+    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu, cfg.kd.cache_actors)
+    t0 = time.time()
+    ds = ray.data.read_parquet(str(run_dir / "data" / "train.parquet")).map_batches(
+        TeacherTopK,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "use_gpu": use_gpu},
+        batch_size=cfg.kd.cache_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.kd.cache_actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+    n_rows = n_shards = 0
+    k = cfg.kd.top_k
+    for batch in ds.iter_batches(batch_size=rows_per_shard, batch_format="numpy"):
+        table = pa.table({
+            "input_ids": pa.array([list(x) for x in batch["input_ids"]], type=pa.list_(pa.int32())),
+            "labels": pa.array([list(x) for x in batch["labels"]], type=pa.list_(pa.int32())),
+            "topk_logprobs": pa.array([[list(t) for t in x] for x in batch["topk_logprobs"]],
+                                      type=pa.list_(pa.list_(pa.float32(), k))),
+            "topk_indices": pa.array([[list(t) for t in x] for x in batch["topk_indices"]],
+                                     type=pa.list_(pa.list_(pa.int32(), k))),
+            "rest_mass": pa.array([list(x) for x in batch["rest_mass"]], type=pa.list_(pa.float32())),
+        })
+        pq.write_table(table, tmp / f"part-{n_shards:05d}.parquet")
+        n_rows += len(table)
+        n_shards += 1
+    (tmp / CACHE_MANIFEST).write_text(json.dumps({"key": key, "rows": n_rows, "shards": n_shards}, indent=2))
+    make_shareable(tmp)
+    os.replace(tmp, cache_dir)  # the cache appears complete or not at all
+    say(f"[raydist] teacher cache: {n_rows} sequences, top-{k}, in {time.time() - t0:.0f}s -> {cache_dir}")
+    return cache_dir
+
+
 def _calibration_batches(run_dir: Path, n: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
     """The first ``n`` tokenized training sequences, one per batch (no padding to skew activations)."""
     import pyarrow.parquet as pq
@@ -146,18 +243,23 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     session = TrainingSession(config, cfg, pad_id=tokenizer.pad_token_id)
     device = session.device
 
-    # The teacher is not a DeepSpeed module: each rank holds a frozen copy and runs it without grad.
-    teacher = load_model(cfg.teacher, dtype=torch.bfloat16 if session.bf16 else torch.float32)
-    teacher = teacher.to(device).eval().requires_grad_(False)
+    def load_teacher():
+        # The teacher is not a DeepSpeed module: each rank holds a frozen copy and runs it without grad.
+        t = load_model(cfg.teacher, dtype=torch.bfloat16 if session.bf16 else torch.float32)
+        return t.to(device).eval().requires_grad_(False)
+
+    cached = cfg.kd.teacher_mode == "cache"
+    teacher = None if cached else load_teacher()
+    teacher_config = load_model_config(cfg.teacher)
     student = load_model(ModelConfig(path=config["student_dir"]), seed=cfg.train.seed)
     hidden = cfg.kd.hidden
     mapping = None
     model: torch.nn.Module = student
     if hidden.weight > 0:
         mapping = [tuple(p) for p in hidden.mapping] if hidden.mapping else default_layer_mapping(
-            student.config.num_hidden_layers, teacher.config.num_hidden_layers
+            student.config.num_hidden_layers, teacher_config.num_hidden_layers
         )
-        projection = HiddenProjection(student.config.hidden_size, teacher.config.hidden_size, len(mapping))
+        projection = HiddenProjection(student.config.hidden_size, teacher_config.hidden_size, len(mapping))
         model = StudentWithProjection(student, projection)
     engine = session.build_engine(model)
     session.restore()
@@ -168,10 +270,15 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
 
     def loss_fn(b: dict[str, torch.Tensor], step_targets: int) -> torch.Tensor:
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-        with torch.no_grad():
-            t_out = teacher(**inputs, output_hidden_states=mapping is not None)
         s_out = engine(**inputs, output_hidden_states=mapping is not None)
-        kd_sum, _ = kd_loss(s_out.logits, t_out.logits, b["labels"], kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
+        if cached:  # the teacher's stored top-k, with the missing mass as one extra bucket
+            kd_sum, _ = topk_kd_loss(s_out.logits, b["topk_logprobs"], b["topk_indices"], b["rest_mass"], b["labels"],
+                                     kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
+        else:
+            with torch.no_grad():
+                t_out = teacher(**inputs, output_hidden_states=mapping is not None)
+            kd_sum, _ = kd_loss(s_out.logits, t_out.logits, b["labels"], kind=kd.loss, temperature=kd.temperature,
+                                beta=kd.beta)
         total = (1 - w) * kd_sum
         if w > 0:
             shift = s_out.logits[:, :-1].float()  # [b, T-1, V]
@@ -192,7 +299,7 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     def eval_fn() -> dict[str, float]:
         m = session.model_eval()
         if not teacher_metrics:  # the teacher is frozen: measure it once
-            nll, n = session.nll_of(teacher)
+            nll, n = session.nll_of(teacher if teacher is not None else load_teacher())
             teacher_metrics.update(teacher_loss=nll / n, teacher_ppl=perplexity(nll, n))
         m.update(teacher_metrics)
         start = session.first_eval or _first_eval_in_history(session.run_dir) or m
@@ -243,7 +350,12 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
             parent={**config["parent"], "hash": hash_model_source(src, cfg.teacher)},
             metrics=metrics,
             num_parameters=info["num_parameters"],
-            extra={"student": json.loads(summary_file.read_text()) if summary_file.is_file() else {"source": "pretrained", "path": str(student_dir)}},
+            extra={
+                "student": json.loads(summary_file.read_text()) if summary_file.is_file()
+                else {"source": "pretrained", "path": str(student_dir)},
+                "teacher_mode": cfg.kd.teacher_mode,
+                **({"teacher_cache": config["teacher_cache"]} if "teacher_cache" in config else {}),
+            },
         )
         console(f"[raydist] exported {out} ({info['num_parameters']:,} parameters; "
                 f"gap recovered {metrics.get('gap_recovered', float('nan')):.2f})")

@@ -4,13 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from raydist.cli import main
 from raydist.components.artifact import read_manifest
 from raydist.components.preflight import PreflightError
 from raydist.components.progress import read_history
+from raydist.components.teacher_cache import CacheMismatchError
 from raydist.config import FinetuneConfig
 from raydist.config.distill import DistillConfig
 from raydist.config.loading import config_from_dict
@@ -49,11 +49,21 @@ def distill_cfg(teacher, out, **kd):
     }
 
 
-def test_online_kd_from_pruned_student(teacher, tmp_path):
-    cfg_file = tmp_path / "distill.yaml"
-    cfg_file.write_text(yaml.safe_dump(distill_cfg(teacher, tmp_path)))
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in h}
+
+
+@pytest.fixture(scope="module")
+def online_run(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("online")
+    cfg_file = out / "distill.yaml"
+    cfg_file.write_text(yaml.safe_dump(distill_cfg(teacher, out)))
     assert main(["distill", "-c", str(cfg_file)]) == 0
-    art = tmp_path / "kd" / "artifact"
+    return out / "kd"
+
+
+def test_online_kd_from_pruned_student(teacher, online_run):
+    art = online_run / "artifact"
     m = read_manifest(art)
     # The student really is smaller: 3 of 4 layers, half the MLP, one of two KV groups.
     from transformers import AutoModelForCausalLM
@@ -64,7 +74,7 @@ def test_online_kd_from_pruned_student(teacher, tmp_path):
     assert student.config.num_key_value_heads == 1 and student.config.num_attention_heads == 2
     assert m["num_parameters"] < 0.7 * sum(p.numel() for p in t_model.parameters())
     # The KD loss falls and the student moves toward the teacher.
-    losses = {h["step"]: h["loss"] for h in read_history(tmp_path / "kd" / "metrics.jsonl") if "tokens_per_s" in h}
+    losses = train_losses(online_run)
     assert losses[8] < losses[1]
     met = m["metrics"]
     assert met["teacher_ppl"] < met["pruned_before_training_ppl"]
@@ -93,3 +103,29 @@ def test_mismatched_tokenizer_is_refused(teacher, tmp_path):
     with pytest.raises(PreflightError, match="tokenizers differ.*sequence-level KD"):
         run_distill(cfg)
     assert not (tmp_path / "kd").exists()
+
+
+def test_cache_with_full_vocab_reproduces_online_training(teacher, online_run, tmp_path):
+    """k = vocab size: the cached top-k loss is the full loss, so training matches the online run."""
+    cache = tmp_path / "cache"
+    cfg = distill_cfg(teacher, tmp_path, teacher_mode="cache", top_k=512, cache_dir=str(cache))
+    art = run_distill(config_from_dict(DistillConfig, cfg))
+    assert json.loads((cache / "cache.json").read_text())["key"]["top_k"] == 512
+    online, cached = train_losses(online_run), train_losses(art.parent)
+    for step in range(1, 9):
+        assert cached[step] == pytest.approx(online[step], rel=1e-3), step
+    m = read_manifest(art)
+    assert m["teacher_mode"] == "cache" and m["metrics"]["eval_ppl"] < m["metrics"]["pruned_before_training_ppl"]
+    # A second run with the same teacher/data/tokenizer/k reuses the cache untouched ...
+    stamp = (cache / "cache.json").stat().st_mtime_ns
+    cfg["run"]["name"] = "kd-again"
+    cfg["train"]["max_steps"] = 2
+    run_distill(config_from_dict(DistillConfig, cfg))
+    assert (cache / "cache.json").stat().st_mtime_ns == stamp
+    # ... and one that needs a different cache is refused before training, the cache left as it was.
+    cfg["run"]["name"] = "kd-k16"
+    cfg["kd"]["top_k"] = 16
+    with pytest.raises(CacheMismatchError, match="different top_k"):
+        run_distill(config_from_dict(DistillConfig, cfg))
+    assert (cache / "cache.json").stat().st_mtime_ns == stamp
+    assert not list((tmp_path / "kd-k16").glob("checkpoint_*"))

@@ -1,0 +1,94 @@
+"""The offline teacher cache: the teacher's top-k next-token log-probabilities per training token.
+
+Layout of a cache directory (written to a temporary sibling and renamed into place, so a half-written
+cache is never read):
+
+  cache.json           the key (teacher, data, tokenizer, k, temperature) and row/shard counts
+  part-*.parquet       rows in training order: input_ids, labels (as tokenized), topk_logprobs [T][k],
+                       topk_indices [T][k], rest_mass [T]
+
+Entry ``t`` of a row is the teacher's distribution computed from ``logits[:, t]`` (it predicts token
+``t + 1``), the alignment ``kd_losses.topk_kd_loss`` expects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydist.components.kd_losses import teacher_topk
+
+CACHE_MANIFEST = "cache.json"
+CACHE_FORMAT = 1
+
+
+class CacheMismatchError(ValueError):
+    """An existing cache was built for another teacher / data / tokenizer / k / temperature."""
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Identifies a vocabulary: token → id pairs and the special tokens."""
+    blob = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False) + str(tokenizer.all_special_tokens)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(*, teacher_hash: str, data_fingerprint: str, tokenizer_hash: str, top_k: int, temperature: float) -> dict[str, Any]:
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": teacher_hash,
+        "data": data_fingerprint,
+        "tokenizer": tokenizer_hash,
+        "top_k": top_k,
+        "temperature": float(temperature),
+    }
+
+
+def check_cache(cache_dir: Path, key: dict[str, Any]) -> bool:
+    """True when ``cache_dir`` holds a complete cache for ``key``; False when there is none.
+
+    Raises:
+        CacheMismatchError: a cache is there but for something else; the message names what differs.
+    """
+    manifest = cache_dir / CACHE_MANIFEST
+    if not manifest.is_file():
+        if cache_dir.exists() and any(cache_dir.iterdir()):
+            raise CacheMismatchError(f"{cache_dir} exists but holds no {CACHE_MANIFEST}; it is not a teacher cache")
+        return False
+    found = json.loads(manifest.read_text())["key"]
+    differ = [k for k in key if found.get(k) != key[k]]
+    if differ:
+        raise CacheMismatchError(
+            f"teacher cache {cache_dir} was built for a different {', '.join(differ)}; point kd.cache_dir at a "
+            f"new directory (or delete this one) to rebuild it"
+        )
+    return True
+
+
+@torch.no_grad()
+def topk_rows(model, input_ids: list[np.ndarray], k: int, temperature: float, pad_id: int) -> dict[str, list]:
+    """Top-k cache columns for a batch of token rows (variable lengths; right-padded internally).
+
+    Returns lists (one entry per row, trimmed to the row's length): ``topk_logprobs`` [T, k] float32,
+    ``topk_indices`` [T, k] int32, ``rest_mass`` [T] float32.
+    """
+    device = next(model.parameters()).device
+    lengths = [len(x) for x in input_ids]
+    width = max(lengths)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(input_ids):
+        ids[i, : len(x)] = torch.as_tensor(np.asarray(x), dtype=torch.long)
+        mask[i, : len(x)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
+    logp, idx, rest = teacher_topk(logits, k, temperature)
+    logp, idx, rest = logp.float().cpu().numpy(), idx.int().cpu().numpy(), rest.float().cpu().numpy()
+    return {
+        "topk_logprobs": [logp[i, :n] for i, n in enumerate(lengths)],
+        "topk_indices": [idx[i, :n] for i, n in enumerate(lengths)],
+        "rest_mass": [rest[i, :n] for i, n in enumerate(lengths)],
+    }
