@@ -6,8 +6,9 @@ import raydist
 
 def test_public_api_is_pinned():
     assert sorted(raydist.__all__) == [
-        "ConfigError", "FinetuneConfig", "ModelSourceError", "__version__", "convert_gguf", "load_config",
-        "load_model", "load_tokenizer", "read_manifest", "run_finetune",
+        "ConfigError", "DistillConfig", "FinetuneConfig", "GenerateConfig", "ModelSourceError", "__version__",
+        "convert_gguf", "load_config", "load_model", "load_stage_config", "load_tokenizer", "read_manifest",
+        "run_distill", "run_finetune", "run_generate",
     ]
     for name in raydist.__all__:
         assert getattr(raydist, name) is not None
