@@ -43,23 +43,42 @@ def module_names(model_config) -> list[str]:
     return [n for n, _ in model.named_modules()]
 
 
+def _model_parts(model_cfg, field: str):
+    """(source, transformers config, tokenizer) of a model, or a PreflightError naming ``field``."""
+    try:
+        return resolve_model_source(model_cfg), load_model_config(model_cfg), load_tokenizer(model_cfg)
+    except (ValueError, OSError) as e:
+        raise PreflightError(f"{field}.path: {e}") from None
+
+
+def _check_seq_lens(data_cfg, max_pos: int, whose: str) -> None:
+    for name in ("seq_len", "eval_seq_len"):
+        value = getattr(data_cfg, name)
+        if max_pos and value is not None and value > max_pos:
+            raise PreflightError(f"data.{name} {value} exceeds {whose} limit of {max_pos} positions")
+
+
+def _read_data(data_cfg) -> tuple[int, dict[str, str]]:
+    """(train record count, formats) of the train/eval sources, or a PreflightError naming the file."""
+    try:
+        records = load_records(data_cfg.train)
+        formats = {"train": detect_format(records, data_cfg.train)}
+        if data_cfg.eval is not None:
+            formats["eval"] = detect_format(load_records(data_cfg.eval), data_cfg.eval)
+    except DataError as e:
+        raise PreflightError(f"data: {e}") from None
+    return len(records), formats
+
+
 def preflight_finetune(cfg: FinetuneConfig) -> tuple[PreflightReport, Any]:
     """Check model, tokenizer, data and option compatibility. Returns the report and the tokenizer.
 
     Raises:
         PreflightError: with a message naming the field or file at fault.
     """
-    try:
-        src = resolve_model_source(cfg.model)
-        model_config = load_model_config(cfg.model)
-        tokenizer = load_tokenizer(cfg.model)
-    except (ValueError, OSError) as e:
-        raise PreflightError(f"model.path: {e}") from None
+    src, model_config, tokenizer = _model_parts(cfg.model, "model")
     max_pos = int(getattr(model_config, "max_position_embeddings", 0) or 0)
-    for name in ("seq_len", "eval_seq_len"):
-        value = getattr(cfg.data, name)
-        if max_pos and value is not None and value > max_pos:
-            raise PreflightError(f"data.{name} {value} exceeds the model's limit of {max_pos} positions")
+    _check_seq_lens(cfg.data, max_pos, "the model's")
     if cfg.lora.enabled:
         missing = missing_lora_targets(module_names(model_config), cfg.lora.target_modules)
         if missing:
@@ -67,14 +86,7 @@ def preflight_finetune(cfg: FinetuneConfig) -> tuple[PreflightReport, Any]:
                 f"lora.target_modules {missing} match no module of this {model_config.model_type} model "
                 f"(linear layers are e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
             )
-    formats: dict[str, str] = {}
-    try:
-        records = load_records(cfg.data.train)
-        formats["train"] = detect_format(records, cfg.data.train)
-        if cfg.data.eval is not None:
-            formats["eval"] = detect_format(load_records(cfg.data.eval), cfg.data.eval)
-    except DataError as e:
-        raise PreflightError(f"data: {e}") from None
+    n_records, formats = _read_data(cfg.data)
     if formats["train"] in ("chat", "instruction") and not tokenizer.chat_template:
         notes = ["tokenizer has no chat template; using a plain 'role: content' rendering"]
     else:
@@ -84,7 +96,7 @@ def preflight_finetune(cfg: FinetuneConfig) -> tuple[PreflightReport, Any]:
         model_type=model_config.model_type,
         max_positions=max_pos,
         data_formats=formats,
-        train_records=len(records),
+        train_records=n_records,
         notes=notes,
     )
     return report, tokenizer
@@ -94,11 +106,7 @@ def preflight_generate(cfg) -> PreflightReport:
     """Checks for `raydist generate`: the model loads its config, the prompts read, the output is new."""
     from pathlib import Path
 
-    try:
-        src = resolve_model_source(cfg.model)
-        model_config = load_model_config(cfg.model)
-    except (ValueError, OSError) as e:
-        raise PreflightError(f"model.path: {e}") from None
+    src, model_config, _ = _model_parts(cfg.model, "model")
     try:
         records = load_records(cfg.prompts)
         fmt = detect_format(records, cfg.prompts, require_output=False)
@@ -148,23 +156,13 @@ def check_shared_vocabulary(teacher_tok, student_tok) -> None:
 
 def preflight_distill(cfg) -> tuple[PreflightReport, Any]:
     """Checks for `raydist distill`: teacher, student source, shared vocabulary, pruning recipe, data."""
-    try:
-        src = resolve_model_source(cfg.teacher)
-        teacher_config = load_model_config(cfg.teacher)
-        tokenizer = load_tokenizer(cfg.teacher)
-    except (ValueError, OSError) as e:
-        raise PreflightError(f"teacher.path: {e}") from None
+    src, teacher_config, tokenizer = _model_parts(cfg.teacher, "teacher")
     limits = [int(getattr(teacher_config, "max_position_embeddings", 0) or 0)]
     st = cfg.student
     if st.source == "pretrained":
         from raydist.config.base import ModelConfig
 
-        try:
-            student_cfg = ModelConfig(path=st.path)
-            student_config = load_model_config(student_cfg)
-            student_tok = load_tokenizer(student_cfg)
-        except (ValueError, OSError) as e:
-            raise PreflightError(f"student.path: {e}") from None
+        _, student_config, student_tok = _model_parts(ModelConfig(path=st.path), "student")
         check_shared_vocabulary(tokenizer, student_tok)
         limits.append(int(getattr(student_config, "max_position_embeddings", 0) or 0))
     elif st.source == "pruned":
@@ -180,19 +178,10 @@ def preflight_distill(cfg) -> tuple[PreflightReport, Any]:
         if p.kv_groups_keep is not None and p.kv_groups_keep > kv:
             raise PreflightError(f"student.prune.kv_groups_keep {p.kv_groups_keep} exceeds the teacher's {kv} KV heads")
     max_pos = min(x for x in limits if x) if any(limits) else 0
-    for name in ("seq_len", "eval_seq_len"):
-        value = getattr(cfg.data, name)
-        if max_pos and value is not None and value > max_pos:
-            raise PreflightError(f"data.{name} {value} exceeds the models' limit of {max_pos} positions")
-    try:
-        records = load_records(cfg.data.train)
-        formats = {"train": detect_format(records, cfg.data.train)}
-        if cfg.data.eval is not None:
-            formats["eval"] = detect_format(load_records(cfg.data.eval), cfg.data.eval)
-    except DataError as e:
-        raise PreflightError(f"data: {e}") from None
+    _check_seq_lens(cfg.data, max_pos, "the models'")
+    n_records, formats = _read_data(cfg.data)
     report = PreflightReport(
         model_kind=src.kind, model_type=teacher_config.model_type, max_positions=max_pos,
-        data_formats=formats, train_records=len(records), notes=[f"student: {st.source}"],
+        data_formats=formats, train_records=n_records, notes=[f"student: {st.source}"],
     )
     return report, tokenizer

@@ -16,7 +16,7 @@ from raydist.config.base import (
     StrictModel,
     TinyModelSpec,
 )
-from raydist.config.finetune import TrainSettings
+from raydist.config.finetune import TrainSettings, check_step_settings
 
 
 class PruneSettings(StrictModel):
@@ -100,7 +100,5 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _compatible(self) -> "DistillConfig":
-        if self.run.stop_after_steps is not None and self.train.max_steps is not None:
-            if self.run.stop_after_steps >= self.train.max_steps:
-                raise ValueError("run.stop_after_steps must be below train.max_steps")
+        check_step_settings(self.optim, self.train, self.run)
         return self

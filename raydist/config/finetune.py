@@ -49,13 +49,13 @@ class FinetuneConfig(StrictModel):
 
     @model_validator(mode="after")
     def _compatible(self) -> "FinetuneConfig":
-        if self.optim.warmup_steps is not None and self.train.max_steps is not None:
-            if self.optim.warmup_steps >= self.train.max_steps:
-                raise ValueError(
-                    f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.max_steps "
-                    f"({self.train.max_steps})"
-                )
-        if self.run.stop_after_steps is not None and self.train.max_steps is not None:
-            if self.run.stop_after_steps >= self.train.max_steps:
-                raise ValueError("run.stop_after_steps must be below train.max_steps")
+        check_step_settings(self.optim, self.train, self.run)
         return self
+
+
+def check_step_settings(optim: OptimConfig, train: TrainSettings, run: RunSettings) -> None:
+    """Contradictions between warmup, run length and the pre-emption drill (shared by the training stages)."""
+    if optim.warmup_steps is not None and train.max_steps is not None and optim.warmup_steps >= train.max_steps:
+        raise ValueError(f"optim.warmup_steps ({optim.warmup_steps}) must be below train.max_steps ({train.max_steps})")
+    if run.stop_after_steps is not None and train.max_steps is not None and run.stop_after_steps >= train.max_steps:
+        raise ValueError("run.stop_after_steps must be below train.max_steps")
