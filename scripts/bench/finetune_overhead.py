@@ -20,13 +20,22 @@ Part 1 — overhead (``--skip-overhead`` skips it)
     slow drift in background load then hits both sides alike.
       overhead_ratio = raydist median step time / baseline median step time   (goal <= 1.05)
 
+Noise on a shared 2-core box
+    A background thread samples every process's CPU time from /proc (``CpuSampler``) and sorts it into
+    the benchmark's own processes (training ranks, Ray daemons and actors, torchrun) and "foreign" ones
+    (other people's jobs). A steady step during which foreign processes used under 0.15 core is "quiet";
+    when each side has at least 3 quiet steps the medians are taken over those (a few uncontended steps
+    say more than many contended ones), otherwise over all steady steps; both are recorded. The same
+    per-step CPU figures say where raydist's extra time goes (e.g. Ray's own daemons). ``--wait-quiet-s N``
+    waits up to N s for a quiet box before each phase.
+
 Part 2 — SmolLM2 LoRA on real data (``--skip-lora``)
     ``jobs/quickstart.yaml`` unchanged except where the run lives: LoRA r16/alpha32 on q,k,v,o,gate,up,down;
     batch 4 x 256 tokens (2 workers x micro batch 2); lr 2e-4 constant; 20 steps; train on the stdlib's
     ``pydoc_data.topics`` tokens from 8,192 on; eval on its first 4,096 tokens in 512-token windows (at
     start, step 10 and the end). Perplexities are the artifact's ``raydist.json`` figures. Throughput is
-    the steady state (median step, warm-up and the steps that carry an eval/checkpoint dropped); the
-    figure raydist itself reports is kept beside it.
+    the steady state (median step, warm-up and the step that carries the step-10 eval/checkpoint
+    dropped); the figure raydist itself reports (which counts that eval and checkpoint) is kept beside it.
 
 Part 3 — the TRL peer (``--skip-peer``; skipped with a note when ``trl`` is not importable)
     TRL ``SFTTrainer`` + peft LoRA on the same protocol, single process, 2 torch threads: the same
@@ -110,14 +119,18 @@ def _versions() -> dict[str, Optional[str]]:
     return out
 
 
-def wait_for_quiet(max_wait_s: float, threshold: float) -> None:
-    """On a shared box, give other people's jobs a chance to finish before a timed phase (optional)."""
-    if max_wait_s <= 0:
-        return
+def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
+    """On a shared box, wait (up to ``max_wait_s``) until other jobs use under ``threshold`` cores, measured over
+    5 s; returns the last measurement. Optional (``--wait-quiet-s``): without it phases start at once."""
     deadline = time.time() + max_wait_s
-    while os.getloadavg()[0] > threshold and time.time() < deadline:
-        time.sleep(5)
-    say(f"1-min load average {os.getloadavg()[0]:.2f} at phase start")
+    while True:
+        with CpuSampler(period_s=5.0) as sampler:
+            time.sleep(5.1)
+        t0, t1 = sampler.samples[0][0], sampler.samples[-1][0]
+        busy = foreign_mean(sampler, t0, t1)
+        if busy < threshold or time.time() >= deadline:
+            say(f"other jobs use {busy:.2f} cores at phase start")
+            return busy
 
 
 def step_gaps(times: dict[int, float]) -> dict[int, float]:
@@ -201,10 +214,21 @@ class CpuSampler:
             comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
             # rest[1] = ppid, rest[11] = utime, rest[12] = stime (clock ticks)
             snap[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / self.TICK, cmd.strip() or comm)
+            if _is_rank(cmd):
+                # Threads of a training rank, keyed by -tid: what besides the training thread runs in a rank.
+                for task in os.scandir(f"/proc/{entry.name}/task"):
+                    try:
+                        tstat = Path(f"/proc/{entry.name}/task/{task.name}/stat").read_text()
+                    except OSError:
+                        continue
+                    tcomm, trest = tstat[tstat.index("(") + 1 : tstat.rindex(")")], tstat[tstat.rindex(")") + 2 :].split()
+                    name = "main thread" if task.name == entry.name else f"thread {tcomm}"
+                    snap[-int(task.name)] = (int(entry.name), (int(trest[11]) + int(trest[12])) / self.TICK, name)
         return snap
 
-    def breakdown(self, t0: float, t1: float, root: int) -> dict[str, float]:
-        """CPU seconds used in ``[t0, t1]``, by category (see ``_category``)."""
+    def breakdown(self, t0: float, t1: float, root: int, threads: bool = False) -> dict[str, float]:
+        """CPU seconds used in ``[t0, t1]``, by category (see ``_category``); with ``threads``, the training
+        ranks' threads by name instead (summed over ranks)."""
         inside = [(t, s) for t, s in self.samples if t0 - self.period <= t <= t1 + self.period]
         if len(inside) < 2:
             return {}
@@ -212,12 +236,21 @@ class CpuSampler:
         scale = (t1 - t0) / max(1e-9, inside[-1][0] - inside[0][0])  # samples bracket the window loosely
         parents = {pid: ppid for _, s in inside for pid, (ppid, _, _) in s.items()}
         out: dict[str, float] = {}
-        for pid in set(first) | set(last) | {p for _, s in inside for p in s}:
+        for pid in {p for _, s in inside for p in s}:
+            if (pid < 0) != threads:
+                continue
             seen = [s[pid] for _, s in inside if pid in s]
             used = seen[-1][1] - (first[pid][1] if pid in first else 0.0)
             if used <= 0:
                 continue
-            cat = self._category(pid, seen[-1][2], parents, root)
+            if threads:
+                owner = seen[-1][0]  # a thread entry's "ppid" slot holds its process
+                owner_cmd = next((s[owner][2] for _, s in reversed(inside) if owner in s), "")
+                if self._category(owner, owner_cmd, parents, root) != "training ranks":
+                    continue  # another job's Ray Train worker
+                cat = seen[-1][2]
+            else:
+                cat = self._category(pid, seen[-1][2], parents, root)
             out[cat] = out.get(cat, 0.0) + used * scale
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
@@ -235,9 +268,7 @@ class CpuSampler:
                 break
         if not ours:
             return FOREIGN
-        if "_ds_baseline_loop.py" in cmd:
-            return "training ranks"
-        if cmd.startswith("ray::RayTrainWorker"):
+        if _is_rank(cmd):
             return "training ranks"
         if "torchrun" in cmd:
             return "torchrun launcher"
@@ -250,7 +281,12 @@ class CpuSampler:
 
 
 FOREIGN = "foreign (other jobs on the box, kernel)"
+
+
+def _is_rank(cmd: str) -> bool:
+    return cmd.startswith("ray::RayTrainWorker") or ("_ds_baseline_loop.py" in cmd and "torchrun" not in cmd)
 QUIET_SHARE = 0.15  # a step is "quiet" when other jobs used under 0.15 of a core during it
+MIN_QUIET_STEPS = 3  # medians over quiet steps need at least this many of them
 
 
 def foreign_share(sampler: CpuSampler, times: dict[int, float]) -> dict[int, float]:
@@ -269,7 +305,37 @@ def cpu_per_step(sampler: CpuSampler, times: dict[int, float], first_step: int) 
     if first_step not in times or last <= first_step:
         return {}
     t0, t1 = times[first_step], times[last]
-    return {k: round(v / (last - first_step), 3) for k, v in sampler.breakdown(t0, t1, os.getpid()).items()}
+    n = last - first_step
+    out = {k: round(v / n, 3) for k, v in sampler.breakdown(t0, t1, os.getpid()).items()}
+    threads = sampler.breakdown(t0, t1, os.getpid(), threads=True)
+    if threads:
+        out["training-rank threads"] = {k: round(v / n, 3) for k, v in threads.items() if v / n >= 0.005}
+    return out
+
+
+def steady_stats(gaps: dict[int, float], foreign: dict[int, float], exclude: set[int] = frozenset()) -> dict[str, Any]:
+    """Median steady step time, over the quiet steps when there are enough of them, else over all.
+
+    Steady = past the warm-up and not in ``exclude``; quiet = other jobs used under QUIET_SHARE of a core.
+    """
+    steps = [(s, dt) for s, dt in sorted(gaps.items()) if s > WARMUP_STEPS and s not in exclude]
+    if not steps:
+        raise RuntimeError(f"no steady-state steps to time (have {sorted(gaps)})")
+    every = [dt for _, dt in steps]
+    quiet = [dt for s, dt in steps if foreign.get(s, float("inf")) < QUIET_SHARE]
+    enough = len(quiet) >= MIN_QUIET_STEPS
+    return {
+        "step_s": statistics.median(quiet if enough else every),
+        "basis": "quiet steady steps" if enough else "all steady steps (too few quiet ones)",
+        "step_s_all_steady": statistics.median(every),
+        "step_s_quiet": statistics.median(quiet) if quiet else None,
+        "quiet_steps": f"{len(quiet)}/{len(every)}",
+    }
+
+
+def foreign_mean(sampler: CpuSampler, t0: float, t1: float) -> float:
+    """Cores other jobs used on average over ``[t0, t1]``."""
+    return sampler.breakdown(t0, t1, os.getpid()).get(FOREIGN, 0.0) / max(1e-9, t1 - t0)
 
 
 # ----------------------------------------------------------------------------------------------- part 1
@@ -382,42 +448,72 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
     tokens_per_step = (
         cfg.train.micro_batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps * cfg.data.seq_len
     )
-    baselines, raydist = [], None
-    load = []
-    for side in args.overhead_order:
-        wait_for_quiet(args.wait_quiet_s, args.quiet_load)
-        load.append(round(os.getloadavg()[0], 2))
+    runs: dict[str, list[dict[str, Any]]] = {"B": [], "R": []}
+    order = list(args.overhead_order)
+    busy_at_start = []
+
+    def steady(side: str) -> list[tuple[float, float]]:
+        """(step time, foreign cores) of every steady step of every run of one side, pooled."""
+        return [
+            (dt, run["foreign"].get(s, float("nan")))
+            for run in runs[side]
+            for s, dt in run["gaps"].items()
+            if s > WARMUP_STEPS
+        ]
+
+    def quiet_count(side: str) -> int:
+        return sum(1 for _, f in steady(side) if f < QUIET_SHARE)
+
+    i = 0
+    while i < len(order):
+        side = order[i]
+        busy_at_start.append(round(wait_for_quiet(args.wait_quiet_s, args.quiet_cores), 2))
         if side == "B":
-            baselines.append(run_baseline(cfg, work, f"{len(baselines) + 1}"))
+            runs["B"].append(run_baseline(cfg, work, f"{len(runs['B']) + 1}"))
         else:
-            raydist = run_raydist_overhead(cfg)
+            runs["R"].append(run_raydist_overhead(cfg))
             if not args.keep_runs:  # 0.5 GB of exported weights
                 shutil.rmtree(Path(cfg.run.output_dir) / cfg.run.name, ignore_errors=True)
             shutdown_ray()
-    assert raydist is not None and baselines, "--overhead-order needs at least one R and one B"
+        i += 1
+        # On a busy box one side may have had no quiet steps at all: alternate further (R, B, R, ...)
+        # until both have MIN_QUIET_STEPS of them or --max-overhead-runs is reached.
+        if i == len(order) and len(order) < args.max_overhead_runs:
+            short = [x for x in "RB" if quiet_count(x) < MIN_QUIET_STEPS]
+            if short:
+                order.append(short[0] if len(short) == 1 else ("R" if order[-1] == "B" else "B"))
+                say(f"overhead: too few quiet steps so far (raydist {quiet_count('R')}, baseline {quiet_count('B')}); "
+                    f"one more {'raydist' if order[-1] == 'R' else 'baseline'} run")
 
-    # Steady steps of each side; the baseline runs are pooled. "Quiet" steps are those during which other
-    # jobs on the shared box used under QUIET_SHARE of a core: when both sides have enough of them the
-    # ratio is taken over those (contention, not raydist, is what makes the other steps slow), else over
-    # all steady steps. Both figures are kept.
-    def steady(run) -> list[tuple[float, float]]:
-        return [(dt, run["foreign"].get(s, float("nan"))) for s, dt in run["gaps"].items() if s > WARMUP_STEPS]
-
-    ray_all = steady(raydist)
-    base_all = [x for b in baselines for x in steady(b)]
+    # "Quiet" steps are those during which other jobs on the shared box used under QUIET_SHARE of a core:
+    # when both sides have enough of them the ratio is taken over those (contention, not raydist, is what
+    # makes the other steps slow), else over all steady steps. Both figures are kept.
+    ray_all, base_all = steady("R"), steady("B")
     ray_quiet = [dt for dt, f in ray_all if f < QUIET_SHARE]
     base_quiet = [dt for dt, f in base_all if f < QUIET_SHARE]
     ray_step_all = statistics.median(dt for dt, _ in ray_all)
     base_step_all = statistics.median(dt for dt, _ in base_all)
-    min_quiet = max(3, len(ray_all) // 2)
-    if len(ray_quiet) >= min_quiet and len(base_quiet) >= min_quiet:
+    if len(ray_quiet) >= MIN_QUIET_STEPS and len(base_quiet) >= MIN_QUIET_STEPS:
         basis, ray_step, base_step = "quiet steady steps", statistics.median(ray_quiet), statistics.median(base_quiet)
     else:
         basis, ray_step, base_step = "all steady steps (too few quiet ones)", ray_step_all, base_step_all
     ratio = ray_step / base_step
     say(f"overhead: raydist {ray_step:.3f}s vs baseline {base_step:.3f}s per step -> ratio {ratio:.3f} ({basis}; "
         f"quiet steps raydist {len(ray_quiet)}/{len(ray_all)}, baseline {len(base_quiet)}/{len(base_all)})")
-    ray_bg = sum(v for k, v in raydist["cpu_s_per_step"].items() if k.startswith("Ray"))
+
+    def background_cores(run) -> float:
+        """Cores Ray's own daemons and actors (not the ranks) used while this raydist run trained."""
+        per_step = sum(v for k, v in run["cpu_s_per_step"].items() if k.startswith("Ray"))
+        return per_step / statistics.mean(dt for s, dt in run["gaps"].items() if s > WARMUP_STEPS)
+
+    def gaps_json(run) -> dict[str, float]:
+        return {str(k): round(v, 3) for k, v in sorted(run["gaps"].items())}
+
+    def foreign_json(run) -> dict[str, float]:
+        return {str(k): round(v, 2) for k, v in sorted(run["foreign"].items())}
+
+    # The raydist run with the most quiet steps is the cleanest CPU profile.
+    cleanest = max(runs["R"], key=lambda r: sum(1 for s, f in r["foreign"].items() if s > WARMUP_STEPS and f < QUIET_SHARE))
     return {
         "overhead_ratio": ratio,
         "raydist_tokens_per_s": tokens_per_step / ray_step,
@@ -428,7 +524,7 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
                 f"1 thread, micro batch {cfg.train.micro_batch_size} x {cfg.data.seq_len} tokens, grad accum 1, "
                 f"{cfg.train.max_steps} steps; median of steps {WARMUP_STEPS + 1}..{cfg.train.max_steps}"
             ),
-            "order": args.overhead_order,
+            "order": "".join(order),
             "basis": basis,
             "quiet_share_threshold_cores": QUIET_SHARE,
             "quiet_steps": {"raydist": f"{len(ray_quiet)}/{len(ray_all)}", "baseline": f"{len(base_quiet)}/{len(base_all)}"},
@@ -438,28 +534,30 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
             "overhead_ratio_all_steady_steps": ray_step_all / base_step_all,
             "raydist_step_s_all_steady": ray_step_all,
             "baseline_step_s_all_steady": base_step_all,
-            "baseline_step_s_per_run": [steady_median(b["gaps"]) for b in baselines],
-            "raydist_foreign_cores_per_step": {str(k): round(v, 2) for k, v in sorted(raydist["foreign"].items())},
-            "baseline_foreign_cores_per_step": [{str(k): round(v, 2) for k, v in sorted(b["foreign"].items())} for b in baselines],
-            # Ray's own daemons and actors (not the training ranks), in cores, during steady training.
-            "raydist_ray_background_cores": ray_bg / statistics.mean(dt for dt, _ in ray_all),
-            "raydist_step_gaps_s": {str(k): round(v, 3) for k, v in sorted(raydist["gaps"].items())},
-            "baseline_step_gaps_s": [{str(k): round(v, 3) for k, v in sorted(b["gaps"].items())} for b in baselines],
-            "raydist_logged_tokens_per_s_median": statistics.median(
-                v for s, v in raydist["logged_tokens_per_s"].items() if s > WARMUP_STEPS and v
-            ),
+            "raydist_step_s_per_run": [steady_median(r["gaps"]) for r in runs["R"]],
+            "baseline_step_s_per_run": [steady_median(b["gaps"]) for b in runs["B"]],
             "raydist_step_s_min": min(dt for dt, _ in ray_all),
             "baseline_step_s_min": min(dt for dt, _ in base_all),
-            # CPU seconds per steady step by process category: where raydist's extra time goes, and how
-            # much CPU other jobs on the shared box took meanwhile ("foreign").
-            "raydist_cpu_s_per_step": raydist["cpu_s_per_step"],
-            "baseline_cpu_s_per_step": [b["cpu_s_per_step"] for b in baselines],
-            "raydist_wall_s": raydist["wall_s"],
-            "baseline_wall_s": [b["wall_s"] for b in baselines],
-            "raydist_losses": raydist["losses"],
-            "baseline_losses": baselines[0]["losses"],
-            "baseline_torch_threads": baselines[0]["torch_threads"],
-            "load_avg_1m_at_phase_start": load,
+            "raydist_step_gaps_s": [gaps_json(r) for r in runs["R"]],
+            "baseline_step_gaps_s": [gaps_json(b) for b in runs["B"]],
+            "raydist_foreign_cores_per_step": [foreign_json(r) for r in runs["R"]],
+            "baseline_foreign_cores_per_step": [foreign_json(b) for b in runs["B"]],
+            # CPU seconds per steady step by process category (and the ranks' threads): where raydist's
+            # extra time goes, and how much CPU other jobs on the shared box took meanwhile ("foreign").
+            "raydist_cpu_s_per_step": [r["cpu_s_per_step"] for r in runs["R"]],
+            "baseline_cpu_s_per_step": [b["cpu_s_per_step"] for b in runs["B"]],
+            "raydist_cpu_s_per_step_cleanest_run": cleanest["cpu_s_per_step"],
+            "raydist_ray_background_cores": [background_cores(r) for r in runs["R"]],
+            "raydist_ray_background_cores_cleanest_run": background_cores(cleanest),
+            "raydist_logged_tokens_per_s_median": statistics.median(
+                v for r in runs["R"] for s, v in r["logged_tokens_per_s"].items() if s > WARMUP_STEPS and v
+            ),
+            "raydist_wall_s": [r["wall_s"] for r in runs["R"]],
+            "baseline_wall_s": [b["wall_s"] for b in runs["B"]],
+            "raydist_losses": runs["R"][0]["losses"],
+            "baseline_losses": runs["B"][0]["losses"],
+            "baseline_torch_threads": runs["B"][0]["torch_threads"],
+            "foreign_cores_at_phase_start": busy_at_start,
         },
         "overhead_measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -480,7 +578,7 @@ def quickstart_config(work: Path):
 def steps_after_pauses(cfg) -> set[int]:
     """Steps whose gap also holds the eval and/or checkpoint done at the end of the step before."""
     out = set()
-    for k in range(1, (cfg.train.max_steps or 0) + 1):
+    for k in range(1, (cfg.train.max_steps or 0)):
         if (cfg.train.eval_every and k % cfg.train.eval_every == 0) or (
             cfg.train.checkpoint_every and k % cfg.train.checkpoint_every == 0
         ):
@@ -495,20 +593,24 @@ def part_lora(work: Path, args) -> dict[str, Any]:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    wait_for_quiet(args.wait_quiet_s, args.quiet_load)
-    load = round(os.getloadavg()[0], 2)
+    load = round(wait_for_quiet(args.wait_quiet_s, args.quiet_cores), 2)
     say("SmolLM2 LoRA (jobs/quickstart.yaml) through raydist")
     t0 = time.time()
-    artifact = run_finetune(cfg)
+    with CpuSampler() as sampler:
+        artifact = run_finetune(cfg)
     wall = time.time() - t0
     shutdown_ray()
     manifest = json.loads((Path(artifact) / "raydist.json").read_text())
     m = manifest["metrics"]
     recs = train_records(run_dir)
-    gaps = step_gaps({r["step"]: r["time"] for r in recs})
-    step_s = steady_median(gaps, exclude=steps_after_pauses(cfg))
+    times = {r["step"]: r["time"] for r in recs}
+    gaps = step_gaps(times)
+    foreign = foreign_share(sampler, times)
+    stats = steady_stats(gaps, foreign, exclude=steps_after_pauses(cfg))
+    step_s = stats["step_s"]
     tokens_per_step = cfg.train.micro_batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps * cfg.data.seq_len
     say(f"raydist LoRA: steps {fmt_gaps(gaps)}; wall {wall:.0f}s; ppl {m['eval_ppl_before']:.3f} -> {m['eval_ppl']:.3f}")
+    say(f"raydist LoRA: foreign cores per step {fmt_gaps(foreign)}; {stats}")
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
     return {
@@ -518,15 +620,17 @@ def part_lora(work: Path, args) -> dict[str, Any]:
         "lora": {
             "protocol": "jobs/quickstart.yaml: LoRA r16/a32 qkvo+gate/up/down, 2 workers x mb 2 x 256 tok, lr 2e-4 "
             "constant, 20 steps, ZeRO-2, train pydoc tokens 8192+, eval first 4096 tokens in 512-token windows",
-            "step_s": step_s,
+            **stats,
             "step_gaps_s": {str(k): round(v, 3) for k, v in sorted(gaps.items())},
+            "foreign_cores_per_step": {str(k): round(v, 2) for k, v in sorted(foreign.items())},
+            "foreign_cores_mean": foreign_mean(sampler, t0, t0 + wall),
             "steps_excluded_for_eval_or_checkpoint": sorted(steps_after_pauses(cfg)),
             "raydist_reported_tokens_per_s": m.get("tokens_per_s"),
             "train_loss_final": m.get("train_loss"),
             "eval_loss_before": m.get("eval_loss_before"),
             "eval_loss_after": m.get("eval_loss"),
             "wall_s": wall,
-            "load_avg_1m_at_start": load,
+            "foreign_cores_at_start": load,
         },
         "lora_measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -617,27 +721,32 @@ def part_peer(work: Path, args) -> dict[str, Any]:
         peft_config=peft_lora_config(cfg.lora),
         callbacks=[clock],
     )
-    wait_for_quiet(args.wait_quiet_s, args.quiet_load)
-    load = round(os.getloadavg()[0], 2)
+    load = round(wait_for_quiet(args.wait_quiet_s, args.quiet_cores), 2)
     say("TRL peer: SFTTrainer + peft LoRA, 1 process x 2 threads")
     ppl_before = eval_ppl(trainer.model)
-    out = trainer.train()
+    with CpuSampler() as sampler:
+        out = trainer.train()
     ppl_after = eval_ppl(trainer.model)
     gaps = step_gaps(clock.times)
-    step_s = steady_median(gaps)
+    foreign = foreign_share(sampler, clock.times)
+    stats = steady_stats(gaps, foreign)
+    step_s = stats["step_s"]
     say(f"TRL peer: steps {fmt_gaps(gaps)}; ppl {ppl_before:.3f} -> {ppl_after:.3f}")
+    say(f"TRL peer: foreign cores per step {fmt_gaps(foreign)}; {stats}")
     shutil.rmtree(work / "trl-peer", ignore_errors=True)
     return {
         "peer": {
             "what": "TRL SFTTrainer + peft LoRA, same blocks/batch/lr/steps, 1 process x 2 threads, fp32",
             "tokens_per_s": tokens_per_step / step_s,
             "tokens_per_s_train_runtime": cfg.train.max_steps * tokens_per_step / out.metrics["train_runtime"],
-            "step_s": step_s,
+            **stats,
             "step_gaps_s": {str(k): round(v, 3) for k, v in sorted(gaps.items())},
+            "foreign_cores_per_step": {str(k): round(v, 2) for k, v in sorted(foreign.items())},
+            "foreign_cores_mean": foreign_mean(sampler, clock.times[0], max(clock.times.values())),
             "ppl_before": ppl_before,
             "ppl_after": ppl_after,
             "train_loss": out.metrics.get("train_loss"),
-            "load_avg_1m_at_start": load,
+            "foreign_cores_at_start": load,
         },
         "peer_measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -705,32 +814,58 @@ def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
     ]
     if "overhead" in r:
         o = r["overhead"]
+
+        def cleanest(foreign_runs: list[dict[str, float]]) -> int:
+            quiet = [sum(1 for k, f in fr.items() if int(k) > WARMUP_STEPS and f < QUIET_SHARE) for fr in foreign_runs]
+            return quiet.index(max(quiet))
+
+        rc = o["raydist_cpu_s_per_step"][cleanest(o["raydist_foreign_cores_per_step"])]
+        bc = o["baseline_cpu_s_per_step"][cleanest(o["baseline_foreign_cores_per_step"])]
+        r_threads, b_threads = rc.get("training-rank threads", {}), bc.get("training-rank threads", {})
+        r_train = max(r_threads.values(), default=0.0)  # the thread that runs the training loop
+        b_train = max(b_threads.values(), default=0.0)
+        ray_parts = sorted(((k, v) for k, v in rc.items() if k.startswith("Ray")), key=lambda kv: -kv[1])
+        fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
         lines += [
-            f"- Overhead ({r.get('overhead_measured_at')}): {o['protocol']}. Sides run back-to-back in the order "
-            f"{'-'.join(o['order'])} (B = hand-written DeepSpeed loop under torchrun, R = raydist on Ray Train); "
-            f"baseline runs pooled (per-run medians {', '.join(f'{x:.3f}' for x in o['baseline_step_s_per_run'])} s). "
-            f"1-min load average at each phase start: {o['load_avg_1m_at_phase_start']}.",
+            f"- Overhead ({r.get('overhead_measured_at')}): {o['protocol']}. Runs back-to-back in the order "
+            f"{'-'.join(o['order'])} (B = hand-written DeepSpeed loop under torchrun, R = raydist on Ray Train), steps "
+            f"pooled per side (per-run medians: raydist {fmt(o['raydist_step_s_per_run'])} s, baseline "
+            f"{fmt(o['baseline_step_s_per_run'])} s). Ratio basis: {o['basis']}; a step is quiet when other jobs on the "
+            f"box used < {QUIET_SHARE} core during it (quiet steps: raydist {o['quiet_steps']['raydist']}, baseline "
+            f"{o['quiet_steps']['baseline']}). Over all steady steps the ratio is {o['overhead_ratio_all_steady_steps']:.3f}.",
+            f"- Where raydist's extra time goes (CPU-s per steady step from /proc, the least disturbed run of each "
+            f"side): the training threads of both ranks {r_train:.2f} (raydist) vs {b_train:.2f} (baseline), all rank "
+            f"threads {rc.get('training ranks', 0):.2f} vs {bc.get('training ranks', 0):.2f}; beside the ranks, Ray's "
+            f"own daemons and actors used {sum(v for _, v in ray_parts):.2f} CPU-s per step = "
+            f"{o['raydist_ray_background_cores_cleanest_run']:.3f} cores of the 2, led by "
+            + ", ".join(f"{k[k.index('(') + 1 : -1]} {v:.3f}" for k, v in ray_parts[:6])
+            + ".",
         ]
     if "lora" in r:
         lo = r["lora"]
         lines += [
-            f"- LoRA ({r.get('lora_measured_at')}): {lo['protocol']}. tokens/s is the steady state (median of steps "
-            f"{WARMUP_STEPS + 1}+ without step(s) {lo['steps_excluded_for_eval_or_checkpoint']}, whose gap also holds the "
-            f"step-10 eval + checkpoint); raydist's own figure in raydist.json is {lo['raydist_reported_tokens_per_s']:.1f} "
-            f"tokens/s. Whole run {lo['wall_s']:.0f} s.",
+            f"- LoRA ({r.get('lora_measured_at')}): {lo['protocol']}. tokens/s is the steady state: median step over "
+            f"steps {WARMUP_STEPS + 1}+ without step(s) {lo['steps_excluded_for_eval_or_checkpoint']} (their gap also holds the "
+            f"step-10 eval + checkpoint), basis: {lo['basis']}, {lo['quiet_steps']} quiet. raydist's own figure in "
+            f"raydist.json is {lo['raydist_reported_tokens_per_s']:.1f} tokens/s (it counts that eval + checkpoint as "
+            f"training time). Whole run {lo['wall_s']:.0f} s; other jobs used {lo['foreign_cores_mean']:.2f} cores on average.",
         ]
     peer = r.get("peer") or {}
     if "tokens_per_s" in peer:
         lines += [
             f"- TRL peer ({r.get('peer_measured_at')}): {peer['what']}; ppl from raydist's `sum_nll` on the same eval "
-            f"windows; tokens/s measured like raydist's (median step), {peer['tokens_per_s_train_runtime']:.1f} tokens/s from "
-            f"TRL's own train_runtime. The peer as first reported: {PEER_REPORTED['tokens_per_s']:.0f} tokens/s, ppl "
-            f"{PEER_REPORTED['ppl_before']} -> {PEER_REPORTED['ppl_after']}.",
+            f"windows; tokens/s measured like raydist's (median steady step, basis: {peer['basis']}, {peer['quiet_steps']} "
+            f"quiet); {peer['tokens_per_s_train_runtime']:.1f} tokens/s from TRL's own train_runtime; other jobs used "
+            f"{peer['foreign_cores_mean']:.2f} cores on average. As first reported, the peer got "
+            f"{PEER_REPORTED['tokens_per_s']:.0f} tokens/s and ppl {PEER_REPORTED['ppl_before']} -> {PEER_REPORTED['ppl_after']}.",
         ]
     elif peer.get("skipped"):
         lines += [f"- TRL peer skipped: {peer['skipped']}; the reference column shows the peer's reported figures."]
     if wall_s is not None:
-        lines += [f"- The last full-or-partial run of the script took {wall_s / 60:.1f} min."]
+        ran = ", ".join(r.get("script_parts_run", []))
+        each = ", ".join(f"{p} {r[p + '_wall_s'] / 60:.1f} min" for p in ("overhead", "lora", "peer") if p + "_wall_s" in r)
+        lines += [f"- The script's last run ({ran}) took {wall_s / 60:.1f} min; the latest time of each part: {each} "
+                  f"(contended runs take longer)."]
     return "\n".join(lines) + "\n"
 
 
@@ -760,8 +895,12 @@ def main() -> None:
     ap.add_argument("--overhead-seq-len", type=int, default=128, help="tokens per sequence in the overhead runs")
     ap.add_argument("--overhead-micro-batch", type=int, default=2, help="sequences per rank per step (overhead)")
     ap.add_argument("--overhead-order", default="BRB", help="run order of Baseline/Raydist, e.g. BRB or BR")
+    ap.add_argument(
+        "--max-overhead-runs", type=int, default=7,
+        help="keep alternating R/B runs (up to this many in all) while a side has fewer than 3 quiet steps",
+    )
     ap.add_argument("--wait-quiet-s", type=float, default=0, help="wait up to this long for a quiet box before each phase")
-    ap.add_argument("--quiet-load", type=float, default=1.0, help="1-min load average that counts as quiet")
+    ap.add_argument("--quiet-cores", type=float, default=0.3, help="CPU use of other jobs (cores) that counts as quiet")
     ap.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed) for inspection")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the results file and BENCHMARKS.md alone")
     args = ap.parse_args()
@@ -773,20 +912,22 @@ def main() -> None:
     say(f"work dir {work}")
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results["machine"] = machine()
+    parts = {"overhead": part_overhead, "lora": part_lora, "peer": part_peer}
+    skip = {"overhead": args.skip_overhead, "lora": args.skip_lora, "peer": args.skip_peer}
     try:
-        if not args.skip_overhead:
-            results.update(part_overhead(work, args))
-        if not args.skip_lora:
-            results.update(part_lora(work, args))
-        if not args.skip_peer:
-            results.update(part_peer(work, args))
+        for name, part in parts.items():
+            if skip[name]:
+                continue
+            t0 = time.time()
+            results.update(part(work, args))
+            results[f"{name}_wall_s"] = time.time() - t0  # includes any --wait-quiet-s waiting
     finally:
         shutdown_ray()
         if not args.keep_runs:
             shutil.rmtree(work, ignore_errors=True)
     wall = time.time() - t_start
     results["script_wall_s"] = wall
-    results["script_parts_run"] = [p for p, skip in (("overhead", args.skip_overhead), ("lora", args.skip_lora), ("peer", args.skip_peer)) if not skip]
+    results["script_parts_run"] = [name for name in parts if not skip[name]]
 
     rows = ratio_rows(results)
     print_table(rows)
