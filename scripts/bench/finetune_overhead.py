@@ -2,7 +2,8 @@
 
 Run from anywhere (it changes to the repository root)::
 
-    .venv/bin/python scripts/bench/finetune_overhead.py            # everything, ~15 min on 2 CPU cores
+    .venv/bin/python scripts/bench/finetune_overhead.py            # everything: ~12 min on a quiet 2-core box,
+                                                                   # 20-40 min while other jobs share it
     .venv/bin/python scripts/bench/finetune_overhead.py --skip-lora --skip-peer   # overhead only
 
 Part 1 — overhead (``--skip-overhead`` skips it)
@@ -24,7 +25,7 @@ Noise on a shared 2-core box
     A background thread samples every process's CPU time from /proc (``CpuSampler``) and sorts it into
     the benchmark's own processes (training ranks, Ray daemons and actors, torchrun) and "foreign" ones
     (other people's jobs). A steady step during which foreign processes used under 0.15 core is "quiet";
-    when each side has at least 3 quiet steps the medians are taken over those (a few uncontended steps
+    when each side has at least 5 quiet steps the medians are taken over those (a few uncontended steps
     say more than many contended ones), otherwise over all steady steps; both are recorded. The same
     per-step CPU figures say where raydist's extra time goes (e.g. Ray's own daemons). ``--wait-quiet-s N``
     waits up to N s for a quiet box before each phase.
@@ -120,8 +121,9 @@ def _versions() -> dict[str, Optional[str]]:
 
 
 def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
-    """On a shared box, wait (up to ``max_wait_s``) until other jobs use under ``threshold`` cores, measured over
-    5 s; returns the last measurement. Optional (``--wait-quiet-s``): without it phases start at once."""
+    """On a shared box, wait (up to ``max_wait_s``, ``--wait-quiet-s``) until other jobs use under ``threshold``
+    cores, measured over 5 s; returns the last measurement (recorded with each phase). With the default
+    ``max_wait_s=0`` a phase starts right after one measurement."""
     deadline = time.time() + max_wait_s
     while True:
         with CpuSampler(period_s=5.0) as sampler:
@@ -286,7 +288,7 @@ FOREIGN = "foreign (other jobs on the box, kernel)"
 def _is_rank(cmd: str) -> bool:
     return cmd.startswith("ray::RayTrainWorker") or ("_ds_baseline_loop.py" in cmd and "torchrun" not in cmd)
 QUIET_SHARE = 0.15  # a step is "quiet" when other jobs used under 0.15 of a core during it
-MIN_QUIET_STEPS = 3  # medians over quiet steps need at least this many of them
+MIN_QUIET_STEPS = 5  # medians over quiet steps need at least this many of them
 
 
 def foreign_share(sampler: CpuSampler, times: dict[int, float]) -> dict[int, float]:
@@ -897,7 +899,7 @@ def main() -> None:
     ap.add_argument("--overhead-order", default="BRB", help="run order of Baseline/Raydist, e.g. BRB or BR")
     ap.add_argument(
         "--max-overhead-runs", type=int, default=7,
-        help="keep alternating R/B runs (up to this many in all) while a side has fewer than 3 quiet steps",
+        help="keep alternating R/B runs (up to this many in all) while a side has fewer than 5 quiet steps",
     )
     ap.add_argument("--wait-quiet-s", type=float, default=0, help="wait up to this long for a quiet box before each phase")
     ap.add_argument("--quiet-cores", type=float, default=0.3, help="CPU use of other jobs (cores) that counts as quiet")
