@@ -140,14 +140,42 @@ def kd_loss(
             f"{list(teacher_logits.shape[:2])}"
         )
     mask = _shifted_mask(labels, student_logits.shape[:2])  # [B, T-1]
-    vocab = min(student_logits.size(-1), teacher_logits.size(-1))
     # Slicing is a view; the boolean index is the first copy and holds only the N scored rows.
-    s = student_logits[:, :-1, :vocab][mask]  # [N, V]
-    t = teacher_logits.detach()[:, :-1, :vocab][mask]  # [N, V]
-    s_logp = torch.log_softmax(_upcast(s) / temperature, dim=-1)  # [N, V] float32
-    t_logp = torch.log_softmax(_upcast(t) / temperature, dim=-1)  # [N, V]
-    per_token = _divergence(s_logp, t_logp, kind, beta)  # [N]
-    return per_token.sum() * temperature**2, mask.sum()
+    s = student_logits[:, :-1][mask]  # [N, V_s]
+    t = teacher_logits[:, :-1][mask]  # [N, V_t]
+    return kd_loss_on_rows(s, t, kind=kind, temperature=temperature, beta=beta), mask.sum()
+
+
+def kd_loss_on_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: KDKind = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """:func:`kd_loss` on rows already selected: the logits of the N scored positions only.
+
+    The distillation stage computes the LM head only at target positions (prompt and padding positions
+    never reach the vocabulary projection), which saves most of the head's cost on instruction data; it
+    then calls this directly.
+
+    Args:
+        student_logits: [N, V_s]; teacher_logits: [N, V_t] (detached here), row i of both at the same token.
+        kind, temperature, beta: as in :func:`kd_loss`.
+
+    Returns:
+        The loss summed over the N rows (float32, or float64 for float64 inputs), × T².
+    """
+    _check_kd_args(kind, temperature, beta)
+    if student_logits.dim() != 2 or student_logits.shape[0] != teacher_logits.shape[0] or teacher_logits.dim() != 2:
+        raise ValueError(
+            f"row logits must be [N, V] with the same N, got {list(student_logits.shape)} and {list(teacher_logits.shape)}"
+        )
+    vocab = min(student_logits.size(-1), teacher_logits.size(-1))
+    s_logp = torch.log_softmax(_upcast(student_logits[:, :vocab]) / temperature, dim=-1)  # [N, V] float32
+    t_logp = torch.log_softmax(_upcast(teacher_logits.detach()[:, :vocab]) / temperature, dim=-1)  # [N, V]
+    return _divergence(s_logp, t_logp, kind, beta).sum() * temperature**2
 
 
 # ------------------------------------------------------------------------------------ top-k cache KD
@@ -251,12 +279,48 @@ def topk_kd_loss(
     if teacher_rest_mass.shape != bt:
         raise ValueError(f"teacher_rest_mass must be [B, T] = {list(bt)}, got {list(teacher_rest_mass.shape)}")
     mask = _shifted_mask(labels, bt)  # [B, T-1]
-    vocab = student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
+    loss = topk_kd_loss_on_rows(
+        student_logits[:, :-1][mask], teacher_topk_logprobs[:, :-1][mask], teacher_topk_indices[:, :-1][mask],
+        teacher_rest_mass[:, :-1][mask], kind=kind, temperature=temperature, beta=beta, vocab_size=vocab_size,
+    )
+    return loss, mask.sum()
 
-    s = student_logits[:, :-1, :vocab][mask]  # [N, V]
-    idx = teacher_topk_indices[:, :-1][mask].long()  # [N, k]
-    t_k = _upcast(teacher_topk_logprobs.detach()[:, :-1][mask])  # [N, k]
-    t_rest = _upcast(teacher_rest_mass.detach()[:, :-1][mask])  # [N]
+
+def topk_kd_loss_on_rows(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    teacher_rest_mass: torch.Tensor,
+    *,
+    kind: KDKind = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """:func:`topk_kd_loss` on rows already selected (the N scored positions; see :func:`kd_loss_on_rows`).
+
+    Args:
+        student_logits: [N, V_s]; teacher_topk_logprobs / teacher_topk_indices: [N, k];
+            teacher_rest_mass: [N]; the rest as in :func:`topk_kd_loss`.
+
+    Returns:
+        The loss summed over the N rows, × T².
+    """
+    _check_kd_args(kind, temperature, beta)
+    n = student_logits.shape[0]
+    if (student_logits.dim() != 2 or teacher_topk_logprobs.shape != teacher_topk_indices.shape
+            or teacher_topk_logprobs.dim() != 2 or teacher_topk_logprobs.shape[0] != n
+            or teacher_rest_mass.shape != (n,)):
+        raise ValueError(
+            f"rows must be student [N, V], top-k log-probs and indices [N, k], rest mass [N]; got "
+            f"{list(student_logits.shape)}, {list(teacher_topk_logprobs.shape)}, "
+            f"{list(teacher_topk_indices.shape)}, {list(teacher_rest_mass.shape)}"
+        )
+    vocab = student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
+    s = student_logits[:, :vocab]  # [N, V]
+    idx = teacher_topk_indices.long()  # [N, k]
+    t_k = _upcast(teacher_topk_logprobs.detach())  # [N, k]
+    t_rest = _upcast(teacher_rest_mass.detach())  # [N]
     if idx.numel() and (int(idx.max()) >= vocab or int(idx.min()) < 0):
         raise ValueError(
             f"teacher top-k indices fall outside the student's vocabulary [0, {vocab}); build the cache "
@@ -270,7 +334,7 @@ def topk_kd_loss(
     s_buckets = torch.cat([s_k, (s_rest + REST_FLOOR).log().unsqueeze(-1)], dim=-1)  # [N, k+1]
     t_buckets = torch.cat([t_k, (t_rest.clamp_min(0.0) + REST_FLOOR).log().unsqueeze(-1)], dim=-1)  # [N, k+1]
     per_token = _divergence(s_buckets, t_buckets, kind, beta)  # [N]
-    return per_token.sum() * temperature**2, mask.sum()
+    return per_token.sum() * temperature**2
 
 
 # -------------------------------------------------------------------------------- hidden-state KD

@@ -25,7 +25,13 @@ import torch
 
 from raydist.components.artifact import write_manifest
 from raydist.components.export import export_artifact, logits_of, probe_batch
-from raydist.components.kd_losses import HiddenProjection, default_layer_mapping, hidden_state_loss, kd_loss, topk_kd_loss
+from raydist.components.kd_losses import (
+    HiddenProjection,
+    default_layer_mapping,
+    hidden_state_loss,
+    kd_loss_on_rows,
+    topk_kd_loss_on_rows,
+)
 from raydist.components.models import (
     hash_model_source,
     load_model,
@@ -222,17 +228,35 @@ def _calibration_batches(run_dir: Path, n: int, pad_id: int) -> list[dict[str, t
 # ----------------------------------------------------------------------------------------------- worker
 
 
-class StudentWithProjection(torch.nn.Module):
-    """The student plus the learned hidden-state projection, so DeepSpeed optimises (and checkpoints)
-    both; only ``student.*`` weights are exported."""
+class DistillStudent(torch.nn.Module):
+    """The student (plus the learned hidden-state projection when that loss is on) as the one module
+    DeepSpeed wraps, optimises and checkpoints; only ``student.*`` weights are exported.
 
-    def __init__(self, student: torch.nn.Module, projection: torch.nn.Module):
+    ``forward(..., target_mask=m)`` runs the decoder and applies the LM head only at the positions ``m``
+    selects (prompt and padding positions never reach the [H, V] vocabulary projection, the biggest
+    single matmul of a small model); without ``target_mask`` it is the student's own forward (eval,
+    export probe).
+    """
+
+    def __init__(self, student: torch.nn.Module, projection: torch.nn.Module | None = None):
         super().__init__()
         self.student = student
         self.projection = projection
 
-    def forward(self, **kwargs):
-        return self.student(**kwargs)
+    def forward(self, target_mask: torch.Tensor | None = None, **kwargs):
+        if target_mask is None:
+            return self.student(**kwargs)
+        return logits_at_targets(self.student, target_mask, **kwargs)
+
+
+def logits_at_targets(model: torch.nn.Module, target_mask: torch.Tensor, *, input_ids, attention_mask,
+                      output_hidden_states: bool = False):
+    """``(logits [N, V], hidden_states or None)`` of a causal LM at the N positions t where
+    ``target_mask[:, t]`` ([B, T-1], True where token t+1 is a target) holds."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                              output_hidden_states=output_hidden_states)
+    rows = out.last_hidden_state[:, :-1][target_mask]  # [N, H]
+    return model.get_output_embeddings()(rows), out.hidden_states  # [N, V]
 
 
 def distill_loop_per_worker(config: dict[str, Any]) -> None:
@@ -254,43 +278,45 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     student = load_model(ModelConfig(path=config["student_dir"]), seed=cfg.train.seed)
     hidden = cfg.kd.hidden
     mapping = None
-    model: torch.nn.Module = student
+    projection = None
     if hidden.weight > 0:
         mapping = [tuple(p) for p in hidden.mapping] if hidden.mapping else default_layer_mapping(
             student.config.num_hidden_layers, teacher_config.num_hidden_layers
         )
         projection = HiddenProjection(student.config.hidden_size, teacher_config.hidden_size, len(mapping))
-        model = StudentWithProjection(student, projection)
-    engine = session.build_engine(model)
+    engine = session.build_engine(DistillStudent(student, projection))
     session.restore()
 
     kd = cfg.kd
     w = kd.ce_weight
     scale = session.world * cfg.train.grad_accum_steps
+    want_hidden = mapping is not None
 
     def loss_fn(b: dict[str, torch.Tensor], step_targets: int) -> torch.Tensor:
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-        s_out = engine(**inputs, output_hidden_states=mapping is not None)
-        if cached:  # the teacher's stored top-k, with the missing mass as one extra bucket
-            kd_sum, _ = topk_kd_loss(s_out.logits, b["topk_logprobs"], b["topk_indices"], b["rest_mass"], b["labels"],
-                                     kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
+        targets = b["labels"][:, 1:] != -100  # [B, T-1]: logits at t predict token t+1
+        s_logits, s_hidden = engine(target_mask=targets, output_hidden_states=want_hidden, **inputs)  # [N, V]
+        t_hidden = None
+        if w == 1 and not want_hidden:  # pure cross-entropy: the teacher is not needed at all
+            kd_sum = s_logits.new_zeros(())
+        elif cached:  # the teacher's stored top-k, with the missing mass as one extra bucket
+            kd_sum = topk_kd_loss_on_rows(
+                s_logits, b["topk_logprobs"][:, :-1][targets], b["topk_indices"][:, :-1][targets],
+                b["rest_mass"][:, :-1][targets], kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
         else:
             with torch.no_grad():
-                t_out = teacher(**inputs, output_hidden_states=mapping is not None)
-            kd_sum, _ = kd_loss(s_out.logits, t_out.logits, b["labels"], kind=kd.loss, temperature=kd.temperature,
-                                beta=kd.beta)
+                t_logits, t_hidden = logits_at_targets(teacher, targets, output_hidden_states=want_hidden, **inputs)
+            kd_sum = kd_loss_on_rows(s_logits, t_logits, kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
         total = (1 - w) * kd_sum
         if w > 0:
-            shift = s_out.logits[:, :-1].float()  # [b, T-1, V]
             total = total + w * torch.nn.functional.cross_entropy(
-                shift.reshape(-1, shift.size(-1)), b["labels"][:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
-            )
+                s_logits.float(), b["labels"][:, 1:][targets], reduction="sum")
         # Summed over tokens, scaled so DeepSpeed's mean over ranks and micro-batches is a per-token mean.
         loss = total * scale / max(step_targets, 1)
-        if mapping is not None:
+        if want_hidden:
             proj = engine.module.projection
             loss = loss + hidden.weight * hidden_state_loss(
-                list(s_out.hidden_states), list(t_out.hidden_states), mapping, proj, b["attention_mask"], kind=hidden.kind
+                list(s_hidden), list(t_hidden), mapping, proj, b["attention_mask"], kind=hidden.kind
             )
         return loss
 
@@ -332,7 +358,8 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
         if any(k.startswith("student.") for k in state):
             state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
         metrics = session.summary_metrics()
-        metrics["pruned_before_training_ppl"] = metrics.get("eval_ppl_before")
+        if cfg.student.source == "pruned":  # the pruned student's quality before any training
+            metrics["pruned_before_training_ppl"] = metrics.get("eval_ppl_before")
         metrics.update(teacher_metrics)
         out = session.run_dir / ARTIFACT_DIR
         info = export_artifact(
