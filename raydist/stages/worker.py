@@ -171,7 +171,7 @@ class TrainingSession:
         self.progress = ProgressPrinter(self.total_steps, start_step=self.step, enabled=self.rank == 0)
         engine.train()
         stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
-        batches = self._micro_batches()
+        batches = prefetched(self._micro_batches(), depth=2)
         while self.step < stop_at:
             # One optimizer step's micro-batches are drawn together so a loss can be normalised by the
             # target-token count of the whole step (all micro-batches, all ranks) — see ``LossFn``.
@@ -179,7 +179,7 @@ class TrainingSession:
             step_targets = sum(g[2] for g in group)
             step_loss, step_tokens = 0.0, 0
             for batch, global_tokens, _ in group:
-                loss = loss_fn({k: v.to(self.device) for k, v in batch.items()}, step_targets)
+                loss = loss_fn({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, step_targets)
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.item() / gas
@@ -221,8 +221,10 @@ class TrainingSession:
         mb, world = self.cfg.train.micro_batch_size, self.world
         shard = ray.train.get_dataset_shard("train")
         buf = self.cfg.data.shuffle_buffer
+        # Our own position: the prefetching thread runs ahead of ``self.micro`` (what was trained on).
+        position = self.micro
         while True:
-            epoch, skip = divmod(self.micro, self.micro_per_epoch)
+            epoch, skip = divmod(position, self.micro_per_epoch)
             batches = shard.iter_batches(
                 batch_size=mb * world,
                 batch_format="numpy",
@@ -238,7 +240,11 @@ class TrainingSession:
                 rows = list(iter_rows(batch))
                 tokens = sum(len(r["input_ids"]) for r in rows)
                 targets = sum(int((np.asarray(r["labels"][1:]) != IGNORE_INDEX).sum()) for r in rows)
-                yield collate(rows[self.rank * mb : (self.rank + 1) * mb], self.pad_id), tokens, targets
+                batch = collate(rows[self.rank * mb : (self.rank + 1) * mb], self.pad_id)
+                if self.device.type == "cuda":  # page-locked, so the copy to the GPU can be asynchronous
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                position += 1
+                yield batch, tokens, targets
 
     def _maybe_fault(self) -> None:
         """The fault drill (see ``_fault_from_env`` in the stages): the last rank dies once, hard."""
@@ -300,3 +306,36 @@ class TrainingSession:
                 yield collate(chunk_rows, self.pad_id)
             else:
                 yield {**collate(rows[:1], self.pad_id), "weight": 0}
+
+
+def prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """``items`` produced by a background thread up to ``depth`` ahead of the consumer.
+
+    The training loop's host-side work between steps (reading Ray Data blocks, building and padding
+    tensors, the teacher cache's [B, T, k] columns) then overlaps the device's compute instead of
+    leaving the GPU idle (on an H200, a SmolLM2-sized distillation step of 8K tokens took 0.15 s, an order
+    of magnitude more than its arithmetic needs).
+    An exception in the producer is raised in the consumer at the item where it happened.
+    """
+    import queue
+    import threading
+
+    q: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in items:
+                q.put(("item", item))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(("error", e))
+        else:
+            q.put(("end", None))
+
+    threading.Thread(target=produce, name="raydist-prefetch", daemon=True).start()
+    while True:
+        kind, value = q.get()
+        if kind == "error":
+            raise value
+        if kind == "end":
+            return
+        yield value

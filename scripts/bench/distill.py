@@ -13,7 +13,8 @@ artifacts' ``raydist.json`` manifests record.
 
 Data (``--seed-tasks``, default ``../shared/data/seed_tasks.jsonl``; CC BY-NC, never copied into the repo)
     The 175 self-instruct seed tasks, instruction format (raydist expands ``instances`` and puts the loss
-    on response tokens only): the first 150 tasks are the training data, the last 25 the held-out eval.
+    on response tokens only): 150 tasks are the training data, 25 the held-out eval (``--split random``,
+    the default: 25 drawn with seed 0; ``--split tail``: the file's last 25, all classification tasks).
     Eval = response-token perplexity on those 25 tasks (raydist's eval when ``data.eval`` is that file).
     Both files are written into the run's work directory at run time.
 
@@ -57,6 +58,7 @@ imported by raydist.
 from __future__ import annotations
 
 import argparse
+import random
 import contextlib
 import hashlib
 import io
@@ -139,11 +141,18 @@ def loadavg() -> Optional[float]:
 # ----------------------------------------------------------------------------------------------- data
 
 
-def split_seed_tasks(src: Path, work: Path) -> tuple[Path, Path, dict[str, int]]:
-    """First 150 tasks -> train.jsonl, the rest -> eval.jsonl, in the work dir (never in the repo)."""
+def split_seed_tasks(src: Path, work: Path, split: str = "random") -> tuple[Path, Path, dict[str, int]]:
+    """150 tasks -> train.jsonl, the other 25 -> eval.jsonl, in the work dir (never in the repo).
+
+    ``split="tail"`` takes the file's first 150 tasks for training; the file lists its classification tasks
+    last, so all 25 eval tasks are then classification tasks with 1-3-token answers (~105 target tokens:
+    a very noisy eval). ``split="random"`` (default) shuffles the tasks with a fixed seed (0) first.
+    """
     if not src.is_file():
         raise SystemExit(f"seed tasks not found at {src} (pass --seed-tasks)")
     lines = [ln for ln in src.read_text().splitlines() if ln.strip()]
+    if split == "random":
+        random.Random(0).shuffle(lines)
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
     train, evals = data / "train.jsonl", data / "eval.jsonl"
@@ -151,7 +160,7 @@ def split_seed_tasks(src: Path, work: Path) -> tuple[Path, Path, dict[str, int]]
     evals.write_text("\n".join(lines[N_TRAIN_TASKS:]) + "\n")
     n_inst = lambda ls: sum(len(json.loads(x).get("instances", [None])) for x in ls)  # noqa: E731
     n_cls = lambda ls: sum(bool(json.loads(x).get("is_classification")) for x in ls)  # noqa: E731
-    return train, evals, {"train_tasks": len(lines[:N_TRAIN_TASKS]), "eval_tasks": len(lines[N_TRAIN_TASKS:]),
+    return train, evals, {"split": split, "train_tasks": len(lines[:N_TRAIN_TASKS]), "eval_tasks": len(lines[N_TRAIN_TASKS:]),
                           "train_classification_tasks": n_cls(lines[:N_TRAIN_TASKS]),
                           "eval_classification_tasks": n_cls(lines[N_TRAIN_TASKS:]),
                           "train_instances": n_inst(lines[:N_TRAIN_TASKS]),
@@ -525,14 +534,14 @@ def markdown_section(r: dict[str, Any]) -> str:
         f"{mch['versions']['torch']}, ray {mch['versions']['ray']}, deepspeed {mch['versions']['deepspeed']}, "
         f"transformers {mch['versions']['transformers']}.",
         "",
-        "Protocol (issue 3): SmolLM2-135M-Instruct; `seed_tasks.jsonl` split into the first "
-        f"{r['data']['train_tasks']} tasks ({r['data']['train_instances']} instances) for training and the last "
-        f"{r['data']['eval_tasks']} for eval; metric = response-token perplexity on the held-out tasks "
-        f"({r['eval_tokens']} target tokens). Note the split: the file lists its classification tasks last, so "
+        "Protocol (issue 3): SmolLM2-135M-Instruct; `seed_tasks.jsonl` split into "
+        f"{r['data']['train_tasks']} tasks ({r['data']['train_instances']} instances) for training and "
+        f"{r['data']['eval_tasks']} held out ("
+        + ("drawn at random with seed 0" if r["data"].get("split") == "random" else "the file's last ones")
+        + f"); metric = response-token perplexity on the held-out tasks ({r['eval_tokens']} target tokens; "
         f"{r['data']['eval_classification_tasks']} of the {r['data']['eval_tasks']} eval tasks are classification "
-        f"(one- to few-word labels) against {r['data']['train_classification_tasks']} of the "
-        f"{r['data']['train_tasks']} training tasks: the eval mostly asks whether a model ends a short answer "
-        "with `<|im_end|>` and picks the right label, and a few percent is within its noise (the 95 % intervals "
+        f"tasks with one- to few-word labels, against {r['data']['train_classification_tasks']} of the "
+        f"{r['data']['train_tasks']} training tasks). The 95 % intervals "
         "below resample the eval sequences). Everything runs through `run_finetune` / "
         "`run_distill` on 2 Ray Train CPU workers, ZeRO-2, fp32, batch 4 (2 x micro 2), seq_len "
         f"{s['seq_len']}, and the figures are the artifacts' `raydist.json` metrics.",
@@ -621,6 +630,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="work directory (kept); default: a fresh temp dir, removed at the end")
     ap.add_argument("--seed-tasks", type=Path, default=SEED_TASKS)
+    ap.add_argument("--split", choices=("random", "tail"), default="random",
+                    help="held-out tasks: 25 drawn at random (seed 0), or the file's last 25 (all classification)")
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps of every student (and the teacher)")
     ap.add_argument("--teacher-steps", type=int, help="teacher-correction steps (default: --steps)")
     ap.add_argument("--teacher-lr", type=float, default=3e-4)
@@ -651,7 +662,7 @@ def main() -> None:
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     say(f"work dir {out}")
-    train, evals, data_info = split_seed_tasks(args.seed_tasks.resolve(), out)
+    train, evals, data_info = split_seed_tasks(args.seed_tasks.resolve(), out, args.split)
     notes: list[str] = []
 
     sampler = CpuSampler().__enter__()
