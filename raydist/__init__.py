@@ -1,22 +1,27 @@
-"""raydist: a causal LM from base to fine-tuned and distilled artifact as Ray programs
-(Ray Train + DeepSpeed, Ray Data).
+"""raydist: a causal LM from base to fine-tuned, distilled and compressed artifact as Ray programs
+(Ray Train + DeepSpeed, Ray Data, Ray Tune, Ray Serve).
 
 The public API is exactly ``__all__`` below plus ``raydist.config``; everything else is internal.
 """
 
 from raydist.components.artifact import read_manifest
 from raydist.components.models import ModelSourceError, convert_gguf, load_model, load_tokenizer
+from raydist.components.quantization import load_compressed
 from raydist.config import (
     ConfigError,
     DistillConfig,
     FinetuneConfig,
     GenerateConfig,
+    ServeConfig,
+    SweepConfig,
     load_config,
     load_stage_config,
 )
 from raydist.stages.distill import run_distill
 from raydist.stages.finetune import run_finetune
 from raydist.stages.generate import run_generate
+from raydist.serve.app import run_serve
+from raydist.stages.sweep import run_sweep
 
 __version__ = "0.1.0"
 
@@ -26,8 +31,11 @@ __all__ = [
     "FinetuneConfig",
     "GenerateConfig",
     "ModelSourceError",
+    "ServeConfig",
+    "SweepConfig",
     "__version__",
     "convert_gguf",
+    "load_compressed",
     "load_config",
     "load_model",
     "load_stage_config",
@@ -36,4 +44,6 @@ __all__ = [
     "run_distill",
     "run_finetune",
     "run_generate",
+    "run_serve",
+    "run_sweep",
 ]

@@ -15,6 +15,8 @@ from raydist.config.distill import DistillConfig, KDSettings, PruneSettings, Stu
 from raydist.config.finetune import FinetuneConfig, TrainSettings
 from raydist.config.generate import GenerateConfig
 from raydist.config.loading import ConfigError, apply_overrides, dump_config, load_config
+from raydist.config.serve import ServeConfig
+from raydist.config.sweep import SweepConfig
 
 __all__ = [
     "ConfigError",
@@ -31,7 +33,9 @@ __all__ = [
     "PruneSettings",
     "RunSettings",
     "ScalingSettings",
+    "ServeConfig",
     "StudentConfig",
+    "SweepConfig",
     "TinyModelSpec",
     "TrainSettings",
     "apply_overrides",
@@ -43,8 +47,9 @@ __all__ = [
 
 
 def stage_config_class(stage: str):
-    """The config class of a stage name (``finetune``, ``distill``, ``generate``)."""
-    classes = {"finetune": FinetuneConfig, "distill": DistillConfig, "generate": GenerateConfig}
+    """The config class of a stage name (``finetune``, ``distill``, ``generate``, ``serve``)."""
+    classes = {"finetune": FinetuneConfig, "distill": DistillConfig, "generate": GenerateConfig, "serve": ServeConfig,
+               "sweep": SweepConfig}
     if stage not in classes:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(classes)}")
     return classes[stage]

@@ -87,6 +87,6 @@ def test_stage_dispatch_rejects_unknown_stage(tmp_path):
     from raydist.config import load_stage_config
 
     p = tmp_path / "c.yaml"
-    p.write_text("stage: serve\n")
-    with pytest.raises(ConfigError, match="unknown stage 'serve'"):
+    p.write_text("stage: deploy\n")
+    with pytest.raises(ConfigError, match="unknown stage 'deploy'"):
         load_stage_config(p)

@@ -1,0 +1,235 @@
+"""One compression candidate, applied: structured pruning → unstructured / N:M pruning → recovery → quantization.
+
+The sweep stage calls :func:`apply_candidate` in every Ray Tune trial; the benchmark's naive loop calls it
+too, so both compress identically. Order matters and follows the literature: remove structure first
+(Minitron), then zero weights within what is left (Wanda / SparseGPT measure the activations of the model
+they prune), then recover the damage with a short distillation from the uncompressed model (sparsity
+masks kept), and quantize last (a quantized model is not trained further here: no QAT).
+
+Pure torch (no Ray). The building blocks are ``pruning`` (structured), ``sparsity`` (unstructured) and
+``quantization``; this module only composes them and adds the recovery loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from raydist.components.pruning import Importance, prune_model
+
+
+class CandidateError(ValueError):
+    """A candidate that cannot be built for this model (e.g. removes more than the MLP holds)."""
+
+
+def block_parameter_split(config) -> dict[str, int]:
+    """Per-layer parameter counts of a Llama-layout config: ``attention``, ``mlp``, ``block`` (their sum)."""
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    attention = h * heads * head_dim * 2 + h * kv * head_dim * 2  # q, o + k, v
+    mlp = 3 * h * config.intermediate_size  # gate, up, down
+    return {"attention": attention, "mlp": mlp, "block": attention + mlp}
+
+
+def structured_plan(config, fraction: float, structure: str, *, multiple_of: int = 32) -> dict[str, Any]:
+    """``prune_model`` arguments that remove ``fraction`` of the transformer-block parameters.
+
+    Args:
+        config: the model's (Llama-layout) config.
+        fraction: share of the decoder blocks' parameters to remove, in (0, 1).
+        structure: ``"mlp"`` (intermediate channels only), ``"layers"`` (whole layers, the least important
+            first) or ``"mlp+heads"`` (up to half of the budget as whole KV groups, the rest MLP channels).
+        multiple_of: kept MLP widths are rounded to a multiple of this (kernel-friendly shapes).
+
+    Raises:
+        CandidateError: the request cannot be met with that structure (e.g. more than the MLP holds).
+    """
+    if not 0 < fraction < 1:
+        raise CandidateError(f"structured fraction must be in (0, 1), got {fraction}")
+    split = block_parameter_split(config)
+    n_layers = config.num_hidden_layers
+    if structure == "layers":
+        drop = max(1, round(fraction * n_layers))
+        if drop >= n_layers:
+            raise CandidateError(f"removing {fraction:.0%} of {n_layers} layers leaves none")
+        return {"drop_layers": drop}
+    budget = fraction * split["block"]  # parameters to remove per layer
+    kv_keep = None
+    if structure == "mlp+heads":
+        n_kv = config.num_key_value_heads
+        per_group = split["attention"] / n_kv
+        groups = min(n_kv - 1, int((budget / 2) // per_group))
+        if groups > 0:
+            kv_keep = n_kv - groups
+            budget -= groups * per_group
+    elif structure != "mlp":
+        raise CandidateError(f"unknown structure {structure!r}; expected mlp, layers or mlp+heads")
+    keep = 1.0 - budget / split["mlp"]
+    if keep <= 0.05:
+        raise CandidateError(
+            f"removing {fraction:.0%} of the block parameters through '{structure}' would leave "
+            f"{max(keep, 0):.0%} of the MLP; use a smaller fraction or structure 'layers'"
+        )
+    return {"mlp_keep_ratio": keep, "kv_groups_keep": kv_keep, "multiple_of": multiple_of}
+
+
+def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Boolean masks of the exact zeros of every block Linear weight (what recovery must keep zero)."""
+    from raydist.components.sparsity import prunable_linears
+
+    return {name: lin.weight.detach() == 0 for name, lin in prunable_linears(model).items()
+            if bool((lin.weight == 0).any())}
+
+
+def distill_recover(
+    model: nn.Module,
+    teacher: nn.Module,
+    token_ids: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    temperature: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A short knowledge-distillation recovery: ``model`` learns ``teacher``'s next-token distributions.
+
+    Forward KL on every position, AdamW at a constant ``lr``; weights that are exactly zero before
+    (unstructured / N:M sparsity) are zeroed again after every step, so the sparsity pattern survives.
+
+    Args:
+        model: the compressed float model (trained in place; left in eval mode).
+        teacher: the uncompressed model (frozen), same vocabulary.
+        token_ids: [N, T] training sequences (cycled).
+        steps, batch_size, lr, temperature, seed: the loop's settings.
+
+    Returns:
+        ``{"steps", "first_loss", "last_loss", "seconds"}``.
+    """
+    from raydist.components.kd_losses import kd_loss_on_rows
+    from raydist.components.sparsity import prunable_linears
+
+    if token_ids.dim() != 2 or token_ids.size(0) == 0:
+        raise ValueError(f"token_ids must be a non-empty [N, T] tensor, got {list(token_ids.shape)}")
+    device = next(model.parameters()).device
+    masks = _zero_masks(model)
+    linears = prunable_linears(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(token_ids.size(0), generator=gen)
+    teacher.eval()
+    model.train()
+    losses, t0 = [], time.time()
+    for step in range(steps):
+        idx = order[(torch.arange(batch_size) + step * batch_size) % len(order)]
+        ids = token_ids[idx].to(device)  # [b, T]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids).logits[:, :-1].reshape(-1, teacher.config.vocab_size)
+        s_logits = model(input_ids=ids).logits[:, :-1]
+        s_logits = s_logits.reshape(-1, s_logits.size(-1))  # [b*(T-1), V]
+        loss = kd_loss_on_rows(s_logits, t_logits, kind="forward_kl", temperature=temperature) / s_logits.size(0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for name, mask in masks.items():
+                linears[name].weight.masked_fill_(mask, 0.0)
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"recovery diverged at step {step + 1} (loss {losses[-1]})")
+    model.eval()
+    return {"steps": steps, "first_loss": losses[0], "last_loss": losses[-1], "seconds": time.time() - t0}
+
+
+def apply_candidate(
+    model: nn.Module,
+    candidate: dict[str, Any],
+    *,
+    calibration: torch.Tensor,
+    importance: Optional[Importance] = None,
+    teacher: Optional[nn.Module] = None,
+    recovery_ids: Optional[torch.Tensor] = None,
+    recovery: Optional[dict[str, Any]] = None,
+    device: Optional[str] = None,
+) -> dict[str, Any]:
+    """Compress ``model`` in place as ``candidate`` says; return what was done, step by step.
+
+    Args:
+        model: float Llama-layout causal LM (modified in place).
+        candidate: ``method`` (none|magnitude|wanda|sparsegpt), ``sparsity``, ``pattern`` ("N:M" or None),
+            ``structured`` (fraction, 0 = none), ``structure``, ``quantization`` (none or a scheme of
+            ``quantization.SCHEMES``), ``group_size``, ``recovery`` (none|distill) — see
+            ``raydist.config.sweep.SearchSpace``.
+        calibration: [n, T] token ids for the data-aware methods.
+        importance: structured-pruning importance measured on the dense model (needed when
+            ``structured > 0``; measured here from ``calibration`` when None).
+        teacher: the uncompressed model, for ``recovery: distill``.
+        recovery_ids: [N, T] recovery text; recovery: ``steps``, ``batch_size``, ``lr``, ``temperature``.
+        device: where the quantized model will run (picks the kernels); None = where it is.
+
+    Returns:
+        ``{"structured": ..., "sparsity": ..., "recovery": ..., "quantization": ...}`` (absent steps omitted),
+        plus ``seconds`` per step.
+
+    Raises:
+        CandidateError / ValueError: the candidate cannot be applied (nothing is half-applied silently:
+        the caller discards the model).
+    """
+    from raydist.components import quantization, sparsity
+
+    report: dict[str, Any] = {"candidate": dict(candidate), "seconds": {}}
+    t = time.time()
+    if candidate.get("structured", 0.0) > 0:
+        plan = structured_plan(model.config, candidate["structured"], candidate["structure"])
+        if importance is None:
+            from raydist.components.pruning import collect_importance
+
+            importance = collect_importance(model, [calibration])
+        report["structured"] = {"plan": plan, **prune_model(model, importance, **plan)}
+        report["seconds"]["structured"] = time.time() - t
+    method = candidate.get("method", "none")
+    if method != "none":
+        t = time.time()
+        pattern = candidate.get("pattern")
+        amount = None if pattern else candidate["sparsity"]
+        if method == "magnitude":
+            rep = sparsity.magnitude_prune(model, amount, pattern=pattern)
+        elif method == "wanda":
+            rep = sparsity.wanda_prune(model, calibration, amount, pattern=pattern)
+        elif method == "sparsegpt":
+            rep = sparsity.sparsegpt_prune(model, calibration, amount, pattern=pattern)
+        else:
+            raise CandidateError(f"unknown pruning method {method!r}")
+        report["sparsity"] = {k: v for k, v in rep.items() if k != "per_layer"}
+        report["seconds"]["sparsity"] = time.time() - t
+    if candidate.get("recovery", "none") == "distill":
+        if teacher is None or recovery_ids is None or recovery is None:
+            raise CandidateError("recovery 'distill' needs the uncompressed teacher, recovery text and settings")
+        t = time.time()
+        report["recovery"] = distill_recover(model, teacher, recovery_ids, **recovery)
+        report["seconds"]["recovery"] = time.time() - t
+    scheme = candidate.get("quantization", "none")
+    if scheme != "none":
+        t = time.time()
+        rep = quantization.quantize_model(model, scheme, group_size=candidate.get("group_size"), device=device)
+        report["quantization"] = {k: v for k, v in rep.items() if k != "layers"}
+        report["seconds"]["quantization"] = time.time() - t
+    model.eval()
+    return report
+
+
+def token_rows(ids: Iterable[int], seq_len: int, n: Optional[int] = None) -> torch.Tensor:
+    """``[rows, seq_len]`` from a token stream (the tail that does not fill a row is dropped)."""
+    ids = list(ids)
+    rows = len(ids) // seq_len if n is None else min(n, len(ids) // seq_len)
+    if rows == 0:
+        raise ValueError(f"{len(ids)} tokens do not fill one row of {seq_len}")
+    return torch.tensor(ids[: rows * seq_len], dtype=torch.long).view(rows, seq_len)

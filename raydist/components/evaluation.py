@@ -1,0 +1,232 @@
+"""The shared measurement protocol for compressed models: perplexity, generation speed, size.
+
+Every compression method (pruning, sparsity, quantization) and every sweep trial is measured the same
+way, so their numbers compare:
+
+* quality  — perplexity on the first ``n_tokens`` SmolLM2 tokens of the standard library's pydoc topics
+             (``data.pydoc_topics_text``: topics in sorted key order joined by blank lines; no BOS), cut
+             into ``window``-token windows that are scored independently (dense fp32 SmolLM2-135M: 14.70
+             on 4,096 tokens / 512-token windows);
+* calibration — token windows taken far after the evaluation text (``start=50_000``), so no method sees
+             the evaluation tokens;
+* speed    — greedy generation of exactly ``new_tokens`` tokens with ``model.generate`` on the model's own
+             device and kernels;
+* size     — parameters, non-zero parameters, bytes of the weights in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from raydist.components.data import pydoc_topics_text, text_token_stream
+from raydist.components.training import perplexity, sum_nll
+
+
+def _stream(tokenizer, start: int, n: int) -> list[int]:
+    ids = text_token_stream([pydoc_topics_text()], tokenizer, skip=start, limit=n)
+    if len(ids) < n:
+        raise ValueError(f"the pydoc corpus has only {start + len(ids)} tokens with this tokenizer; "
+                         f"asked for tokens [{start}, {start + n})")
+    return ids
+
+
+def eval_windows(tokenizer, n_tokens: int = 4096, window: int = 512) -> torch.Tensor:
+    """The evaluation text: the first ``n_tokens`` pydoc-topics tokens as ``[n_tokens // window, window]``.
+
+    Tokenized without special tokens (no BOS), as the published 14.70 / 14.47 figures were.
+
+    Raises:
+        ValueError: ``n_tokens`` not a positive multiple of ``window``, or more than the corpus holds.
+    """
+    if window < 2 or n_tokens < window or n_tokens % window:
+        raise ValueError(f"n_tokens ({n_tokens}) must be a positive multiple of window ({window} >= 2)")
+    return torch.tensor(_stream(tokenizer, 0, n_tokens), dtype=torch.long).view(-1, window)
+
+
+def calibration_ids(tokenizer, n: int = 16, seq: int = 128, start: int = 50_000) -> torch.Tensor:
+    """Calibration batches for importance/pruning/sparsity: ``[n, seq]`` tokens from ``start`` on.
+
+    ``start`` defaults far past the evaluation tokens (4,096 … 16 K) so calibration never sees them.
+    """
+    if n < 1 or seq < 2 or start < 0:
+        raise ValueError(f"need n >= 1, seq >= 2, start >= 0 (got n={n}, seq={seq}, start={start})")
+    return torch.tensor(_stream(tokenizer, start, n * seq), dtype=torch.long).view(n, seq)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.inference_mode()
+def perplexity_on(model: nn.Module, windows: torch.Tensor, max_tokens: Optional[int] = None) -> float:
+    """Perplexity of ``model`` on ``windows`` [W, T], each window scored independently.
+
+    Every token of a window but the first is predicted from the ones before it in the same window, so a
+    window of T tokens contributes T - 1 predictions.
+
+    Args:
+        model: a causal LM (any device; run in eval mode, its mode is restored).
+        windows: [W, T] token ids (``eval_windows``).
+        max_tokens: token budget for growing budgets (ASHA rungs): windows are taken in order until
+            ``max_tokens`` input tokens are used, the last one cut short (to at least 2 tokens). None = all.
+
+    Returns:
+        ``exp(summed NLL / predicted tokens)``.
+
+    Raises:
+        ValueError: windows not [W, T] with T >= 2, or ``max_tokens < 2``.
+    """
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be [W, T] with T >= 2, got shape {tuple(windows.shape)}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    rows: list[torch.Tensor] = []
+    budget = windows.numel() if max_tokens is None else max_tokens
+    for w in windows:
+        if budget < 2:
+            break
+        rows.append(w[: min(len(w), budget)])
+        budget -= len(rows[-1])
+    batches = ({"input_ids": r[None], "labels": r[None], "attention_mask": torch.ones_like(r)[None]} for r in rows)
+    was_training = model.training
+    model.eval()
+    try:
+        nll, count = sum_nll(model, batches, _model_device(model))
+    finally:
+        model.train(was_training)
+    return perplexity(nll, count)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generation_speed(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 64,
+    new_tokens: int = 64,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Greedy generation speed on the model's device with its own kernels.
+
+    Prompts are random token ids (fixed by ``seed``, special ids avoided); generation is forced to exactly
+    ``new_tokens`` tokens (EOS is ignored through ``min_new_tokens``), with the KV cache, so every method
+    generates the same amount of work. CUDA is synchronised around each timed call.
+
+    Args:
+        batch_size: prompts generated together (1 = latency, 8 = throughput).
+        prompt_len / new_tokens: tokens in each prompt / generated per prompt.
+        repeats: timed runs (the median is reported); warmup: untimed runs before them.
+
+    Returns:
+        ``tokens_per_s`` (generated tokens of the whole batch per second, median run), ``seconds``
+        (median), ``seconds_all``, ``generated_tokens`` (per run, = batch_size * new_tokens, checked),
+        ``batch_size``, ``prompt_len``, ``new_tokens``, ``device``.
+
+    Raises:
+        ValueError: a non-positive size or repeat count.
+        RuntimeError: the model generated a different number of tokens than asked.
+    """
+    for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
+                    ("repeats", repeats)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = _model_device(model)
+    vocab = model.config.vocab_size
+    low = min(16, vocab - 1)  # skip the special ids at the start of the vocabulary
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (batch_size, prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                  num_beams=1, use_cache=True, pad_token_id=pad)
+    was_training = model.training
+    model.eval()
+    times: list[float] = []
+    try:
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            _sync(device)
+            dt = time.perf_counter() - t0
+            if out.shape != (batch_size, prompt_len + new_tokens):
+                raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected "
+                                   f"{(batch_size, prompt_len + new_tokens)}")
+            if i >= warmup:
+                times.append(dt)
+    finally:
+        model.train(was_training)
+    med = statistics.median(times)
+    return {
+        "tokens_per_s": batch_size * new_tokens / med,
+        "seconds": med,
+        "seconds_all": times,
+        "generated_tokens": batch_size * new_tokens,
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "device": str(device),
+    }
+
+
+def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[str, Any]:
+    """Parameter counts and bytes of ``model`` (and of its artifact at ``path``).
+
+    Quantized layers (``quantization.QuantizedLinear``) count their logical weights (N*K) as parameters;
+    their non-zeros are counted on the dequantized weight. Tied weights count once.
+
+    Returns:
+        ``parameters``, ``nonzero_parameters``, ``sparsity`` (1 - nonzero / parameters), ``memory_bytes``
+        (distinct parameters + persistent buffers), and with ``path`` ``disk_weight_bytes`` (the
+        ``*.safetensors`` files) and ``disk_bytes`` (all files but the manifest).
+    """
+    from raydist.components.quantization import QuantizedLinear
+
+    tensors: dict[int, torch.Tensor] = {}
+    for p in model.parameters():
+        tensors.setdefault(id(p), p)
+    params = sum(p.numel() for p in tensors.values())
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in tensors.values())
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            params += m.in_features * m.out_features
+            nonzero += int(torch.count_nonzero(m.dequantized_weight()))
+    seen: dict[int, torch.Tensor] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        seen.setdefault(id(t), t)
+    out: dict[str, Any] = {
+        "parameters": params,
+        "nonzero_parameters": nonzero,
+        "sparsity": 1.0 - nonzero / params if params else 0.0,
+        "memory_bytes": sum(t.numel() * t.element_size() for t in seen.values()),
+    }
+    if path is not None:
+        from raydist.components.artifact import bytes_on_disk, weight_bytes
+
+        out["disk_weight_bytes"] = weight_bytes(path)
+        out["disk_bytes"] = bytes_on_disk(path)
+    return out
+
+
+__all__ = ["calibration_ids", "eval_windows", "generation_speed", "model_size", "perplexity_on"]

@@ -1,0 +1,227 @@
+"""Config of the compression sweep (`raydist sweep`): a search space of pruning x quantization settings,
+how to search it with Ray Tune, how to measure a candidate and how to pick the winner.
+
+The same stage also sweeps fine-tuning hyperparameters (``target: finetune``): then ``finetune`` holds a
+complete fine-tuning config and ``finetune_space`` the values tried for some of its fields.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from raydist.config.base import DataSourceConfig, ModelConfig, RunSettings, StrictModel
+from raydist.config.finetune import FinetuneConfig
+
+PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
+STRUCTURES = ("mlp", "layers", "mlp+heads")
+QUANT_SCHEMES = ("none", "int8_weight_only", "int8_dynamic", "int4_weight_only")
+RECOVERIES = ("none", "distill")
+
+
+class SearchSpace(StrictModel):
+    """Values tried for each knob; a candidate takes one value of each (grid: every combination)."""
+
+    method: list[Literal["none", "magnitude", "wanda", "sparsegpt"]] = Field(
+        ["none"], description="Unstructured / N:M pruning: none, magnitude, wanda (|W|·‖X‖) or sparsegpt (OBS)."
+    )
+    sparsity: list[float] = Field([0.5], description="Fraction of block weights zeroed, each in [0, 1).")
+    pattern: list[Optional[str]] = Field([None], description="None (unstructured) or 'N:M', e.g. '2:4' (sparsity N/M implied).")
+    structured: list[float] = Field(
+        [0.0], description="Fraction of the transformer-block parameters removed structurally (0 = none), in [0, 1)."
+    )
+    structure: list[Literal["mlp", "layers", "mlp+heads"]] = Field(
+        ["mlp"], description="What structured pruning removes: MLP channels, whole layers, or MLP channels + KV groups."
+    )
+    quantization: list[Literal["none", "int8_weight_only", "int8_dynamic", "int4_weight_only"]] = Field(
+        ["none"], description="Weight quantization scheme of the decoder blocks (embeddings / lm_head stay float)."
+    )
+    group_size: list[int] = Field([64], description="int4 group sizes (a size that does not divide a layer is lowered).")
+    recovery: list[Literal["none", "distill"]] = Field(
+        ["none"], description="Short recovery after pruning: none, or distill (KD from the uncompressed model)."
+    )
+
+    @model_validator(mode="after")
+    def _valid(self) -> "SearchSpace":
+        for name in ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size", "recovery"):
+            if not getattr(self, name):
+                raise ValueError(f"search_space.{name} is empty: give at least one value")
+        for name in ("sparsity", "structured"):
+            bad = [v for v in getattr(self, name) if not (0.0 <= v < 1.0) or math.isnan(v)]
+            if bad:
+                raise ValueError(f"search_space.{name} values must be in [0, 1), got {bad}")
+        for p in self.pattern:
+            if p is not None:
+                parts = p.split(":")
+                if len(parts) != 2 or not all(x.isdigit() for x in parts) or not 0 < int(parts[0]) < int(parts[1]):
+                    raise ValueError(f"search_space.pattern {p!r} is not 'N:M' with 0 < N < M (e.g. '2:4')")
+        bad_groups = [g for g in self.group_size if g <= 0 or g & (g - 1)]
+        if bad_groups:
+            raise ValueError(f"search_space.group_size values must be powers of two, got {bad_groups}")
+        return self
+
+    def candidates(self) -> list[dict[str, Any]]:
+        """Every distinct combination, with knobs that do not apply collapsed (e.g. sparsity when method is
+        none, group_size unless int4), so the grid holds no duplicate models."""
+        seen, out = set(), []
+        for method, sparsity, pattern, structured, structure, quant, group, recovery in itertools.product(
+            self.method, self.sparsity, self.pattern, self.structured, self.structure, self.quantization,
+            self.group_size, self.recovery
+        ):
+            c = normalize_candidate({"method": method, "sparsity": sparsity, "pattern": pattern,
+                                     "structured": structured, "structure": structure, "quantization": quant,
+                                     "group_size": group, "recovery": recovery})
+            key = tuple(sorted((k, str(v)) for k, v in c.items()))
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
+
+
+def normalize_candidate(c: dict[str, Any]) -> dict[str, Any]:
+    """One candidate with the knobs that have no effect set to their neutral value."""
+    c = dict(c)
+    if c["method"] == "none":
+        c["sparsity"], c["pattern"] = 0.0, None
+    elif c.get("pattern"):
+        n, m = (int(x) for x in c["pattern"].split(":"))
+        c["sparsity"] = 1 - n / m  # implied by the pattern
+    if c["structured"] == 0.0:
+        c["structure"] = "none"
+    if c["quantization"] != "int4_weight_only":
+        c["group_size"] = None
+    if c["method"] == "none" and c["structured"] == 0.0:
+        c["recovery"] = "none"  # nothing was removed: nothing to recover
+    return c
+
+
+class SearchSettings(StrictModel):
+    """How Ray Tune walks the space."""
+
+    algorithm: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every candidate once; random: num_samples draws; optuna: multi-objective TPE/NSGA."
+    )
+    num_samples: int = Field(8, gt=0, description="Candidates tried by random / optuna search.")
+    max_concurrent: int = Field(2, gt=0, description="Trials running at once (each holds `cpus_per_trial`).")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs Ray reserves per trial.")
+    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial (fractions share one GPU).")
+    seed: int = Field(0, description="Seeds random / optuna sampling.")
+    asha: bool = Field(True, description="Stop clearly worse candidates early (ASHA on perplexity over growing budgets).")
+    max_failures: int = Field(0, ge=0, description="Retries of a failed trial before it is recorded as failed.")
+
+
+class EvalSettings(StrictModel):
+    """How a candidate is measured."""
+
+    data: DataSourceConfig = Field(
+        default_factory=lambda: DataSourceConfig(builtin="pydoc_topics", max_tokens=4096),
+        description="Held-out text for perplexity (plain text).",
+    )
+    window: int = Field(512, gt=1, description="Perplexity window (tokens).")
+    budgets: list[int] = Field(
+        [1024, 2048, 4096], description="Growing eval-token budgets; each is one ASHA rung (the last is the full eval)."
+    )
+    calibration: DataSourceConfig = Field(
+        default_factory=lambda: DataSourceConfig(builtin="pydoc_topics", skip_tokens=50_000),
+        description="Text the data-aware methods (wanda, sparsegpt, structured importance) calibrate on.",
+    )
+    calibration_sequences: int = Field(16, gt=0, description="Calibration sequences.")
+    calibration_seq_len: int = Field(128, gt=1, description="Tokens per calibration sequence.")
+    latency_batch_sizes: list[int] = Field([1, 8], description="Batch sizes whose generation tokens/s are measured.")
+    latency_prompt_tokens: int = Field(32, gt=0, description="Prompt length for the latency measurement.")
+    latency_new_tokens: int = Field(32, gt=0, description="Tokens generated per prompt for the latency measurement.")
+    latency_repeats: int = Field(3, gt=0, description="Timed generations per batch size (median reported).")
+
+    @field_validator("budgets", "latency_batch_sizes")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if not v or any(x <= 0 for x in v) or sorted(set(v)) != v:
+            raise ValueError(f"must be a non-empty increasing list of positive integers, got {v}")
+        return v
+
+
+class RecoverySettings(StrictModel):
+    """The short recovery a candidate with ``recovery: distill`` gets (KD from the uncompressed model)."""
+
+    data: DataSourceConfig = Field(
+        default_factory=lambda: DataSourceConfig(builtin="pydoc_topics", skip_tokens=8192, max_tokens=40_000),
+        description="Text the recovery trains on (plain text).",
+    )
+    steps: int = Field(20, gt=0, description="Optimizer steps.")
+    batch_size: int = Field(4, gt=0, description="Sequences per step.")
+    seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
+    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (constant).")
+    temperature: float = Field(1.0, gt=0, description="KD temperature.")
+
+
+class PolicySettings(StrictModel):
+    """How the winner is chosen among the candidates that completed (Intel Neural Compressor style)."""
+
+    max_quality_loss_pct: float = Field(
+        5.0, ge=0, description="A candidate qualifies when its perplexity is at most this % above the base model's."
+    )
+    prefer: Literal["smallest", "fastest"] = Field(
+        "smallest", description="Among qualifying candidates: fewest bytes on disk, or most tokens/s (batch 1)."
+    )
+
+
+class FinetuneSpace(StrictModel):
+    """Fine-tuning hyperparameters tried when ``target: finetune`` (each list: the values tried)."""
+
+    lr: Optional[list[float]] = Field(None, description="optim.lr values.")
+    lora_r: Optional[list[int]] = Field(None, description="lora.r values (LoRA runs).")
+    lora_dropout: Optional[list[float]] = Field(None, description="lora.dropout values.")
+    weight_decay: Optional[list[float]] = Field(None, description="optim.weight_decay values.")
+
+    def overrides(self) -> dict[str, list[Any]]:
+        """{dotted config field: values} of the knobs given."""
+        names = {"lr": "optim.lr", "lora_r": "lora.r", "lora_dropout": "lora.dropout", "weight_decay": "optim.weight_decay"}
+        out = {names[k]: v for k, v in self.__dict__.items() if v is not None}
+        for field, values in out.items():
+            if not values:
+                raise ValueError(f"finetune_space: {field} is an empty list")
+        return out
+
+
+class SweepConfig(StrictModel):
+    """Everything `raydist sweep` needs."""
+
+    stage: Literal["sweep"] = Field("sweep", description="Which stage this config drives.")
+    target: Literal["compress", "finetune"] = Field(
+        "compress", description="compress: prune x quantize the model; finetune: sweep a fine-tuning config."
+    )
+    model: Optional[ModelConfig] = Field(None, description="The model to compress (target compress).")
+    search_space: SearchSpace = Field(default_factory=SearchSpace)
+    search: SearchSettings = Field(default_factory=SearchSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where trials run and latency is measured.")
+    keep_artifacts: Literal["pareto", "all", "winner"] = Field(
+        "pareto", description="Trial artifacts kept after the sweep (the winner is always exported)."
+    )
+    finetune: Optional[FinetuneConfig] = Field(None, description="The fine-tuning config swept (target finetune).")
+    finetune_space: Optional[FinetuneSpace] = Field(None, description="Values tried (target finetune).")
+    run: RunSettings
+
+    @model_validator(mode="after")
+    def _target_fields(self) -> "SweepConfig":
+        if self.target == "compress":
+            if self.model is None:
+                raise ValueError("target 'compress' needs `model` (the model to compress)")
+            if self.finetune is not None or self.finetune_space is not None:
+                raise ValueError("`finetune` / `finetune_space` belong to target 'finetune'")
+            if self.eval.budgets[-1] > (self.eval.data.max_tokens or 10**12):
+                raise ValueError(
+                    f"eval.budgets ends at {self.eval.budgets[-1]} tokens but eval.data.max_tokens is "
+                    f"{self.eval.data.max_tokens}"
+                )
+        else:
+            if self.finetune is None or self.finetune_space is None:
+                raise ValueError("target 'finetune' needs `finetune` (a fine-tuning config) and `finetune_space`")
+            if not self.finetune_space.overrides():
+                raise ValueError("finetune_space is empty: give values for at least one of lr, lora_r, lora_dropout, weight_decay")
+        return self

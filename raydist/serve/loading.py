@@ -1,0 +1,128 @@
+"""Loading what a replica serves: the artifact's model (plain, pruned or quantized), an optional LoRA
+adapter, the tokenizer, and the model id. No Ray here.
+
+All weight loading goes through :func:`_load_artifact`, the one place that knows how artifacts are read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from raydist.components.artifact import MANIFEST
+
+
+class ArtifactError(ValueError):
+    """The artifact directory cannot be served; the message says what is missing."""
+
+
+def _load_artifact(path: str, device: Optional[str] = None):
+    """Load a model directory onto ``device`` (None = CPU).
+
+    Uses ``raydist.components.quantization.load_compressed`` (which reloads quantized artifacts with their
+    scheme and plain fp32 directories alike) when that module exists; otherwise plain transformers.
+    """
+    try:
+        from raydist.components.quantization import load_compressed
+    except ImportError:
+        load_compressed = None
+    if load_compressed is not None:
+        return load_compressed(path, device=device)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model.to(device) if device else model
+
+
+def adapter_base(path: Path) -> Optional[str]:
+    """The base model an adapter-only directory names (None when ``path`` is a full model directory)."""
+    if (path / "config.json").is_file() or not (path / "adapter_config.json").is_file():
+        return None
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ArtifactError(f"{path} is a LoRA adapter without base_model_name_or_path; give the base as "
+                            "`artifact` and this directory as `adapter`")
+    return base
+
+
+def check_artifact(artifact: str, adapter: Optional[str] = None) -> Path:
+    """Cheap checks before anything starts: the directory exists and holds a model (or adapter + base).
+
+    Returns:
+        The resolved artifact path.
+
+    Raises:
+        ArtifactError: a path is missing or holds neither config.json nor adapter_config.json.
+    """
+    p = Path(artifact).expanduser().resolve()
+    if not p.is_dir():
+        raise ArtifactError(f"artifact {artifact!r} is not a directory")
+    base = adapter_base(p)
+    if base is not None:
+        if not Path(base).is_dir():
+            raise ArtifactError(f"{p} is a LoRA adapter whose base {base!r} is not a local directory")
+    elif not (p / "config.json").is_file():
+        raise ArtifactError(f"{p} holds no config.json (not a Hugging Face model directory or raydist artifact)")
+    if adapter is not None:
+        a = Path(adapter).expanduser().resolve()
+        if not (a / "adapter_config.json").is_file():
+            raise ArtifactError(f"adapter {adapter!r} holds no adapter_config.json (not a peft adapter directory)")
+    return p
+
+
+def default_model_id(artifact: str) -> str:
+    """The id clients use: the run name for ``runs/<name>/artifact``, else the directory name."""
+    p = Path(artifact).expanduser().resolve()
+    return p.parent.name if p.name == "artifact" and p.parent.name else p.name
+
+
+def load_served_model(artifact: str, adapter: Optional[str], device: str, dtype: str):
+    """Model and tokenizer for serving, in eval mode on ``device``.
+
+    Args:
+        artifact: model directory (or adapter-only directory with a local base).
+        adapter: optional peft adapter directory merged onto the model.
+        device: ``cpu`` or ``cuda``.
+        dtype: ``auto`` (bfloat16 on CUDA, as loaded on CPU; a quantized artifact keeps its scheme) or a torch
+            dtype name.
+
+    Returns:
+        ``(model, tokenizer, manifest_or_None)``.
+    """
+    from transformers import AutoTokenizer
+
+    p = check_artifact(artifact, adapter)
+    base = adapter_base(p)
+    manifest_file = p / MANIFEST
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
+    quantized = bool((manifest or {}).get("quantization"))
+    adapters = [str(p)] if base is not None else []
+    if adapter is not None:
+        adapters.append(str(Path(adapter).expanduser().resolve()))
+    if quantized and adapters:
+        raise ArtifactError(f"{p} is quantized; a LoRA adapter cannot be merged into quantized weights "
+                            "(merge it before quantizing)")
+    if quantized and dtype != "auto":
+        raise ArtifactError(f"{p} is quantized with its own scheme; resources.dtype must stay 'auto'")
+    # Adapters merge on the CPU copy; the merged model then moves to the device once.
+    model = _load_artifact(base or str(p), device=None if adapters else device)
+    if adapters:
+        from peft import PeftModel
+
+        for a in adapters:  # merged, so serving costs nothing extra per token
+            model = PeftModel.from_pretrained(model, a).merge_and_unload()
+    if dtype != "auto":
+        model = model.to(getattr(torch, dtype))
+    elif device == "cuda" and not quantized and next(model.parameters()).dtype == torch.float32:
+        model = model.to(torch.bfloat16)
+    model = model.to(device).eval()
+    tok_dir = next((d for d in [str(p), adapter, base] if d and (Path(d) / "tokenizer_config.json").is_file()), None)
+    if tok_dir is None:
+        raise ArtifactError(f"no tokenizer found in {p}{' or its base' if base else ''}")
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, manifest

@@ -1,0 +1,591 @@
+"""The sweep stage: `raydist sweep`, Ray Tune over pruning x quantization (or fine-tuning hyperparameters).
+
+Driver (``run_sweep``), read top to bottom:
+1. check the config against the model and device before Ray starts (schemes the device cannot run,
+   structured requests the model cannot meet) and open / resume the run directory;
+2. load the base model **once**, tokenize the eval / calibration / recovery text once, measure the base
+   model (perplexity, bytes, generation tokens/s) and, when a candidate needs it, the structured-pruning
+   importance — all of it goes to the Ray object store once (``tune.with_parameters``), so no trial reads
+   the model from disk;
+3. Ray Tune runs one trial per candidate (grid, a seeded random subset, or multi-objective Optuna), in
+   parallel within the resources; a trial compresses its copy (``components.compression``), saves the
+   artifact, measures bytes and latency on real kernels, then perplexity on growing token budgets — each
+   budget is one report, so ASHA stops clearly worse candidates early. A failed trial is recorded with its
+   error and the sweep goes on; an interrupted sweep resumes (``Tuner.restore``);
+4. the Pareto front over (perplexity, bytes, tokens/s) of the completed candidates, the winner by the
+   policy, ``sweep_report.json``, ``pareto.png``, and the winner exported (re-loaded and re-measured) as
+   ``artifact/`` with its lineage.
+
+``target: finetune`` sweeps fine-tuning hyperparameters instead: each trial is a whole ``run_finetune``
+(Ray Train + DeepSpeed inside the Tune trial) and the winner is the lowest eval perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from raydist.components.artifact import read_manifest, write_json_atomic
+from raydist.components.progress import console
+from raydist.config.sweep import SweepConfig
+
+ARTIFACT_DIR = "artifact"
+REPORT = "sweep_report.json"
+PLOT = "pareto.png"
+
+
+class NoCandidateMet(RuntimeError):
+    """The sweep finished but no candidate met the winner policy (the report is written)."""
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def run_sweep(cfg: SweepConfig, *, verbose: bool = True) -> Path:
+    """Run (or resume) the sweep; return the exported winner's directory.
+
+    Raises:
+        PreflightError / ConfigError / RunDirError: before any trial starts.
+        NoCandidateMet: after the sweep, when no candidate met the policy (``sweep_report.json`` says why).
+    """
+    from raydist.stages.common import open_run_dir, with_absolute_paths
+
+    say = print if verbose else (lambda *a, **k: None)
+    cfg = with_absolute_paths(cfg)
+    if cfg.target == "finetune":
+        cfg = cfg.model_copy(update={"finetune": with_absolute_paths(cfg.finetune)})
+        run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
+        say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new sweep'})")
+        return _finetune_sweep(cfg, run_dir, resuming, say)
+    device, candidates = preflight_sweep(cfg)
+    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
+    say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new sweep'})")
+    return _compress_sweep(cfg, run_dir, resuming, device, candidates, say)
+
+
+def resolve_device(cfg: SweepConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        from raydist.components.preflight import PreflightError
+
+        raise PreflightError("device is 'cuda' but CUDA is not available here")
+    return cfg.device
+
+
+def preflight_sweep(cfg: SweepConfig) -> tuple[str, list[dict[str, Any]]]:
+    """Everything that can be checked before Ray starts; returns ``(device, candidates)``.
+
+    Raises:
+        PreflightError: unknown model, a scheme the device cannot run, a structured request the model
+            cannot meet, eval text shorter than the budgets.
+    """
+    from raydist.components import quantization
+    from raydist.components.compression import CandidateError, structured_plan
+    from raydist.components.models import load_model_config, resolve_model_source
+    from raydist.components.preflight import PreflightError
+
+    device = resolve_device(cfg)
+    resolve_model_source(cfg.model)  # ModelSourceError names the problem
+    config = load_model_config(cfg.model)
+    problems = []
+    for scheme in cfg.search_space.quantization:
+        if scheme == "none":
+            continue
+        for g in cfg.search_space.group_size if scheme == "int4_weight_only" else [None]:
+            try:
+                quantization.check_scheme(scheme, g, device)
+            except ValueError as e:
+                problems.append(f"search_space.quantization {scheme!r}: {e}")
+    for fraction in cfg.search_space.structured:
+        for structure in cfg.search_space.structure:
+            if fraction > 0:
+                try:
+                    structured_plan(config, fraction, structure)
+                except CandidateError as e:
+                    problems.append(f"search_space.structured {fraction} with structure {structure!r}: {e}")
+    if problems:
+        raise PreflightError("the search space has candidates this model/device cannot run:\n  " + "\n  ".join(problems))
+    candidates = cfg.search_space.candidates()
+    return device, candidates
+
+
+def _text_ids(src, tokenizer) -> list[int]:
+    from raydist.components.data import load_records, text_token_stream
+
+    records = load_records(src)
+    texts = [str(r.get("text", r.get(src.text_field, ""))) for r in records]
+    return text_token_stream(texts, tokenizer, skip=src.skip_tokens, limit=src.max_tokens)
+
+
+def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[str, Any]:
+    """Tensors every trial needs, prepared once (they travel through the object store)."""
+    from raydist.components.compression import token_rows
+    from raydist.components.preflight import PreflightError
+
+    ev = cfg.eval
+    eval_ids = _text_ids(ev.data, tokenizer)
+    need = ev.budgets[-1]
+    if len(eval_ids) < need:
+        raise PreflightError(f"eval.data has {len(eval_ids)} tokens, fewer than the last budget ({need})")
+    windows = token_rows(eval_ids[:need], ev.window)
+    calib_ids = _text_ids(ev.calibration, tokenizer)
+    calibration = token_rows(calib_ids, ev.calibration_seq_len, ev.calibration_sequences)
+    shared: dict[str, Any] = {"windows": windows, "calibration": calibration}
+    if any(c["recovery"] == "distill" for c in candidates):
+        rc = cfg.recovery
+        shared["recovery_ids"] = token_rows(_text_ids(rc.data, tokenizer), rc.seq_len)
+    if any(c["structured"] > 0 for c in candidates):
+        from raydist.components.pruning import collect_importance
+
+        t = time.time()
+        shared["importance"] = collect_importance(base, [calibration])
+        say(f"[raydist] structured-pruning importance measured once on the base model ({time.time() - t:.0f}s)")
+    return shared
+
+
+def _model_payload(model) -> dict[str, Any]:
+    """The base model as numpy arrays + config: what the object store holds (read zero-copy by trials)."""
+    state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    # Non-persistent buffers (rotary inv_freq, ...) are not in the state dict but are computed at init,
+    # which the trial skips (it builds on the meta device): ship them too.
+    persistent = set(state)
+    buffers = {k: v.detach().cpu().numpy() for k, v in model.named_buffers() if k not in persistent}
+    return {"config": model.config.to_dict(), "state": state, "buffers": buffers}
+
+
+def model_from_payload(payload: dict[str, Any], device: str = "cpu"):
+    """A private, writable copy of the shared base model (no random init: built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**payload["config"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = {k: torch.from_numpy(v.copy()) for k, v in payload["state"].items()}
+    model.load_state_dict(state, assign=True, strict=False)
+    for name, value in payload.get("buffers", {}).items():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner)._buffers[leaf] = torch.from_numpy(value.copy())
+    model.tie_weights()
+    missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]
+    if missing:
+        raise RuntimeError(f"base model payload lacks {missing[:4]}")
+    model.to(device)
+    if device == "cuda":
+        model.to(torch.bfloat16)
+    return model.eval()
+
+
+def measure(model, shared: dict[str, Any], cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
+    """Bytes and generation speed (the model's real kernels on its device); perplexity is reported per budget."""
+    from raydist.components.evaluation import generation_speed, model_size
+
+    out = model_size(model, artifact_dir)
+    for b in cfg_eval.latency_batch_sizes:
+        sp = generation_speed(model, batch_size=b, prompt_len=cfg_eval.latency_prompt_tokens,
+                              new_tokens=cfg_eval.latency_new_tokens, repeats=cfg_eval.latency_repeats)
+        out[f"tokens_per_s_b{b}"] = sp["tokens_per_s"]
+    out["tokens_per_s"] = out[f"tokens_per_s_b{cfg_eval.latency_batch_sizes[0]}"]
+    return out
+
+
+def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
+    """One Tune trial: compress a copy of the base model as ``config["candidate"]`` says, save, measure."""
+    import ray.tune
+
+    from raydist.components.compression import apply_candidate
+    from raydist.components.evaluation import perplexity_on
+    from raydist.components.quantization import save_compressed
+    from raydist.config.sweep import EvalSettings, RecoverySettings, normalize_candidate
+
+    torch.set_num_threads(max(1, int(config["threads"])))
+    candidate = normalize_candidate(config["candidate"])
+    fault = config.get("fault")
+    if fault and all(candidate.get(k) == v for k, v in fault.items()):
+        raise RuntimeError(f"injected failure (RAYDIST_SWEEP_FAIL={json.dumps(fault)}) for candidate {candidate}")
+    ev = EvalSettings.model_validate(config["eval"])
+    rc = RecoverySettings.model_validate(config["recovery"])
+    device = config["device"]
+    torch.manual_seed(0)
+    model = model_from_payload(payload, device)
+    teacher = model_from_payload(payload, device) if candidate["recovery"] == "distill" else None
+    report = apply_candidate(
+        model, candidate, calibration=shared["calibration"].to(device), importance=shared.get("importance"),
+        teacher=teacher,
+        recovery_ids=shared.get("recovery_ids"),
+        recovery={"steps": rc.steps, "batch_size": rc.batch_size, "lr": rc.lr, "temperature": rc.temperature},
+        device=device,
+    )
+    del teacher
+    trial_dir = Path(config["trials_dir"]) / ray.tune.get_context().get_trial_id()
+    art = trial_dir / ARTIFACT_DIR
+    if art.exists():  # a retried trial starts over
+        shutil.rmtree(art)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
+    save_compressed(model, tokenizer, art, report.get("quantization"), stage="sweep-trial",
+                    config={"candidate": candidate}, parent=config["parent"], metrics={})
+    (trial_dir / "compression.json").write_text(json.dumps(report, indent=2, default=str))
+    metrics = measure(model, shared, ev, art)
+    metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(art),
+                   compress_seconds=sum(report["seconds"].values()))
+    windows = shared["windows"].to(device)
+    for budget in ev.budgets:  # each budget is one ASHA rung
+        ppl = perplexity_on(model, windows, max_tokens=budget)
+        ray.tune.report({**metrics, "ppl": ppl if math.isfinite(ppl) else 1e30, "eval_tokens": budget,
+                         "final": budget == ev.budgets[-1]})
+
+
+def _progress_callback(total: int, target: str):
+    """A Tune callback printing one line per finished / stopped / failed trial (Tune's tables are off)."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.done = 0
+
+        def _line(self, trial, what: str) -> None:
+            self.done += 1
+            r = trial.last_result or {}
+            if target == "finetune":
+                what_ = json.dumps(trial.config.get("overrides", {}), sort_keys=True)
+                m = f"eval ppl {r['eval_ppl']:.4g}" if "eval_ppl" in r else ""
+            else:
+                what_ = r.get("candidate") or json.dumps(trial.config.get("candidate", {}), sort_keys=True)
+                m = (f"ppl {r['ppl']:.4g} @ {r.get('eval_tokens')} tok, {r.get('disk_bytes', 0) / 2**20:.1f} MiB, "
+                     f"{r.get('tokens_per_s', float('nan')):.1f} tok/s") if "ppl" in r else ""
+            console(f"[raydist] trial {self.done}/{total} {what}: {what_} {m}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            self._line(trial, "stopped early (ASHA)" if r.get("final") is False else "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "FAILED")
+
+    return Progress()
+
+
+def _tuner(cfg: SweepConfig, run_dir: Path, trainable, param_space: dict[str, Any], resuming: bool, *,
+           metric: Optional[str], mode: Optional[str], scheduler=None, search_alg=None, num_samples: int = 1,
+           total: int = 1):
+    from ray import tune
+
+    storage = run_dir / "tune"
+    if resuming and tune.Tuner.can_restore(str(storage / "sweep")):
+        return tune.Tuner.restore(str(storage / "sweep"), trainable=trainable, resume_errored=False,
+                                  restart_errored=False, param_space=param_space)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=num_samples,
+                                    max_concurrent_trials=None if search_alg is not None else cfg.search.max_concurrent),
+        run_config=tune.RunConfig(name="sweep", storage_path=str(storage), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+                                  callbacks=[_progress_callback(total, cfg.target)]),
+    )
+
+
+def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
+    """``(param_space, search_alg, num_samples, n_trials)`` for the configured algorithm."""
+    import random
+
+    from ray import tune
+
+    s = cfg.search
+    if s.algorithm == "grid":
+        return {"candidate": tune.grid_search(candidates)}, None, 1, len(candidates)
+    if s.algorithm == "random":  # a seeded subset of distinct candidates (no duplicate models)
+        picked = random.Random(s.seed).sample(candidates, min(s.num_samples, len(candidates)))
+        return {"candidate": tune.grid_search(picked)}, None, 1, len(picked)
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    sp = cfg.search_space
+    space = {"candidate": {k: tune.choice(list(getattr(sp, k))) for k in
+                           ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size",
+                            "recovery")}}
+    searcher = OptunaSearch(metric=["ppl", "disk_bytes", "tokens_per_s"], mode=["min", "min", "max"], seed=s.seed)
+    return space, ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent), s.num_samples, s.num_samples
+
+
+def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str, candidates, say) -> Path:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raydist.components.evaluation import perplexity_on
+    from raydist.components.models import hash_model_source, load_model, load_tokenizer, resolve_model_source
+    from raydist.components.quantization import save_compressed
+    from raydist.stages.common import init_ray
+
+    tokenizer = load_tokenizer(cfg.model)
+    t0 = time.time()
+    base = load_model(cfg.model).eval()
+    src = resolve_model_source(cfg.model)
+    parent = {"kind": src.kind, "path": src.describe(), "hash": hash_model_source(src, cfg.model)}
+    say(f"[raydist] base model loaded once ({sum(p.numel() for p in base.parameters()):,} parameters, "
+        f"{time.time() - t0:.0f}s); {len(candidates)} distinct candidate(s) in the search space on {device}")
+    shared = _shared_inputs(cfg, tokenizer, base, candidates, say)
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        tokenizer.save_pretrained(tok_dir)
+
+    base_file = run_dir / "base_metrics.json"
+    if base_file.is_file():
+        base_m = json.loads(base_file.read_text())
+    else:  # the reference every candidate is compared with, measured the same way as a trial
+        say("[raydist] measuring the base model (perplexity, bytes, generation speed)")
+        b = base if device == "cpu" else model_from_payload(_model_payload(base), device)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(cfg.search.cpus_per_trial)))  # as a trial measures
+        tmp = run_dir / ".base_artifact"
+        save_compressed(b, tokenizer, tmp, None, stage="sweep-base", parent=parent, metrics={})
+        base_m = measure(b, shared, cfg.eval, tmp)
+        shutil.rmtree(tmp)
+        base_m["ppl"] = perplexity_on(b, shared["windows"].to(device))
+        torch.set_num_threads(threads_before)
+        write_json_atomic(base_file, base_m)
+    say(f"[raydist] base: ppl {base_m['ppl']:.4g}, {base_m['disk_bytes'] / 2**20:.1f} MiB, "
+        f"{base_m['tokens_per_s']:.1f} tok/s (batch {cfg.eval.latency_batch_sizes[0]})")
+
+    init_ray(cfg.search.max_concurrent * cfg.search.cpus_per_trial)
+    payload = _model_payload(base)
+    del base
+    param_space, search_alg, num_samples, n_trials = _search(cfg, candidates)
+    threads = max(1, int(cfg.search.cpus_per_trial))
+    param_space.update({
+        "eval": cfg.eval.model_dump(mode="json"), "recovery": cfg.recovery.model_dump(mode="json"),
+        "device": device, "threads": threads, "trials_dir": str(run_dir / "trials"),
+        "tokenizer_dir": str(tok_dir), "parent": parent,
+        # Fault drill for tests and chaos runs: candidates matching these key/values raise in their trial.
+        "fault": json.loads(os.environ["RAYDIST_SWEEP_FAIL"]) if os.environ.get("RAYDIST_SWEEP_FAIL") else None,
+    })
+    trainable = tune.with_resources(tune.with_parameters(compress_trial, payload=payload, shared=shared),
+                                    {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
+    scheduler = None
+    if cfg.search.asha and len(cfg.eval.budgets) > 1:
+        scheduler = ASHAScheduler(time_attr="training_iteration", metric="ppl", mode="min",
+                                  max_t=len(cfg.eval.budgets), grace_period=1, reduction_factor=2)
+    say(f"[raydist] sweeping {n_trials} candidate(s) ({cfg.search.algorithm}"
+        f"{', ASHA' if scheduler else ''}), {cfg.search.max_concurrent} at a time")
+    t0 = time.time()
+    tuner = _tuner(cfg, run_dir, trainable, param_space, resuming, metric=None, mode=None, scheduler=scheduler,
+                   search_alg=search_alg, num_samples=num_samples, total=n_trials)
+    grid = tuner.fit()
+    wall = time.time() - t0
+    rows = _rows(grid, base_m["ppl"], cfg.eval.budgets[-1])
+    return _finish(cfg, run_dir, rows, base_m, wall, parent, device, shared, say)
+
+
+def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        cand = m.get("candidate")
+        cand = json.loads(cand) if isinstance(cand, str) else (r.config or {}).get("candidate")
+        row: dict[str, Any] = {"trial_id": m.get("trial_id") or (r.path and Path(r.path).name), "candidate": cand}
+        if r.error is not None:
+            row.update(status="failed", error=f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}")
+        elif m.get("eval_tokens") == full_budget:
+            row["status"] = "completed"
+        else:
+            row["status"] = "stopped_early" if m else "not_run"
+        for k in ("ppl", "eval_tokens", "disk_bytes", "disk_weight_bytes", "parameters", "nonzero_parameters",
+                  "sparsity", "tokens_per_s", "artifact", "compress_seconds"):
+            if k in m:
+                row[k] = m[k]
+        row.update({k: v for k, v in m.items() if k.startswith("tokens_per_s_b")})
+        if "ppl" in row:
+            row["quality_loss_pct"] = 100 * (row["ppl"] / base_ppl - 1)
+        rows.append(row)
+    return rows
+
+
+def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, device, shared, say) -> Path:
+    from raydist.components.artifact import write_manifest
+    from raydist.components.evaluation import perplexity_on
+    from raydist.components.pareto import choose_winner, pareto_front, plot_pareto
+    from raydist.components.quantization import load_compressed
+
+    done = [r for r in rows if r["status"] == "completed"]
+    front = [done[i]["trial_id"] for i in pareto_front(done)]
+    wi, reason = choose_winner(done, base_ppl=base_m["ppl"], max_quality_loss_pct=cfg.policy.max_quality_loss_pct,
+                               prefer=cfg.policy.prefer)
+    for r in rows:
+        r["pareto"] = r["trial_id"] in front
+        if r.get("tokens_per_s") and base_m.get("tokens_per_s"):
+            r["speedup"] = r["tokens_per_s"] / base_m["tokens_per_s"]
+        if r.get("disk_bytes"):
+            r["size_ratio"] = r["disk_bytes"] / base_m["disk_bytes"]
+    winner = done[wi] if wi is not None else None
+    plot = plot_pareto(done, [done.index(r) for r in done if r["pareto"]], run_dir / PLOT,
+                       base=base_m, winner=wi)
+    report = {
+        "stage": "sweep", "target": "compress", "device": device, "wall_s": wall,
+        "base": base_m, "policy": cfg.policy.model_dump(), "winner": winner, "winner_reason": reason,
+        "pareto_front": front, "counts": {s: sum(r["status"] == s for r in rows)
+                                           for s in ("completed", "stopped_early", "failed", "not_run")},
+        "trials": sorted(rows, key=lambda r: (r["status"] != "completed", r.get("ppl", math.inf))),
+        "plot": str(plot),
+    }
+    write_json_atomic(run_dir / REPORT, report)
+    failed = [r for r in rows if r["status"] == "failed"]
+    say(f"[raydist] sweep: {report['counts']['completed']} completed, {report['counts']['stopped_early']} stopped "
+        f"early, {len(failed)} failed in {wall:.0f}s; Pareto front: {len(front)}; report {run_dir / REPORT}")
+    for r in failed:
+        say(f"[raydist]   failed: {json.dumps(r['candidate'], sort_keys=True)}: {r['error']}")
+    if winner is None:
+        _prune_artifacts(cfg, rows, None)
+        raise NoCandidateMet(reason + f" (report: {run_dir / REPORT})")
+
+    # Export: the winner's trial artifact, re-loaded and re-measured before it is moved into place.
+    out = run_dir / ARTIFACT_DIR
+    tmp = run_dir / f".{ARTIFACT_DIR}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(winner["artifact"], tmp)
+    model = load_compressed(tmp, device=device)
+    ppl = perplexity_on(model, shared["windows"].to(device))
+    if not math.isclose(ppl, winner["ppl"], rel_tol=1e-3):
+        raise RuntimeError(f"the exported winner measures ppl {ppl:.6g} after reload, the trial {winner['ppl']:.6g}")
+    trial_manifest = read_manifest(tmp)
+    write_manifest(
+        tmp, stage="sweep", config=cfg.model_dump(mode="json"), parent=parent,
+        metrics={**{k: winner[k] for k in ("ppl", "quality_loss_pct", "disk_bytes", "tokens_per_s", "parameters",
+                                           "nonzero_parameters", "sparsity") if k in winner},
+                 "reloaded_ppl": ppl, "base_ppl": base_m["ppl"], "speedup": winner.get("speedup"),
+                 "size_ratio": winner.get("size_ratio")},
+        num_parameters=winner.get("parameters", 0),
+        extra={"candidate": winner["candidate"], "winner_reason": reason, "sweep_report": str(run_dir / REPORT),
+               **{k: v for k, v in trial_manifest.items() if k in ("quantization", "compression")}},
+    )
+    os.replace(tmp, out)
+    _prune_artifacts(cfg, rows, winner)
+    say(f"[raydist] winner ({reason}): {json.dumps(winner['candidate'], sort_keys=True)}: ppl {ppl:.4g} "
+        f"({winner['quality_loss_pct']:+.1f} %), {winner['disk_bytes'] / 2**20:.1f} MiB "
+        f"(x{winner.get('size_ratio', float('nan')):.2f}), {winner['tokens_per_s']:.1f} tok/s "
+        f"(x{winner.get('speedup', float('nan')):.2f})")
+    say(f"[raydist] artifact: {out}")
+    return out
+
+
+def _prune_artifacts(cfg: SweepConfig, rows, winner) -> None:
+    """Trial artifacts are full model copies: keep those ``keep_artifacts`` asks for (the winner is exported)."""
+    if cfg.keep_artifacts == "all":
+        return
+    for r in rows:
+        keep = r.get("pareto") if cfg.keep_artifacts == "pareto" else False
+        if not keep and r.get("artifact") and Path(r["artifact"]).exists():
+            shutil.rmtree(r["artifact"], ignore_errors=True)
+            r["artifact_removed"] = True
+
+
+# ------------------------------------------------------------------------------------ fine-tuning sweep
+
+
+def finetune_trial(config: dict[str, Any]) -> None:
+    """One Tune trial of a fine-tuning sweep: a whole ``run_finetune`` with the trial's overrides."""
+    import ray.tune
+
+    from raydist.config.finetune import FinetuneConfig
+    from raydist.config.loading import apply_overrides, config_from_dict
+    from raydist.stages.finetune import run_finetune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    overrides = [f"{k}={v}" for k, v in sorted(config["overrides"].items())]
+    data = apply_overrides(config["finetune"], overrides)
+    data["run"] = {**data["run"], "name": f"trial-{trial_id}", "output_dir": config["trials_dir"]}
+    art = run_finetune(config_from_dict(FinetuneConfig, data), verbose=False)
+    m = read_manifest(art)["metrics"]
+    ray.tune.report({"eval_ppl": m["eval_ppl"], "eval_loss": m.get("eval_loss"), "artifact": str(art),
+                     "tokens_per_s": m.get("tokens_per_s"), "overrides": json.dumps(config["overrides"], sort_keys=True)})
+
+
+def _finetune_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, say) -> Path:
+    import itertools
+    import random
+
+    from ray import tune
+
+    from raydist.components.artifact import write_manifest
+    from raydist.components.preflight import preflight_finetune
+    from raydist.stages.common import init_ray
+
+    preflight_finetune(cfg.finetune)
+    space = cfg.finetune_space.overrides()
+    if any(k.startswith("lora.") for k in space) and not cfg.finetune.lora.enabled:
+        from raydist.components.preflight import PreflightError
+
+        raise PreflightError("finetune_space sweeps LoRA settings but finetune.lora.enabled is false")
+    combos = [dict(zip(space, vals)) for vals in itertools.product(*space.values())]
+    s = cfg.search
+    if s.algorithm == "random":
+        combos = random.Random(s.seed).sample(combos, min(s.num_samples, len(combos)))
+    search_alg, num_samples = None, 1
+    param_space: dict[str, Any] = {"overrides": tune.grid_search(combos)}
+    if s.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        param_space = {"overrides": {k: tune.choice(v) for k, v in space.items()}}
+        search_alg = ConcurrencyLimiter(OptunaSearch(metric="eval_ppl", mode="min", seed=s.seed), s.max_concurrent)
+        num_samples = s.num_samples
+    n_trials = num_samples if search_alg else len(combos)
+    ft = cfg.finetune
+    workers_cpus = ft.scaling.num_workers * ft.scaling.cpus_per_worker
+    init_ray(s.max_concurrent * (s.cpus_per_trial + workers_cpus))
+    param_space.update({"finetune": ft.model_dump(mode="json"), "trials_dir": str(run_dir / "trials")})
+    say(f"[raydist] fine-tuning sweep: {n_trials} trial(s) over {', '.join(space)}; each trial is a Ray Train run "
+        f"of {ft.scaling.num_workers} worker(s)")
+    trainable = tune.with_resources(finetune_trial, {"cpu": s.cpus_per_trial})
+    t0 = time.time()
+    grid = _tuner(cfg, run_dir, trainable, param_space, resuming, metric=None, mode=None, search_alg=search_alg,
+                  num_samples=num_samples, total=n_trials).fit()
+    wall = time.time() - t0
+    rows = []
+    for r in grid:
+        m = dict(r.metrics or {})
+        row = {"overrides": json.loads(m["overrides"]) if "overrides" in m else (r.config or {}).get("overrides")}
+        if r.error is not None:
+            row.update(status="failed", error=f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}")
+        else:
+            row.update(status="completed", **{k: m.get(k) for k in ("eval_ppl", "eval_loss", "tokens_per_s", "artifact")})
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "completed" and r.get("eval_ppl") is not None]
+    report = {"stage": "sweep", "target": "finetune", "wall_s": wall, "space": space,
+              "trials": sorted(rows, key=lambda r: r.get("eval_ppl") or math.inf)}
+    if not done:
+        report["winner"] = None
+        write_json_atomic(run_dir / REPORT, report)
+        raise NoCandidateMet(f"no fine-tuning trial completed (report: {run_dir / REPORT})")
+    best = min(done, key=lambda r: r["eval_ppl"])
+    report["winner"] = best
+    write_json_atomic(run_dir / REPORT, report)
+    out = run_dir / ARTIFACT_DIR
+    tmp = run_dir / f".{ARTIFACT_DIR}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(best["artifact"], tmp)
+    inner = read_manifest(tmp)
+    write_manifest(tmp, stage="sweep", config=cfg.model_dump(mode="json"), parent=inner.get("parent", {}),
+                   metrics=inner.get("metrics", {}), num_parameters=inner.get("num_parameters", 0),
+                   extra={"overrides": best["overrides"], "sweep_report": str(run_dir / REPORT),
+                          "trial_artifact": best["artifact"]})
+    os.replace(tmp, out)
+    for r in rows:
+        say(f"[raydist]   {json.dumps(r['overrides'], sort_keys=True)}: "
+            + (f"eval ppl {r['eval_ppl']:.4g}" if r["status"] == "completed" else f"FAILED {r.get('error')}"))
+    say(f"[raydist] best: {json.dumps(best['overrides'], sort_keys=True)} (eval ppl {best['eval_ppl']:.4g}); "
+        f"artifact: {out}")
+    return out

@@ -1,0 +1,177 @@
+"""The sweep's pure parts: config validation, candidate grid, structured plans, candidate application,
+recovery, Pareto front and winner policy (no Ray here)."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from raydist.components.compression import (
+    CandidateError,
+    apply_candidate,
+    block_parameter_split,
+    distill_recover,
+    structured_plan,
+    token_rows,
+)
+from raydist.components.models import load_model
+from raydist.components.pareto import choose_winner, dominates, pareto_front
+from raydist.components.pruning import collect_importance
+from raydist.components.sparsity import check_nm, prunable_linears
+from raydist.config import ModelConfig
+from raydist.config.loading import ConfigError, config_from_dict
+from raydist.config.sweep import SweepConfig
+
+TINY = {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
+
+
+def tiny_model():
+    return load_model(ModelConfig(path="tiny-random", tiny=TINY), seed=0).eval()
+
+
+def sweep_cfg(**space):
+    return config_from_dict(SweepConfig, {"model": {"path": "tiny-random"}, "search_space": space, "run": {"name": "s"}})
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("space, needle", [
+    ({"sparsity": [0.5, 1.0]}, "search_space.sparsity"),
+    ({"sparsity": [-0.1]}, "search_space.sparsity"),
+    ({"structured": [1.5]}, "search_space.structured"),
+    ({"method": []}, "search_space.method is empty"),
+    ({"quantization": []}, "search_space.quantization is empty"),
+    ({"pattern": ["3:2"]}, "'3:2'"),
+    ({"group_size": [48]}, "powers of two"),
+    ({"quantization": ["int3"]}, "quantization"),
+])
+def test_bad_search_space_is_a_config_error_naming_the_field(space, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        sweep_cfg(**space)
+
+
+def test_target_needs_its_fields():
+    with pytest.raises(ConfigError, match="needs `model`"):
+        config_from_dict(SweepConfig, {"run": {"name": "s"}})
+    with pytest.raises(ConfigError, match="needs `finetune`"):
+        config_from_dict(SweepConfig, {"target": "finetune", "run": {"name": "s"}})
+    with pytest.raises(ConfigError, match="budgets"):
+        config_from_dict(SweepConfig, {"model": {"path": "tiny-random"}, "run": {"name": "s"},
+                                       "eval": {"budgets": [1024, 8192], "data": {"builtin": "pydoc_topics", "max_tokens": 4096}}})
+
+
+def test_candidates_collapse_knobs_that_do_not_apply():
+    cfg = sweep_cfg(method=["none", "wanda"], sparsity=[0.3, 0.5], pattern=[None, "2:4"],
+                    quantization=["none", "int8_dynamic", "int4_weight_only"], group_size=[32, 64])
+    cands = cfg.search_space.candidates()
+    keys = [tuple(sorted((k, str(v)) for k, v in c.items())) for c in cands]
+    assert len(keys) == len(set(keys))
+    # none: 1 sparsity setting; wanda: 0.3, 0.5 and 2:4 (which implies 0.5) -> 1 + 3 = 4 pruning settings;
+    # quantization: none, int8, int4 x 2 groups = 4 -> 16 distinct candidates (of 2*2*2*3*2 = 48 combinations)
+    assert len(cands) == 16
+    assert all(c["group_size"] is None for c in cands if c["quantization"] != "int4_weight_only")
+    assert {c["sparsity"] for c in cands if c["pattern"] == "2:4"} == {0.5}
+
+
+# ------------------------------------------------------------------------------------- structured
+
+
+@pytest.mark.parametrize("structure", ["mlp", "layers", "mlp+heads"])
+def test_structured_plan_removes_about_the_requested_share(structure):
+    model = tiny_model()
+    split = block_parameter_split(model.config)
+    before = split["block"] * model.config.num_hidden_layers
+    cand = {"method": "none", "structured": 0.25, "structure": structure, "quantization": "none"}
+    report = apply_candidate(model, cand, calibration=torch.randint(0, 500, (4, 32)))
+    after = block_parameter_split(model.config)["block"] * model.config.num_hidden_layers
+    assert 0.15 < 1 - after / before < 0.35, (structure, 1 - after / before)
+    assert report["structured"]["params_after"] < report["structured"]["params_before"]
+    assert model(input_ids=torch.randint(0, 500, (1, 8))).logits.shape[-1] == model.config.vocab_size
+
+
+def test_structured_plan_refuses_impossible_requests():
+    cfg = tiny_model().config
+    with pytest.raises(CandidateError, match="leave"):
+        structured_plan(cfg, 0.9, "mlp")
+    with pytest.raises(CandidateError, match="leaves none"):
+        structured_plan(cfg, 0.95, "layers")
+
+
+def test_apply_candidate_wanda_2of4_then_int8():
+    model = tiny_model()
+    calib = torch.randint(0, 500, (4, 32))
+    ids = torch.randint(0, 500, (1, 16))
+    report = apply_candidate(model, {"method": "wanda", "sparsity": 0.5, "pattern": "2:4", "structured": 0.0,
+                                     "quantization": "none"}, calibration=calib)
+    assert report["sparsity"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    for lin in prunable_linears(model).values():
+        assert check_nm(lin.weight, 2, 4)
+    report = apply_candidate(model, {"method": "none", "structured": 0.0, "quantization": "int8_dynamic"},
+                             calibration=calib)
+    assert report["quantization"]["quantized_layers"] == 4 * 7
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_distill_recovery_keeps_zeros_and_learns_the_teacher():
+    teacher = tiny_model()
+    student = tiny_model()
+    apply_candidate(student, {"method": "magnitude", "sparsity": 0.6, "structured": 0.0, "quantization": "none"},
+                    calibration=torch.randint(0, 500, (2, 16)))
+    zeros = {n: (l.weight == 0).clone() for n, l in prunable_linears(student).items()}
+    data = token_rows(torch.randint(0, 500, (1024,)).tolist(), 32)
+
+    def kl_to_teacher():
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(input_ids=data).logits, -1)
+            s = torch.log_softmax(student(input_ids=data).logits, -1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    before = kl_to_teacher()
+    rep = distill_recover(student, teacher, data, steps=30, batch_size=8, lr=1e-3)
+    assert rep["steps"] == 30
+    assert kl_to_teacher() < 0.7 * before
+    for n, lin in prunable_linears(student).items():
+        assert bool((lin.weight[zeros[n]] == 0).all()), n
+
+
+# ------------------------------------------------------------------------------------------ pareto
+
+
+def test_pareto_front_matches_the_definition_on_random_points():
+    rng = random.Random(0)
+    objectives = (("ppl", "min"), ("disk_bytes", "min"), ("tokens_per_s", "max"))
+    for _ in range(20):
+        pts = [{"ppl": rng.choice([10, 11, 12, 13]) + rng.random(), "disk_bytes": rng.randint(1, 5),
+                "tokens_per_s": rng.randint(1, 5)} for _ in range(25)]
+        pts.append({"ppl": float("nan"), "disk_bytes": 0, "tokens_per_s": 99})  # never on the front
+        front = set(pareto_front(pts, objectives))
+        vec = [(p["ppl"], p["disk_bytes"], -p["tokens_per_s"]) for p in pts[:-1]]
+        brute = {i for i, v in enumerate(vec)
+                 if not any(all(a <= b for a, b in zip(w, v)) and w != v for w in vec)}
+        assert front == brute
+        assert len(pts) - 1 not in front
+    assert dominates((1, 1), (1, 2)) and not dominates((1, 2), (2, 1)) and not dominates((1, 1), (1, 1))
+    with pytest.raises(ValueError, match="direction"):
+        pareto_front([{"ppl": 1}], (("ppl", "lowest"),))
+
+
+def test_winner_policy():
+    pts = [
+        {"ppl": 10.2, "disk_bytes": 100, "tokens_per_s": 50},   # within 5 %, big
+        {"ppl": 10.4, "disk_bytes": 40, "tokens_per_s": 30},    # within 5 %, smallest
+        {"ppl": 10.3, "disk_bytes": 60, "tokens_per_s": 90},    # within 5 %, fastest
+        {"ppl": 14.0, "disk_bytes": 10, "tokens_per_s": 200},   # too lossy
+    ]
+    assert choose_winner(pts, base_ppl=10.0, max_quality_loss_pct=5)[0] == 1
+    assert choose_winner(pts, base_ppl=10.0, max_quality_loss_pct=5, prefer="fastest")[0] == 2
+    i, reason = choose_winner(pts, base_ppl=10.0, max_quality_loss_pct=1)
+    assert i is None and "no candidate met the policy" in reason and "10.2" in reason
+
+
+def test_grid_product_counts():
+    # the candidate grid is the product of the lists minus collapsed duplicates
+    cfg = sweep_cfg(method=["magnitude", "wanda"], sparsity=[0.25, 0.5], quantization=["none", "int8_dynamic"],
+                    structured=[0.0, 0.25])
+    assert len(cfg.search_space.candidates()) == len(list(itertools.product([0, 1], [0, 1], [0, 1], [0, 1])))
