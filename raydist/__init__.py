@@ -4,7 +4,14 @@
 The public API is exactly ``__all__`` below plus ``raydist.config``; everything else is internal.
 """
 
-from raydist.components.artifact import read_manifest
+import logging as _logging
+
+# transformers imports torchao whenever it is installed; on torch 2.13 that import logs a deprecation per
+# enum it registers and, on CPU builds, a failed load per CUDA-only extension: noise, not actionable.
+for _name in ("torch.utils._pytree", "torchao"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+from raydist.components.artifact import read_manifest  # noqa: E402
 from raydist.components.models import ModelSourceError, convert_gguf, load_model, load_tokenizer
 from raydist.components.quantization import load_compressed
 from raydist.config import (

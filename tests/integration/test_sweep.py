@@ -142,3 +142,13 @@ def test_interrupted_sweep_resumes(tmp_path):
     unchanged = [tid for tid, mtime in done_first.items()
                  if (tmp_path / "r" / "trials" / tid / "compression.json").stat().st_mtime == mtime]
     assert len(unchanged) >= 2, (done_first, unchanged)
+
+
+def test_optuna_multi_objective_search(tmp_path):
+    assert main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=o",
+                 "search.algorithm=optuna", "search.num_samples=3", "search.asha=false"]) == 0
+    report = json.loads((tmp_path / "o" / "sweep_report.json").read_text())
+    assert len(report["trials"]) == 3 and report["counts"]["completed"] == 3
+    space = {"none", "magnitude", "wanda"}
+    assert all(t["candidate"]["method"] in space for t in report["trials"])
+    assert report["winner"] is not None and (tmp_path / "o" / "artifact" / "raydist.json").is_file()
