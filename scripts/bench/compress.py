@@ -21,7 +21,9 @@ Rows:
                    SmoothQuant calibration (alpha ``--smooth-alpha``) on the decoder-block Linears.
   int8_nosmooth    the same without calibration (what a caller that passes no calibration gets).
   int8_weight_only int8 weights per row; on CPU the fastest measured kernel is the dequantized one.
-  int4_g64/_g128   int4 weight-only, group 64 / requested 128 (576-wide inputs fall back to 64 per layer).
+  int4_g64         int4 weight-only, group 64, scales/zeros by HQQ (``--int4-algorithm``).
+  int4_g128        int4 weight-only, requested group 128 (the 576-wide inputs fall back to 64 per layer,
+                   the 1536-wide down_proj keeps 128), min/max scales (the fast default).
   structured25     25 % of the transformer-block parameters removed structurally with
                    ``pruning.collect_importance`` + ``prune_model``; both ``compression.structured_plan``
                    structures ("mlp": MLP channels; "mlp+heads": one KV group + MLP channels) are measured
@@ -68,6 +70,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
     ap.add_argument("--smooth-alpha", type=float, default=0.5)
+    ap.add_argument("--int4-algorithm", default="hqq", help="int4_g64's scale/zero choice: hqq or minmax")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "compress.json"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -119,8 +122,10 @@ def main() -> None:
             return model, quantize_model(model, "int8_dynamic")
         if name == "int8_weight_only":
             return model, quantize_model(model, "int8_weight_only")
-        if name in ("int4_g64", "int4_g128"):
-            return model, quantize_model(model, "int4_weight_only", group_size=int(name.split("_g")[1]))
+        if name == "int4_g64":
+            return model, quantize_model(model, "int4_weight_only", group_size=64, int4_algorithm=args.int4_algorithm)
+        if name == "int4_g128":  # requested 128: the 576-wide inputs fall back to 64 per layer
+            return model, quantize_model(model, "int4_weight_only", group_size=128)
         if name == "structured25":
             return build_structured(model)
         method = name[: -len("50")]
@@ -164,7 +169,12 @@ def main() -> None:
     try:
         for name in rows:
             t0 = time.time()
-            built = build(name)
+            try:
+                built = build(name)
+            except Exception as e:  # a row that cannot be built is reported, the others still run
+                print(f"[error] {name}: {type(e).__name__}: {e}", flush=True)
+                results[name] = {"error": f"{type(e).__name__}: {e}"}
+                continue
             if built is None:
                 continue
             model, report = built
@@ -217,6 +227,7 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
+    errors = {n: results.pop(n)["error"] for n in list(results) if "error" in results[n]}
     dense = results["dense"]
     for n, r in results.items():
         r["ppl_ratio"] = r["ppl"] / dense["ppl"]
@@ -256,9 +267,11 @@ def main() -> None:
             else results["structured25"]["speed_ratio_b1"] >= 1.25,
         },
         "rows": results,
+        "errors": errors,
         "protocol": {"n_tokens": args.n_tokens, "window": 512, "calibration": "16 x 128 tokens from 50,000",
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                     "smooth_alpha": args.smooth_alpha, "select_tokens": args.select_tokens},
+                     "smooth_alpha": args.smooth_alpha, "select_tokens": args.select_tokens,
+                     "int4_g64_algorithm": args.int4_algorithm},
         "machine": {
             "platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "torchao": torchao.__version__,

@@ -72,6 +72,17 @@ def test_each_scheme_runs_on_cpu_close_to_dense(scheme, kernel, tol):
     assert 0 < err < tol, err
 
 
+def test_quantized_models_deepcopy_and_pickle_with_their_kernels_rebuilt():
+    import pickle
+
+    model = tiny_model()
+    quantize_model(model, "int8_dynamic")
+    ref = logits(model)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(logits(other), ref)
+        assert {m.kernel for m in quantized_layers(other).values()} == {"torch.ao.dynamic_int8"}
+
+
 def test_int4_layer_matches_its_dequantized_weight_and_packing_roundtrips():
     torch.manual_seed(1)
     lin = torch.nn.Linear(128, 48, bias=True)
@@ -86,6 +97,18 @@ def test_int4_layer_matches_its_dequantized_weight_and_packing_roundtrips():
     # 4 bits over a group's range: error per weight is at most half a step
     step = scale.repeat_interleave(32, dim=1)
     assert ((ql.dequantized_weight() - lin.weight).abs() <= step / 2 + 1e-6).all()
+
+
+def test_hqq_int4_uses_the_same_format_and_stays_close():
+    dense = tiny_model()
+    model = copy.deepcopy(dense)
+    report = quantize_model(model, "int4_weight_only", group_size=32, int4_algorithm="hqq")
+    assert report["int4_algorithm"] == "hqq"
+    q = model.model.layers[0].mlp.up_proj
+    assert q.qweight.dtype == torch.uint8 and unpack_int4(q.qweight).max() <= 15 and q.scale.shape == (128, 2)
+    assert relative_error(logits(model), logits(dense)) < 0.25
+    with pytest.raises(ValueError, match="int4_algorithm 'gptq'"):
+        quantize_model(copy.deepcopy(dense), "int4_weight_only", int4_algorithm="gptq")
 
 
 def test_cpu_kernels_that_lost_the_measurement_are_still_correct_when_forced():

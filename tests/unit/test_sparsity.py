@@ -130,10 +130,13 @@ def test_wanda_prunes_the_same_fraction_of_every_row():
 
 def test_sparsegpt_is_exact_per_matrix():
     model = tiny_model()
+    threads = torch.get_num_threads()
     rep = sparsegpt_prune(model, CALIB, 0.5, blocksize=32)  # several blocks per matrix
     for name, lin in prunable_linears(model).items():
         assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
     assert rep["method"] == "sparsegpt" and rep["blocksize"] == 32 and rep["percdamp"] == 0.01
+    assert rep["true_sequential"] is True
+    assert torch.get_num_threads() == threads  # the single-threaded column sweep restores the setting
 
 
 @pytest.mark.parametrize("method", METHODS)
