@@ -9,7 +9,8 @@ Embeddings and ``lm_head`` (tied to them in SmolLM2) are never touched:
   score ``|W_ij| * ||X_j||_2`` (``X_j``: input feature ``j`` over all calibration tokens), compared
   within each output row, so every row keeps the same fraction of its weights.
 * ``sparsegpt_prune`` — SparseGPT (Frantar & Alistarh 2023): per layer, Hessian ``H = 2 X^T X / N``,
-  dampened Cholesky inverse, columns processed in blocks, mask chosen by ``w^2 / [H^-1]_jj^2`` and
+  dampened Cholesky inverse, columns processed in blocks, mask chosen by ``w^2 / U_jj^2`` (``U``: the
+  upper Cholesky factor of ``H^-1``) and
   the surviving weights updated (OBS) to compensate for the pruned ones.
 
 Wanda and SparseGPT run **sequentially** like their reference implementations: the calibration
@@ -646,20 +647,20 @@ def _sparsegpt_weight(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Opt
         Hinv1 = Hinv[i1:i2, i1:i2]
         d1 = torch.diagonal(Hinv1)
         if nm is None:
-            # Adaptive mask per block, over all rows of each matrix at once (OBS saliency w^2 / [H^-1]_jj^2):
+            # Adaptive mask per block, over all rows of each matrix at once (OBS saliency w^2 / U_jj^2):
             # exactly round(sparsity * rows * count) weights of each matrix's block are pruned.
             saliency = W1 ** 2 / d1[None, :] ** 2  # [out, count]
             mask1 = torch.cat([_smallest(part, _count(sparsity, part.numel())) for part in saliency.split(rows)])
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        scale1 = mask1 / d1[None, :]  # [out, count]: 1/[H^-1]_jj where pruned, 0 where kept
+        scale1 = mask1 / d1[None, :]  # [out, count]: 1/U_jj where pruned, 0 where kept
         for i in range(count):  # column by column: a pruned weight's error moves to the later columns
             if nm is not None and i % nm[1] == 0:
                 # N:M: decide the next group of M columns now, on the already-updated weights.
                 cols_g = slice(i, i + nm[1])
                 mask1[:, cols_g] = _nm_mask(W1[:, cols_g] ** 2 / d1[None, cols_g] ** 2, *nm)
                 scale1[:, cols_g] = mask1[:, cols_g] / d1[None, cols_g]
-            # err = (w - q) / d with q = w where kept, 0 where pruned (the reference's Err1 column)
+            # err = (w - q) / U_ii with q = w where kept, 0 where pruned (the reference's Err1 column)
             err = torch.mul(W1[:, i], scale1[:, i], out=ErrT[i])  # [out]
             # OBS update of this and the later columns of the block; it leaves column i equal to q
             # (up to rounding in the pruned entries, zeroed exactly below), so no separate Q1 is kept.
@@ -671,7 +672,7 @@ def _sparsegpt_weight(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Opt
 
 @torch.no_grad()
 def sparsegpt_prune(model: nn.Module, calibration: Calibration, sparsity: Optional[float], *,
-                    pattern: Optional[str] = None, blocksize: int = 128, percdamp: float = 0.01,
+                    pattern: Optional[str] = None, blocksize: int = 128, percdamp: float = 0.1,
                     true_sequential: bool = True) -> dict[str, Any]:
     """SparseGPT: prune with second-order (OBS) weight updates, block by block (in place).
 
@@ -691,7 +692,10 @@ def sparsegpt_prune(model: nn.Module, calibration: Calibration, sparsity: Option
         sparsity: fraction of each targeted matrix zeroed, in [0, 1); None allowed with a pattern.
         pattern: None or ``"N:M"``.
         blocksize: columns per lazy-update block (128 as in the paper); a multiple of M with a pattern.
-        percdamp: dampening as a fraction of the Hessian's mean diagonal, >= 0.
+        percdamp: dampening as a fraction of the Hessian's mean diagonal, >= 0. The reference uses 0.01
+            with 128 x 2048 calibration tokens; with few tokens the Hessian is noisy and more dampening
+            regularises it: on SmolLM2-135M, 50 %, 16 x 128 tokens, perplexity was 25.0 / 23.6 / 23.3 /
+            24.1 for 0.01 / 0.03 / 0.1 / 0.3 (2:4: 42.6 at 0.01, 41.2 at 0.1), hence 0.1.
         true_sequential: also go sub-layer by sub-layer inside a block: o_proj's Hessian is measured
             after q/k/v are pruned, gate/up's after the attention, down_proj's after gate/up (GPTQ's
             ``--true-sequential``); False measures the whole block at once, as the reference code does.

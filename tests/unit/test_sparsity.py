@@ -31,12 +31,12 @@ def tiny_model(dtype=torch.float32, **overrides):
     return load_model(ModelConfig(path="tiny-random", tiny={**TINY, **overrides}), seed=0, dtype=dtype).eval()
 
 
-def prune(method, model, sparsity, calibration=CALIB, **kw):
+def prune(method, model, sparsity, calibration=CALIB, percdamp=None, **kw):
     if method == "magnitude":
         return magnitude_prune(model, sparsity, **kw)
     if method == "wanda":
         return wanda_prune(model, calibration, sparsity, **kw)
-    return sparsegpt_prune(model, calibration, sparsity, **kw)
+    return sparsegpt_prune(model, calibration, sparsity, **kw, **({} if percdamp is None else {"percdamp": percdamp}))
 
 
 def state(model):
@@ -113,8 +113,9 @@ def test_magnitude_global_uses_one_threshold_across_layers():
     assert rep["targeted_zeros"] == round(0.5 * rep["targeted_params"])
     assert rep["per_layer"][loud] < 0.1  # its weights are 10x larger: almost all survive a global cut
     assert min(v for n, v in rep["per_layer"].items() if n != loud) > 0.5
-    pruned_max = max(before[n][l.weight == 0].abs().max() for n, l in prunable_linears(model).items() if (l.weight == 0).any())
-    kept_min = min(before[n][l.weight != 0].abs().min() for n, l in prunable_linears(model).items())
+    lins = prunable_linears(model)
+    pruned_max = max(before[n][l.weight == 0].abs().max() for n, l in lins.items() if (l.weight == 0).any())
+    kept_min = min(before[n][l.weight != 0].abs().min() for n, l in lins.items())
     assert pruned_max <= kept_min
     assert rep["scope"] == "global"
 
@@ -134,7 +135,7 @@ def test_sparsegpt_is_exact_per_matrix():
     rep = sparsegpt_prune(model, CALIB, 0.5, blocksize=32)  # several blocks per matrix
     for name, lin in prunable_linears(model).items():
         assert int((lin.weight == 0).sum()) == lin.weight.numel() // 2, name
-    assert rep["method"] == "sparsegpt" and rep["blocksize"] == 32 and rep["percdamp"] == 0.01
+    assert rep["method"] == "sparsegpt" and rep["blocksize"] == 32 and rep["percdamp"] == 0.1
     assert rep["true_sequential"] is True
     assert torch.get_num_threads() == threads  # the single-threaded column sweep restores the setting
 
@@ -359,7 +360,8 @@ def test_calibration_padding_is_ignored_and_input_forms_agree():
     # a [n, seq] tensor and the same rows as dicts are the same calibration
     c, d = tiny_model(), tiny_model()
     sparsegpt_prune(c, CALIB, 0.5)
-    sparsegpt_prune(d, [{"input_ids": CALIB[:4]}, {"input_ids": CALIB[4:], "attention_mask": torch.ones_like(CALIB[4:])}], 0.5)
+    as_dicts = [{"input_ids": CALIB[:4]}, {"input_ids": CALIB[4:], "attention_mask": torch.ones_like(CALIB[4:])}]
+    sparsegpt_prune(d, as_dicts, 0.5)
     for la, lb in zip(prunable_linears(c).values(), prunable_linears(d).values()):
         assert torch.allclose(la.weight, lb.weight, atol=1e-5)
 
@@ -383,14 +385,16 @@ def correlated_model():
 def test_sparsegpt_reconstructs_layer_outputs_better_than_wanda_better_than_magnitude(pattern):
     """Block 0's linears see the dense model's inputs under every method, so ||(W - W_pruned) X|| compares
     the methods on equal terms: Wanda's activation scaling must beat magnitude, and SparseGPT's weight
-    updates (which also use the feature correlations) must beat Wanda, on every one of them."""
+    updates (which also use the feature correlations) must beat Wanda, on every one of them.
+    SparseGPT runs with the reference's light dampening (0.01): this measures the fit to the calibration
+    data itself, which heavier dampening (the default 0.1, better on held-out text) trades away."""
     dense = correlated_model()
     xs = linear_inputs(dense)
     w0 = {n: l.weight.clone() for n, l in prunable_linears(dense).items()}
     pruned = {}
     for method in METHODS:
         model = correlated_model()
-        prune(method, model, None if pattern else 0.5, pattern=pattern)
+        prune(method, model, None if pattern else 0.5, pattern=pattern, percdamp=0.01)
         pruned[method] = {n: l.weight for n, l in prunable_linears(model).items()}
     for name in (n for n in w0 if n.startswith("model.layers.0.")):
         err = {m: ((w0[name] - pruned[m][name]) @ xs[name].T).norm().item() for m in METHODS}
@@ -399,7 +403,7 @@ def test_sparsegpt_reconstructs_layer_outputs_better_than_wanda_better_than_magn
     # and the whole model's logits stay closer to the dense ones
     def logits_err(method):
         model = correlated_model()
-        prune(method, model, None if pattern else 0.5, pattern=pattern)
+        prune(method, model, None if pattern else 0.5, pattern=pattern, percdamp=0.01)
         with torch.no_grad():
             return (model(input_ids=CALIB).logits - dense(input_ids=CALIB).logits).pow(2).mean().item()
 
