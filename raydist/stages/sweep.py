@@ -281,6 +281,9 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable, param_space: dict[str, An
     from ray import tune
 
     storage = run_dir / "tune"
+    # Save the experiment state every 2 s (Tune's "auto" period can leave finished trials out of the state
+    # a killed driver left behind, and a resumed sweep would then run them again).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if resuming and tune.Tuner.can_restore(str(storage / "sweep")):
         return tune.Tuner.restore(str(storage / "sweep"), trainable=trainable, resume_errored=False,
                                   restart_errored=False, param_space=param_space)

@@ -128,6 +128,7 @@ def test_interrupted_sweep_resumes(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and log.read_text().count(" done: ") < 2 and proc.poll() is None:
         time.sleep(1)
+    time.sleep(6)  # the driver saves its experiment state every 2 s
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
