@@ -10,8 +10,9 @@ Protocol (``raydist.components.evaluation``, the one the sweep uses): perplexity
 that need it = 16 x 128 tokens from token 50,000 on; greedy generation of exactly ``--new-tokens`` tokens
 after a ``--prompt-len``-token random prompt with the KV cache, at batch 1 (latency) and batch 8
 (throughput). Speeds are measured after every model is built, in interleaved rounds (one run of each
-model per round, ``--rounds`` rounds, the median kept), so a change in the machine's load during the run
-hits every row alike; ratios are against dense in the same run. Sizes: parameters (quantized weights count
+model per round, ``--rounds`` rounds), so a change in the machine's load during the run hits every row
+alike; the fastest round is reported (other jobs only add time; the median is kept beside it) and ratios
+are against dense in the same run. Sizes: parameters (quantized weights count
 as weights), non-zeros, and the bytes of the weight files of the artifact ``save_compressed`` writes (the
 artifact is reloaded with ``load_compressed`` and its logits compared with the model's).
 
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--select-tokens", type=int, default=1024, help="ppl budget to pick the structured25 variant")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (fastest kept)")
     ap.add_argument("--smooth-alpha", type=float, default=0.5)
     ap.add_argument("--int4-algorithm", default="hqq", help="int4_g64's scale/zero choice: hqq or minmax")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "compress.json"))
@@ -222,7 +223,10 @@ def main() -> None:
             print(f"  timing round {r + 1}/{args.rounds} done", flush=True)
         for n in models:
             for bs, key in ((1, "tokens_per_s_b1"), (8, "tokens_per_s_b8")):
-                results[n][key] = bs * args.new_tokens / statistics.median(times[n][bs])
+                # Best round: on a shared machine other jobs only ever add time, so the fastest run is the
+                # least disturbed estimate (the median is kept beside it).
+                results[n][key] = bs * args.new_tokens / min(times[n][bs])
+                results[n][key + "_median"] = bs * args.new_tokens / statistics.median(times[n][bs])
                 results[n][key.replace("tokens_per_s", "seconds_all")] = times[n][bs]
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
