@@ -183,7 +183,7 @@ def model_from_payload(payload: dict[str, Any], device: str = "cpu"):
     return model.eval()
 
 
-def measure(model, shared: dict[str, Any], cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
+def measure(model, cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
     """Bytes and generation speed (the model's real kernels on its device); perplexity is reported per budget."""
     from raydist.components.evaluation import generation_speed, model_size
 
@@ -235,7 +235,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     save_compressed(model, tokenizer, art, report.get("quantization"), stage="sweep-trial",
                     config={"candidate": candidate}, parent=config["parent"], metrics={})
     (trial_dir / "compression.json").write_text(json.dumps(report, indent=2, default=str))
-    metrics = measure(model, shared, ev, art)
+    metrics = measure(model, ev, art)
     metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(art),
                    compress_seconds=sum(report["seconds"].values()))
     windows = shared["windows"].to(device)
@@ -344,17 +344,18 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
     if not (tok_dir / "tokenizer_config.json").is_file():
         tokenizer.save_pretrained(tok_dir)
 
+    payload = _model_payload(base)  # what the trials share (and the base measurement's GPU copy)
     base_file = run_dir / "base_metrics.json"
     if base_file.is_file():
         base_m = json.loads(base_file.read_text())
     else:  # the reference every candidate is compared with, measured the same way as a trial
         say("[raydist] measuring the base model (perplexity, bytes, generation speed)")
-        b = base if device == "cpu" else model_from_payload(_model_payload(base), device)
+        b = base if device == "cpu" else model_from_payload(payload, device)
         threads_before = torch.get_num_threads()
         torch.set_num_threads(max(1, int(cfg.search.cpus_per_trial)))  # as a trial measures
         tmp = run_dir / ".base_artifact"
         save_compressed(b, tokenizer, tmp, None, stage="sweep-base", parent=parent, metrics={})
-        base_m = measure(b, shared, cfg.eval, tmp)
+        base_m = measure(b, cfg.eval, tmp)
         shutil.rmtree(tmp)
         base_m["ppl"] = perplexity_on(b, shared["windows"].to(device))
         torch.set_num_threads(threads_before)
@@ -363,7 +364,6 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
         f"{base_m['tokens_per_s']:.1f} tok/s (batch {cfg.eval.latency_batch_sizes[0]})")
 
     init_ray(cfg.search.max_concurrent * cfg.search.cpus_per_trial)
-    payload = _model_payload(base)
     del base
     param_space, search_alg, num_samples, n_trials = _search(cfg, candidates)
     threads = max(1, int(cfg.search.cpus_per_trial))
