@@ -4,7 +4,8 @@ The sweep stage calls :func:`apply_candidate` in every Ray Tune trial; the bench
 too, so both compress identically. Order matters and follows the literature: remove structure first
 (Minitron), then zero weights within what is left (Wanda / SparseGPT measure the activations of the model
 they prune), then recover the damage with a short distillation from the uncompressed model (sparsity
-masks kept), and quantize last (a quantized model is not trained further here: no QAT).
+masks kept), and quantize last. With ``recovery: qat`` the int4 grids are chosen first and the
+distillation trains against them (quantization-aware training, ``raydist.components.qat``).
 
 Pure torch (no Ray). The building blocks are ``pruning`` (structured), ``sparsity`` (unstructured) and
 ``quantization``; this module only composes them and adds the recovery loop.
@@ -97,29 +98,48 @@ def distill_recover(
     lr: float,
     temperature: float = 1.0,
     seed: int = 0,
+    grids: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> dict[str, Any]:
     """A short knowledge-distillation recovery: ``model`` learns ``teacher``'s next-token distributions.
 
     Forward KL on every position, AdamW at a constant ``lr``; weights that are exactly zero before
     (unstructured / N:M sparsity) are zeroed again after every step, so the sparsity pattern survives.
+    With ``grids`` it is quantization-aware training: the listed Linears compute with their weights
+    rounded to those int4 grids (``raydist.components.qat``).
 
     Args:
         model: the compressed float model (trained in place; left in eval mode).
         teacher: the uncompressed model (frozen), same vocabulary.
         token_ids: [N, T] training sequences (cycled).
         steps, batch_size, lr, temperature, seed: the loop's settings.
+        grids: {layer name: (scale, zero)} int4 grids to train against (QAT), from ``qat.int4_grids``.
 
     Returns:
-        ``{"steps", "first_loss", "last_loss", "seconds"}``.
+        ``{"steps", "first_loss", "last_loss", "seconds"}`` (+ ``"qat_layers"`` with grids).
     """
-    from raydist.components.kd_losses import kd_loss_on_rows
-    from raydist.components.sparsity import prunable_linears
+    from contextlib import nullcontext
+
+    from raydist.components.qat import fake_quantized
 
     if token_ids.dim() != 2 or token_ids.size(0) == 0:
         raise ValueError(f"token_ids must be a non-empty [N, T] tensor, got {list(token_ids.shape)}")
-    device = next(model.parameters()).device
     masks = _zero_masks(model)
+    with fake_quantized(model, grids) if grids else nullcontext({}) as latent:
+        report = _kd_steps(model, teacher, token_ids, masks, latent, steps=steps, batch_size=batch_size, lr=lr,
+                           temperature=temperature, seed=seed)
+    if grids:
+        report["qat_layers"] = len(grids)
+    return report
+
+
+def _kd_steps(model, teacher, token_ids, masks, latent, *, steps, batch_size, lr, temperature, seed
+              ) -> dict[str, Any]:
+    from raydist.components.kd_losses import kd_loss_on_rows
+    from raydist.components.sparsity import prunable_linears
+
+    device = next(model.parameters()).device
     linears = prunable_linears(model)
+    weights = {name: latent[name] if name in latent else linears[name].weight for name in masks}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -141,7 +161,7 @@ def distill_recover(
         opt.step()
         with torch.no_grad():
             for name, mask in masks.items():
-                linears[name].weight.masked_fill_(mask, 0.0)
+                weights[name].masked_fill_(mask, 0.0)
         losses.append(float(loss.detach()))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"recovery diverged at step {step + 1} (loss {losses[-1]})")
@@ -166,7 +186,9 @@ def apply_candidate(
         model: float Llama-layout causal LM (modified in place).
         candidate: ``method`` (none|magnitude|wanda|sparsegpt), ``sparsity``, ``pattern`` ("N:M" or None),
             ``structured`` (fraction, 0 = none), ``structure``, ``quantization`` (none or a scheme of
-            ``quantization.SCHEMES``), ``group_size``, ``recovery`` (none|distill) — see
+            ``quantization.SCHEMES``), ``group_size``, ``int4_algorithm`` (minmax|hqq|gptq; default
+            minmax), ``recovery`` (none|distill|qat: distillation, or distillation against the int4 grids
+            the candidate's quantization chose, before rounding to them) — see
             ``raydist.config.sweep.SearchSpace``.
         calibration: [n, T] token ids for the data-aware methods.
         importance: structured-pruning importance measured on the dense model (needed when
@@ -210,18 +232,39 @@ def apply_candidate(
             raise CandidateError(f"unknown pruning method {method!r}")
         report["sparsity"] = {k: v for k, v in rep.items() if k != "per_layer"}
         report["seconds"]["sparsity"] = time.time() - t
-    if candidate.get("recovery", "none") == "distill":
-        if teacher is None or recovery_ids is None or recovery is None:
-            raise CandidateError("recovery 'distill' needs the uncompressed teacher, recovery text and settings")
-        t = time.time()
-        report["recovery"] = distill_recover(model, teacher, recovery_ids, **recovery)
-        report["seconds"]["recovery"] = time.time() - t
     scheme = candidate.get("quantization", "none")
+    int4_algorithm = candidate.get("int4_algorithm") or "minmax"
+    recovery_kind = candidate.get("recovery", "none")
+    grids = None
+    if recovery_kind in ("distill", "qat"):
+        if teacher is None or recovery_ids is None or recovery is None:
+            raise CandidateError(f"recovery {recovery_kind!r} needs the uncompressed teacher, recovery text and settings")
+        if recovery_kind == "qat" and scheme != "int4_weight_only":
+            raise CandidateError(f"recovery 'qat' trains against int4 grids; quantization is {scheme!r}")
+        t = time.time()
+        if recovery_kind == "qat":
+            from raydist.components.qat import int4_grids
+
+            grids, report["qat_grid"] = int4_grids(
+                model, group_size=candidate.get("group_size"), int4_algorithm=int4_algorithm,
+                calibration=calibration if int4_algorithm == "gptq" else None)
+        report["recovery"] = distill_recover(model, teacher, recovery_ids, grids=grids, **recovery)
+        report["seconds"]["recovery"] = time.time() - t
+    elif recovery_kind != "none":
+        raise CandidateError(f"unknown recovery {recovery_kind!r}; expected none, distill or qat")
     if scheme != "none":
         t = time.time()
-        # int8_dynamic calibrates its per-channel activation smoothing (SmoothQuant) on the same text:
-        # measured on SmolLM2, +0.67 % perplexity with it against +3.1 % without.
-        extra = {"calibration": calibration} if scheme == "int8_dynamic" else {}
+        if grids is not None:  # QAT: round the trained weights to the grids they were trained against
+            extra: dict[str, Any] = {"int4_grids": grids}
+        elif scheme == "int8_dynamic":
+            # calibrates the per-channel activation smoothing (SmoothQuant) on the same text: measured on
+            # SmolLM2, +0.67 % perplexity with it against +3.1 % without.
+            extra = {"calibration": calibration}
+        elif scheme == "int4_weight_only":
+            extra = {"int4_algorithm": int4_algorithm,
+                     **({"calibration": calibration} if int4_algorithm == "gptq" else {})}
+        else:
+            extra = {}
         rep = quantization.quantize_model(model, scheme, group_size=candidate.get("group_size"), device=device,
                                           **extra)
         report["quantization"] = {k: v for k, v in rep.items() if k != "layers"}

@@ -64,7 +64,7 @@ DEFAULT_INT4_GROUP_SIZE = 64
 # How int4 scales/zeros are chosen. "minmax": each group's range (tinygemm's default; instant). "hqq":
 # torchao's HQQ proximal solver, same storage format. SmolLM2-135M g64, 2 windows: dense 14.24, minmax
 # 18.92 (+33 %), hqq 16.80 (+18 %); hqq took ~400 s for the 210 block layers on a busy 2-core box.
-INT4_ALGORITHMS = ("minmax", "hqq")
+INT4_ALGORITHMS = ("minmax", "hqq", "gptq")
 QUANT_FORMAT = 1  # version of the on-disk layout written by save_compressed
 # Not "model.safetensors": plain from_pretrained must fail loudly on a quantized artifact (transformers only
 # warns about an unknown quantization_config and would fill the missing float weights with random ones).
@@ -207,8 +207,7 @@ def quantize_int4_groupwise(w: torch.Tensor, group_size: int, algorithm: str = "
 
         q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
             w, nbits=4, group_size=group_size, axis=1, compute_dtype=torch.float32, device=str(w.device))
-        q = q.reshape(n, k).to(torch.uint8)
-        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+        packed = pack_int4(q.reshape(n, k))
         return packed, scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
     if algorithm != "minmax":
         raise ValueError(f"unknown int4 algorithm {algorithm!r}; choose from {INT4_ALGORITHMS}")
@@ -216,9 +215,34 @@ def quantize_int4_groupwise(w: torch.Tensor, group_size: int, algorithm: str = "
     scale, zero = _choose_qparams_affine_tinygemm(
         w, MappingType.ASYMMETRIC, block, torch.int32, 0, 15, 1e-6, None, torch.float32
     )
-    q = _quantize_affine_tinygemm(w, block, scale, zero, torch.int32, 0, 15).to(torch.uint8)  # [N, K]
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    return packed, scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
+    q = _quantize_affine_tinygemm(w, block, scale, zero, torch.int32, 0, 15)  # [N, K]
+    return pack_int4(q), scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] integer codes in [0, 15] -> [N, K // 2] uint8, column 2j in the low nibble, 2j+1 in the high."""
+    codes = codes.to(torch.uint8)
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def int4_codes_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Round ``w`` [N, K] to a given group grid (``scale`` / ``zero`` [N, K // g]): codes [N, K] in [0, 15].
+
+    ``w ≈ (code - 8) * scale + zero``, the rounding of torchao's ``_quantize_affine_tinygemm``.
+    """
+    n, k = w.shape
+    g = k // scale.shape[1]
+    s, z = scale[..., None], zero[..., None]
+    q = torch.round((w.detach().float().reshape(n, -1, g) - (z - 8 * s)) / s).clamp_(0, 15)
+    return q.reshape(n, k)
+
+
+def int4_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """``w`` rounded to the grid and dequantized (same shape and dtype as ``w``): the fake-quantized weight."""
+    n, k = w.shape
+    g = k // scale.shape[1]
+    q = int4_codes_on_grid(w, scale, zero).reshape(n, -1, g)
+    return ((q - 8) * scale[..., None] + zero[..., None]).reshape(n, k).to(w.dtype)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -286,11 +310,13 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, scheme: str, group_size: Optional[int] = None,
-                    smooth: Optional[torch.Tensor] = None, int4_algorithm: str = "minmax") -> "QuantizedLinear":
+                    smooth: Optional[torch.Tensor] = None, int4_algorithm: str = "minmax",
+                    int4_data: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> "QuantizedLinear":
         """Quantize ``lin`` (any device/dtype) into a new layer on the same device; the kernel is not built.
 
         ``smooth`` [in_features] (int8 only): per-input-channel factors; ``W * smooth`` is quantized and
         inputs are divided by ``smooth`` at run time (SmoothQuant), which is exact before rounding.
+        ``int4_data``: int4 only, the already computed ``(qweight, scale, zero)`` (GPTQ), taken as is.
         """
         if smooth is not None and scheme == "int4_weight_only":
             raise ValueError("smoothing applies to the int8 schemes only")
@@ -301,7 +327,9 @@ class QuantizedLinear(nn.Module):
         if smooth is not None:
             q.smooth = smooth.detach().float().cpu().clone()
             w = w * q.smooth[None, :]
-        if scheme == "int4_weight_only":
+        if scheme == "int4_weight_only" and int4_data is not None:
+            q.qweight, q.scale, q.zero = (t.detach().cpu().clone() for t in int4_data)
+        elif scheme == "int4_weight_only":
             q.qweight, q.scale, q.zero = quantize_int4_groupwise(w, group_size, int4_algorithm)
         else:
             q.qweight, q.scale = quantize_int8_per_row(w)
@@ -531,6 +559,8 @@ def quantize_model(
     calibration: Union[torch.Tensor, Iterable[torch.Tensor], None] = None,
     smoothing_alpha: float = 0.5,
     int4_algorithm: str = "minmax",
+    gptq: Optional[dict[str, Any]] = None,
+    int4_grids: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> dict[str, Any]:
     """Quantize the decoder blocks' Linears of ``model`` in place (see the module doc for kernels).
 
@@ -542,14 +572,21 @@ def quantize_model(
         device: where the model runs; None = where its parameters are. The model is moved there first.
         include_lm_head: also quantize ``lm_head`` (a tied lm_head is untied: the embedding stays float).
         kernel: force one kernel of ``KERNELS`` for every layer instead of the device's measured best.
-        calibration: ``int8_dynamic`` only: token ids [B, T] (or an iterable of them) to measure each
+        calibration: ``int4_weight_only`` with ``int4_algorithm="gptq"`` (required there): the text
+            GPTQ measures each layer's Hessian on. ``int8_dynamic``: token ids [B, T] (or an iterable of them) to measure each
             layer's input-channel maxima for SmoothQuant (Xiao et al., 2023): per input channel,
             ``s = max|x|^alpha / max|W|^(1-alpha)``; ``W * s`` is quantized and inputs are divided by
             ``s``, moving activation outliers into the (per-row quantized) weights. Measured on SmolLM2
             (2 windows): ppl +3.7 % without, +1.0 % with alpha 0.5. None = no smoothing.
         smoothing_alpha: SmoothQuant's migration strength in [0, 1].
         int4_algorithm: ``int4_weight_only``: how scales/zeros are chosen, ``INT4_ALGORITHMS`` (see there:
-            ``"hqq"`` is markedly better on SmolLM2 but takes seconds per layer on CPU).
+            ``"hqq"`` is markedly better on SmolLM2 but takes seconds per layer on CPU; ``"gptq"``
+            compensates each column's rounding error on the calibration text, ``raydist.components.gptq``).
+        int4_grids: int4 only: a fixed ``(scale, zero)`` grid per layer name (what quantization-aware
+            training trained against, ``raydist.components.qat``): each weight is rounded to its layer's
+            grid instead of choosing one. Every quantized layer must have one, with this group size.
+        gptq: options for ``gptq.gptq_quantize_weights`` (``percdamp``, ``actorder``, ``blocksize``,
+            ``true_sequential``).
 
     Returns:
         The report (JSON-serialisable): ``scheme``, ``group_size`` (requested), ``device``, ``kernel``
@@ -575,18 +612,41 @@ def quantize_model(
     already = [n for n in names if isinstance(model.get_submodule(n), QuantizedLinear)]
     if already:
         raise ValueError(f"model is already quantized ({already[0]} is a QuantizedLinear); quantize a float model")
-    if calibration is not None and scheme != "int8_dynamic":
-        raise ValueError(f"calibration (SmoothQuant) applies to int8_dynamic only, not {scheme}")
     if int4_algorithm not in INT4_ALGORITHMS:
         raise ValueError(f"unknown int4_algorithm {int4_algorithm!r}; choose from {INT4_ALGORITHMS}")
+    use_gptq = scheme == "int4_weight_only" and int4_algorithm == "gptq"
+    if calibration is not None and scheme != "int8_dynamic" and not use_gptq:
+        raise ValueError(f"calibration applies to int8_dynamic (SmoothQuant) and int4 GPTQ only, not {scheme}"
+                         + (f" with int4_algorithm={int4_algorithm!r}" if scheme == "int4_weight_only" else ""))
+    if use_gptq and calibration is None:
+        raise ValueError("int4_algorithm='gptq' needs calibration token ids (GPTQ measures each layer's Hessian)")
+    if gptq and not use_gptq:
+        raise ValueError("gptq options apply to int4_algorithm='gptq' only")
+    if int4_grids is not None and (scheme != "int4_weight_only" or use_gptq):
+        raise ValueError("int4_grids apply to int4_weight_only with a min/max or hqq algorithm (not gptq) only")
     if not 0.0 <= smoothing_alpha <= 1.0:
         raise ValueError(f"smoothing_alpha must be in [0, 1], got {smoothing_alpha}")
     if scheme == "int4_weight_only" and group_size is None:
         group_size = DEFAULT_INT4_GROUP_SIZE
+    for name in names if int4_grids is not None else ():
+        lin = model.get_submodule(name)
+        g = pick_group_size(lin.in_features, group_size or DEFAULT_INT4_GROUP_SIZE)
+        if g is not None and (name not in int4_grids
+                              or tuple(int4_grids[name][0].shape) != (lin.out_features, lin.in_features // g)):
+            raise ValueError(f"int4_grids has no [{lin.out_features}, {lin.in_features // g}] grid "
+                             f"(group size {g}) for {name}")
     model.to(dev)
     bytes_before = _module_bytes(model)
-    act_max, n_cal = (_input_channel_maxima(model, names, calibration, dev) if calibration is not None
-                      else ({}, 0))
+    act_max, n_cal = (_input_channel_maxima(model, names, calibration, dev)
+                      if calibration is not None and not use_gptq else ({}, 0))
+    gptq_report: dict[str, Any] = {}
+    if use_gptq:
+        from raydist.components.gptq import gptq_quantize_weights
+
+        # lm_head (include_lm_head) is outside the blocks GPTQ walks: it gets min/max rounding.
+        sizes = {n: pick_group_size(model.get_submodule(n).in_features, group_size) for n in names if n != "lm_head"}
+        gptq_report = gptq_quantize_weights(model, calibration, {n: g for n, g in sizes.items() if g is not None},
+                                            **(gptq or {}))
     layers: dict[str, dict[str, Any]] = {}
     for name in names:
         lin = model.get_submodule(name)
@@ -603,7 +663,12 @@ def quantize_model(
         if name in act_max:
             w_max = lin.weight.detach().float().abs().amax(dim=0).cpu().clamp(min=1e-5)  # [K]
             smooth = (act_max[name].clamp(min=1e-5) ** smoothing_alpha / w_max ** (1 - smoothing_alpha)).clamp(min=1e-5)
-        q = QuantizedLinear.from_linear(lin, scheme, g, smooth=smooth, int4_algorithm=int4_algorithm)
+        codes = gptq_report.get("codes", {}).get(name)
+        if int4_grids is not None:
+            scale, zero = (t.detach().float().cpu() for t in int4_grids[name])
+            codes = (pack_int4(int4_codes_on_grid(lin.weight.detach().cpu(), scale, zero)), scale, zero)
+        q = QuantizedLinear.from_linear(lin, scheme, g, smooth=smooth, int4_data=codes,
+                                        int4_algorithm="minmax" if use_gptq else int4_algorithm)
         used = q.prepare(kernel)
         _set_module(model, name, q)
         entry.update(kernel=used, group_size=g)
@@ -617,6 +682,8 @@ def quantize_model(
     report = _report(model, scheme, group_size, dev, include_lm_head, layers, bytes_before)
     if scheme == "int4_weight_only":
         report["int4_algorithm"] = int4_algorithm
+        if use_gptq:
+            report["gptq"] = {k: v for k, v in gptq_report.items() if k != "codes"}
     if scheme == "int8_dynamic":
         if report["kernel"] == "torch.ao.dynamic_int8":
             report["activations"] = "int8 per token" + (", 7-bit (reduce_range)" if _REDUCE_RANGE else "")

@@ -19,7 +19,8 @@ from raydist.config.finetune import FinetuneConfig
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
 STRUCTURES = ("mlp", "layers", "mlp+heads")
 QUANT_SCHEMES = ("none", "int8_weight_only", "int8_dynamic", "int4_weight_only")
-RECOVERIES = ("none", "distill")
+RECOVERIES = ("none", "distill", "qat")
+INT4_ALGORITHMS = ("minmax", "hqq", "gptq")
 
 
 class SearchSpace(StrictModel):
@@ -40,13 +41,20 @@ class SearchSpace(StrictModel):
         ["none"], description="Weight quantization scheme of the decoder blocks (embeddings / lm_head stay float)."
     )
     group_size: list[int] = Field([64], description="int4 group sizes (a size that does not divide a layer is lowered).")
-    recovery: list[Literal["none", "distill"]] = Field(
-        ["none"], description="Short recovery after pruning: none, or distill (KD from the uncompressed model)."
+    int4_algorithm: list[Literal["minmax", "hqq", "gptq"]] = Field(
+        ["gptq"], description="How int4 weights are rounded: minmax (round to nearest), hqq (optimised scales) or "
+                              "gptq (second-order error compensation on the calibration text)."
+    )
+    recovery: list[Literal["none", "distill", "qat"]] = Field(
+        ["none"], description="Short recovery: none, distill (KD from the uncompressed model, after pruning), or qat "
+                              "(the same KD trained against the int4 grids: quantization-aware training; int4 only, "
+                              "otherwise it is distill)."
     )
 
     @model_validator(mode="after")
     def _valid(self) -> "SearchSpace":
-        for name in ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size", "recovery"):
+        for name in ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size",
+                     "int4_algorithm", "recovery"):
             if not getattr(self, name):
                 raise ValueError(f"search_space.{name} is empty: give at least one value")
         for name in ("sparsity", "structured"):
@@ -67,13 +75,13 @@ class SearchSpace(StrictModel):
         """Every distinct combination, with knobs that do not apply collapsed (e.g. sparsity when method is
         none, group_size unless int4), so the grid holds no duplicate models."""
         seen, out = set(), []
-        for method, sparsity, pattern, structured, structure, quant, group, recovery in itertools.product(
+        for method, sparsity, pattern, structured, structure, quant, group, algorithm, recovery in itertools.product(
             self.method, self.sparsity, self.pattern, self.structured, self.structure, self.quantization,
-            self.group_size, self.recovery
+            self.group_size, self.int4_algorithm, self.recovery
         ):
             c = normalize_candidate({"method": method, "sparsity": sparsity, "pattern": pattern,
                                      "structured": structured, "structure": structure, "quantization": quant,
-                                     "group_size": group, "recovery": recovery})
+                                     "group_size": group, "int4_algorithm": algorithm, "recovery": recovery})
             key = tuple(sorted((k, str(v)) for k, v in c.items()))
             if key not in seen:
                 seen.add(key)
@@ -91,10 +99,14 @@ def normalize_candidate(c: dict[str, Any]) -> dict[str, Any]:
         c["sparsity"] = 1 - n / m  # implied by the pattern
     if c["structured"] == 0.0:
         c["structure"] = "none"
-    if c["quantization"] != "int4_weight_only":
+    int4 = c["quantization"] == "int4_weight_only"
+    if not int4:
         c["group_size"] = None
-    if c["method"] == "none" and c["structured"] == 0.0:
-        c["recovery"] = "none"  # nothing was removed: nothing to recover
+    c["int4_algorithm"] = c.get("int4_algorithm") if int4 else None
+    if c.get("recovery") == "qat" and not int4:
+        c["recovery"] = "distill"  # QAT trains against int4 grids; for other schemes it is plain KD
+    if c["method"] == "none" and c["structured"] == 0.0 and c.get("recovery") == "distill":
+        c["recovery"] = "none"  # nothing was removed and nothing is trained against a grid: nothing to recover
     return c
 
 

@@ -139,7 +139,7 @@ def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[s
     calib_ids = _text_ids(ev.calibration, tokenizer)
     calibration = token_rows(calib_ids, ev.calibration_seq_len, ev.calibration_sequences)
     shared: dict[str, Any] = {"windows": windows, "calibration": calibration}
-    if any(c["recovery"] == "distill" for c in candidates):
+    if any(c["recovery"] in ("distill", "qat") for c in candidates):
         rc = cfg.recovery
         shared["recovery_ids"] = token_rows(_text_ids(rc.data, tokenizer), rc.seq_len)
     if any(c["structured"] > 0 for c in candidates):
@@ -215,7 +215,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     device = config["device"]
     torch.manual_seed(0)
     model = model_from_payload(payload, device)
-    teacher = model_from_payload(payload, device) if candidate["recovery"] == "distill" else None
+    teacher = model_from_payload(payload, device) if candidate["recovery"] in ("distill", "qat") else None
     report = apply_candidate(
         model, candidate, calibration=shared["calibration"].to(device), importance=shared.get("importance"),
         teacher=teacher,
@@ -317,7 +317,7 @@ def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
     sp = cfg.search_space
     space = {"candidate": {k: tune.choice(list(getattr(sp, k))) for k in
                            ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size",
-                            "recovery")}}
+                            "int4_algorithm", "recovery")}}
     searcher = OptunaSearch(metric=["ppl", "disk_bytes", "tokens_per_s"], mode=["min", "min", "max"], seed=s.seed)
     return space, ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent), s.num_samples, s.num_samples
 

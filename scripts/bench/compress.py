@@ -22,7 +22,13 @@ Rows:
                    SmoothQuant calibration (alpha ``--smooth-alpha``) on the decoder-block Linears.
   int8_nosmooth    the same without calibration (what a caller that passes no calibration gets).
   int8_weight_only int8 weights per row; on CPU the fastest measured kernel is the dequantized one.
-  int4_g64         int4 weight-only, group 64, scales/zeros by HQQ (``--int4-algorithm``).
+  int4_g64         int4 weight-only, group 64, GPTQ (act-order, static groups, percdamp 0.1) on the
+                   calibration text (``--int4-algorithm``: gptq, hqq or minmax).
+  int4_g64_minmax  the same grid by round-to-nearest (min/max scales): what GPTQ's error compensation buys.
+  int4_g64_qat     int4_g64 followed by quantization-aware training: ``--qat-steps`` steps of KD from the
+                   dense model on the sweep's recovery text (pydoc topics from token 8,192, 4 x 256-token
+                   sequences per step, AdamW ``--qat-lr``), the weights rounded to GPTQ's grid in every
+                   forward (straight-through gradient), then rounded to that grid for good.
   int4_g128        int4 weight-only, requested group 128 (the 576-wide inputs fall back to 64 per layer,
                    the 1536-wide down_proj keeps 128), min/max scales (the fast default).
   structured25     25 % of the transformer-block parameters removed structurally with
@@ -56,8 +62,8 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ALL_ROWS = ("dense", "int8", "int8_nosmooth", "int8_weight_only", "int4_g64", "int4_g128", "structured25",
-            "magnitude50", "wanda50", "sparsegpt50")
+ALL_ROWS = ("dense", "int8", "int8_nosmooth", "int8_weight_only", "int4_g64", "int4_g64_minmax", "int4_g64_qat",
+            "int4_g128", "structured25", "magnitude50", "wanda50", "sparsegpt50")
 
 
 def main() -> None:
@@ -71,7 +77,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (fastest kept)")
     ap.add_argument("--smooth-alpha", type=float, default=0.5)
-    ap.add_argument("--int4-algorithm", default="hqq", help="int4_g64's scale/zero choice: hqq or minmax")
+    ap.add_argument("--int4-algorithm", default="gptq", help="int4_g64's rounding: gptq, hqq or minmax")
+    ap.add_argument("--qat-steps", type=int, default=40, help="int4_g64_qat's training steps")
+    ap.add_argument("--qat-lr", type=float, default=1e-4, help="int4_g64_qat's learning rate")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "compress.json"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -124,7 +132,18 @@ def main() -> None:
         if name == "int8_weight_only":
             return model, quantize_model(model, "int8_weight_only")
         if name == "int4_g64":
-            return model, quantize_model(model, "int4_weight_only", group_size=64, int4_algorithm=args.int4_algorithm)
+            return model, quantize_model(model, "int4_weight_only", group_size=64, int4_algorithm=args.int4_algorithm,
+                                         **({"calibration": calib} if args.int4_algorithm == "gptq" else {}))
+        if name == "int4_g64_minmax":
+            return model, quantize_model(model, "int4_weight_only", group_size=64)
+        if name == "int4_g64_qat":
+            from raydist.components.compression import apply_candidate
+
+            rep = apply_candidate(model, {"method": "none", "structured": 0.0, "quantization": "int4_weight_only",
+                                          "group_size": 64, "int4_algorithm": args.int4_algorithm, "recovery": "qat"},
+                                  calibration=calib, teacher=base, recovery_ids=recovery_rows(),
+                                  recovery={"steps": args.qat_steps, "batch_size": 4, "lr": args.qat_lr})
+            return model, {**rep["quantization"], "qat": rep["recovery"], "grid": rep["qat_grid"]}
         if name == "int4_g128":  # requested 128: the 576-wide inputs fall back to 64 per layer
             return model, quantize_model(model, "int4_weight_only", group_size=128)
         if name == "structured25":
@@ -139,6 +158,16 @@ def main() -> None:
             return model, sparsity.magnitude_prune(model, 0.5)
         fn = sparsity.wanda_prune if method == "wanda" else sparsity.sparsegpt_prune
         return model, fn(model, calib, 0.5)
+
+    def recovery_rows():
+        """The sweep's default recovery text ([N, 256] ids), as ``raydist sweep`` prepares it."""
+        from raydist.components.compression import token_rows
+        from raydist.components.data import load_records, text_token_stream
+        from raydist.config.sweep import RecoverySettings
+
+        src = RecoverySettings().data
+        texts = [str(r.get("text", "")) for r in load_records(src)]
+        return token_rows(text_token_stream(texts, tok, skip=src.skip_tokens, limit=src.max_tokens), 256)
 
     def build_structured(model):
         from raydist.components.compression import structured_plan
@@ -262,11 +291,15 @@ def main() -> None:
         "int8_ppl": get("int8", "ppl"),
         "int8_tokens_per_s_ratio": get("int8", "speed_ratio_b1"),
         "int4_g64_ppl": get("int4_g64", "ppl"),
+        "int4_g64_qat_ppl": get("int4_g64_qat", "ppl"),
         "structured25_ppl": get("structured25", "ppl"),
         "structured25_speedup": get("structured25", "speed_ratio_b1"),
         "goals": {
             "int8_ppl_within_1pct": None if "int8" not in results else results["int8"]["ppl_ratio"] <= 1.01,
             "int8_speed_ge_1.5x": None if "int8" not in results else results["int8"]["speed_ratio_b1"] >= 1.5,
+            "int4_le_peer_gptq_17.90": None if "int4_g64" not in results else results["int4_g64"]["ppl"] <= 17.90,
+            "int4_with_recovery_within_5pct": None if "int4_g64_qat" not in results
+            else results["int4_g64_qat"]["ppl_ratio"] <= 1.05,
             "structured25_speedup_ge_1.25": None if "structured25" not in results
             else results["structured25"]["speed_ratio_b1"] >= 1.25,
         },
@@ -275,7 +308,8 @@ def main() -> None:
         "protocol": {"n_tokens": args.n_tokens, "window": 512, "calibration": "16 x 128 tokens from 50,000",
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
                      "smooth_alpha": args.smooth_alpha, "select_tokens": args.select_tokens,
-                     "int4_g64_algorithm": args.int4_algorithm},
+                     "int4_g64_algorithm": args.int4_algorithm,
+                     "qat": {"steps": args.qat_steps, "lr": args.qat_lr, "batch": "4 x 256"}},
         "machine": {
             "platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "torchao": torchao.__version__,

@@ -153,3 +153,27 @@ def test_optuna_multi_objective_search(tmp_path):
     space = {"none", "magnitude", "wanda"}
     assert all(t["candidate"]["method"] in space for t in report["trials"])
     assert report["winner"] is not None and (tmp_path / "o" / "artifact" / "raydist.json").is_file()
+
+
+def test_int4_gptq_with_and_without_qat(tmp_path):
+    # int4 by GPTQ, once as is and once trained against its grid (QAT), through the CLI on a local Ray
+    assert main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=q",
+                 "search_space.method=[none]", "search_space.quantization=[int4_weight_only]",
+                 "search_space.group_size=[32]", "search_space.int4_algorithm=[gptq]",
+                 "search_space.recovery=[none,qat]", "recovery.steps=4", "recovery.seq_len=64",
+                 "search.asha=false", "policy.max_quality_loss_pct=1000"]) == 0
+    report = json.loads((tmp_path / "q" / "sweep_report.json").read_text())
+    trials = {t["candidate"]["recovery"]: t for t in report["trials"]}
+    assert set(trials) == {"none", "qat"} and all(t["status"] == "completed" for t in trials.values())
+    assert all(t["candidate"]["int4_algorithm"] == "gptq" for t in trials.values())
+    applied = {}
+    for path in (tmp_path / "q" / "trials").glob("*/compression.json"):
+        done = json.loads(path.read_text())
+        applied[done["candidate"]["recovery"]] = done
+    assert "recovery" not in applied["none"] and applied["none"]["quantization"]["gptq"]["calibration_tokens"] > 0
+    assert applied["qat"]["recovery"]["steps"] == 4 and applied["qat"]["recovery"]["qat_layers"] == 2 * 7
+    assert applied["qat"]["qat_grid"]["int4_algorithm"] == "gptq"
+    for t in trials.values():
+        assert t["disk_bytes"] < 0.5 * report["base"]["disk_bytes"]
+    model = load_compressed(tmp_path / "q" / "artifact")
+    assert {q.scheme for q in quantized_layers(model).values()} == {"int4_weight_only"}

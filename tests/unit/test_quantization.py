@@ -107,8 +107,8 @@ def test_hqq_int4_uses_the_same_format_and_stays_close():
     q = model.model.layers[0].mlp.up_proj
     assert q.qweight.dtype == torch.uint8 and unpack_int4(q.qweight).max() <= 15 and q.scale.shape == (128, 2)
     assert relative_error(logits(model), logits(dense)) < 0.25
-    with pytest.raises(ValueError, match="int4_algorithm 'gptq'"):
-        quantize_model(copy.deepcopy(dense), "int4_weight_only", int4_algorithm="gptq")
+    with pytest.raises(ValueError, match="int4_algorithm 'awq'"):
+        quantize_model(copy.deepcopy(dense), "int4_weight_only", int4_algorithm="awq")
 
 
 def test_cpu_kernels_that_lost_the_measurement_are_still_correct_when_forced():
@@ -136,7 +136,7 @@ def test_smoothquant_calibration_is_exact_before_rounding_and_survives_a_reload(
     assert relative_error(logits(model), logits(dense)) < 0.05
     save_compressed(model, tiny_tokenizer, tmp_path / "sq", report)
     assert torch.equal(logits(load_compressed(tmp_path / "sq")), logits(model))
-    with pytest.raises(ValueError, match="int8_dynamic only"):
+    with pytest.raises(ValueError, match="int8_dynamic .SmoothQuant. and int4 GPTQ only, not int8_weight_only"):
         quantize_model(copy.deepcopy(dense), "int8_weight_only", calibration=cal)
     with pytest.raises(ValueError, match="smoothing_alpha"):
         quantize_model(copy.deepcopy(dense), "int8_dynamic", calibration=cal, smoothing_alpha=1.5)

@@ -175,3 +175,60 @@ def test_grid_product_counts():
     cfg = sweep_cfg(method=["magnitude", "wanda"], sparsity=[0.25, 0.5], quantization=["none", "int8_dynamic"],
                     structured=[0.0, 0.25])
     assert len(cfg.search_space.candidates()) == len(list(itertools.product([0, 1], [0, 1], [0, 1], [0, 1])))
+
+
+def test_int4_algorithm_and_qat_collapse_where_they_do_not_apply():
+    cfg = sweep_cfg(method=["none"], quantization=["none", "int8_dynamic", "int4_weight_only"],
+                    int4_algorithm=["minmax", "gptq"], recovery=["none", "qat"])
+    cands = cfg.search_space.candidates()
+    # none / int8: int4_algorithm collapses and qat becomes distill, which has nothing to recover (no pruning)
+    # -> 1 each; int4: 2 algorithms x {none, qat} -> 4
+    assert len(cands) == 6
+    assert all(c["int4_algorithm"] is None and c["recovery"] == "none"
+               for c in cands if c["quantization"] != "int4_weight_only")
+    assert {(c["int4_algorithm"], c["recovery"]) for c in cands if c["quantization"] == "int4_weight_only"} == {
+        ("minmax", "none"), ("minmax", "qat"), ("gptq", "none"), ("gptq", "qat")}
+    pruned = sweep_cfg(method=["wanda"], quantization=["int8_dynamic"], recovery=["qat"]).search_space.candidates()
+    assert [c["recovery"] for c in pruned] == ["distill"]
+    with pytest.raises(ConfigError, match="int4_algorithm"):
+        sweep_cfg(int4_algorithm=["awq"])
+
+
+def test_qat_recovery_trains_against_the_grid_the_int4_model_is_stored_on():
+    from raydist.components.qat import fake_quantized, int4_grids
+    from raydist.components.quantization import quantize_model, quantized_layers
+
+    teacher = tiny_model()
+    calib = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
+    data = token_rows(torch.randint(0, 500, (1024,), generator=torch.Generator().manual_seed(2)).tolist(), 32)
+
+    def kl_to_teacher(model):
+        with torch.no_grad():
+            t = torch.log_softmax(teacher(input_ids=data).logits, -1)
+            s = torch.log_softmax(model(input_ids=data).logits, -1)
+        return float((t.exp() * (t - s)).sum(-1).mean())
+
+    base = {"method": "magnitude", "sparsity": 0.5, "structured": 0.0, "quantization": "int4_weight_only",
+            "group_size": 32, "int4_algorithm": "minmax"}
+    plain = tiny_model()
+    apply_candidate(plain, dict(base, recovery="none"), calibration=calib)
+    qat = tiny_model()
+    rec = {"steps": 30, "batch_size": 8, "lr": 1e-3}
+    report = apply_candidate(qat, dict(base, recovery="qat"), calibration=calib, teacher=teacher,
+                             recovery_ids=data, recovery=rec)
+    assert report["recovery"]["qat_layers"] == 4 * 7 and report["qat_grid"]["scheme"] == "int4_weight_only"
+    assert kl_to_teacher(qat) < 0.8 * kl_to_teacher(plain)
+    assert {q.group_size for q in quantized_layers(qat).values()} == {32}
+    # the stored int4 model computes exactly what the trained, fake-quantized float model computes
+    model = tiny_model()
+    grids, _ = int4_grids(model, group_size=32)
+    distill_recover(model, teacher, data, steps=5, batch_size=8, lr=1e-3, grids=grids)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())  # plain Linears again
+    with fake_quantized(model, grids), torch.no_grad():
+        trained = model(input_ids=data[:2]).logits
+    quantize_model(model, "int4_weight_only", group_size=32, int4_grids=grids)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=data[:2]).logits, trained, atol=1e-5)
+    with pytest.raises(CandidateError, match="qat"):
+        apply_candidate(tiny_model(), dict(base, quantization="int8_dynamic", recovery="qat"), calibration=calib,
+                        teacher=teacher, recovery_ids=data, recovery=rec)
