@@ -16,12 +16,14 @@ way, so their numbers compare:
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from raydist.components.data import pydoc_topics_text, text_token_stream
@@ -105,6 +107,49 @@ def perplexity_on(model: nn.Module, windows: torch.Tensor, max_tokens: Optional[
     finally:
         model.train(was_training)
     return perplexity(nll, count)
+
+
+@torch.no_grad()
+def task_metrics(model: nn.Module, examples: list[dict[str, list[int]]], *, pad_id: int = 0,
+                 batch_size: int = 8) -> dict[str, Any]:
+    """Answer quality on instruction examples, teacher-forced: the model reads each prompt and the
+    reference answer, and is scored on predicting the answer's tokens.
+
+    Args:
+        examples: ``{"input_ids", "labels"}`` as ``data.tokenize_source`` makes them from instruction or
+            chat records (chat template applied; ``labels`` -100 on the prompt).
+        pad_id: padding id for batching (padding is never scored).
+
+    Returns:
+        ``task_answer_ppl`` (perplexity of the reference answers), ``task_token_accuracy`` (share of answer
+        tokens that are the model's top-1 prediction), ``task_examples``, ``task_answer_tokens``.
+
+    Raises:
+        ValueError: no examples, or no answer token to score.
+    """
+    from raydist.components.data import collate
+
+    if not examples:
+        raise ValueError("task_metrics needs at least one example")
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    nll, correct, count = 0.0, 0, 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            b = collate(examples[i:i + batch_size], pad_id)
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+            logits, labels = logits[:, :-1].float(), b["labels"][:, 1:].to(device)
+            scored = labels != -100
+            nll += float(F.cross_entropy(logits[scored], labels[scored], reduction="sum"))
+            correct += int((logits[scored].argmax(-1) == labels[scored]).sum())
+            count += int(scored.sum())
+    finally:
+        model.train(was_training)
+    if not count:
+        raise ValueError("the task examples hold no answer token to score")
+    return {"task_answer_ppl": math.exp(nll / count), "task_token_accuracy": correct / count,
+            "task_examples": len(examples), "task_answer_tokens": count}
 
 
 def _sync(device: torch.device) -> None:

@@ -140,6 +140,11 @@ class EvalSettings(StrictModel):
         default_factory=lambda: DataSourceConfig(builtin="pydoc_topics", skip_tokens=50_000),
         description="Text the data-aware methods (wanda, sparsegpt, structured importance) calibrate on.",
     )
+    task: Optional[DataSourceConfig] = Field(
+        None, description="Optional instruction / chat data (e.g. seed_tasks.jsonl) for a task metric: the reference "
+                          "answers' perplexity and top-1 token accuracy given the prompts (teacher-forced).")
+    task_max_examples: int = Field(64, gt=0, description="Task examples scored (the first ones of the data).")
+    task_seq_len: int = Field(512, gt=1, description="Tokens per task example (prompt + answer, truncated).")
     calibration_sequences: int = Field(16, gt=0, description="Calibration sequences.")
     calibration_seq_len: int = Field(128, gt=1, description="Tokens per calibration sequence.")
     latency_batch_sizes: list[int] = Field([1, 8], description="Batch sizes whose generation tokens/s are measured.")
@@ -156,16 +161,18 @@ class EvalSettings(StrictModel):
 
 
 class RecoverySettings(StrictModel):
-    """The short recovery a candidate with ``recovery: distill`` gets (KD from the uncompressed model)."""
+    """The short recovery a candidate with ``recovery: distill`` or ``qat`` gets (KD from the uncompressed model)."""
 
     data: DataSourceConfig = Field(
         default_factory=lambda: DataSourceConfig(builtin="pydoc_topics", skip_tokens=8192, max_tokens=40_000),
         description="Text the recovery trains on (plain text).",
     )
-    steps: int = Field(20, gt=0, description="Optimizer steps.")
+    steps: int = Field(40, gt=0, description="Optimizer steps. SmolLM2-135M, 4 x 256 tokens per step, lr 1e-4: 40 steps "
+                                         "take 25 %-structured from ppl 50.6 (layers) / 25.9 (MLP) to 20.0 / 17.1, "
+                                         "and GPTQ int4 (QAT) from 16.13 to 15.29 (dense 14.70).")
     batch_size: int = Field(4, gt=0, description="Sequences per step.")
     seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate (constant).")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant); 2e-5 gave QAT 15.71 instead of 15.29.")
     temperature: float = Field(1.0, gt=0, description="KD temperature.")
 
 

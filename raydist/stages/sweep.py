@@ -139,6 +139,17 @@ def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[s
     calib_ids = _text_ids(ev.calibration, tokenizer)
     calibration = token_rows(calib_ids, ev.calibration_seq_len, ev.calibration_sequences)
     shared: dict[str, Any] = {"windows": windows, "calibration": calibration}
+    if ev.task is not None:
+        from raydist.components.data import detect_format, load_records, tokenize_source
+
+        records = load_records(ev.task)
+        fmt = detect_format(records, ev.task)
+        if fmt == "text":
+            raise PreflightError(f"eval.task {ev.task.path or ev.task.builtin} is plain text; the task metric needs "
+                                 "instruction ('instruction' + 'output') or chat ('messages') records")
+        examples = tokenize_source(records, fmt, ev.task, tokenizer, ev.task_seq_len, packing=False)
+        shared["task"] = examples[:ev.task_max_examples]
+        shared["pad_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if any(c["recovery"] in ("distill", "qat") for c in candidates):
         rc = cfg.recovery
         shared["recovery_ids"] = token_rows(_text_ids(rc.data, tokenizer), rc.seq_len)
@@ -241,8 +252,18 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     windows = shared["windows"].to(device)
     for budget in ev.budgets:  # each budget is one ASHA rung
         ppl = perplexity_on(model, windows, max_tokens=budget)
-        ray.tune.report({**metrics, "ppl": ppl if math.isfinite(ppl) else 1e30, "eval_tokens": budget,
-                         "final": budget == ev.budgets[-1]})
+        final = budget == ev.budgets[-1]
+        ray.tune.report({**metrics, **(_task(model, shared) if final else {}),
+                         "ppl": ppl if math.isfinite(ppl) else 1e30, "eval_tokens": budget, "final": final})
+
+
+def _task(model, shared: dict[str, Any]) -> dict[str, Any]:
+    """The optional task metric (``eval.task``) on the full-eval rung; {} when none is configured."""
+    from raydist.components.evaluation import task_metrics
+
+    if not shared.get("task"):
+        return {}
+    return task_metrics(model, shared["task"], pad_id=shared["pad_id"])
 
 
 def _progress_callback(total: int, target: str):
@@ -358,6 +379,7 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
         base_m = measure(b, cfg.eval, tmp)
         shutil.rmtree(tmp)
         base_m["ppl"] = perplexity_on(b, shared["windows"].to(device))
+        base_m.update(_task(b, shared))
         torch.set_num_threads(threads_before)
         write_json_atomic(base_file, base_m)
     say(f"[raydist] base: ppl {base_m['ppl']:.4g}, {base_m['disk_bytes'] / 2**20:.1f} MiB, "
@@ -405,7 +427,8 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
         else:
             row["status"] = "stopped_early" if m else "not_run"
         for k in ("ppl", "eval_tokens", "disk_bytes", "disk_weight_bytes", "parameters", "nonzero_parameters",
-                  "sparsity", "tokens_per_s", "artifact", "compress_seconds"):
+                  "sparsity", "tokens_per_s", "artifact", "compress_seconds", "task_answer_ppl",
+                  "task_token_accuracy"):
             if k in m:
                 row[k] = m[k]
         row.update({k: v for k, v in m.items() if k.startswith("tokens_per_s_b")})
@@ -466,7 +489,8 @@ def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, device, shared, say)
     write_manifest(
         tmp, stage="sweep", config=cfg.model_dump(mode="json"), parent=parent,
         metrics={**{k: winner[k] for k in ("ppl", "quality_loss_pct", "disk_bytes", "tokens_per_s", "parameters",
-                                           "nonzero_parameters", "sparsity") if k in winner},
+                                           "nonzero_parameters", "sparsity", "task_answer_ppl",
+                                           "task_token_accuracy") if k in winner},
                  "reloaded_ppl": ppl, "base_ppl": base_m["ppl"], "speedup": winner.get("speedup"),
                  "size_ratio": winner.get("size_ratio")},
         num_parameters=winner.get("parameters", 0),

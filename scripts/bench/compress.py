@@ -25,16 +25,18 @@ Rows:
   int4_g64         int4 weight-only, group 64, GPTQ (act-order, static groups, percdamp 0.1) on the
                    calibration text (``--int4-algorithm``: gptq, hqq or minmax).
   int4_g64_minmax  the same grid by round-to-nearest (min/max scales): what GPTQ's error compensation buys.
-  int4_g64_qat     int4_g64 followed by quantization-aware training: ``--qat-steps`` steps of KD from the
-                   dense model on the sweep's recovery text (pydoc topics from token 8,192, 4 x 256-token
-                   sequences per step, AdamW ``--qat-lr``), the weights rounded to GPTQ's grid in every
-                   forward (straight-through gradient), then rounded to that grid for good.
+  int4_g64_qat     int4_g64 followed by quantization-aware training: the recovery (below), the weights
+                   rounded to GPTQ's grid in every forward (straight-through gradient), then rounded to
+                   that grid for good.
   int4_g128        int4 weight-only, requested group 128 (the 576-wide inputs fall back to 64 per layer,
                    the 1536-wide down_proj keeps 128), min/max scales (the fast default).
   structured25     25 % of the transformer-block parameters removed structurally with
-                   ``pruning.collect_importance`` + ``prune_model``; both ``compression.structured_plan``
-                   structures ("mlp": MLP channels; "mlp+heads": one KV group + MLP channels) are measured
-                   on the first ``--select-tokens`` tokens and the better one is kept (no recovery training).
+                   ``pruning.collect_importance`` + ``prune_model`` (``compression.structured_plan``):
+                   structure "layers" (the 8 least important of 30 whole layers, 26.7 %), then the recovery.
+  structured25_mlp the same share as MLP channels (intermediate 1536 -> 1024, 25.0 %), then the recovery.
+  Recovery = ``--recovery-steps`` steps of KD from the dense model on the sweep's default recovery text
+  (pydoc topics from token 8,192, which the eval text does not reach; 4 x 256-token sequences per step,
+  AdamW ``--recovery-lr``), through ``compression.apply_candidate`` as a sweep trial does.
   magnitude50 / wanda50 / sparsegpt50
                    50 % unstructured sparsity (raydist.components.sparsity; skipped with a note if that
                    module is missing). Stored dense: bytes do not shrink, dense kernels do not speed up.
@@ -63,7 +65,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_ROWS = ("dense", "int8", "int8_nosmooth", "int8_weight_only", "int4_g64", "int4_g64_minmax", "int4_g64_qat",
-            "int4_g128", "structured25", "magnitude50", "wanda50", "sparsegpt50")
+            "int4_g128", "structured25", "structured25_mlp", "magnitude50", "wanda50", "sparsegpt50")
 
 
 def main() -> None:
@@ -72,14 +74,13 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ALL_ROWS), help="comma-separated subset of " + ",".join(ALL_ROWS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-tokens", type=int, default=4096)
-    ap.add_argument("--select-tokens", type=int, default=1024, help="ppl budget to pick the structured25 variant")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (fastest kept)")
     ap.add_argument("--smooth-alpha", type=float, default=0.5)
     ap.add_argument("--int4-algorithm", default="gptq", help="int4_g64's rounding: gptq, hqq or minmax")
-    ap.add_argument("--qat-steps", type=int, default=40, help="int4_g64_qat's training steps")
-    ap.add_argument("--qat-lr", type=float, default=1e-4, help="int4_g64_qat's learning rate")
+    ap.add_argument("--recovery-steps", type=int, default=40, help="KD steps of the rows with recovery (qat, structured)")
+    ap.add_argument("--recovery-lr", type=float, default=1e-4, help="their AdamW learning rate")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "compress.json"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -114,6 +115,7 @@ def main() -> None:
     windows = eval_windows(tok, n_tokens=args.n_tokens)
     calib = calibration_ids(tok)
     probe = windows[0, :64][None]
+    recovery_settings = {"steps": args.recovery_steps, "batch_size": 4, "lr": args.recovery_lr}
     with torch.inference_mode():
         probe_dense = base(probe).logits
 
@@ -142,12 +144,14 @@ def main() -> None:
             rep = apply_candidate(model, {"method": "none", "structured": 0.0, "quantization": "int4_weight_only",
                                           "group_size": 64, "int4_algorithm": args.int4_algorithm, "recovery": "qat"},
                                   calibration=calib, teacher=base, recovery_ids=recovery_rows(),
-                                  recovery={"steps": args.qat_steps, "batch_size": 4, "lr": args.qat_lr})
+                                  recovery=recovery_settings)
             return model, {**rep["quantization"], "qat": rep["recovery"], "grid": rep["qat_grid"]}
         if name == "int4_g128":  # requested 128: the 576-wide inputs fall back to 64 per layer
             return model, quantize_model(model, "int4_weight_only", group_size=128)
         if name == "structured25":
-            return build_structured(model)
+            return build_structured(model, "layers")
+        if name == "structured25_mlp":
+            return build_structured(model, "mlp")
         method = name[: -len("50")]
         try:
             from raydist.components import sparsity
@@ -169,29 +173,21 @@ def main() -> None:
         texts = [str(r.get("text", "")) for r in load_records(src)]
         return token_rows(text_token_stream(texts, tok, skip=src.skip_tokens, limit=src.max_tokens), 256)
 
-    def build_structured(model):
-        from raydist.components.compression import structured_plan
-        from raydist.components.pruning import collect_importance, prune_model
+    importance = []
 
-        imp = collect_importance(base, calib.split(4), what=("mlp", "heads"))
+    def build_structured(model, structure):
+        from raydist.components.compression import apply_candidate
+        from raydist.components.pruning import collect_importance
+
+        if not importance:
+            importance.append(collect_importance(base, calib.split(4), what=("mlp", "heads", "layers")))
         before = block_params(base)
-        tried = {}
-        for structure in ("mlp", "mlp+heads"):
-            cand = copy.deepcopy(base)
-            plan = structured_plan(cand.config, 0.25, structure)
-            rep = prune_model(cand, imp, **plan)
-            ppl = perplexity_on(cand, windows, max_tokens=args.select_tokens)
-            removed = 1 - block_params(cand) / before
-            tried[structure] = {"plan": plan, "select_ppl": ppl, "block_params_removed": removed, "model": cand,
-                                "report": rep}
-            print(f"  structured25 {structure:10s} ppl@{args.select_tokens}={ppl:.2f} "
-                  f"block params removed {removed:.1%}", flush=True)
-        best = min(tried, key=lambda s: tried[s]["select_ppl"])
-        chosen = tried[best]
-        report = {"structure": best, **chosen["report"], "block_params_removed": chosen["block_params_removed"],
-                  "candidates": {s: {k: v for k, v in t.items() if k not in ("model", "report")}
-                                 for s, t in tried.items()}}
-        return chosen["model"], report
+        rep = apply_candidate(model, {"method": "none", "structured": 0.25, "structure": structure,
+                                      "quantization": "none", "recovery": "distill"},
+                              calibration=calib, importance=importance[0], teacher=base,
+                              recovery_ids=recovery_rows(), recovery=recovery_settings)
+        return model, {"structure": structure, **rep["structured"], "recovery": rep["recovery"],
+                       "block_params_removed": 1 - block_params(model) / before}
 
     results: dict[str, dict] = {}
     models: dict[str, torch.nn.Module] = {}
@@ -294,6 +290,8 @@ def main() -> None:
         "int4_g64_qat_ppl": get("int4_g64_qat", "ppl"),
         "structured25_ppl": get("structured25", "ppl"),
         "structured25_speedup": get("structured25", "speed_ratio_b1"),
+        "structured25_mlp_ppl": get("structured25_mlp", "ppl"),
+        "structured25_mlp_speedup": get("structured25_mlp", "speed_ratio_b1"),
         "goals": {
             "int8_ppl_within_1pct": None if "int8" not in results else results["int8"]["ppl_ratio"] <= 1.01,
             "int8_speed_ge_1.5x": None if "int8" not in results else results["int8"]["speed_ratio_b1"] >= 1.5,
@@ -307,9 +305,10 @@ def main() -> None:
         "errors": errors,
         "protocol": {"n_tokens": args.n_tokens, "window": 512, "calibration": "16 x 128 tokens from 50,000",
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                     "smooth_alpha": args.smooth_alpha, "select_tokens": args.select_tokens,
+                     "smooth_alpha": args.smooth_alpha,
                      "int4_g64_algorithm": args.int4_algorithm,
-                     "qat": {"steps": args.qat_steps, "lr": args.qat_lr, "batch": "4 x 256"}},
+                     "recovery": {"steps": args.recovery_steps, "lr": args.recovery_lr, "batch": "4 x 256",
+                                  "text": "pydoc topics from token 8,192 (the sweep's default)"}},
         "machine": {
             "platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "torchao": torchao.__version__,

@@ -65,6 +65,7 @@ def test_compress_sweep_with_a_failing_trial(tmp_path, monkeypatch):
     # trial artifacts off the front were removed (keep_artifacts: pareto); the winner's copy is exported
     for t in completed:
         assert Path(t["artifact"]).exists() == t["pareto"]
+    assert "task_answer_ppl" not in w  # no eval.task configured
     # a finished sweep is not re-run
     assert main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=s1"]) == 2
 
@@ -88,6 +89,9 @@ def test_bad_sweep_config_fails_before_ray_work(tmp_path, capsys):
                "search_space.structured=[0.9]"])
     assert rc == 2 and "structured 0.9" in capsys.readouterr().err
     assert not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()
+    rc = main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=s5",
+               "eval.task.builtin=pydoc_topics"])
+    assert rc == 2 and "the task metric needs instruction" in capsys.readouterr().err
 
 
 def test_finetune_hyperparameter_sweep(tmp_path):
@@ -155,9 +159,14 @@ def test_optuna_multi_objective_search(tmp_path):
     assert report["winner"] is not None and (tmp_path / "o" / "artifact" / "raydist.json").is_file()
 
 
-def test_int4_gptq_with_and_without_qat(tmp_path):
-    # int4 by GPTQ, once as is and once trained against its grid (QAT), through the CLI on a local Ray
+def test_int4_gptq_with_and_without_qat_and_a_task_metric(tmp_path):
+    # int4 by GPTQ, once as is and once trained against its grid (QAT), through the CLI on a local Ray;
+    # every candidate also gets the task metric on a small instruction set
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"{2 * i}."}) + "\n"
+                             for i in range(6)))
     assert main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=q",
+                 f"eval.task.path={tasks}", "eval.task_max_examples=4",
                  "search_space.method=[none]", "search_space.quantization=[int4_weight_only]",
                  "search_space.group_size=[32]", "search_space.int4_algorithm=[gptq]",
                  "search_space.recovery=[none,qat]", "recovery.steps=4", "recovery.seq_len=64",
@@ -175,5 +184,8 @@ def test_int4_gptq_with_and_without_qat(tmp_path):
     assert applied["qat"]["qat_grid"]["int4_algorithm"] == "gptq"
     for t in trials.values():
         assert t["disk_bytes"] < 0.5 * report["base"]["disk_bytes"]
+        assert t["task_answer_ppl"] > 1 and 0 <= t["task_token_accuracy"] <= 1
+    assert report["base"]["task_examples"] == 4 and report["base"]["task_answer_ppl"] > 1
+    assert read_manifest(tmp_path / "q" / "artifact")["metrics"]["task_answer_ppl"] == report["winner"]["task_answer_ppl"]
     model = load_compressed(tmp_path / "q" / "artifact")
     assert {q.scheme for q in quantized_layers(model).values()} == {"int4_weight_only"}

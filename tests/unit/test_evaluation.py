@@ -99,3 +99,33 @@ def test_model_size_counts_logical_parameters_nonzeros_and_disk_bytes(tmp_path, 
     assert size["nonzero_parameters"] <= n - 64 * 128  # zero rows stay exactly zero in symmetric int8
     assert size["memory_bytes"] < dense["memory_bytes"]
     assert 0 < size["disk_weight_bytes"] <= size["disk_bytes"]
+
+
+def test_task_metrics_score_only_answer_tokens_whatever_the_batching(tiny_tokenizer):
+    from raydist.components.data import DataSourceConfig, tokenize_source
+    from raydist.components.evaluation import task_metrics
+
+    model = load_model(ModelConfig(path="tiny-random", tiny=TINY), seed=0).eval()
+    records = [{"instruction": f"Add {i} and {i + 1}.", "output": f"The sum is {2 * i + 1}."} for i in range(5)]
+    records.append({"instruction": "Name a colour, with a much longer explanation of why that colour " * 3,
+                    "output": "Blue."})
+    examples = tokenize_source(records, "instruction", DataSourceConfig(path="x.jsonl"), tiny_tokenizer, 256, False)
+    one = task_metrics(model, examples, batch_size=1)
+    six = task_metrics(model, examples, batch_size=6)  # padded batch: padding and prompts are not scored
+    answer_tokens = sum(sum(lab != -100 for lab in e["labels"][1:]) for e in examples)
+    assert one["task_answer_tokens"] == six["task_answer_tokens"] == answer_tokens
+    assert one["task_answer_ppl"] == pytest.approx(six["task_answer_ppl"], rel=1e-4)
+    assert one["task_token_accuracy"] == pytest.approx(six["task_token_accuracy"])
+    # by hand for one example: NLL of its answer tokens given everything before them
+    e = examples[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([e["input_ids"]])).logits[0, :-1], -1)
+    targets = torch.tensor(e["labels"][1:])
+    keep = targets != -100
+    nll = -logp[keep].gather(1, targets[keep][:, None]).sum()
+    first = task_metrics(model, examples[:1])
+    assert first["task_answer_ppl"] == pytest.approx(math.exp(float(nll) / int(keep.sum())), rel=1e-4)
+    assert first["task_token_accuracy"] == pytest.approx(
+        float((logp[keep].argmax(-1) == targets[keep]).float().mean()))
+    with pytest.raises(ValueError, match="at least one example"):
+        task_metrics(model, [])
