@@ -195,10 +195,10 @@ def model_from_payload(payload: dict[str, Any], device: str = "cpu"):
 
 
 def measure(model, cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
-    """Bytes and generation speed (the model's real kernels on its device); perplexity is reported per budget."""
+    """Generation speed (the model's real kernels on its device) and, given an artifact, its sizes."""
     from raydist.components.evaluation import generation_speed, model_size
 
-    out = model_size(model, artifact_dir)
+    out = model_size(model, artifact_dir) if artifact_dir is not None else {}
     for b in cfg_eval.latency_batch_sizes:
         sp = generation_speed(model, batch_size=b, prompt_len=cfg_eval.latency_prompt_tokens,
                               new_tokens=cfg_eval.latency_new_tokens, repeats=cfg_eval.latency_repeats)
@@ -246,15 +246,21 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     save_compressed(model, tokenizer, art, report.get("quantization"), stage="sweep-trial",
                     config={"candidate": candidate}, parent=config["parent"], metrics={})
     (trial_dir / "compression.json").write_text(json.dumps(report, indent=2, default=str))
-    metrics = measure(model, ev, art)
+    from raydist.components.evaluation import model_size
+
+    metrics = model_size(model, art)
     metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(art),
                    compress_seconds=sum(report["seconds"].values()))
     windows = shared["windows"].to(device)
     for budget in ev.budgets:  # each budget is one ASHA rung
         ppl = perplexity_on(model, windows, max_tokens=budget)
         final = budget == ev.budgets[-1]
-        ray.tune.report({**metrics, **(_task(model, shared) if final else {}),
-                         "ppl": ppl if math.isfinite(ppl) else 1e30, "eval_tokens": budget, "final": final})
+        if final:
+            # Generation speed (the slowest measurement) only for candidates that reach the full eval: one
+            # ASHA stopped on perplexity can be neither on the Pareto front nor the winner.
+            metrics.update(measure(model, ev, None), **_task(model, shared))
+        ray.tune.report({"tokens_per_s": None, **metrics, "ppl": ppl if math.isfinite(ppl) else 1e30,
+                         "eval_tokens": budget, "final": final})
 
 
 def _task(model, shared: dict[str, Any]) -> dict[str, Any]:
@@ -282,8 +288,9 @@ def _progress_callback(total: int, target: str):
                 m = f"eval ppl {r['eval_ppl']:.4g}" if "eval_ppl" in r else ""
             else:
                 what_ = r.get("candidate") or json.dumps(trial.config.get("candidate", {}), sort_keys=True)
-                m = (f"ppl {r['ppl']:.4g} @ {r.get('eval_tokens')} tok, {r.get('disk_bytes', 0) / 2**20:.1f} MiB, "
-                     f"{r.get('tokens_per_s', float('nan')):.1f} tok/s") if "ppl" in r else ""
+                m = (f"ppl {r['ppl']:.4g} @ {r.get('eval_tokens')} tok, {r.get('disk_bytes', 0) / 2**20:.1f} MiB"
+                     + (f", {r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") is not None else "")
+                     ) if "ppl" in r else ""
             console(f"[raydist] trial {self.done}/{total} {what}: {what_} {m}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -313,6 +320,9 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable, param_space: dict[str, An
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
                                     num_samples=num_samples,
+                                    # trials reuse their worker process (no new interpreter + torch import
+                                    # per candidate); each trial builds its own model from the payload
+                                    reuse_actors=True,
                                     max_concurrent_trials=None if search_alg is not None else cfg.search.max_concurrent),
         run_config=tune.RunConfig(name="sweep", storage_path=str(storage), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
@@ -339,7 +349,14 @@ def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
     space = {"candidate": {k: tune.choice(list(getattr(sp, k))) for k in
                            ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size",
                             "int4_algorithm", "recovery")}}
-    searcher = OptunaSearch(metric=["ppl", "disk_bytes", "tokens_per_s"], mode=["min", "min", "max"], seed=s.seed)
+    class _Search(OptunaSearch):
+        # A candidate ASHA stopped has no speed (measured at the full eval only): Optuna records it as pruned.
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if result and any(result.get(m) is None for m in self.metric):
+                result = None
+            super().on_trial_complete(trial_id, result, error)
+
+    searcher = _Search(metric=["ppl", "disk_bytes", "tokens_per_s"], mode=["min", "min", "max"], seed=s.seed)
     return space, ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent), s.num_samples, s.num_samples
 
 
@@ -429,7 +446,7 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
         for k in ("ppl", "eval_tokens", "disk_bytes", "disk_weight_bytes", "parameters", "nonzero_parameters",
                   "sparsity", "tokens_per_s", "artifact", "compress_seconds", "task_answer_ppl",
                   "task_token_accuracy"):
-            if k in m:
+            if m.get(k) is not None:
                 row[k] = m[k]
         row.update({k: v for k, v in m.items() if k.startswith("tokens_per_s_b")})
         if "ppl" in row:

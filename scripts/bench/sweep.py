@@ -10,7 +10,8 @@ against a naive loop that, for each configuration, reloads the model from disk, 
 Both sides measure the same things per candidate (bytes on disk, generation tokens/s at batch 1 and 8 with
 32 new tokens after a 32-token prompt, perplexity on the protocol's eval text: the first 4,096 SmolLM2
 tokens of pydoc topics in 512-token windows; calibration 16 x 128 tokens from token 50,000); the sweep may
-stop a candidate early (ASHA at 1,024 / 2,048 / 4,096 tokens), the loop never does. The search space
+stop a candidate early (ASHA at 1,024 / 2,048 / 4,096 tokens; a stopped candidate's speed is not measured),
+the loop never does. Run it on an otherwise idle machine: both sides are timed, one after the other. The search space
 (16 distinct candidates): method {none, magnitude, wanda, sparsegpt} at 50 % x structured {0, 25 % of the
 block parameters (MLP)} x quantization {none, int8_dynamic}.
 

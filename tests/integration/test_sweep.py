@@ -121,7 +121,8 @@ def test_interrupted_sweep_resumes(tmp_path):
     import time
 
     cmd = [sys.executable, "-m", "raydist.cli", "sweep", "-c", str(JOBS / "sweep_tiny.yaml"),
-           f"run.output_dir={tmp_path}", "run.name=r", "search.max_concurrent=1", "search.asha=false"]
+           f"run.output_dir={tmp_path}", "run.name=r", "search.max_concurrent=1", "search.asha=false",
+           "eval.latency_repeats=30"]  # a few seconds per trial, so the kill lands mid-sweep
     log = tmp_path / "first.log"
     import tempfile
 
@@ -129,10 +130,17 @@ def test_interrupted_sweep_resumes(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r-", dir="/tmp"), "RAY_ADDRESS": ""}
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    def saved_done() -> int:  # trials Tune's saved experiment state (every 2 s) holds as finished
+        states = sorted((tmp_path / "r" / "tune" / "sweep").glob("experiment_state*.json"))
+        try:
+            data = json.loads(states[-1].read_text()) if states else {"trial_data": []}
+        except (OSError, ValueError):  # caught mid-write
+            return 0
+        return sum(json.loads(t[0]).get("status") == "TERMINATED" for t in data["trial_data"])
+
     deadline = time.time() + 300
-    while time.time() < deadline and log.read_text().count(" done: ") < 2 and proc.poll() is None:
-        time.sleep(1)
-    time.sleep(6)  # the driver saves its experiment state every 2 s
+    while time.time() < deadline and saved_done() < 2 and proc.poll() is None:
+        time.sleep(0.2)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
