@@ -232,3 +232,26 @@ def test_qat_recovery_trains_against_the_grid_the_int4_model_is_stored_on():
     with pytest.raises(CandidateError, match="qat"):
         apply_candidate(tiny_model(), dict(base, quantization="int8_dynamic", recovery="qat"), calibration=calib,
                         teacher=teacher, recovery_ids=data, recovery=rec)
+
+
+def test_asha_never_stops_a_candidate_that_still_meets_the_policy():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raydist.stages.sweep import policy_aware_asha
+
+    def run(scheduler):
+        actions = {}
+        for tid, ppl in (("base-like", 10.0), ("int8-like", 10.07), ("bad", 30.0), ("worse", 40.0)):
+            trial = SimpleNamespace(trial_id=tid)
+            scheduler.on_trial_add(None, trial)
+            actions[tid] = scheduler.on_trial_result(None, trial, {"training_iteration": 1, "ppl": ppl})
+        return actions
+
+    plain = run(ASHAScheduler(time_attr="training_iteration", metric="ppl", mode="min", max_t=3, grace_period=1,
+                              reduction_factor=2))
+    assert plain["int8-like"] == "STOP"  # what plain ASHA does to a candidate 0.7 % off the base
+    ours = run(policy_aware_asha([10.5, 10.5, 10.5]))
+    assert ours["int8-like"] == "CONTINUE" and ours["base-like"] == "CONTINUE"
+    assert ours["bad"] == "STOP" and ours["worse"] == "STOP"
