@@ -88,25 +88,47 @@ def perplexity_on(model: nn.Module, windows: torch.Tensor, max_tokens: Optional[
     Raises:
         ValueError: windows not [W, T] with T >= 2, or ``max_tokens < 2``.
     """
-    if windows.dim() != 2 or windows.shape[1] < 2:
-        raise ValueError(f"windows must be [W, T] with T >= 2, got shape {tuple(windows.shape)}")
-    if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
-    rows: list[torch.Tensor] = []
-    budget = windows.numel() if max_tokens is None else max_tokens
-    for w in windows:
-        if budget < 2:
-            break
-        rows.append(w[: min(len(w), budget)])
-        budget -= len(rows[-1])
-    batches = ({"input_ids": r[None], "labels": r[None], "attention_mask": torch.ones_like(r)[None]} for r in rows)
-    was_training = model.training
-    model.eval()
-    try:
-        nll, count = sum_nll(model, batches, _model_device(model))
-    finally:
-        model.train(was_training)
-    return perplexity(nll, count)
+    return IncrementalPerplexity(model, windows)(max_tokens)
+
+
+class IncrementalPerplexity:
+    """``perplexity_on(model, windows, max_tokens=b)`` for growing budgets ``b`` (ASHA rungs), each full
+    window scored once: a later budget only runs the windows an earlier one did not reach. Same values
+    as separate calls (the same per-window sums, added in the same order)."""
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor) -> None:
+        if windows.dim() != 2 or windows.shape[1] < 2:
+            raise ValueError(f"windows must be [W, T] with T >= 2, got shape {tuple(windows.shape)}")
+        self.model, self.windows = model, windows
+        self._full: list[tuple[float, int]] = []  # (nll sum, predicted tokens) of windows 0, 1, ... scored whole
+
+    def _score(self, row: torch.Tensor) -> tuple[float, int]:
+        batch = {"input_ids": row[None], "labels": row[None], "attention_mask": torch.ones_like(row)[None]}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sum_nll(self.model, [batch], _model_device(self.model))
+        finally:
+            self.model.train(was_training)
+
+    def __call__(self, max_tokens: Optional[int] = None) -> float:
+        if max_tokens is not None and max_tokens < 2:
+            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+        budget = self.windows.numel() if max_tokens is None else max_tokens
+        nll, count = 0.0, 0
+        for i, w in enumerate(self.windows):
+            if budget < 2:
+                break
+            take = min(len(w), budget)
+            if take == len(w):
+                if i == len(self._full):
+                    self._full.append(self._score(w))
+                part = self._full[i]
+            else:
+                part = self._score(w[:take])
+            nll, count = nll + part[0], count + part[1]
+            budget -= take
+        return perplexity(nll, count)
 
 
 @torch.no_grad()

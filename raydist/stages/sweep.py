@@ -212,7 +212,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     import ray.tune
 
     from raydist.components.compression import apply_candidate
-    from raydist.components.evaluation import perplexity_on
+    from raydist.components.evaluation import IncrementalPerplexity
     from raydist.components.quantization import save_compressed
     from raydist.config.sweep import EvalSettings, RecoverySettings, normalize_candidate
 
@@ -251,14 +251,25 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     metrics = model_size(model, art)
     metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(art),
                    compress_seconds=sum(report["seconds"].values()))
-    windows = shared["windows"].to(device)
+    base = config.get("base") or {}
+    same_as_base = bool(base.get("ppl_by_budget")) and not any(
+        report.get(step) for step in ("structured", "sparsity", "recovery", "quantization"))
+    ppl_at = IncrementalPerplexity(model, shared["windows"].to(device))
     for budget in ev.budgets:  # each budget is one ASHA rung
-        ppl = perplexity_on(model, windows, max_tokens=budget)
         final = budget == ev.budgets[-1]
-        if final:
-            # Generation speed (the slowest measurement) only for candidates that reach the full eval: one
-            # ASHA stopped on perplexity can be neither on the Pareto front nor the winner.
-            metrics.update(measure(model, ev, None), **_task(model, shared))
+        if same_as_base:
+            # the candidate that changes nothing is the base model, which the driver measured the same way
+            # (and its artifact, saved above, holds the same weights)
+            ppl = base["ppl_by_budget"][str(budget)]
+            if final:
+                metrics.update({k: v for k, v in base.items() if k.startswith(("tokens_per_s", "task_"))},
+                               measured_as="base")
+        else:
+            ppl = ppl_at(budget)
+            if final:
+                # Generation speed (the slowest measurement) only for candidates that reach the full eval:
+                # one ASHA stopped on perplexity can be neither on the Pareto front nor the winner.
+                metrics.update(measure(model, ev, None), **_task(model, shared))
         ray.tune.report({"tokens_per_s": None, **metrics, "ppl": ppl if math.isfinite(ppl) else 1e30,
                          "eval_tokens": budget, "final": final})
 
@@ -387,7 +398,7 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
     import ray
     from ray import tune
 
-    from raydist.components.evaluation import perplexity_on
+    from raydist.components.evaluation import IncrementalPerplexity
     from raydist.components.models import hash_model_source, load_model, load_tokenizer, resolve_model_source
     from raydist.components.quantization import save_compressed
     from raydist.stages.common import init_ray
@@ -417,12 +428,12 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
         save_compressed(b, tokenizer, tmp, None, stage="sweep-base", parent=parent, metrics={})
         base_m = measure(b, cfg.eval, tmp)
         shutil.rmtree(tmp)
-        windows = shared["windows"].to(device)
-        base_m["ppl"] = perplexity_on(b, windows)
+        torch.set_num_threads(threads_before)  # quality needs no particular thread count: use them all
+        ppl = IncrementalPerplexity(b, shared["windows"].to(device))
         # the base at every ASHA rung: a candidate within the policy there is never stopped early
-        base_m["ppl_by_budget"] = {str(k): perplexity_on(b, windows, max_tokens=k) for k in cfg.eval.budgets}
+        base_m["ppl_by_budget"] = {str(k): ppl(k) for k in cfg.eval.budgets}
+        base_m["ppl"] = ppl()
         base_m.update(_task(b, shared))
-        torch.set_num_threads(threads_before)
         write_json_atomic(base_file, base_m)
     say(f"[raydist] base: ppl {base_m['ppl']:.4g}, {base_m['disk_bytes'] / 2**20:.1f} MiB, "
         f"{base_m['tokens_per_s']:.1f} tok/s (batch {cfg.eval.latency_batch_sizes[0]})")
@@ -434,7 +445,7 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
     param_space.update({
         "eval": cfg.eval.model_dump(mode="json"), "recovery": cfg.recovery.model_dump(mode="json"),
         "device": device, "threads": threads, "trials_dir": str(run_dir / "trials"),
-        "tokenizer_dir": str(tok_dir), "parent": parent,
+        "tokenizer_dir": str(tok_dir), "parent": parent, "base": base_m,
         # Fault drill for tests and chaos runs: candidates matching these key/values raise in their trial.
         "fault": json.loads(os.environ["RAYDIST_SWEEP_FAIL"]) if os.environ.get("RAYDIST_SWEEP_FAIL") else None,
     })
@@ -473,7 +484,7 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
             row["status"] = "stopped_early" if m else "not_run"
         for k in ("ppl", "eval_tokens", "disk_bytes", "disk_weight_bytes", "parameters", "nonzero_parameters",
                   "sparsity", "tokens_per_s", "artifact", "compress_seconds", "task_answer_ppl",
-                  "task_token_accuracy"):
+                  "task_token_accuracy", "measured_as"):
             if m.get(k) is not None:
                 row[k] = m[k]
         row.update({k: v for k, v in m.items() if k.startswith("tokens_per_s_b")})

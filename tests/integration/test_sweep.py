@@ -66,6 +66,10 @@ def test_compress_sweep_with_a_failing_trial(tmp_path, monkeypatch):
     for t in completed:
         assert Path(t["artifact"]).exists() == t["pareto"]
     assert "task_answer_ppl" not in w  # no eval.task configured
+    # the candidate that changes nothing is the base model: the driver's measurement stands for it
+    (same,) = [t for t in trials if t["candidate"]["method"] == "none" and t["candidate"]["quantization"] == "none"]
+    assert same["measured_as"] == "base" and same["ppl"] == report["base"]["ppl"]
+    assert same["tokens_per_s"] == report["base"]["tokens_per_s"]
     # a finished sweep is not re-run
     assert main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=s1"]) == 2
 

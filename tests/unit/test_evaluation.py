@@ -70,6 +70,21 @@ def test_perplexity_on_equals_a_hand_computation_and_honours_the_budget():
         perplexity_on(model, windows[0])
 
 
+def test_growing_budgets_score_each_window_once_and_match_separate_calls():
+    from raydist.components.evaluation import IncrementalPerplexity
+
+    model = tiny_model()
+    windows = torch.randint(4, 512, (4, 10), generator=torch.Generator().manual_seed(4))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    inc = IncrementalPerplexity(model, windows)
+    got = [inc(b) for b in (14, 20, 30, None)]
+    handle.remove()
+    assert got == [perplexity_on(model, windows, max_tokens=b) for b in (14, 20, 30, None)]
+    assert calls == [10, 4, 10, 10, 10]  # window 0, a 4-token cut of window 1, then windows 1, 2, 3 once
+
+
 @pytest.mark.parametrize("scheme", [None, "int8_dynamic"])
 def test_generation_speed_counts_tokens_and_is_positive(scheme):
     model = tiny_model()
