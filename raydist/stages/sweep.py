@@ -8,10 +8,13 @@ Driver (``run_sweep``), read top to bottom:
    importance — all of it goes to the Ray object store once (``tune.with_parameters``), so no trial reads
    the model from disk;
 3. Ray Tune runs one trial per candidate (grid, a seeded random subset, or multi-objective Optuna), in
-   parallel within the resources; a trial compresses its copy (``components.compression``), saves the
-   artifact, measures bytes and latency on real kernels, then perplexity on growing token budgets — each
-   budget is one report, so ASHA stops clearly worse candidates early. A failed trial is recorded with its
-   error and the sweep goes on; an interrupted sweep resumes (``Tuner.restore``);
+   parallel within the resources (trials reuse their worker processes); a trial compresses its copy
+   (``components.compression``), saves the artifact, measures its bytes, then perplexity on growing token
+   budgets (each eval window scored once) — each budget is one report, so ASHA (``policy_aware_asha``:
+   never stopping a candidate that still meets the winner policy) stops clearly worse candidates early; a
+   candidate reaching the full eval also gets generation tokens/s on real kernels and the optional task
+   metric. The candidate that changes nothing reuses the base measurement. A failed trial is recorded with
+   its error and the sweep goes on; an interrupted sweep resumes (``Tuner.restore``);
 4. the Pareto front over (perplexity, bytes, tokens/s) of the completed candidates, the winner by the
    policy, ``sweep_report.json``, ``pareto.png``, and the winner exported (re-loaded and re-measured) as
    ``artifact/`` with its lineage.
