@@ -24,30 +24,10 @@ Pure torch; used through ``quantization.quantize_model(..., int4_algorithm="gptq
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
-
-QMAX = 15  # 4-bit: q in [0, 15], 8 is the midpoint of the tinygemm convention
-
-
-def group_qparams(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max asymmetric tinygemm qparams of one group: ``w`` [N, g] -> ``scale``, ``zero`` [N].
-
-    torchao's own primitive, so the values match ``quantization.quantize_int4_groupwise(..., "minmax")``.
-    """
-    from torchao.quantization.quant_primitives import MappingType, _choose_qparams_affine_tinygemm
-
-    scale, zero = _choose_qparams_affine_tinygemm(
-        w, MappingType.ASYMMETRIC, [1, w.shape[1]], torch.int32, 0, QMAX, 1e-6, None, torch.float32)
-    return scale.reshape(-1), zero.reshape(-1)
-
-
-def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """[N] floats -> [N] integer codes in [0, 15] (as float), torchao's ``_quantize_affine_tinygemm``."""
-    min_val = zero - scale * 8
-    return torch.clamp(torch.round((w - min_val) / scale), 0, QMAX)
 
 
 def _gptq_weight(W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize: int, percdamp: float,
@@ -63,18 +43,17 @@ def _gptq_weight(W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize
         ``codes`` [out, in] uint8 in [0, 15], ``scale`` / ``zero`` [out, in // group_size] float32 and the
         dequantized weight [out, in] (what the quantized layer computes with).
     """
+    from raydist.components.quantization import int4_dequant, int4_minmax_qparams, int4_round
     from raydist.components.sparsity import _upper_cholesky_of_inverse
 
     out, cols = W.shape
-    n_groups = cols // group_size
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    scale = torch.zeros(out, n_groups, dtype=torch.float32, device=W.device)
+    scale = torch.zeros(out, cols // group_size, dtype=torch.float32, device=W.device)
     zero = torch.zeros_like(scale)
     if actorder:  # static groups: the qparams come from the weights before any update
-        for g in range(n_groups):
-            scale[:, g], zero[:, g] = group_qparams(W[:, g * group_size:(g + 1) * group_size])
+        scale, zero = int4_minmax_qparams(W, group_size)
         perm = torch.argsort(torch.diagonal(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -98,11 +77,12 @@ def _gptq_weight(W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize
                 end = col + group_size
                 inside = W1[:, i:min(end, i2) - i1]
                 rest = W[:, i2:end] if end > i2 else W1[:, :0]
-                scale[:, g], zero[:, g] = group_qparams(torch.cat([inside, rest], dim=1))
+                part = torch.cat([inside, rest], dim=1)
+                scale[:, g:g + 1], zero[:, g:g + 1] = int4_minmax_qparams(part, part.shape[1])
             w = W1[:, i]
-            q = quantize_column(w, scale[:, g], zero[:, g])
+            q = int4_round(w, scale[:, g], zero[:, g])
             codes[:, col] = q
-            deq = (q - 8) * scale[:, g] + zero[:, g]
+            deq = int4_dequant(q, scale[:, g], zero[:, g])
             err = torch.div(w - deq, Hinv1[i, i], out=ErrT[i])
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             W1[:, i] = deq
@@ -171,4 +151,4 @@ def gptq_quantize_weights(model: nn.Module, calibration, group_sizes: dict[str, 
             "blocksize": blocksize, "percdamp": percdamp, "actorder": actorder, "true_sequential": true_sequential}
 
 
-__all__ = ["gptq_quantize_weights", "group_qparams", "quantize_column"]
+__all__ = ["gptq_quantize_weights"]

@@ -194,11 +194,7 @@ def quantize_int4_groupwise(w: torch.Tensor, group_size: int, algorithm: str = "
         ``qweight`` [N, K // 2] uint8 (column 2j in the low nibble, 2j+1 in the high nibble),
         ``scale`` [N, K // group_size] fp32, ``zero`` [N, K // group_size] fp32.
     """
-    from torchao.quantization.quant_primitives import (
-        MappingType,
-        _choose_qparams_affine_tinygemm,
-        _quantize_affine_tinygemm,
-    )
+    from torchao.quantization.quant_primitives import _quantize_affine_tinygemm
 
     w = w.detach().float()
     n, k = w.shape
@@ -211,12 +207,30 @@ def quantize_int4_groupwise(w: torch.Tensor, group_size: int, algorithm: str = "
         return packed, scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
     if algorithm != "minmax":
         raise ValueError(f"unknown int4 algorithm {algorithm!r}; choose from {INT4_ALGORITHMS}")
-    block = [1, group_size]
+    scale, zero = int4_minmax_qparams(w, group_size)
+    q = _quantize_affine_tinygemm(w, [1, group_size], scale, zero, torch.int32, 0, 15)  # [N, K]
+    return pack_int4(q), scale, zero
+
+
+def int4_minmax_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max tinygemm qparams (torchao's primitive) of ``w`` [N, K]: ``scale``, ``zero`` [N, K // group_size]."""
+    from torchao.quantization.quant_primitives import MappingType, _choose_qparams_affine_tinygemm
+
+    n = w.shape[0]
     scale, zero = _choose_qparams_affine_tinygemm(
-        w, MappingType.ASYMMETRIC, block, torch.int32, 0, 15, 1e-6, None, torch.float32
-    )
-    q = _quantize_affine_tinygemm(w, block, scale, zero, torch.int32, 0, 15)  # [N, K]
-    return pack_int4(q), scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
+        w.detach().float(), MappingType.ASYMMETRIC, [1, group_size], torch.int32, 0, 15, 1e-6, None, torch.float32)
+    return scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
+
+
+def int4_round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Codes in [0, 15] (float) of ``w`` on the grid ``(scale, zero)`` (broadcast elementwise): the rounding of
+    torchao's ``_quantize_affine_tinygemm``, ``round((w - (zero - 8 * scale)) / scale)`` clamped."""
+    return torch.clamp(torch.round((w - (zero - 8 * scale)) / scale), 0, 15)
+
+
+def int4_dequant(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The value codes ``q`` stand for on the grid ``(scale, zero)`` (broadcast elementwise)."""
+    return (q - 8) * scale + zero
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -232,9 +246,7 @@ def int4_codes_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor)
     """
     n, k = w.shape
     g = k // scale.shape[1]
-    s, z = scale[..., None], zero[..., None]
-    q = torch.round((w.detach().float().reshape(n, -1, g) - (z - 8 * s)) / s).clamp_(0, 15)
-    return q.reshape(n, k)
+    return int4_round(w.detach().float().reshape(n, -1, g), scale[..., None], zero[..., None]).reshape(n, k)
 
 
 def int4_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -242,7 +254,7 @@ def int4_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> to
     n, k = w.shape
     g = k // scale.shape[1]
     q = int4_codes_on_grid(w, scale, zero).reshape(n, -1, g)
-    return ((q - 8) * scale[..., None] + zero[..., None]).reshape(n, k).to(w.dtype)
+    return int4_dequant(q, scale[..., None], zero[..., None]).reshape(n, k).to(w.dtype)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -342,7 +354,7 @@ class QuantizedLinear(nn.Module):
         if self.scheme == "int4_weight_only":
             q = unpack_int4(self.qweight).float()  # [N, K]
             g = self.group_size
-            w = (q.reshape(self.out_features, -1, g) - 8.0) * self.scale[..., None] + self.zero[..., None]
+            w = int4_dequant(q.reshape(self.out_features, -1, g), self.scale[..., None], self.zero[..., None])
             return w.reshape(self.out_features, self.in_features).to(dtype)
         w = self.qweight.float() * self.scale[:, None]
         if self.smooth is not None:
@@ -630,7 +642,7 @@ def quantize_model(
         group_size = DEFAULT_INT4_GROUP_SIZE
     for name in names if int4_grids is not None else ():
         lin = model.get_submodule(name)
-        g = pick_group_size(lin.in_features, group_size or DEFAULT_INT4_GROUP_SIZE)
+        g = pick_group_size(lin.in_features, group_size)
         if g is not None and (name not in int4_grids
                               or tuple(int4_grids[name][0].shape) != (lin.out_features, lin.in_features // g)):
             raise ValueError(f"int4_grids has no [{lin.out_features}, {lin.in_features // g}] grid "
@@ -937,7 +949,13 @@ __all__ = [
     "QuantizedLinear",
     "SCHEMES",
     "check_scheme",
+    "int4_codes_on_grid",
+    "int4_dequant",
+    "int4_minmax_qparams",
+    "int4_on_grid",
+    "int4_round",
     "load_compressed",
+    "pack_int4",
     "pick_group_size",
     "preferred_kernel",
     "quantize_int4_groupwise",

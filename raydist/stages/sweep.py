@@ -398,7 +398,6 @@ def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
 
 
 def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str, candidates, say) -> Path:
-    import ray
     from ray import tune
 
     from raydist.components.evaluation import IncrementalPerplexity

@@ -6,9 +6,11 @@ import copy
 import pytest
 import torch
 
-from raydist.components.gptq import _gptq_weight, group_qparams, quantize_column
+from raydist.components.gptq import _gptq_weight
 from raydist.components.models import load_model
 from raydist.components.quantization import (
+    int4_minmax_qparams,
+    int4_round,
     load_compressed,
     quantize_int4_groupwise,
     quantize_model,
@@ -31,9 +33,9 @@ def test_column_quantizer_is_torchaos_minmax_rounding():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     packed, scale, zero = quantize_int4_groupwise(w, 32, "minmax")
     for g in range(2):
-        s, z = group_qparams(w[:, g * 32:(g + 1) * 32])
+        s, z = (t[:, 0] for t in int4_minmax_qparams(w[:, g * 32:(g + 1) * 32], 32))
         assert torch.equal(s, scale[:, g]) and torch.equal(z, zero[:, g])
-        codes = torch.stack([quantize_column(w[:, c], s, z) for c in range(g * 32, (g + 1) * 32)], dim=1)
+        codes = torch.stack([int4_round(w[:, c], s, z) for c in range(g * 32, (g + 1) * 32)], dim=1)
         assert torch.equal(codes.to(torch.uint8), unpack_int4(packed)[:, g * 32:(g + 1) * 32])
 
 
