@@ -189,6 +189,13 @@ def text_token_stream(texts: Iterable[str], tokenizer, skip: int = 0, limit: Opt
     return stream[skip:end]
 
 
+def text_source_ids(src: DataSourceConfig, tokenizer) -> list[int]:
+    """A plain-text source as one token stream (its records' text joined by EOS), ``skip_tokens`` /
+    ``max_tokens`` applied: what eval, calibration and recovery text are cut from."""
+    texts = [str(r.get("text", r.get(src.text_field, ""))) for r in load_records(src)]
+    return text_token_stream(texts, tokenizer, skip=src.skip_tokens, limit=src.max_tokens)
+
+
 def chunk(ids: Sequence[int], seq_len: int) -> list[list[int]]:
     """Split into ``seq_len`` blocks; a tail shorter than 2 tokens has nothing to predict and is dropped."""
     blocks = [list(ids[i : i + seq_len]) for i in range(0, len(ids), seq_len)]

@@ -120,26 +120,19 @@ def preflight_sweep(cfg: SweepConfig) -> tuple[str, list[dict[str, Any]]]:
     return device, candidates
 
 
-def _text_ids(src, tokenizer) -> list[int]:
-    from raydist.components.data import load_records, text_token_stream
-
-    records = load_records(src)
-    texts = [str(r.get("text", r.get(src.text_field, ""))) for r in records]
-    return text_token_stream(texts, tokenizer, skip=src.skip_tokens, limit=src.max_tokens)
-
-
 def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[str, Any]:
     """Tensors every trial needs, prepared once (they travel through the object store)."""
     from raydist.components.compression import token_rows
+    from raydist.components.data import text_source_ids
     from raydist.components.preflight import PreflightError
 
     ev = cfg.eval
-    eval_ids = _text_ids(ev.data, tokenizer)
+    eval_ids = text_source_ids(ev.data, tokenizer)
     need = ev.budgets[-1]
     if len(eval_ids) < need:
         raise PreflightError(f"eval.data has {len(eval_ids)} tokens, fewer than the last budget ({need})")
     windows = token_rows(eval_ids[:need], ev.window)
-    calib_ids = _text_ids(ev.calibration, tokenizer)
+    calib_ids = text_source_ids(ev.calibration, tokenizer)
     calibration = token_rows(calib_ids, ev.calibration_seq_len, ev.calibration_sequences)
     shared: dict[str, Any] = {"windows": windows, "calibration": calibration}
     if ev.task is not None:
@@ -155,7 +148,7 @@ def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[s
         shared["pad_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if any(c["recovery"] in ("distill", "qat") for c in candidates):
         rc = cfg.recovery
-        shared["recovery_ids"] = token_rows(_text_ids(rc.data, tokenizer), rc.seq_len)
+        shared["recovery_ids"] = token_rows(text_source_ids(rc.data, tokenizer), rc.seq_len)
     if any(c["structured"] > 0 for c in candidates):
         from raydist.components.pruning import collect_importance
 

@@ -163,15 +163,17 @@ def main() -> None:
         fn = sparsity.wanda_prune if method == "wanda" else sparsity.sparsegpt_prune
         return model, fn(model, calib, 0.5)
 
+    recovery_ids = []
+
     def recovery_rows():
-        """The sweep's default recovery text ([N, 256] ids), as ``raydist sweep`` prepares it."""
+        """The sweep's default recovery text ([N, 256] ids), as ``raydist sweep`` prepares it (once)."""
         from raydist.components.compression import token_rows
-        from raydist.components.data import load_records, text_token_stream
+        from raydist.components.data import text_source_ids
         from raydist.config.sweep import RecoverySettings
 
-        src = RecoverySettings().data
-        texts = [str(r.get("text", "")) for r in load_records(src)]
-        return token_rows(text_token_stream(texts, tok, skip=src.skip_tokens, limit=src.max_tokens), 256)
+        if not recovery_ids:
+            recovery_ids.append(token_rows(text_source_ids(RecoverySettings().data, tok), 256))
+        return recovery_ids[0]
 
     importance = []
 

@@ -56,7 +56,8 @@ def naive_loop(cfg, out: Path) -> dict:
     from raydist.components.evaluation import perplexity_on
     from raydist.components.models import load_model, load_tokenizer
     from raydist.components.quantization import save_compressed
-    from raydist.stages.sweep import _text_ids, measure
+    from raydist.components.data import text_source_ids
+    from raydist.stages.sweep import measure
 
     torch.set_num_threads(2)
     rows, t0 = [], time.time()
@@ -64,8 +65,8 @@ def naive_loop(cfg, out: Path) -> dict:
         t = time.time()
         tok = load_tokenizer(cfg.model)
         model = load_model(cfg.model).eval()
-        windows = token_rows(_text_ids(cfg.eval.data, tok)[:cfg.eval.budgets[-1]], cfg.eval.window)
-        calib = token_rows(_text_ids(cfg.eval.calibration, tok), cfg.eval.calibration_seq_len, cfg.eval.calibration_sequences)
+        windows = token_rows(text_source_ids(cfg.eval.data, tok)[:cfg.eval.budgets[-1]], cfg.eval.window)
+        calib = token_rows(text_source_ids(cfg.eval.calibration, tok), cfg.eval.calibration_seq_len, cfg.eval.calibration_sequences)
         apply_candidate(model, cand, calibration=calib)
         art = out / f"naive-{i}"
         save_compressed(model, tok, art, None)
