@@ -144,8 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 from raydist.stages.sweep import preflight_sweep
 
                 if cfg.target == "compress":
-                    device, candidates = preflight_sweep(cfg)
-                    print(f"{args.config}: OK (sweep, {len(candidates)} distinct candidate(s) on {device})")
+                    candidates = preflight_sweep(cfg)
+                    print(f"{args.config}: OK (sweep, {len(candidates)} distinct candidate(s))")
                 else:
                     preflight(cfg.finetune)
                     print(f"{args.config}: OK (sweep of a fine-tuning config)")

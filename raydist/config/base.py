@@ -6,7 +6,7 @@ load time with the field's dotted name, not an hour into a run. Every field carr
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -146,11 +146,84 @@ class DeepSpeedSettings(StrictModel):
 
 
 class ScalingSettings(StrictModel):
-    """How many Ray Train workers, on what."""
+    """How many Ray Train workers and how Ray places them (what each one reserves: ``resources``)."""
 
     num_workers: int = Field(2, gt=0, description="Data-parallel workers (one process each).")
-    use_gpu: Literal["auto", True, False] = Field("auto", description="One GPU per worker; auto = when CUDA exists.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts every "
+        "worker on its own node.")
+
+
+class ResourceSettings(StrictModel):
+    """What Ray reserves for each unit of a stage (a train / distill worker, a sweep trial, a generate actor, a
+    serve replica). The unit decides its device itself, from what Ray gave it."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per unit.")
+    num_gpus: Union[Literal["auto"], float] = Field(
+        "auto", description="GPUs per unit: a number (fractions share a GPU where Ray allows it: sweep trials, serve "
+        "replicas) or auto (1 when the cluster has a GPU for every unit, else 0).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="What a unit computes on: auto = CUDA when Ray assigned it a GPU, else CPU; cpu = CPU "
+        "even with a GPU assigned; cuda = refuse to run without one.")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _non_negative(cls, v):
+        if v != "auto" and (v < 0 or v != v):
+            raise ValueError(f"num_gpus must be >= 0 or 'auto', got {v}")
+        return v
+
+
+class JobSettings(StrictModel):
+    """How `raydist submit` runs this config as a Ray job (ignored when the stage runs directly)."""
+
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the job's driver and "
+                                "every worker it starts.")
+    python: str = Field("python", min_length=1, description="Interpreter the job's entrypoint runs with on the "
+                        "cluster (a bare name is looked up on the head node's PATH).")
+    files: list[str] = Field(default_factory=list, description="Extra local files / directories shipped in the "
+                             "job's working_dir (the data files the config names are shipped anyway).")
+
+
+# Keys that were renamed; a config still using one is told the new spelling instead of "unknown field".
+RENAMED_KEYS = {
+    ("scaling", "use_gpu"): "resources.num_gpus (0, a number, or auto)",
+    ("scaling", "cpus_per_worker"): "resources.num_cpus",
+    ("search", "cpus_per_trial"): "resources.num_cpus",
+    ("search", "gpus_per_trial"): "resources.num_gpus",
+    ("resources", "use_gpu"): "resources.num_gpus (0, a number, or auto)",
+    ("use_gpu",): "resources.num_gpus (0, a number, or auto)",
+    ("device",): "resources.device",
+}
+
+
+class StageConfig(StrictModel):
+    """Base of every stage's config: the ``job`` section and the renamed-key messages."""
+
+    job: JobSettings = Field(default_factory=JobSettings, description="How `raydist submit` runs this config.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for path, new in RENAMED_KEYS.items():
+                node: Any = data
+                for key in path[:-1]:
+                    node = node.get(key) if isinstance(node, dict) else None
+                if isinstance(node, dict) and path[-1] in node and not _is_current_field(cls, path):
+                    raise ValueError(f"{'.'.join(path)} was renamed: use {new}")
+        return data
+
+
+def _is_current_field(cls, path: tuple[str, ...]) -> bool:
+    """Whether ``path`` is still a field of ``cls`` (e.g. a stage that keeps a top-level ``device``)."""
+    model = cls
+    for key in path:
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None:
+            return False
+        model = field.annotation
+    return True
 
 
 class RunSettings(StrictModel):

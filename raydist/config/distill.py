@@ -11,12 +11,14 @@ from raydist.config.base import (
     DeepSpeedSettings,
     ModelConfig,
     OptimConfig,
+    ResourceSettings,
     RunSettings,
     ScalingSettings,
+    StageConfig,
     StrictModel,
     TinyModelSpec,
 )
-from raydist.config.finetune import TrainSettings, check_step_settings
+from raydist.config.finetune import TrainSettings, check_step_settings, check_worker_gpus
 
 
 class PruneSettings(StrictModel):
@@ -84,7 +86,7 @@ class KDSettings(StrictModel):
         return self
 
 
-class DistillConfig(StrictModel):
+class DistillConfig(StageConfig):
     """Everything `raydist distill` needs."""
 
     stage: Literal["distill"] = Field("distill", description="Which stage this config drives.")
@@ -96,9 +98,12 @@ class DistillConfig(StrictModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    resources: ResourceSettings = Field(default_factory=ResourceSettings, description="What each worker (and each "
+                                        "teacher-cache actor) reserves.")
     run: RunSettings
 
     @model_validator(mode="after")
     def _compatible(self) -> "DistillConfig":
         check_step_settings(self.optim, self.train, self.run)
+        check_worker_gpus(self.resources)
         return self

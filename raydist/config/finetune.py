@@ -12,8 +12,10 @@ from raydist.config.base import (
     LoraSettings,
     ModelConfig,
     OptimConfig,
+    ResourceSettings,
     RunSettings,
     ScalingSettings,
+    StageConfig,
     StrictModel,
 )
 
@@ -34,7 +36,7 @@ class TrainSettings(StrictModel):
     log_every: int = Field(1, gt=0, description="Print progress every N steps.")
 
 
-class FinetuneConfig(StrictModel):
+class FinetuneConfig(StageConfig):
     """Everything `raydist finetune` needs: model, data, method, optimizer, DeepSpeed, scale, run."""
 
     stage: Literal["finetune"] = Field("finetune", description="Which stage this config drives.")
@@ -45,12 +47,21 @@ class FinetuneConfig(StrictModel):
     train: TrainSettings = Field(default_factory=TrainSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    resources: ResourceSettings = Field(default_factory=ResourceSettings, description="What each worker reserves.")
     run: RunSettings
 
     @model_validator(mode="after")
     def _compatible(self) -> "FinetuneConfig":
         check_step_settings(self.optim, self.train, self.run)
+        check_worker_gpus(self.resources)
         return self
+
+
+def check_worker_gpus(resources: ResourceSettings) -> None:
+    """Training workers hold whole GPUs: NCCL runs one rank per device."""
+    g = resources.num_gpus
+    if g != "auto" and g != int(g):
+        raise ValueError(f"resources.num_gpus {g}: a training worker needs whole GPUs (NCCL runs one rank per GPU)")
 
 
 def check_step_settings(optim: OptimConfig, train: TrainSettings, run: RunSettings) -> None:

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raydist.config.base import DataSourceConfig, ModelConfig, StrictModel
+from raydist.config.base import DataSourceConfig, ModelConfig, ResourceSettings, StageConfig
 
 
-class GenerateConfig(StrictModel):
+class GenerateConfig(StageConfig):
     """Run a model over prompts with Ray Data batch inference and write an instruction/chat jsonl."""
 
     stage: Literal["generate"] = Field("generate", description="Which stage this config drives.")
@@ -25,7 +25,7 @@ class GenerateConfig(StrictModel):
     seed: int = Field(0, description="Sampling seed (per batch: seed + batch index).")
     batch_size: int = Field(8, gt=0, description="Prompts per generate() call on an actor.")
     num_actors: int = Field(1, gt=0, description="Model replicas (Ray Data actors) generating in parallel.")
-    use_gpu: Literal["auto", True, False] = Field("auto", description="One GPU per actor; auto = when present.")
+    resources: ResourceSettings = Field(default_factory=ResourceSettings, description="What each actor reserves.")
     max_prompt_tokens: int = Field(1024, gt=0, description="Longer prompts are refused (named by record index).")
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from raydist.config.base import StrictModel
+from raydist.config.base import ResourceSettings, StageConfig, StrictModel
 
 
 class HttpSettings(StrictModel):
@@ -97,11 +97,9 @@ class AutoscalingSettings(StrictModel):
         return self
 
 
-class ResourceSettings(StrictModel):
-    """What each replica reserves and how it runs the model."""
+class ServeResources(ResourceSettings):
+    """What each replica reserves (as every stage spells it) and how it runs the model."""
 
-    num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per replica.")
-    use_gpu: Literal["auto", True, False] = Field("auto", description="One GPU per replica; auto = when the cluster has one.")
     torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; default: num_cpus rounded up.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU, the artifact's own dtype on CPU."
@@ -115,7 +113,7 @@ class HealthSettings(StrictModel):
     check_timeout_s: float = Field(30.0, gt=0, description="A check slower than this marks the replica unhealthy.")
 
 
-class ServeConfig(StrictModel):
+class ServeConfig(StageConfig):
     """Everything `raydist serve` needs: the artifact, the HTTP API's limits and auth, batching and scaling."""
 
     stage: Literal["serve"] = Field("serve", description="Which stage this config drives.")
@@ -135,7 +133,7 @@ class ServeConfig(StrictModel):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     num_replicas: Optional[int] = Field(None, gt=0, description="Fixed replica count (default 1 without autoscaling).")
     autoscaling: Optional[AutoscalingSettings] = Field(None, description="Scale replicas with load instead.")
-    resources: ResourceSettings = Field(default_factory=ResourceSettings)
+    resources: ServeResources = Field(default_factory=ServeResources)
     health: HealthSettings = Field(default_factory=HealthSettings)
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from raydist.config.base import DataSourceConfig, ModelConfig, RunSettings, StrictModel
+from raydist.config.base import DataSourceConfig, ModelConfig, ResourceSettings, RunSettings, StageConfig, StrictModel
 from raydist.config.finetune import FinetuneConfig
 
 PRUNE_METHODS = ("none", "magnitude", "wanda", "sparsegpt")
@@ -117,9 +117,7 @@ class SearchSettings(StrictModel):
         "grid", description="grid: every candidate once; random: num_samples draws; optuna: multi-objective TPE/NSGA."
     )
     num_samples: int = Field(8, gt=0, description="Candidates tried by random / optuna search.")
-    max_concurrent: int = Field(2, gt=0, description="Trials running at once (each holds `cpus_per_trial`).")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs Ray reserves per trial.")
-    gpus_per_trial: float = Field(0.0, ge=0, description="GPUs per trial (fractions share one GPU).")
+    max_concurrent: int = Field(2, gt=0, description="Trials running at once (each holds `resources`).")
     seed: int = Field(0, description="Seeds random / optuna sampling.")
     asha: bool = Field(True, description="Stop clearly worse candidates early (ASHA on perplexity over growing budgets).")
     max_failures: int = Field(0, ge=0, description="Retries of a failed trial before it is recorded as failed.")
@@ -205,7 +203,7 @@ class FinetuneSpace(StrictModel):
         return out
 
 
-class SweepConfig(StrictModel):
+class SweepConfig(StageConfig):
     """Everything `raydist sweep` needs."""
 
     stage: Literal["sweep"] = Field("sweep", description="Which stage this config drives.")
@@ -218,7 +216,9 @@ class SweepConfig(StrictModel):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where trials run and latency is measured.")
+    resources: ResourceSettings = Field(
+        default_factory=ResourceSettings, description="What each trial reserves (the base measurement and the winner's "
+        "re-measurement run with the same resources, so all speeds are comparable).")
     keep_artifacts: Literal["pareto", "all", "winner"] = Field(
         "pareto", description="Trial artifacts kept after the sweep (the winner is always exported)."
     )

@@ -35,24 +35,24 @@ def resolve_api_key(cfg: ServeConfig) -> Optional[str]:
     return None
 
 
-def _use_gpu(cfg: ServeConfig) -> bool:
-    want = cfg.resources.use_gpu
-    if want is False:
-        return False
+def replica_gpus(cfg: ServeConfig) -> float:
+    """GPUs per replica, resolved against the connected cluster (``auto``: 1 when it has one per replica).
+
+    Raises:
+        PreflightError: the cluster cannot place a replica (GPUs asked of a cluster without any, ...).
+    """
     import ray
 
-    if ray.is_initialized():
-        has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    else:
-        import torch
+    from raydist.stages.resources import plan_units
 
-        has_gpu = torch.cuda.is_available()
-    if want is True and not has_gpu:
-        raise ConfigError("resources.use_gpu is true but no GPU is available")
-    return has_gpu
+    if not ray.is_initialized():  # building the app offline (``serve build``): only explicit numbers count
+        g = cfg.resources.num_gpus
+        return 0.0 if g == "auto" else float(g)
+    replicas = cfg.autoscaling.min_replicas if cfg.autoscaling else (cfg.num_replicas or 1)
+    return plan_units(cfg.resources, max(1, replicas), "serve replica").num_gpus
 
 
-def deployment_options(cfg: ServeConfig, use_gpu: bool) -> dict[str, Any]:
+def deployment_options(cfg: ServeConfig, num_gpus: float) -> dict[str, Any]:
     """Ray Serve deployment options derived from the config (replicas, autoscaling, limits, resources)."""
     from ray.serve.config import AutoscalingConfig, BackpressureConfig
 
@@ -64,7 +64,7 @@ def deployment_options(cfg: ServeConfig, use_gpu: bool) -> dict[str, Any]:
                                                   retry_after_s=cfg.limits.retry_after_s),
         "health_check_period_s": cfg.health.check_period_s,
         "health_check_timeout_s": cfg.health.check_timeout_s,
-        "ray_actor_options": {"num_cpus": cfg.resources.num_cpus, "num_gpus": 1 if use_gpu else 0},
+        "ray_actor_options": {"num_cpus": cfg.resources.num_cpus, "num_gpus": num_gpus},
     }
     if cfg.autoscaling is not None:
         a = cfg.autoscaling
@@ -102,7 +102,7 @@ def build_app(cfg: ServeConfig, api_key: Optional[str] = None):
     key = api_key if api_key is not None else resolve_api_key(cfg)
     with warnings.catch_warnings():  # short look-back windows (tests) warn about Serve's metric interval
         warnings.simplefilter("ignore")
-        deployment = serve.deployment(OpenAIServer).options(**deployment_options(cfg, _use_gpu(cfg)))
+        deployment = serve.deployment(OpenAIServer).options(**deployment_options(cfg, replica_gpus(cfg)))
     return deployment.bind(cfg.model_dump(mode="json"), key)
 
 

@@ -90,13 +90,14 @@ class OpenAIServer:
     """
 
     def __init__(self, config: dict[str, Any], api_key: Optional[str] = None):
-        import ray
         import torch
+
+        from raydist.stages.resources import unit_device
 
         self.cfg = cfg = ServeConfig.model_validate(config)
         threads = cfg.resources.torch_threads or max(1, math.ceil(cfg.resources.num_cpus))
         torch.set_num_threads(threads)
-        device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+        device = unit_device(cfg.resources.device, "serve replica").type
         t0 = time.time()
         model, tokenizer, _ = load_served_model(cfg.artifact, cfg.adapter, device, cfg.resources.dtype)
         self.engine = BatchGenerator(model, tokenizer)

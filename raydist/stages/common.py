@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
@@ -152,18 +152,6 @@ def init_ray(cpus_needed: float) -> None:
         ray.init(num_cpus=int(max(os.cpu_count() or 1, cpus_needed + 2)))
 
 
-def resolve_use_gpu(use_gpu: Union[bool, Literal["auto"]], num_workers: int) -> bool:
-    """``auto`` means GPU workers when the cluster has a GPU for each."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if use_gpu == "auto":
-        return gpus >= num_workers
-    if use_gpu and gpus < num_workers:
-        raise PreflightError(f"scaling.use_gpu is true but the cluster has {gpus:g} GPUs for {num_workers} workers")
-    return bool(use_gpu)
-
-
 def tokenize_once(run_dir: Path, data_cfg, model_cfg, seed: int, tokenizer, say) -> dict[str, int]:
     """Tokenize train/eval into ``run_dir/data`` unless an identical tokenization is already there (a
     resumed run reuses the same files, so its data order is identical). Returns the split sizes."""
@@ -221,11 +209,14 @@ def train_on_ray(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from raydist.stages.resources import plan_units
+
     world = cfg.scaling.num_workers
     total_steps, micro_per_epoch = plan_steps(counts, cfg.train, world)
-    init_ray(world * cfg.scaling.cpus_per_worker)
+    init_ray(world * cfg.resources.num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False  # they garble the progress lines
-    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu, world)
+    plan = plan_units(cfg.resources, world, "training worker", placement_strategy=cfg.scaling.placement_strategy)
+    use_gpu = plan.computes_on_gpu  # NCCL between GPU ranks; each worker still checks what it was given
     data_dir = run_dir / "data"
     datasets = {"train": ray.data.read_parquet(train_files or str(data_dir / "train.parquet"))}
     if counts["eval"]:
@@ -236,11 +227,11 @@ def train_on_ray(
         "total_steps": total_steps,
         "micro_per_epoch": micro_per_epoch,
         "n_eval": counts["eval"],
-        "use_gpu": use_gpu,
+        "device": cfg.resources.device,
         "fault": fault_from_env(),
         **extra,
     }
-    worker_env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    worker_env = {"TOKENIZERS_PARALLELISM": "false", **cfg.job.env}
     if "RAYDIST_CACHE" in os.environ:
         worker_env["RAYDIST_CACHE"] = os.environ["RAYDIST_CACHE"]
     trainer = TorchTrainer(
@@ -248,7 +239,8 @@ def train_on_ray(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=use_gpu, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            num_workers=world, use_gpu=plan.num_gpus > 0, resources_per_worker=plan.ray_resources(),
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_dir.name,
@@ -263,8 +255,7 @@ def train_on_ray(
         # streaming_split does not promise.
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    say(f"[raydist] {what}: {total_steps} steps on {world} {'GPU' if use_gpu else 'CPU'} workers "
-        f"(ZeRO-{cfg.deepspeed.zero_stage})")
+    say(f"[raydist] {what}: {total_steps} steps on {plan.describe()} workers (ZeRO-{cfg.deepspeed.zero_stage})")
     fit_or_explain(trainer, run_dir, cfg.run.max_failures)
 
 

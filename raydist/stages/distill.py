@@ -131,12 +131,15 @@ def build_student(cfg: DistillConfig, run_dir: Path, tokenizer, say) -> Path:
 class TeacherTopK:
     """A Ray Data actor holding one teacher replica; turns token rows into rows with top-k columns."""
 
-    def __init__(self, cfg_json: dict[str, Any], use_gpu: bool):
+    def __init__(self, cfg_json: dict[str, Any]):
+        from raydist.stages.resources import unit_device
+
         cfg = DistillConfig.model_validate(cfg_json)
         self.k, self.temperature = cfg.kd.top_k, cfg.kd.temperature
         self.pad_id = load_tokenizer(cfg.teacher).pad_token_id
-        dtype = torch.bfloat16 if use_gpu else torch.float32
-        self.model = load_model(cfg.teacher, dtype=dtype).to("cuda" if use_gpu else "cpu").eval()
+        device = unit_device(cfg.resources.device, "teacher-cache actor")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = load_model(cfg.teacher, dtype=dtype).to(device).eval()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         cols = topk_rows(self.model, list(batch["input_ids"]), self.k, self.temperature, self.pad_id)
@@ -165,7 +168,8 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Path, tokenizer, say, rows_
     import pyarrow.parquet as pq
     import ray
 
-    from raydist.stages.common import init_ray, resolve_use_gpu
+    from raydist.stages.common import init_ray
+    from raydist.stages.resources import plan_units
 
     src = resolve_model_source(cfg.teacher)
     key = cache_key(
@@ -179,19 +183,19 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Path, tokenizer, say, rows_
     if check_cache(cache_dir, key):
         say(f"[raydist] reusing teacher cache {cache_dir}")
         return cache_dir
-    init_ray(cfg.kd.cache_actors)
+    init_ray(cfg.kd.cache_actors * cfg.resources.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # rows must stay in training order
-    use_gpu = resolve_use_gpu(cfg.scaling.use_gpu, cfg.kd.cache_actors)
+    plan = plan_units(cfg.resources, cfg.kd.cache_actors, "teacher-cache actor")
     t0 = time.time()
     ds = ray.data.read_parquet(str(run_dir / "data" / "train.parquet")).map_batches(
         TeacherTopK,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "use_gpu": use_gpu},
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json")},
         batch_size=cfg.kd.cache_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.kd.cache_actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
+        num_gpus=plan.num_gpus,
+        num_cpus=plan.num_cpus,
     )
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))

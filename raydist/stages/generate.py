@@ -23,21 +23,21 @@ from raydist.components.preflight import preflight_generate
 from raydist.components.generation import generate_answers, prompt_records, render_prompt
 from raydist.components.models import load_model, load_tokenizer
 from raydist.config.generate import GenerateConfig
-from raydist.stages.common import init_ray, resolve_use_gpu, with_absolute_paths
+from raydist.stages.common import init_ray, with_absolute_paths
+from raydist.stages.resources import plan_units, unit_device
 
 
 class AnswerWriter:
     """A Ray Data actor: loads the model once, then answers batches of rendered prompts."""
 
-    def __init__(self, cfg_json: dict[str, Any], use_gpu: bool):
+    def __init__(self, cfg_json: dict[str, Any]):
         import torch
 
         self.cfg = GenerateConfig.model_validate(cfg_json)
         self.tokenizer = load_tokenizer(self.cfg.model)
-        dtype = torch.bfloat16 if use_gpu else torch.float32
-        self.model = load_model(self.cfg.model, dtype=dtype).eval()
-        if use_gpu:
-            self.model.to("cuda")
+        device = unit_device(self.cfg.resources.device, "generate actor")
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = load_model(self.cfg.model, dtype=dtype).eval().to(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [list(p) for p in batch["prompt_ids"]]
@@ -71,19 +71,19 @@ def run_generate(cfg: GenerateConfig, *, verbose: bool = True) -> Path:
         raise DataError(f"prompts {too_long[:10]} exceed max_prompt_tokens={cfg.max_prompt_tokens}")
     cfg = with_absolute_paths(cfg)
 
-    init_ray(cfg.num_actors)
+    init_ray(cfg.num_actors * cfg.resources.num_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    use_gpu = resolve_use_gpu(cfg.use_gpu, cfg.num_actors)
+    plan = plan_units(cfg.resources, cfg.num_actors, "generate actor")
     # Sorting by length keeps padding low inside a batch; the index restores the input order at the end.
     order = sorted(range(len(rendered)), key=lambda i: len(rendered[i]))
     ds = ray.data.from_items([{"index": i, "prompt_ids": rendered[i]} for i in order])
     answers_ds = ds.map_batches(
         AnswerWriter,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "use_gpu": use_gpu},
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json")},
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
+        num_gpus=plan.num_gpus,
+        num_cpus=plan.num_cpus,
     )
     t0 = time.time()
     answers: dict[int, str] = {}

@@ -1,8 +1,9 @@
 """The sweep stage: `raydist sweep`, Ray Tune over pruning x quantization (or fine-tuning hyperparameters).
 
 Driver (``run_sweep``), read top to bottom:
-1. check the config against the model and device before Ray starts (schemes the device cannot run,
-   structured requests the model cannot meet) and open / resume the run directory;
+1. check the config against the model before Ray starts (unknown schemes and group sizes, structured
+   requests the model cannot meet), then what the cluster can place (``resources`` per trial), and open /
+   resume the run directory;
 2. load the base model **once**, tokenize the eval / calibration / recovery text once, measure the base
    model (perplexity, bytes, generation tokens/s) and, when a candidate needs it, the structured-pruning
    importance — all of it goes to the Ray object store once (``tune.with_parameters``), so no trial reads
@@ -67,35 +68,26 @@ def run_sweep(cfg: SweepConfig, *, verbose: bool = True) -> Path:
         run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
         say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new sweep'})")
         return _finetune_sweep(cfg, run_dir, resuming, say)
-    device, candidates = preflight_sweep(cfg)
+    candidates = preflight_sweep(cfg)
     run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
     say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new sweep'})")
-    return _compress_sweep(cfg, run_dir, resuming, device, candidates, say)
+    return _compress_sweep(cfg, run_dir, resuming, candidates, say)
 
 
-def resolve_device(cfg: SweepConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        from raydist.components.preflight import PreflightError
+def preflight_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Everything that can be checked before Ray starts; returns the distinct candidates.
 
-        raise PreflightError("device is 'cuda' but CUDA is not available here")
-    return cfg.device
-
-
-def preflight_sweep(cfg: SweepConfig) -> tuple[str, list[dict[str, Any]]]:
-    """Everything that can be checked before Ray starts; returns ``(device, candidates)``.
+    The device is not decided here: each trial computes where Ray placed it (``resources``).
 
     Raises:
-        PreflightError: unknown model, a scheme the device cannot run, a structured request the model
-            cannot meet, eval text shorter than the budgets.
+        PreflightError: unknown model, an unsupported scheme / group size, a structured request the model
+            cannot meet.
     """
     from raydist.components import quantization
     from raydist.components.compression import CandidateError, structured_plan
     from raydist.components.models import load_model_config, resolve_model_source
     from raydist.components.preflight import PreflightError
 
-    device = resolve_device(cfg)
     resolve_model_source(cfg.model)  # ModelSourceError names the problem
     config = load_model_config(cfg.model)
     problems = []
@@ -104,7 +96,7 @@ def preflight_sweep(cfg: SweepConfig) -> tuple[str, list[dict[str, Any]]]:
             continue
         for g in cfg.search_space.group_size if scheme == "int4_weight_only" else [None]:
             try:
-                quantization.check_scheme(scheme, g, device)
+                quantization.check_scheme(scheme, g)
             except ValueError as e:
                 problems.append(f"search_space.quantization {scheme!r}: {e}")
     for fraction in cfg.search_space.structured:
@@ -115,9 +107,8 @@ def preflight_sweep(cfg: SweepConfig) -> tuple[str, list[dict[str, Any]]]:
                 except CandidateError as e:
                     problems.append(f"search_space.structured {fraction} with structure {structure!r}: {e}")
     if problems:
-        raise PreflightError("the search space has candidates this model/device cannot run:\n  " + "\n  ".join(problems))
-    candidates = cfg.search_space.candidates()
-    return device, candidates
+        raise PreflightError("the search space has candidates this model cannot run:\n  " + "\n  ".join(problems))
+    return cfg.search_space.candidates()
 
 
 def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[str, Any]:
@@ -211,7 +202,9 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     from raydist.components.evaluation import IncrementalPerplexity
     from raydist.components.quantization import save_compressed
     from raydist.config.sweep import EvalSettings, RecoverySettings, normalize_candidate
+    from raydist.stages.resources import assigned_accelerators, unit_device
 
+    started = time.time()
     torch.set_num_threads(max(1, int(config["threads"])))
     candidate = normalize_candidate(config["candidate"])
     fault = config.get("fault")
@@ -219,7 +212,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
         raise RuntimeError(f"injected failure (RAYDIST_SWEEP_FAIL={json.dumps(fault)}) for candidate {candidate}")
     ev = EvalSettings.model_validate(config["eval"])
     rc = RecoverySettings.model_validate(config["recovery"])
-    device = config["device"]
+    device = unit_device(config["device"], "sweep trial").type
     torch.manual_seed(0)
     model = model_from_payload(payload, device)
     teacher = model_from_payload(payload, device) if candidate["recovery"] in ("distill", "qat") else None
@@ -246,7 +239,8 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
 
     metrics = model_size(model, art)
     metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(art),
-                   compress_seconds=sum(report["seconds"].values()))
+                   compress_seconds=sum(report["seconds"].values()), device=device, started_at=started,
+                   **assigned_accelerators())
     base = config.get("base") or {}
     same_as_base = bool(base.get("ppl_by_budget")) and not any(
         report.get(step) for step in ("structured", "sparsity", "recovery", "quantization"))
@@ -267,7 +261,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
                 # one ASHA stopped on perplexity can be neither on the Pareto front nor the winner.
                 metrics.update(measure(model, ev, None), **_task(model, shared))
         ray.tune.report({"tokens_per_s": None, **metrics, "ppl": ppl if math.isfinite(ppl) else 1e30,
-                         "eval_tokens": budget, "final": final})
+                         "eval_tokens": budget, "final": final, "reported_at": time.time()})
 
 
 def _task(model, shared: dict[str, Any]) -> dict[str, Any]:
@@ -390,13 +384,13 @@ def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
     return space, ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent), s.num_samples, s.num_samples
 
 
-def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str, candidates, say) -> Path:
+def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, candidates, say) -> Path:
+    import ray
     from ray import tune
 
-    from raydist.components.evaluation import IncrementalPerplexity
     from raydist.components.models import hash_model_source, load_model, load_tokenizer, resolve_model_source
-    from raydist.components.quantization import save_compressed
     from raydist.stages.common import init_ray
+    from raydist.stages.resources import plan_units
 
     tokenizer = load_tokenizer(cfg.model)
     t0 = time.time()
@@ -404,48 +398,42 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
     src = resolve_model_source(cfg.model)
     parent = {"kind": src.kind, "path": src.describe(), "hash": hash_model_source(src, cfg.model)}
     say(f"[raydist] base model loaded once ({sum(p.numel() for p in base.parameters()):,} parameters, "
-        f"{time.time() - t0:.0f}s); {len(candidates)} distinct candidate(s) in the search space on {device}")
+        f"{time.time() - t0:.0f}s); {len(candidates)} distinct candidate(s) in the search space")
     shared = _shared_inputs(cfg, tokenizer, base, candidates, say)
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer_config.json").is_file():
         tokenizer.save_pretrained(tok_dir)
+    payload = _model_payload(base)  # what the trials share (through the object store)
+    del base
 
-    payload = _model_payload(base)  # what the trials share (and the base measurement's GPU copy)
+    init_ray(cfg.search.max_concurrent * cfg.resources.num_cpus)
+    plan = plan_units(cfg.resources, cfg.search.max_concurrent, "sweep trial")
+    threads = max(1, int(plan.num_cpus))
+    # The base measurement and the winner's re-measurement run as Ray tasks with a trial's resources, so they
+    # compute on the device a trial gets (the driver may be a CPU-only head) and their speeds are comparable.
+    on_trial_resources = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_retries=0)
     base_file = run_dir / "base_metrics.json"
     if base_file.is_file():
         base_m = json.loads(base_file.read_text())
     else:  # the reference every candidate is compared with, measured the same way as a trial
         say("[raydist] measuring the base model (perplexity, bytes, generation speed)")
-        b = base if device == "cpu" else model_from_payload(payload, device)
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(max(1, int(cfg.search.cpus_per_trial)))  # as a trial measures
-        tmp = run_dir / ".base_artifact"
-        save_compressed(b, tokenizer, tmp, None, stage="sweep-base", parent=parent, metrics={})
-        base_m = measure(b, cfg.eval, tmp)
-        shutil.rmtree(tmp)
-        torch.set_num_threads(threads_before)  # quality needs no particular thread count: use them all
-        ppl = IncrementalPerplexity(b, shared["windows"].to(device))
-        # the base at every ASHA rung: a candidate within the policy there is never stopped early
-        base_m["ppl_by_budget"] = {str(k): ppl(k) for k in cfg.eval.budgets}
-        base_m["ppl"] = ppl()
-        base_m.update(_task(b, shared))
+        base_m = ray.get(on_trial_resources(measure_base).remote(
+            payload, shared, cfg.eval.model_dump(mode="json"), cfg.resources.device, threads, str(tok_dir), parent,
+            str(run_dir / ".base_artifact")))
         write_json_atomic(base_file, base_m)
-    say(f"[raydist] base: ppl {base_m['ppl']:.4g}, {base_m['disk_bytes'] / 2**20:.1f} MiB, "
+    say(f"[raydist] base ({base_m.get('device', '?')}): ppl {base_m['ppl']:.4g}, {base_m['disk_bytes'] / 2**20:.1f} MiB, "
         f"{base_m['tokens_per_s']:.1f} tok/s (batch {cfg.eval.latency_batch_sizes[0]})")
 
-    init_ray(cfg.search.max_concurrent * cfg.search.cpus_per_trial)
-    del base
     param_space, search_alg, num_samples, n_trials = _search(cfg, candidates)
-    threads = max(1, int(cfg.search.cpus_per_trial))
     param_space.update({
         "eval": cfg.eval.model_dump(mode="json"), "recovery": cfg.recovery.model_dump(mode="json"),
-        "device": device, "threads": threads, "trials_dir": str(run_dir / "trials"),
+        "device": cfg.resources.device, "threads": threads, "trials_dir": str(run_dir / "trials"),
         "tokenizer_dir": str(tok_dir), "parent": parent, "base": base_m,
         # Fault drill for tests and chaos runs: candidates matching these key/values raise in their trial.
         "fault": json.loads(os.environ["RAYDIST_SWEEP_FAIL"]) if os.environ.get("RAYDIST_SWEEP_FAIL") else None,
     })
     trainable = tune.with_resources(tune.with_parameters(compress_trial, payload=payload, shared=shared),
-                                    {"cpu": cfg.search.cpus_per_trial, "gpu": cfg.search.gpus_per_trial})
+                                    {"cpu": plan.num_cpus, "gpu": plan.num_gpus})
     scheduler = None
     if cfg.search.asha and len(cfg.eval.budgets) > 1:
         limit = 1 + cfg.policy.max_quality_loss_pct / 100
@@ -454,14 +442,52 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, device: str
 
         scheduler = policy_aware_asha(protect)
     say(f"[raydist] sweeping {n_trials} candidate(s) ({cfg.search.algorithm}"
-        f"{', ASHA' if scheduler else ''}), {cfg.search.max_concurrent} at a time")
+        f"{', ASHA' if scheduler else ''}), {cfg.search.max_concurrent} at a time, each {plan.describe()[4:]}")
     t0 = time.time()
     tuner = _tuner(cfg, run_dir, trainable, param_space, resuming, metric=None, mode=None, scheduler=scheduler,
                    search_alg=search_alg, num_samples=num_samples, total=n_trials)
     grid = tuner.fit()
     wall = time.time() - t0
     rows = _rows(grid, base_m["ppl"], cfg.eval.budgets[-1])
-    return _finish(cfg, run_dir, rows, base_m, wall, parent, device, shared, say)
+    remeasure = on_trial_resources(remeasure_winner)
+    return _finish(cfg, run_dir, rows, base_m, wall, parent, shared, remeasure, say)
+
+
+def measure_base(payload, shared, eval_json, device_setting: str, threads: int, tok_dir: str, parent,
+                 tmp_artifact: str) -> dict[str, Any]:
+    """The base model measured as a trial measures a candidate (runs as a Ray task with a trial's resources)."""
+    from transformers import AutoTokenizer
+
+    from raydist.components.evaluation import IncrementalPerplexity
+    from raydist.components.quantization import save_compressed
+    from raydist.config.sweep import EvalSettings
+    from raydist.stages.resources import assigned_accelerators, unit_device
+
+    ev = EvalSettings.model_validate(eval_json)
+    device = unit_device(device_setting, "sweep base measurement").type
+    torch.set_num_threads(threads)
+    model = model_from_payload(payload, device)
+    tmp = Path(tmp_artifact)
+    save_compressed(model, AutoTokenizer.from_pretrained(tok_dir), tmp, None, stage="sweep-base", parent=parent,
+                    metrics={})
+    out = measure(model, ev, tmp)
+    shutil.rmtree(tmp)
+    ppl = IncrementalPerplexity(model, shared["windows"].to(device))
+    # the base at every ASHA rung: a candidate within the policy there is never stopped early
+    out["ppl_by_budget"] = {str(k): ppl(k) for k in ev.budgets}
+    out["ppl"] = ppl()
+    out.update(_task(model, shared), device=device, **assigned_accelerators())
+    return out
+
+
+def remeasure_winner(artifact: str, windows, device_setting: str) -> float:
+    """Perplexity of an exported artifact after a reload (a Ray task with a trial's resources)."""
+    from raydist.components.evaluation import perplexity_on
+    from raydist.components.quantization import load_compressed
+    from raydist.stages.resources import unit_device
+
+    device = unit_device(device_setting, "sweep winner check").type
+    return perplexity_on(load_compressed(artifact, device=device), windows.to(device))
 
 
 def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
@@ -479,7 +505,8 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
             row["status"] = "stopped_early" if m else "not_run"
         for k in ("ppl", "eval_tokens", "disk_bytes", "disk_weight_bytes", "parameters", "nonzero_parameters",
                   "sparsity", "tokens_per_s", "artifact", "compress_seconds", "task_answer_ppl",
-                  "task_token_accuracy", "measured_as"):
+                  "task_token_accuracy", "measured_as", "device", "node_id", "gpu_ids", "cuda_visible_devices",
+                  "started_at", "reported_at"):
             if m.get(k) is not None:
                 row[k] = m[k]
         row.update({k: v for k, v in m.items() if k.startswith("tokens_per_s_b")})
@@ -489,11 +516,11 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, device, shared, say) -> Path:
+def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, shared, remeasure, say) -> Path:
+    import ray
+
     from raydist.components.artifact import write_manifest
-    from raydist.components.evaluation import perplexity_on
     from raydist.components.pareto import choose_winner, pareto_front, plot_pareto
-    from raydist.components.quantization import load_compressed
 
     done = [r for r in rows if r["status"] == "completed"]
     front = [done[i]["trial_id"] for i in pareto_front(done)]
@@ -509,7 +536,7 @@ def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, device, shared, say)
     plot = plot_pareto(done, [done.index(r) for r in done if r["pareto"]], run_dir / PLOT,
                        base=base_m, winner=wi)
     report = {
-        "stage": "sweep", "target": "compress", "device": device, "wall_s": wall,
+        "stage": "sweep", "target": "compress", "device": base_m.get("device"), "wall_s": wall,
         "base": base_m, "policy": cfg.policy.model_dump(), "winner": winner, "winner_reason": reason,
         "pareto_front": front, "counts": {s: sum(r["status"] == s for r in rows)
                                            for s in ("completed", "stopped_early", "failed", "not_run")},
@@ -532,8 +559,7 @@ def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, device, shared, say)
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(winner["artifact"], tmp)
-    model = load_compressed(tmp, device=device)
-    ppl = perplexity_on(model, shared["windows"].to(device))
+    ppl = ray.get(remeasure.remote(str(tmp), shared["windows"], cfg.resources.device))
     if not math.isclose(ppl, winner["ppl"], rel_tol=1e-3):
         raise RuntimeError(f"the exported winner measures ppl {ppl:.6g} after reload, the trial {winner['ppl']:.6g}")
     trial_manifest = read_manifest(tmp)
@@ -621,12 +647,13 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, say) -> Pat
         num_samples = s.num_samples
     n_trials = num_samples if search_alg else len(combos)
     ft = cfg.finetune
-    workers_cpus = ft.scaling.num_workers * ft.scaling.cpus_per_worker
-    init_ray(s.max_concurrent * (s.cpus_per_trial + workers_cpus))
+    workers_cpus = ft.scaling.num_workers * ft.resources.num_cpus
+    init_ray(s.max_concurrent * (cfg.resources.num_cpus + workers_cpus))
     param_space.update({"finetune": ft.model_dump(mode="json"), "trials_dir": str(run_dir / "trials")})
     say(f"[raydist] fine-tuning sweep: {n_trials} trial(s) over {', '.join(space)}; each trial is a Ray Train run "
         f"of {ft.scaling.num_workers} worker(s)")
-    trainable = tune.with_resources(finetune_trial, {"cpu": s.cpus_per_trial})
+    # the trial only drives a Ray Train run (its workers reserve `finetune.resources`)
+    trainable = tune.with_resources(finetune_trial, {"cpu": cfg.resources.num_cpus})
     t0 = time.time()
     grid = _tuner(cfg, run_dir, trainable, param_space, resuming, metric=None, mode=None, search_alg=search_alg,
                   num_samples=num_samples, total=n_trials).fit()

@@ -40,14 +40,18 @@ EvalFn = Callable[[], dict[str, float]]
 
 class TrainingSession:
     """One data-parallel rank's view of a run. ``config`` is the dict the driver passed to the workers
-    (``cfg``, ``run_dir``, ``total_steps``, ``micro_per_epoch``, ``n_eval``, ``use_gpu``, ``fault``); ``cfg``
+    (``cfg``, ``run_dir``, ``total_steps``, ``micro_per_epoch``, ``n_eval``, ``device``, ``fault``); ``cfg``
     is the validated stage config (it has ``train``, ``data``, ``optim``, ``deepspeed``, ``run``)."""
 
     def __init__(self, config: dict[str, Any], cfg, pad_id: int):
         import ray.train
-        import ray.train.torch
 
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if config["use_gpu"] else "cpu")
+        from raydist.stages.resources import unit_device
+
+        # The device comes from what Ray gave this worker (never from the driver, which may be a CPU-only
+        # head); DeepSpeed reads its accelerator from DS_ACCELERATOR when first asked, which is below.
+        self.device = unit_device(config["device"], "training worker", train_worker=True)
+        os.environ["DS_ACCELERATOR"] = "cuda" if self.device.type == "cuda" else "cpu"
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg = cfg
@@ -55,7 +59,6 @@ class TrainingSession:
         self.run_dir = Path(config["run_dir"])
         self.total_steps: int = config["total_steps"]
         self.micro_per_epoch: int = config["micro_per_epoch"]
-        self.device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
         self.bf16 = self.device.type == "cuda"
         self.pad_id = pad_id
         self.step, self.micro = 0, 0

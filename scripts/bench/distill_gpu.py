@@ -78,7 +78,7 @@ def run(mode: str, teacher: Path, args, runs: Path) -> dict:
         "optim": {"lr": 1e-4, "warmup_steps": 2},
         "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "keep_checkpoints": 1},
         "deepspeed": {"zero_stage": 2},
-        "scaling": {"num_workers": 1, "use_gpu": args.use_gpu, "cpus_per_worker": 2},
+        "scaling": {"num_workers": 1}, "resources": {"num_cpus": 2, "num_gpus": 1 if args.use_gpu else 0},
         "run": {"name": f"gpu-{mode}", "output_dir": str(runs)},
     }
     t0 = time.time()

@@ -364,7 +364,7 @@ def overhead_config(work: Path, args) -> "FinetuneConfig":  # noqa: F821
                 "keep_checkpoints": 1,
             },
             "deepspeed": {"zero_stage": 2},
-            "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 1},
+            "scaling": {"num_workers": 2}, "resources": {"num_cpus": 1, "num_gpus": 0},
             "run": {"name": "overhead-raydist", "output_dir": str(work), "resume": "never", "max_failures": 0},
         }
     )
@@ -377,7 +377,7 @@ def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
     out = work / f"baseline_{tag}.json"
     log = work / f"baseline_{tag}.log"
     # OMP_NUM_THREADS=1: the same one thread per rank a 1-CPU Ray Train worker gets.
-    env = {**os.environ, "OMP_NUM_THREADS": str(int(cfg.scaling.cpus_per_worker)), "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(int(cfg.resources.num_cpus)), "DS_ACCELERATOR": "cpu"}
     cmd = [
         str(Path(sys.executable).parent / "torchrun"),
         "--standalone",

@@ -43,7 +43,7 @@ def say(msg: str) -> None:
 
 def sweep_config(out: Path, name: str) -> dict:
     return {"stage": "sweep", "model": {"path": str(MODEL)}, "search_space": SPACE,
-            "search": {"algorithm": "grid", "max_concurrent": 2, "cpus_per_trial": 1},
+            "search": {"algorithm": "grid", "max_concurrent": 2}, "resources": {"num_cpus": 1},
             "policy": {"max_quality_loss_pct": 5.0, "prefer": "smallest"},
             "keep_artifacts": "winner", "run": {"name": name, "output_dir": str(out)}}
 

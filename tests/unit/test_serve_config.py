@@ -48,11 +48,11 @@ def test_serve_run_arguments_and_deployment_options(tiny_dir, monkeypatch):
     cfg = config_from_args({"artifact": str(tiny_dir), "limits.max_tokens": "64", "batching": {"max_batch_size": 4},
                             "autoscaling.max_replicas": "3"})
     assert cfg.limits.max_tokens == 64 and cfg.batching.max_batch_size == 4 and cfg.autoscaling.max_replicas == 3
-    opts = deployment_options(cfg, use_gpu=False)
+    opts = deployment_options(cfg, num_gpus=0.0)
     assert "num_replicas" not in opts and opts["autoscaling_config"].max_replicas == 3
     assert opts["backpressure_config"].status_code == 503 and opts["backpressure_config"].retry_after_s == 1.0
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
-    assert deployment_options(ServeConfig(artifact="x", num_replicas=2), use_gpu=True)["num_replicas"] == 2
+    assert deployment_options(ServeConfig(artifact="x", num_replicas=2), num_gpus=1.0)["num_replicas"] == 2
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         config_from_args({"artifact": str(tiny_dir), "limits.max_tokens": "-1"})
     # The builder `serve run raydist.serve:app_builder ...` uses: an Application, without starting Ray.
