@@ -19,11 +19,13 @@ from raydist.config import (
     DistillConfig,
     FinetuneConfig,
     GenerateConfig,
+    PipelineConfig,
     ServeConfig,
     SweepConfig,
     load_config,
     load_stage_config,
 )
+from raydist.jobs.pipeline import run_pipeline
 from raydist.stages.distill import run_distill
 from raydist.stages.finetune import run_finetune
 from raydist.stages.generate import run_generate
@@ -38,6 +40,7 @@ __all__ = [
     "FinetuneConfig",
     "GenerateConfig",
     "ModelSourceError",
+    "PipelineConfig",
     "ServeConfig",
     "SweepConfig",
     "__version__",
@@ -51,6 +54,7 @@ __all__ = [
     "run_distill",
     "run_finetune",
     "run_generate",
+    "run_pipeline",
     "run_serve",
     "run_sweep",
 ]

@@ -6,6 +6,9 @@
     raydist fetch-smollm2 models/smollm2-135m
     raydist sweep -c jobs/sweep_tiny.yaml search.max_concurrent=1
     raydist serve runs/quickstart/artifact auth.api_key_env=RAYDIST_API_KEY
+    raydist pipeline -c jobs/pipeline_tiny.yaml serve.http.port=8001
+    raydist submit finetune -c jobs/tiny_lora.yaml --address http://head:8265 --follow
+    raydist jobs list
 """
 
 from __future__ import annotations
@@ -20,6 +23,14 @@ from raydist.config.loading import ConfigError, apply_overrides
 
 EXIT_USAGE = 2
 EXIT_NO_WINNER = 3  # `raydist sweep` finished, but no candidate met the policy (the report says why)
+
+
+SUBMIT_STAGES = ("finetune", "distill", "generate", "sweep", "serve", "pipeline")
+
+
+def _add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="the cluster's job server URL (default: RAY_API_SERVER_ADDRESS, else an "
+                   "http(s) RAY_ADDRESS, else http://127.0.0.1:8265)")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -47,8 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="an artifact / model directory, or a serve config YAML (stage: serve)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. http.port=8001 batching.max_batch_size=8")
 
+    p = sub.add_parser("pipeline", help="finetune -> distill -> sweep -> serve from one spec (each stage optional); "
+                       "a rerun skips finished stages and resumes an interrupted one")
+    _add_config_args(p)
+    p.add_argument("--verbose", action="store_true", help="also show Ray's internal log records")
+
     p = sub.add_parser("validate", help="check a config (files, model, options) without starting Ray")
     _add_config_args(p)
+
+    p = sub.add_parser("submit", help="run a stage on a Ray cluster as a Ray job (config + local data in its "
+                       "working_dir, raydist as a py_module)")
+    # One sub-parser per stage: with a positional stage beside the positional overrides, argparse would take
+    # both at the stage's position and refuse the overrides that follow `-c x.yaml`.
+    stages = p.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(SUBMIT_STAGES) + "}")
+    for stage in SUBMIT_STAGES:
+        q = stages.add_parser(stage, help=f"run `raydist {stage}` as a job")
+        _add_config_args(q)
+        _add_address_arg(q)
+        q.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 SUCCEEDED, 1 FAILED, "
+                       "4 STOPPED")
+        q.add_argument("--python", help="interpreter of the job's entrypoint on the cluster (default: the spec's "
+                       "job.python, else `python` from the head node's PATH)")
+
+    p = sub.add_parser("jobs", help="list / inspect / follow / stop Ray jobs on a cluster")
+    jobs = p.add_subparsers(dest="jobs_command", required=True)
+    _add_address_arg(jobs.add_parser("list", help="every job: id, status, stage, run name, start time"))
+    for name, text in (("status", "a job's status and message"), ("logs", "a job's logs"),
+                       ("stop", "stop a job and report its final status")):
+        q = jobs.add_parser(name, help=text)
+        q.add_argument("job_id", help="the submission id `raydist submit` printed")
+        _add_address_arg(q)
+        if name == "logs":
+            q.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status "
+                           "as `raydist submit --follow` does")
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF checkpoint into a safetensors HF directory")
     p.add_argument("gguf", help="path to the .gguf file")
@@ -62,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_stage_config(args):
     from raydist.config import load_stage_config
 
-    default = args.command if args.command in ("finetune", "distill", "generate", "sweep") else "finetune"
+    default = args.command if args.command in ("finetune", "distill", "generate", "sweep", "pipeline") else "finetune"
     return load_stage_config(args.config, args.overrides, default_stage=default)
 
 
@@ -71,7 +113,7 @@ def _load_serve_config(target: str, overrides):
     from raydist.config import ServeConfig, load_stage_config
     from raydist.config.loading import config_from_dict
 
-    if Path(target).is_dir():
+    if "://" in target or Path(target).is_dir():  # an artifact directory or URI (s3://..., gs://...)
         return config_from_dict(ServeConfig, apply_overrides({"artifact": target}, overrides), "command line")
     if not Path(target).is_file():
         raise ConfigError(f"{target} is neither an artifact directory nor a serve config file")
@@ -85,6 +127,72 @@ def _expect_stage(cfg, stage: str, path: str) -> None:
         raise ConfigError(f"{path} is a {cfg.stage!r} config; run it with `raydist {cfg.stage}`")
 
 
+def check_config(cfg, source: str) -> list[str]:
+    """What `raydist validate` checks (and `raydist submit` before it contacts a cluster): the model, data files
+    and options of ``cfg``'s stage, without starting Ray. Returns the lines to print (the first says OK).
+
+    Raises:
+        PreflightError, DataError, ModelSourceError, ArtifactError, ConfigError: naming the problem.
+    """
+    from raydist.components.preflight import preflight
+
+    lines: list[str] = []
+    if cfg.stage == "pipeline":
+        from raydist.jobs.pipeline import preflight_pipeline
+
+        notes = preflight_pipeline(cfg)
+        lines.append(f"{source}: OK (pipeline {cfg.name}: {' -> '.join(cfg.stages())})")
+        for line in notes:
+            lines.append(f"  {line}")
+        return lines
+    if cfg.stage == "serve":
+        from raydist.serve.app import resolve_api_key
+        from raydist.serve.loading import check_artifact
+
+        artifact = check_artifact(cfg.artifact, cfg.adapter)
+        resolve_api_key(cfg)
+        lines.append(f"{source}: OK (serve, artifact {artifact})")
+        return lines
+    if cfg.stage == "sweep":
+        from raydist.stages.sweep import preflight_sweep
+
+        if cfg.target == "compress":
+            candidates = preflight_sweep(cfg)
+            lines.append(f"{source}: OK (sweep, {len(candidates)} distinct candidate(s))")
+        else:
+            preflight(cfg.finetune)
+            lines.append(f"{source}: OK (sweep of a fine-tuning config)")
+        return lines
+    report = preflight(cfg)
+    lines.append(f"{source}: OK ({cfg.stage})")
+    for line in report.lines():
+        lines.append(f"  {line}")
+    return lines
+
+
+def _submit(args) -> int:
+    """`raydist submit`: everything `raydist validate` checks is checked first, before the cluster is contacted."""
+    from raydist.config import stage_config_class
+    from raydist.config.loading import config_from_dict, read_yaml
+    from raydist.jobs.submit import plan_job, submit
+
+    data = apply_overrides(read_yaml(args.config), args.overrides)
+    stage = data.get("stage", args.stage)
+    if stage != args.stage:
+        raise ConfigError(f"{args.config} is a {stage!r} config; submit it with `raydist submit {stage}`")
+    cfg = config_from_dict(stage_config_class(stage), data, args.config)
+    plan = plan_job(stage, data, cfg)
+    if plan.remote_inputs:
+        fields = ", ".join(ref.dotted for ref in plan.remote_inputs)
+        print(f"{args.config}: local checks skipped ({fields}: only on the cluster, where the stage checks them "
+              f"before it starts)")
+    else:
+        for line in check_config(cfg, args.config):
+            print(line)
+    return submit(plan, address=args.address, python=args.python, follow=args.follow,
+                  config_name=Path(args.config).name)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,6 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from raydist.components.models import ModelSourceError
     from raydist.components.preflight import PreflightError
     from raydist.components.teacher_cache import CacheMismatchError
+    from raydist.jobs.submit import SubmitError
     from raydist.serve.loading import ArtifactError
     from raydist.stages.common import RunDirError, StageFailed
 
@@ -128,32 +237,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from raydist.serve.app import run_serve
 
             run_serve(_load_serve_config(args.target, args.overrides))
-        elif args.command == "validate":
-            from raydist.components.preflight import preflight
+        elif args.command == "pipeline":
+            from raydist.jobs.pipeline import run_pipeline
+            from raydist.stages.sweep import NoCandidateMet
 
             cfg = _load_stage_config(args)
-            if cfg.stage == "serve":
-                from raydist.serve.app import resolve_api_key
-                from raydist.serve.loading import check_artifact
+            _expect_stage(cfg, "pipeline", args.config)
+            if args.verbose:
+                from raydist.stages.common import VERBOSE_ENV
 
-                artifact = check_artifact(cfg.artifact, cfg.adapter)
-                resolve_api_key(cfg)
-                print(f"{args.config}: OK (serve, artifact {artifact})")
-                return 0
-            if cfg.stage == "sweep":
-                from raydist.stages.sweep import preflight_sweep
+                os.environ[VERBOSE_ENV] = "1"  # Ray's INFO records, in the driver and every worker
+            try:
+                run_pipeline(cfg)
+            except NoCandidateMet as e:
+                print(f"raydist pipeline: {e}", file=sys.stderr)
+                return EXIT_NO_WINNER
+        elif args.command == "validate":
+            for line in check_config(_load_stage_config(args), args.config):
+                print(line)
+        elif args.command == "submit":
+            return _submit(args)
+        elif args.command == "jobs":
+            from raydist.jobs import submit as jobs
 
-                if cfg.target == "compress":
-                    candidates = preflight_sweep(cfg)
-                    print(f"{args.config}: OK (sweep, {len(candidates)} distinct candidate(s))")
-                else:
-                    preflight(cfg.finetune)
-                    print(f"{args.config}: OK (sweep of a fine-tuning config)")
-                return 0
-            report = preflight(cfg)
-            print(f"{args.config}: OK ({cfg.stage})")
-            for line in report.lines():
-                print(f"  {line}")
+            if args.jobs_command == "list":
+                return jobs.list_jobs(args.address)
+            if args.jobs_command == "status":
+                return jobs.job_status(args.job_id, args.address)
+            if args.jobs_command == "logs":
+                return jobs.job_logs(args.job_id, args.address, follow=args.follow)
+            return jobs.stop_job(args.job_id, args.address)
         elif args.command == "convert-gguf":
             from raydist.components.models import convert_gguf
 
@@ -163,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(f"SmolLM2-135M-Instruct ready at {fetch_smollm2(Path(args.out))}")
     except (ConfigError, PreflightError, RunDirError, DataError, ModelSourceError, CacheMismatchError,
-            FileExistsError, ArtifactError) as e:
+            FileExistsError, ArtifactError, SubmitError) as e:
         print(f"raydist {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailed as e:

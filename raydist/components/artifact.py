@@ -98,6 +98,18 @@ def write_manifest(
 
 
 def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
+    """``raydist.json`` of an artifact directory (a path or a storage URI).
+
+    Raises:
+        FileNotFoundError: the directory is not a raydist artifact.
+    """
+    from raydist.components import storage
+
+    if storage.is_uri(artifact_dir):
+        loc = storage.join(artifact_dir, MANIFEST)
+        if not storage.is_file(loc):
+            raise FileNotFoundError(f"{artifact_dir} is not a raydist artifact (no {MANIFEST})")
+        return json.loads(storage.read_text(loc))
     p = Path(artifact_dir) / MANIFEST
     if not p.is_file():
         raise FileNotFoundError(f"{artifact_dir} is not a raydist artifact (no {MANIFEST})")

@@ -16,6 +16,7 @@ from typing import Literal, Optional
 
 import torch
 
+from raydist.components.storage import is_uri, local_copy
 from raydist.config.base import ModelConfig, TinyModelSpec
 
 TINY_RANDOM = "tiny-random"
@@ -38,8 +39,11 @@ class ModelSource:
     kind: SourceKind
     path: str
     gguf_file: Optional[str] = None
+    origin: Optional[str] = None  # the URI a remote model was downloaded from (``path`` is the local copy)
 
     def describe(self) -> str:
+        if self.origin:
+            return self.origin
         if self.kind == "gguf":
             return str(Path(self.path) / self.gguf_file)
         return self.path
@@ -54,6 +58,14 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
     path = cfg.path
     if path == TINY_RANDOM:
         return ModelSource("tiny", TINY_RANDOM)
+    if is_uri(path):  # an artifact on shared storage: read through a cached local copy
+        try:
+            local = local_copy(path)
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise ModelSourceError(f"model {path!r} cannot be read: {e}") from None
+        from dataclasses import replace
+
+        return replace(resolve_model_source(cfg.model_copy(update={"path": str(local)})), origin=path)
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".gguf":

@@ -114,7 +114,9 @@ def preflight_generate(cfg) -> PreflightReport:
         raise PreflightError(f"prompts: {e}") from None
     if fmt == "text":
         raise PreflightError("prompts: text data has no prompts; use instruction or chat records")
-    if Path(cfg.output).expanduser().exists():
+    from raydist.components import storage
+
+    if storage.exists(cfg.output if storage.is_uri(cfg.output) else Path(cfg.output).expanduser()):
         raise PreflightError(f"output {cfg.output} exists; choose another path (nothing is overwritten)")
     return PreflightReport(
         model_kind=src.kind,

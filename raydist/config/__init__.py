@@ -4,9 +4,11 @@ from raydist.config.base import (
     DataConfig,
     DataSourceConfig,
     DeepSpeedSettings,
+    JobSettings,
     LoraSettings,
     ModelConfig,
     OptimConfig,
+    ResourceSettings,
     RunSettings,
     ScalingSettings,
     TinyModelSpec,
@@ -15,6 +17,7 @@ from raydist.config.distill import DistillConfig, KDSettings, PruneSettings, Stu
 from raydist.config.finetune import FinetuneConfig, TrainSettings
 from raydist.config.generate import GenerateConfig
 from raydist.config.loading import ConfigError, apply_overrides, dump_config, load_config
+from raydist.config.pipeline import PipelineConfig
 from raydist.config.serve import ServeConfig
 from raydist.config.sweep import SweepConfig
 
@@ -26,11 +29,14 @@ __all__ = [
     "DistillConfig",
     "FinetuneConfig",
     "GenerateConfig",
+    "JobSettings",
     "KDSettings",
     "LoraSettings",
     "ModelConfig",
     "OptimConfig",
+    "PipelineConfig",
     "PruneSettings",
+    "ResourceSettings",
     "RunSettings",
     "ScalingSettings",
     "ServeConfig",
@@ -47,9 +53,10 @@ __all__ = [
 
 
 def stage_config_class(stage: str):
-    """The config class of a stage name (``finetune``, ``distill``, ``generate``, ``serve``)."""
+    """The config class of a stage name (``finetune``, ``distill``, ``generate``, ``sweep``, ``serve``,
+    ``pipeline``)."""
     classes = {"finetune": FinetuneConfig, "distill": DistillConfig, "generate": GenerateConfig, "serve": ServeConfig,
-               "sweep": SweepConfig}
+               "sweep": SweepConfig, "pipeline": PipelineConfig}
     if stage not in classes:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(classes)}")
     return classes[stage]

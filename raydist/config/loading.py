@@ -24,6 +24,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {item!r} has an empty key")
+    if raw.strip().startswith("@"):  # a pipeline reference ("@sweep"): YAML reserves '@', take it as a string
+        return parts, raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:

@@ -132,6 +132,8 @@ class ServeConfig(StageConfig):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     num_replicas: Optional[int] = Field(None, gt=0, description="Fixed replica count (default 1 without autoscaling).")
+    max_replicas_per_node: Optional[int] = Field(
+        None, gt=0, description="Most replicas Serve places on one node (1 = a replica per node, for availability).")
     autoscaling: Optional[AutoscalingSettings] = Field(None, description="Scale replicas with load instead.")
     resources: ServeResources = Field(default_factory=ServeResources)
     health: HealthSettings = Field(default_factory=HealthSettings)

@@ -66,6 +66,13 @@ def deployment_options(cfg: ServeConfig, num_gpus: float) -> dict[str, Any]:
         "health_check_timeout_s": cfg.health.check_timeout_s,
         "ray_actor_options": {"num_cpus": cfg.resources.num_cpus, "num_gpus": num_gpus},
     }
+    from raydist.components.storage import storage_env
+
+    env = {**storage_env(), **cfg.job.env}
+    if env:  # replicas read an artifact URI with the driver's storage credentials / endpoint
+        opts["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+    if cfg.max_replicas_per_node is not None:
+        opts["max_replicas_per_node"] = cfg.max_replicas_per_node
     if cfg.autoscaling is not None:
         a = cfg.autoscaling
         opts["autoscaling_config"] = AutoscalingConfig(
@@ -154,28 +161,34 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True, verbose: bool = True) 
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     app = build_app(cfg, key)
     say(f"[raydist] deploying {cfg.artifact} as Serve application {cfg.app_name!r} ...")
+    if blocking:
+        # Ctrl-C and `kill` (SIGTERM, e.g. from a container runtime) both stop cleanly, also while the replicas
+        # are still starting; a shell that started us in the background may have left SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    deployed, url = False, None
     try:
-        serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
-    except Exception as e:  # Serve reports a replica that cannot start as a RuntimeError with the cause
-        raise StageFailed(f"the Serve application did not start: {str(e)[-2000:]}") from e
-    host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
-    url = f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}/v1"
-    say(f"[raydist] serving model {cfg.model_name or default_model_id(cfg.artifact)!r} at {url} (OpenAI API; health: "
-        f"{url[:-3]}/health, readiness: {url[:-3]}/ready). Ctrl-C stops.")
-    if not blocking:
-        return url
-    # Ctrl-C and `kill` (SIGTERM, e.g. from a container runtime) both stop cleanly; a shell that started
-    # us in the background may have left SIGINT ignored, so its handler is reinstated too.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
+        try:
+            serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # Serve reports a replica that cannot start as a RuntimeError with the cause
+            raise StageFailed(f"the Serve application did not start: {str(e)[-2000:]}") from e
+        deployed = True
+        host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
+        url = f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}/v1"
+        say(f"[raydist] serving model {cfg.model_name or default_model_id(cfg.artifact)!r} at {url} (OpenAI API; "
+            f"health: {url[:-3]}/health, readiness: {url[:-3]}/ready). Ctrl-C stops.")
+        if not blocking:
+            return url
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         say("[raydist] stopping ...")
     finally:
-        serve.delete(cfg.app_name)
-        if started_ray:
-            serve.shutdown()
-            ray.shutdown()
+        if blocking or not deployed:
+            serve.delete(cfg.app_name)
+            if started_ray:
+                serve.shutdown()
+                ray.shutdown()
     return url

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from typing import Any, AsyncIterator, Optional
 
+import ray
 from ray import serve
 
 from raydist.config.serve import ServeConfig
@@ -216,6 +217,7 @@ class OpenAIServer:
         m = self.metrics
         return {
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "replica": ctx.replica_id.unique_id,
             "device": self.device,
             "max_batch_size": self.batcher.max_batch_size,

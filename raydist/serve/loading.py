@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from raydist.components import storage
 from raydist.components.artifact import MANIFEST
 
 
@@ -48,15 +49,25 @@ def adapter_base(path: Path) -> Optional[str]:
     return base
 
 
-def check_artifact(artifact: str, adapter: Optional[str] = None) -> Path:
+def check_artifact(artifact: str, adapter: Optional[str] = None):
     """Cheap checks before anything starts: the directory exists and holds a model (or adapter + base).
 
     Returns:
-        The resolved artifact path.
+        The resolved artifact path (a URI is returned as given: each replica reads it through a local copy).
 
     Raises:
         ArtifactError: a path is missing or holds neither config.json nor adapter_config.json.
     """
+    if storage.is_uri(artifact):
+        try:
+            ok = storage.is_file(storage.join(artifact, "config.json"))
+        except (ValueError, OSError) as e:
+            raise ArtifactError(f"artifact {artifact!r} cannot be read: {e}") from None
+        if not ok:
+            raise ArtifactError(f"artifact {artifact!r} holds no config.json (not a model directory)")
+        if adapter is not None:
+            check_artifact_adapter(adapter)
+        return artifact
     p = Path(artifact).expanduser().resolve()
     if not p.is_dir():
         raise ArtifactError(f"artifact {artifact!r} is not a directory")
@@ -67,14 +78,21 @@ def check_artifact(artifact: str, adapter: Optional[str] = None) -> Path:
     elif not (p / "config.json").is_file():
         raise ArtifactError(f"{p} holds no config.json (not a Hugging Face model directory or raydist artifact)")
     if adapter is not None:
-        a = Path(adapter).expanduser().resolve()
-        if not (a / "adapter_config.json").is_file():
-            raise ArtifactError(f"adapter {adapter!r} holds no adapter_config.json (not a peft adapter directory)")
+        check_artifact_adapter(adapter)
     return p
+
+
+def check_artifact_adapter(adapter: str) -> None:
+    a = Path(adapter).expanduser().resolve()
+    if not (a / "adapter_config.json").is_file():
+        raise ArtifactError(f"adapter {adapter!r} holds no adapter_config.json (not a peft adapter directory)")
 
 
 def default_model_id(artifact: str) -> str:
     """The id clients use: the run name for ``runs/<name>/artifact``, else the directory name."""
+    if storage.is_uri(artifact):
+        name = storage.name_of(artifact)
+        return storage.name_of(storage.parent_of(artifact)) if name == "artifact" else name
     p = Path(artifact).expanduser().resolve()
     return p.parent.name if p.name == "artifact" and p.parent.name else p.name
 
@@ -95,6 +113,8 @@ def load_served_model(artifact: str, adapter: Optional[str], device: str, dtype:
     from transformers import AutoTokenizer
 
     p = check_artifact(artifact, adapter)
+    if storage.is_uri(p):
+        p = storage.local_copy(p)  # this replica's copy (cached per machine)
     base = adapter_base(p)
     manifest_file = p / MANIFEST
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None

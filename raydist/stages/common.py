@@ -10,7 +10,9 @@ from typing import Any, Optional
 
 import yaml
 
+from raydist.components import storage
 from raydist.components.preflight import PreflightError
+from raydist.components.storage import Mirror
 from raydist.config.loading import dump_config
 
 
@@ -38,43 +40,62 @@ class RunDirError(ValueError):
 
 
 # Sections that may change between a run and its resume: where it lives and how it recovers.
-_RESUMABLE_SECTIONS = {"run"}
+_RESUMABLE_SECTIONS = {"run", "job", "resources"}  # a resume may run on another cluster
 
 
-def open_run_dir(cfg, artifact_name: str) -> tuple[Path, bool]:
-    """Create ``<output_dir>/<name>`` or decide to resume it. Returns ``(run_dir, resuming)``.
+def run_location(cfg):
+    """``<run.output_dir>/<run.name>``: a local path (made absolute) or a URI."""
+    out = cfg.run.output_dir
+    base = out if storage.is_uri(out) else Path(out).expanduser().resolve()
+    return storage.join(base, cfg.run.name)
 
-    An existing directory is resumed only when it was written by the same config (``run.*`` aside);
-    otherwise, or when ``run.resume: never``, or when it already holds a finished artifact, it is refused
-    with a message saying what to do. Nothing in it is deleted or overwritten.
+
+def open_run_dir(cfg, artifact_name: str, prepare=None) -> tuple[Mirror, bool]:
+    """Create ``<output_dir>/<name>`` (a path or a URI) or decide to resume it. Returns ``(run_dir, resuming)``:
+    the driver works in ``run_dir.local`` and pushes what it writes (nothing to push for a local run).
+
+    An existing directory is resumed only when it was written by the same config (``run.*`` and ``job.*``
+    aside); otherwise, or when ``run.resume: never``, or when it already holds a finished artifact, it is
+    refused with a message saying what to do. Nothing in it is deleted or overwritten. ``prepare`` (e.g. the
+    placement check, which starts Ray) runs after those checks and before anything is written.
     """
-    run_dir = Path(cfg.run.output_dir).expanduser().resolve() / cfg.run.name
-    cfg_file = run_dir / "config.yaml"
+    try:
+        location = run_location(cfg)
+        rd = Mirror(location)
+        started = storage.has_files(location)
+    except (ValueError, OSError) as e:
+        raise RunDirError(f"run.output_dir {cfg.run.output_dir!r} cannot be used: {e}") from None
+    cfg_file = rd.local / "config.yaml"
     resolved = cfg.model_dump(mode="json")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if (run_dir / artifact_name / "raydist.json").is_file():
+    if started:
+        if rd.exists(f"{artifact_name}/raydist.json"):
             raise RunDirError(
-                f"run {run_dir} is already complete (artifact at {run_dir / artifact_name}); "
+                f"run {location} is already complete (artifact at {rd.at(artifact_name)}); "
                 f"choose a new run.name to train again"
             )
         if cfg.run.resume == "never":
-            raise RunDirError(f"run directory {run_dir} exists and run.resume is 'never'; choose a new run.name")
-        if not cfg_file.is_file():
-            raise RunDirError(f"{run_dir} exists but is not a raydist run directory; refusing to write into it")
-        previous = yaml.safe_load(cfg_file.read_text())
+            raise RunDirError(f"run directory {location} exists and run.resume is 'never'; choose a new run.name")
+        if not rd.exists("config.yaml"):
+            raise RunDirError(f"{location} exists but is not a raydist run directory; refusing to write into it")
+        previous = yaml.safe_load(rd.pull("config.yaml").read_text())
         diffs = _diff_paths(
             {k: v for k, v in previous.items() if k not in _RESUMABLE_SECTIONS},
             {k: v for k, v in resolved.items() if k not in _RESUMABLE_SECTIONS},
         )
         if diffs:
             raise RunDirError(
-                f"run directory {run_dir} was started with a different config ({', '.join(diffs[:8])} differ); "
+                f"run directory {location} was started with a different config ({', '.join(diffs[:8])} differ); "
                 f"resume with the same config, or choose a new run.name"
             )
-        return run_dir, True
-    run_dir.mkdir(parents=True, exist_ok=True)
+        if prepare is not None:
+            prepare()
+        return rd, True
+    if prepare is not None:
+        prepare()
+    rd.local.mkdir(parents=True, exist_ok=True)
     cfg_file.write_text(dump_config(cfg))
-    return run_dir, False
+    rd.push("config.yaml")
+    return rd, False
 
 
 def _diff_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -91,8 +112,8 @@ def with_absolute_paths(cfg):
     workers run in other directories (and on a cluster, other machines with the same shared paths)."""
 
     def absolute(path: Optional[str]) -> Optional[str]:
-        if path is None:
-            return None
+        if path is None or storage.is_uri(path):
+            return path
         p = Path(path).expanduser()
         return str(p.resolve()) if p.exists() else path
 
@@ -138,35 +159,95 @@ def write_examples_parquet(data_dir: Path, splits: dict[str, list[dict]], finger
     (data_dir / "fingerprint.txt").write_text(fingerprint)  # written last: marks the data complete
 
 
+VERBOSE_ENV = "RAYDIST_VERBOSE"  # 1: show Ray's own INFO records (Ray Train's reports, Ray Data's progress)
+DASHBOARD_ENV = "RAYDIST_DASHBOARD"  # 1: the embedded local Ray also runs the dashboard
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def embedded_ray_options(num_cpus: int, *, dashboard: bool = False) -> dict[str, Any]:
+    """``ray.init`` options of the local Ray a stage starts on a laptop: no dashboard unless asked (it and its
+    agent cost ~0.17 CPU-s per training step on 2 cores), and always a port of its own for the API server.
+
+    Why the port: even without the dashboard, Ray records ``127.0.0.1:8265`` as this cluster's API address
+    when that port is already taken by another Ray's dashboard on the machine; Ray Train's
+    PlacementGroupCleaner then asks the *other* cluster whether our controller is alive, is told it does not
+    exist, and removes our training placement group (scripts/ray_bugs/pg_cleaner_wrong_dashboard.py).
+    """
+    return {"num_cpus": num_cpus, "include_dashboard": dashboard, "dashboard_port": free_port(),
+            "logging_config": ray_logging_config()}
+
+
+def ray_logging_config():
+    """Ray's records in every worker: WARNING and up unless ``RAYDIST_VERBOSE=1`` (raydist's own progress lines
+    are printed, not logged, so they always show; errors always show)."""
+    import ray
+
+    return ray.LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE_ENV) == "1" else "WARNING")
+
+
+def quiet_ray_driver_logs() -> None:
+    """The driver side of ``ray_logging_config``: Train / Tune / Data INFO records only with --verbose."""
+    import logging
+
+    if os.environ.get(VERBOSE_ENV) != "1":
+        for name in ("ray.train", "ray.tune", "ray.data", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def init_ray(cpus_needed: float) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start a local Ray with room for the workers plus Ray Data."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet_ray_driver_logs()
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, logging_config=ray_logging_config())
     else:
         # Ray Data tasks need CPUs beside the training workers; oversubscribing a small box is fine.
-        ray.init(num_cpus=int(max(os.cpu_count() or 1, cpus_needed + 2)))
+        ray.init(**embedded_ray_options(int(max(os.cpu_count() or 1, cpus_needed + 2)),
+                                        dashboard=os.environ.get(DASHBOARD_ENV) == "1"))
 
 
-def tokenize_once(run_dir: Path, data_cfg, model_cfg, seed: int, tokenizer, say) -> dict[str, int]:
+def tokenize_once(run_dir: Mirror, data_cfg, model_cfg, seed: int, tokenizer, say) -> dict[str, int]:
     """Tokenize train/eval into ``run_dir/data`` unless an identical tokenization is already there (a
     resumed run reuses the same files, so its data order is identical). Returns the split sizes."""
     import time
 
     from raydist.components.data import build_datasets
 
-    data_dir = run_dir / "data"
+    data_dir = run_dir.local / "data"
     fp = data_fingerprint(data_cfg, model_cfg, seed)
+    if run_dir.remote and run_dir.exists("data/fingerprint.txt"):
+        run_dir.pull("data")
     if not (data_dir / "fingerprint.txt").is_file() or (data_dir / "fingerprint.txt").read_text() != fp:
         t0 = time.time()
         train_ex, eval_ex = build_datasets(data_cfg, tokenizer, seed)
         write_examples_parquet(data_dir, {"train": train_ex, "eval": eval_ex}, fp)
+        storage.upload(data_dir, run_dir.at("data"), last="fingerprint.txt") if run_dir.remote else None
         say(f"[raydist] tokenized {len(train_ex)} train / {len(eval_ex)} eval sequences in {time.time() - t0:.1f}s")
     return json.loads((data_dir / "counts.json").read_text())
+
+
+def read_parquet(location, **kwargs):
+    """``ray.data.read_parquet`` of a local path or a URI (its filesystem resolved the way raydist resolves it)."""
+    import ray
+
+    if isinstance(location, (list, tuple)):
+        if not location:
+            raise ValueError("no parquet files to read")
+        fs, _ = storage.filesystem(location[0])
+        return ray.data.read_parquet([storage.filesystem(x)[1] for x in location], filesystem=fs, **kwargs)
+    fs, path = storage.filesystem(location)
+    return ray.data.read_parquet(path, filesystem=fs, **kwargs)
 
 
 def plan_steps(counts: dict[str, int], train_cfg, world: int) -> tuple[int, int]:
@@ -194,8 +275,18 @@ def fault_from_env() -> Optional[dict[str, Any]]:
     return {"step": int(step), "marker": os.environ["RAYDIST_FAULT_MARKER"]}
 
 
+def plan_training(cfg):
+    """Start / join Ray and resolve what each training worker reserves; refuses (PreflightError) what the
+    cluster cannot place. Called before the run directory is opened, so a refused run writes nothing."""
+    from raydist.stages.resources import plan_units
+
+    init_ray(cfg.scaling.num_workers * cfg.resources.num_cpus)
+    return plan_units(cfg.resources, cfg.scaling.num_workers, "training worker",
+                      placement_strategy=cfg.scaling.placement_strategy)
+
+
 def train_on_ray(
-    loop_fn, cfg, run_dir: Path, counts: dict[str, int], extra: dict[str, Any], say, what: str,
+    loop_fn, cfg, run_dir: Mirror, counts: dict[str, int], extra: dict[str, Any], say, what: str,
     train_files: Optional[list[str]] = None,
 ) -> None:
     """Run ``loop_fn`` on ``cfg.scaling.num_workers`` Ray Train workers over the tokenized data
@@ -206,24 +297,20 @@ def train_on_ray(
     """
     import ray
     from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raydist.stages.resources import plan_units
 
     world = cfg.scaling.num_workers
     total_steps, micro_per_epoch = plan_steps(counts, cfg.train, world)
-    init_ray(world * cfg.resources.num_cpus)
+    plan = plan_training(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False  # they garble the progress lines
-    plan = plan_units(cfg.resources, world, "training worker", placement_strategy=cfg.scaling.placement_strategy)
     use_gpu = plan.computes_on_gpu  # NCCL between GPU ranks; each worker still checks what it was given
-    data_dir = run_dir / "data"
-    datasets = {"train": ray.data.read_parquet(train_files or str(data_dir / "train.parquet"))}
+    datasets = {"train": read_parquet(train_files or run_dir.at("data", "train.parquet"))}
     if counts["eval"]:
-        datasets["eval"] = ray.data.read_parquet(str(data_dir / "eval.parquet"))
+        datasets["eval"] = read_parquet(run_dir.at("data", "eval.parquet"))
     loop_config = {
         "cfg": cfg.model_dump(mode="json"),
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.location),
         "total_steps": total_steps,
         "micro_per_epoch": micro_per_epoch,
         "n_eval": counts["eval"],
@@ -232,8 +319,9 @@ def train_on_ray(
         **extra,
     }
     worker_env = {"TOKENIZERS_PARALLELISM": "false", **cfg.job.env}
-    if "RAYDIST_CACHE" in os.environ:
-        worker_env["RAYDIST_CACHE"] = os.environ["RAYDIST_CACHE"]
+    for var, value in storage.storage_env().items():  # the workers reach the same storage the driver does
+        worker_env.setdefault(var, value)
+    fs, storage_path = storage.filesystem(storage.parent_of(run_dir.location))
     trainer = TorchTrainer(
         loop_fn,
         train_loop_config=loop_config,
@@ -244,7 +332,10 @@ def train_on_ray(
         ),
         run_config=RunConfig(
             name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            storage_path=storage_path,
+            storage_filesystem=fs if run_dir.remote else None,
+            # Ray Train's own records ("Reporting training result ...", checkpoint paths) only with --verbose
+            logging_config=LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE_ENV) == "1" else "WARNING"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env},
@@ -256,18 +347,20 @@ def train_on_ray(
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     say(f"[raydist] {what}: {total_steps} steps on {plan.describe()} workers (ZeRO-{cfg.deepspeed.zero_stage})")
-    fit_or_explain(trainer, run_dir, cfg.run.max_failures)
+    fit_or_explain(trainer, run_dir.location, cfg.run.max_failures)
 
 
-def finish_run(run_dir: Path, artifact_name: str, stop_after: Optional[int], title: str, say) -> Path:
-    """Draw the loss curve; return the artifact (or the run dir when the run stopped early on purpose)."""
+def finish_run(run_dir: Mirror, artifact_name: str, stop_after: Optional[int], title: str, say):
+    """Draw the loss curve; return the artifact's location (or the run dir's when the run stopped early on
+    purpose): a ``Path`` for a local run, the URI string for remote storage."""
     from raydist.components.progress import plot_loss_curve, read_history
 
-    plot_loss_curve(read_history(run_dir / "metrics.jsonl"), run_dir / "loss_curve.png", title=title)
-    artifact = run_dir / artifact_name
-    if not artifact.is_dir():
+    history = read_history(run_dir.pull("metrics.jsonl"))
+    plot_loss_curve(history, run_dir.local / "loss_curve.png", title=title)
+    run_dir.push("loss_curve.png")
+    if not run_dir.exists(f"{artifact_name}/raydist.json"):
         say(f"[raydist] stopped after step {stop_after}; rerun the same command to resume")
-        return run_dir
-    say(f"[raydist] loss curve: {run_dir / 'loss_curve.png'}")
-    say(f"[raydist] artifact: {artifact}")
-    return artifact
+        return run_dir.location
+    say(f"[raydist] loss curve: {run_dir.at('loss_curve.png')}")
+    say(f"[raydist] artifact: {run_dir.at(artifact_name)}")
+    return run_dir.at(artifact_name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any
 
 import torch
 
+from raydist.components import storage
 from raydist.components.artifact import write_manifest
+from raydist.components.storage import Mirror, local_copy
 from raydist.components.export import export_artifact, logits_of, probe_batch
 from raydist.components.kd_losses import (
     HiddenProjection,
@@ -48,7 +51,14 @@ from raydist.components.teacher_cache import CACHE_MANIFEST, cache_key, check_ca
 from raydist.components.training import perplexity, seed_everything
 from raydist.config.base import ModelConfig
 from raydist.config.distill import DistillConfig
-from raydist.stages.common import finish_run, open_run_dir, tokenize_once, train_on_ray, with_absolute_paths
+from raydist.stages.common import (
+    finish_run,
+    open_run_dir,
+    plan_training,
+    tokenize_once,
+    train_on_ray,
+    with_absolute_paths,
+)
 from raydist.stages.worker import TrainingSession
 
 ARTIFACT_DIR = "artifact"
@@ -67,10 +77,11 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
     say = print if verbose else (lambda *a, **k: None)
     report, tokenizer = preflight_distill(cfg)
     cfg = with_absolute_paths(cfg)
-    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
-    say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new run'})")
+    # what the cluster cannot place is refused before anything is written
+    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR, prepare=lambda: plan_training(cfg))
+    say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new run'})")
     counts = tokenize_once(run_dir, cfg.data, cfg.teacher, cfg.train.seed, tokenizer, say)
-    student_dir = build_student(cfg, run_dir, tokenizer, say)
+    student_dir = build_student(cfg, run_dir, tokenizer, say)  # a path or, for remote storage, a URI
     teacher_src = resolve_model_source(cfg.teacher)
     extra = {
         "student_dir": str(student_dir),
@@ -78,22 +89,27 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
     }
     train_files = None
     if cfg.kd.teacher_mode == "cache":
-        cache_dir = build_teacher_cache(cfg, run_dir, tokenizer, say)
-        train_files = [str(p) for p in sorted(cache_dir.glob("part-*.parquet"))]
+        cache_dir, n_shards = build_teacher_cache(cfg, run_dir, tokenizer, say)
+        train_files = [str(storage.join(cache_dir, shard_name(i))) for i in range(n_shards)]
         extra["teacher_cache"] = str(cache_dir)
     what = f"distilling ({cfg.kd.loss}, {cfg.kd.teacher_mode} teacher)"
     train_on_ray(distill_loop_per_worker, cfg, run_dir, counts, extra, say, what, train_files=train_files)
     return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} (distill)", say)
 
 
-def build_student(cfg: DistillConfig, run_dir: Path, tokenizer, say) -> Path:
-    """The student's initial weights as an HF directory, built once per run (a resume reuses it)."""
+def shard_name(i: int) -> str:
+    return f"part-{i:05d}.parquet"
+
+
+def build_student(cfg: DistillConfig, run_dir: Mirror, tokenizer, say):
+    """The student's initial weights as an HF directory, built once per run (a resume reuses it); returns its
+    location (a path, or a URI when the run lives on remote storage)."""
     if cfg.student.source == "pretrained":
-        return Path(cfg.student.path)
-    out = run_dir / STUDENT_INIT
-    if (out / "config.json").is_file():
-        return out
-    tmp = Path(tempfile.mkdtemp(prefix=f".{STUDENT_INIT}.", dir=run_dir))
+        return cfg.student.path
+    out = run_dir.local / STUDENT_INIT
+    if run_dir.exists(f"{STUDENT_INIT}/config.json"):
+        return run_dir.at(STUDENT_INIT)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{STUDENT_INIT}.", dir=run_dir.local))
     summary: dict[str, Any] = {"source": cfg.student.source}
     if cfg.student.source == "config":
         from transformers import AutoModelForCausalLM
@@ -105,7 +121,7 @@ def build_student(cfg: DistillConfig, run_dir: Path, tokenizer, say) -> Path:
         from raydist.components.pruning import collect_importance, prune_model
 
         student = load_model(cfg.teacher).eval()
-        batches = _calibration_batches(run_dir, cfg.student.prune.calibration_batches, tokenizer.pad_token_id)
+        batches = _calibration_batches(run_dir.local, cfg.student.prune.calibration_batches, tokenizer.pad_token_id)
         importance = collect_importance(student, batches)
         p = cfg.student.prune
         summary.update(
@@ -123,9 +139,10 @@ def build_student(cfg: DistillConfig, run_dir: Path, tokenizer, say) -> Path:
     (tmp / "student_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     make_shareable(tmp)
     os.replace(tmp, out)
+    run_dir.push(STUDENT_INIT, last="config.json")  # config.json marks it complete
     n = sum(p.numel() for p in {id(p): p for p in student.parameters()}.values())
-    say(f"[raydist] student ({cfg.student.source}): {n:,} parameters -> {out}")
-    return out
+    say(f"[raydist] student ({cfg.student.source}): {n:,} parameters -> {run_dir.at(STUDENT_INIT)}")
+    return run_dir.at(STUDENT_INIT)
 
 
 class TeacherTopK:
@@ -154,12 +171,15 @@ def _object_array(items: list) -> Any:
     return out
 
 
-def build_teacher_cache(cfg: DistillConfig, run_dir: Path, tokenizer, say, rows_per_shard: int = 256) -> Path:
+def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, rows_per_shard: int = 256):
     """Build (or reuse) the offline teacher cache with a Ray Data batch-inference job.
 
     The teacher runs on ``kd.cache_actors`` actors (a GPU each when present); rows come back in training
     order and are written as ``part-*.parquet`` shards into a temporary sibling directory, which is
-    renamed to the cache directory only when complete.
+    renamed to the cache directory only when complete (on remote storage: uploaded, its manifest last).
+
+    Returns:
+        ``(cache location, number of shards)``.
 
     Raises:
         CacheMismatchError: the directory holds a cache for another teacher / data / tokenizer / k / T.
@@ -168,28 +188,31 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Path, tokenizer, say, rows_
     import pyarrow.parquet as pq
     import ray
 
-    from raydist.stages.common import init_ray
+    from raydist.stages.common import init_ray, read_parquet
     from raydist.stages.resources import plan_units
 
     src = resolve_model_source(cfg.teacher)
     key = cache_key(
         teacher_hash=hash_model_source(src, cfg.teacher),
-        data_fingerprint=(run_dir / "data" / "fingerprint.txt").read_text(),
+        data_fingerprint=(run_dir.local / "data" / "fingerprint.txt").read_text(),
         tokenizer_hash=tokenizer_hash(tokenizer),
         top_k=cfg.kd.top_k,
         temperature=cfg.kd.temperature,
     )
-    cache_dir = Path(cfg.kd.cache_dir or Path(cfg.run.output_dir) / "teacher_cache" / cfg.run.name).expanduser().resolve()
+    cache = Mirror(cfg.kd.cache_dir or storage.join(cfg.run.output_dir, "teacher_cache", cfg.run.name))
+    cache_dir = cache.local
+    if cache.remote:
+        cache.pull(CACHE_MANIFEST)
     if check_cache(cache_dir, key):
-        say(f"[raydist] reusing teacher cache {cache_dir}")
-        return cache_dir
+        say(f"[raydist] reusing teacher cache {cache.location}")
+        return cache.location, json.loads((cache_dir / CACHE_MANIFEST).read_text())["shards"]
     init_ray(cfg.kd.cache_actors * cfg.resources.num_cpus)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.execution_options.preserve_order = True  # rows must stay in training order
     plan = plan_units(cfg.resources, cfg.kd.cache_actors, "teacher-cache actor")
     t0 = time.time()
-    ds = ray.data.read_parquet(str(run_dir / "data" / "train.parquet")).map_batches(
+    ds = read_parquet(run_dir.at("data", "train.parquet")).map_batches(
         TeacherTopK,
         fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json")},
         batch_size=cfg.kd.cache_batch_size,
@@ -211,14 +234,20 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Path, tokenizer, say, rows_
                                      type=pa.list_(pa.list_(pa.int32(), k))),
             "rest_mass": pa.array([list(x) for x in batch["rest_mass"]], type=pa.list_(pa.float32())),
         })
-        pq.write_table(table, tmp / f"part-{n_shards:05d}.parquet")
+        pq.write_table(table, tmp / shard_name(n_shards))
         n_rows += len(table)
         n_shards += 1
     (tmp / CACHE_MANIFEST).write_text(json.dumps({"key": key, "rows": n_rows, "shards": n_shards}, indent=2))
     make_shareable(tmp)
-    os.replace(tmp, cache_dir)  # the cache appears complete or not at all
-    say(f"[raydist] teacher cache: {n_rows} sequences, top-{k}, in {time.time() - t0:.0f}s -> {cache_dir}")
-    return cache_dir
+    if cache.remote:
+        storage.upload(tmp, cache.location, last=CACHE_MANIFEST)
+        shutil.rmtree(tmp)
+    else:
+        if cache_dir.exists():
+            cache_dir.rmdir()  # empty: check_cache refuses a non-empty directory without a manifest
+        os.replace(tmp, cache_dir)  # the cache appears complete or not at all
+    say(f"[raydist] teacher cache: {n_rows} sequences, top-{k}, in {time.time() - t0:.0f}s -> {cache.location}")
+    return cache.location, n_shards
 
 
 def _calibration_batches(run_dir: Path, n: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -351,7 +380,7 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
     """Gather the student's weights on rank 0, write + verify the artifact (all ranks must call this)."""
     import ray.train
 
-    student_dir = Path(config["student_dir"])
+    student_dir = local_copy(config["student_dir"])
     student_config = load_model_config(ModelConfig(path=str(student_dir)))
     probe = probe_batch(student_config.vocab_size)
     session.engine.eval()
@@ -365,7 +394,7 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
         if cfg.student.source == "pruned":  # the pruned student's quality before any training
             metrics["pruned_before_training_ppl"] = metrics.get("eval_ppl_before")
         metrics.update(teacher_metrics)
-        out = session.run_dir / ARTIFACT_DIR
+        out = session.run_dir / ARTIFACT_DIR  # local; published to the run's location below
         info = export_artifact(
             state, base_config=student_config, tokenizer=tokenizer, lora=None, out_dir=out,
             reference_logits=reference, probe=probe,
@@ -388,6 +417,7 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
                 **({"teacher_cache": config["teacher_cache"]} if "teacher_cache" in config else {}),
             },
         )
-        console(f"[raydist] exported {out} ({info['num_parameters']:,} parameters; "
+        session.publish(ARTIFACT_DIR)
+        console(f"[raydist] exported {session.storage.at(ARTIFACT_DIR)} ({info['num_parameters']:,} parameters; "
                 f"gap recovered {metrics.get('gap_recovered', float('nan')):.2f})")
     ray.train.report({"step": session.total_steps, "exported": 1, **metrics})

@@ -31,7 +31,14 @@ from raydist.components.preflight import preflight_finetune
 from raydist.components.progress import console
 from raydist.components.training import apply_dropout, seed_everything
 from raydist.config.finetune import FinetuneConfig
-from raydist.stages.common import finish_run, open_run_dir, tokenize_once, train_on_ray, with_absolute_paths
+from raydist.stages.common import (
+    finish_run,
+    open_run_dir,
+    plan_training,
+    tokenize_once,
+    train_on_ray,
+    with_absolute_paths,
+)
 from raydist.stages.worker import TrainingSession
 
 ARTIFACT_DIR = "artifact"
@@ -51,9 +58,10 @@ def run_finetune(cfg: FinetuneConfig, *, verbose: bool = True) -> Path:
     """
     report, tokenizer = preflight_finetune(cfg)
     cfg = with_absolute_paths(cfg)
-    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
+    # what the cluster cannot place is refused before anything is written
+    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR, prepare=lambda: plan_training(cfg))
     say = print if verbose else (lambda *a, **k: None)
-    say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new run'})")
+    say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new run'})")
     counts = tokenize_once(run_dir, cfg.data, cfg.model, cfg.train.seed, tokenizer, say)
     parent = {"kind": report.model_kind, "path": resolve_model_source(cfg.model).describe()}
     method = "LoRA" if cfg.lora.enabled else "full"
@@ -124,5 +132,6 @@ def _export(session: TrainingSession, cfg: FinetuneConfig, tokenizer) -> None:
             num_parameters=info["num_parameters"],
             extra={"lora": {"adapter_dir": "adapter", "adapter_nonzero": info["adapter_nonzero"]}} if cfg.lora.enabled else None,
         )
-        console(f"[raydist] exported {run_dir / ARTIFACT_DIR} ({info['num_parameters']:,} parameters)")
+        session.publish(ARTIFACT_DIR)
+        console(f"[raydist] exported {session.storage.at(ARTIFACT_DIR)} ({info['num_parameters']:,} parameters)")
     ray.train.report({"step": session.total_steps, "exported": 1, **metrics})

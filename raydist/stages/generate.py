@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from raydist.components import storage
 from raydist.components.data import DataError, detect_format, load_records
 from raydist.components.preflight import preflight_generate
 from raydist.components.generation import generate_answers, prompt_records, render_prompt
@@ -60,7 +62,10 @@ def run_generate(cfg: GenerateConfig, *, verbose: bool = True) -> Path:
 
     say = print if verbose else (lambda *a, **k: None)
     preflight_generate(cfg)
-    out = Path(cfg.output).expanduser().resolve()
+    remote = storage.is_uri(cfg.output)
+    # A URI output is written locally first and uploaded whole (a PUT is atomic, like the rename below).
+    out = Path(tempfile.mkdtemp(prefix="raydist-generate-")) / "answers.jsonl" if remote else \
+        Path(cfg.output).expanduser().resolve()
     records = load_records(cfg.prompts)
     fmt = detect_format(records, cfg.prompts, require_output=False)
     prompts = prompt_records(records, fmt)
@@ -103,5 +108,9 @@ def run_generate(cfg: GenerateConfig, *, verbose: bool = True) -> Path:
             fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
     os.chmod(tmp, 0o644)
     os.replace(tmp, out)  # a half-written dataset is never visible under the final name
+    if remote:
+        storage.upload(out, cfg.output)
+        shutil.rmtree(out.parent)
+        out = cfg.output
     say(f"[raydist] wrote {len(prompts)} answers to {out}")
     return out

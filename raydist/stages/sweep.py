@@ -36,8 +36,10 @@ from typing import Any, Optional
 
 import torch
 
+from raydist.components import storage
 from raydist.components.artifact import read_manifest, write_json_atomic
 from raydist.components.progress import console
+from raydist.components.storage import Mirror
 from raydist.config.sweep import SweepConfig
 
 ARTIFACT_DIR = "artifact"
@@ -66,12 +68,22 @@ def run_sweep(cfg: SweepConfig, *, verbose: bool = True) -> Path:
     if cfg.target == "finetune":
         cfg = cfg.model_copy(update={"finetune": with_absolute_paths(cfg.finetune)})
         run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
-        say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new sweep'})")
+        say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new sweep'})")
         return _finetune_sweep(cfg, run_dir, resuming, say)
     candidates = preflight_sweep(cfg)
-    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR)
-    say(f"[raydist] run dir: {run_dir} ({'resuming' if resuming else 'new sweep'})")
-    return _compress_sweep(cfg, run_dir, resuming, candidates, say)
+    from raydist.stages.common import init_ray
+    from raydist.stages.resources import plan_units
+
+    plans = []
+
+    def place() -> None:  # refused (PreflightError) before anything is written
+        init_ray(cfg.search.max_concurrent * cfg.resources.num_cpus)
+        plans.append(plan_units(cfg.resources, cfg.search.max_concurrent, "sweep trial"))
+
+    run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR, prepare=place)
+    plan = plans[0]
+    say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new sweep'})")
+    return _compress_sweep(cfg, run_dir, resuming, candidates, plan, say)
 
 
 def preflight_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
@@ -224,21 +236,25 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
         device=device,
     )
     del teacher
-    trial_dir = Path(config["trials_dir"]) / ray.tune.get_context().get_trial_id()
+    # the trial's directory may be on remote storage: work in a local mirror, push the artifact when saved
+    trial = Mirror(storage.join(config["trials_dir"], ray.tune.get_context().get_trial_id()), role="trial")
+    trial_dir = trial.local
     art = trial_dir / ARTIFACT_DIR
     if art.exists():  # a retried trial starts over
         shutil.rmtree(art)
     trial_dir.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(config["tokenizer_dir"]))
     save_compressed(model, tokenizer, art, report.get("quantization"), stage="sweep-trial",
                     config={"candidate": candidate}, parent=config["parent"], metrics={})
     (trial_dir / "compression.json").write_text(json.dumps(report, indent=2, default=str))
+    trial.push("compression.json")
+    trial.push(ARTIFACT_DIR)
     from raydist.components.evaluation import model_size
 
     metrics = model_size(model, art)
-    metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(art),
+    metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(trial.at(ARTIFACT_DIR)),
                    compress_seconds=sum(report["seconds"].values()), device=device, started_at=started,
                    **assigned_accelerators())
     base = config.get("base") or {}
@@ -327,18 +343,19 @@ def _progress_callback(total: int, target: str):
     return Progress()
 
 
-def _tuner(cfg: SweepConfig, run_dir: Path, trainable, param_space: dict[str, Any], resuming: bool, *,
+def _tuner(cfg: SweepConfig, run_dir: Mirror, trainable, param_space: dict[str, Any], resuming: bool, *,
            metric: Optional[str], mode: Optional[str], scheduler=None, search_alg=None, num_samples: int = 1,
            total: int = 1):
     from ray import tune
 
-    storage = run_dir / "tune"
+    fs, tune_path = storage.filesystem(run_dir.at("tune"))
+    fs_arg = fs if run_dir.remote else None
     # Save the experiment state every 2 s (Tune's "auto" period can leave finished trials out of the state
     # a killed driver left behind, and a resumed sweep would then run them again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    if resuming and tune.Tuner.can_restore(str(storage / "sweep")):
-        return tune.Tuner.restore(str(storage / "sweep"), trainable=trainable, resume_errored=False,
-                                  restart_errored=False, param_space=param_space)
+    if resuming and tune.Tuner.can_restore(f"{tune_path}/sweep", storage_filesystem=fs_arg):
+        return tune.Tuner.restore(f"{tune_path}/sweep", trainable=trainable, resume_errored=False,
+                                  restart_errored=False, param_space=param_space, storage_filesystem=fs_arg)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -348,7 +365,7 @@ def _tuner(cfg: SweepConfig, run_dir: Path, trainable, param_space: dict[str, An
                                     # per candidate); each trial builds its own model from the payload
                                     reuse_actors=True,
                                     max_concurrent_trials=None if search_alg is not None else cfg.search.max_concurrent),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(storage), verbose=0,
+        run_config=tune.RunConfig(name="sweep", storage_path=tune_path, storage_filesystem=fs_arg, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                   callbacks=[_progress_callback(total, cfg.target)]),
     )
@@ -384,13 +401,12 @@ def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
     return space, ConcurrencyLimiter(searcher, max_concurrent=s.max_concurrent), s.num_samples, s.num_samples
 
 
-def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, candidates, say) -> Path:
+def _compress_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, candidates, plan, say):
     import ray
     from ray import tune
 
     from raydist.components.models import hash_model_source, load_model, load_tokenizer, resolve_model_source
-    from raydist.stages.common import init_ray
-    from raydist.stages.resources import plan_units
+    from raydist.stages.common import StageFailed
 
     tokenizer = load_tokenizer(cfg.model)
     t0 = time.time()
@@ -400,35 +416,39 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, candidates,
     say(f"[raydist] base model loaded once ({sum(p.numel() for p in base.parameters()):,} parameters, "
         f"{time.time() - t0:.0f}s); {len(candidates)} distinct candidate(s) in the search space")
     shared = _shared_inputs(cfg, tokenizer, base, candidates, say)
-    tok_dir = run_dir / "tokenizer"
-    if not (tok_dir / "tokenizer_config.json").is_file():
+    tok_dir = run_dir.local / "tokenizer"
+    if not run_dir.exists("tokenizer/tokenizer_config.json"):
         tokenizer.save_pretrained(tok_dir)
+        run_dir.push("tokenizer", last="tokenizer_config.json")
     payload = _model_payload(base)  # what the trials share (through the object store)
     del base
 
-    init_ray(cfg.search.max_concurrent * cfg.resources.num_cpus)
-    plan = plan_units(cfg.resources, cfg.search.max_concurrent, "sweep trial")
     threads = max(1, int(plan.num_cpus))
     # The base measurement and the winner's re-measurement run as Ray tasks with a trial's resources, so they
     # compute on the device a trial gets (the driver may be a CPU-only head) and their speeds are comparable.
     on_trial_resources = ray.remote(num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_retries=0)
-    base_file = run_dir / "base_metrics.json"
+    base_file = run_dir.pull("base_metrics.json")
     if base_file.is_file():
         base_m = json.loads(base_file.read_text())
     else:  # the reference every candidate is compared with, measured the same way as a trial
         say("[raydist] measuring the base model (perplexity, bytes, generation speed)")
-        base_m = ray.get(on_trial_resources(measure_base).remote(
-            payload, shared, cfg.eval.model_dump(mode="json"), cfg.resources.device, threads, str(tok_dir), parent,
-            str(run_dir / ".base_artifact")))
+        try:
+            base_m = ray.get(on_trial_resources(measure_base).remote(
+                payload, shared, cfg.eval.model_dump(mode="json"), cfg.resources.device, threads,
+                str(run_dir.at("tokenizer")), parent))
+        except ray.exceptions.RayTaskError as e:  # e.g. GPUs assigned that torch cannot see
+            cause = str(e.cause) if getattr(e, "cause", None) is not None else str(e).strip().splitlines()[-1]
+            raise StageFailed(f"measuring the base model on a trial's resources failed: {cause}") from None
         write_json_atomic(base_file, base_m)
+        run_dir.push("base_metrics.json")
     say(f"[raydist] base ({base_m.get('device', '?')}): ppl {base_m['ppl']:.4g}, {base_m['disk_bytes'] / 2**20:.1f} MiB, "
         f"{base_m['tokens_per_s']:.1f} tok/s (batch {cfg.eval.latency_batch_sizes[0]})")
 
     param_space, search_alg, num_samples, n_trials = _search(cfg, candidates)
     param_space.update({
         "eval": cfg.eval.model_dump(mode="json"), "recovery": cfg.recovery.model_dump(mode="json"),
-        "device": cfg.resources.device, "threads": threads, "trials_dir": str(run_dir / "trials"),
-        "tokenizer_dir": str(tok_dir), "parent": parent, "base": base_m,
+        "device": cfg.resources.device, "threads": threads, "trials_dir": str(run_dir.at("trials")),
+        "tokenizer_dir": str(run_dir.at("tokenizer")), "parent": parent, "base": base_m,
         # Fault drill for tests and chaos runs: candidates matching these key/values raise in their trial.
         "fault": json.loads(os.environ["RAYDIST_SWEEP_FAIL"]) if os.environ.get("RAYDIST_SWEEP_FAIL") else None,
     })
@@ -453,8 +473,7 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, candidates,
     return _finish(cfg, run_dir, rows, base_m, wall, parent, shared, remeasure, say)
 
 
-def measure_base(payload, shared, eval_json, device_setting: str, threads: int, tok_dir: str, parent,
-                 tmp_artifact: str) -> dict[str, Any]:
+def measure_base(payload, shared, eval_json, device_setting: str, threads: int, tok_dir: str, parent) -> dict[str, Any]:
     """The base model measured as a trial measures a candidate (runs as a Ray task with a trial's resources)."""
     from transformers import AutoTokenizer
 
@@ -467,11 +486,13 @@ def measure_base(payload, shared, eval_json, device_setting: str, threads: int, 
     device = unit_device(device_setting, "sweep base measurement").type
     torch.set_num_threads(threads)
     model = model_from_payload(payload, device)
-    tmp = Path(tmp_artifact)
-    save_compressed(model, AutoTokenizer.from_pretrained(tok_dir), tmp, None, stage="sweep-base", parent=parent,
-                    metrics={})
-    out = measure(model, ev, tmp)
-    shutil.rmtree(tmp)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # only to measure the bytes a saved base model takes
+        art = Path(tmp) / "base"
+        save_compressed(model, AutoTokenizer.from_pretrained(storage.local_copy(tok_dir)), art, None,
+                        stage="sweep-base", parent=parent, metrics={})
+        out = measure(model, ev, art)
     ppl = IncrementalPerplexity(model, shared["windows"].to(device))
     # the base at every ASHA rung: a candidate within the policy there is never stopped early
     out["ppl_by_budget"] = {str(k): ppl(k) for k in ev.budgets}
@@ -516,7 +537,7 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, shared, remeasure, say) -> Path:
+def _finish(cfg, run_dir: Mirror, rows, base_m, wall, parent, shared, remeasure, say):
     import ray
 
     from raydist.components.artifact import write_manifest
@@ -533,33 +554,31 @@ def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, shared, remeasure, s
         if r.get("disk_bytes"):
             r["size_ratio"] = r["disk_bytes"] / base_m["disk_bytes"]
     winner = done[wi] if wi is not None else None
-    plot = plot_pareto(done, [done.index(r) for r in done if r["pareto"]], run_dir / PLOT,
+    plot = plot_pareto(done, [done.index(r) for r in done if r["pareto"]], run_dir.local / PLOT,
                        base=base_m, winner=wi)
+    run_dir.push(PLOT)
     report = {
         "stage": "sweep", "target": "compress", "device": base_m.get("device"), "wall_s": wall,
         "base": base_m, "policy": cfg.policy.model_dump(), "winner": winner, "winner_reason": reason,
         "pareto_front": front, "counts": {s: sum(r["status"] == s for r in rows)
                                            for s in ("completed", "stopped_early", "failed", "not_run")},
         "trials": sorted(rows, key=lambda r: (r["status"] != "completed", r.get("ppl", math.inf))),
-        "plot": str(plot),
+        "plot": str(run_dir.at(PLOT)) if plot else None,
     }
-    write_json_atomic(run_dir / REPORT, report)
+    write_json_atomic(run_dir.local / REPORT, report)
+    run_dir.push(REPORT)
     failed = [r for r in rows if r["status"] == "failed"]
     say(f"[raydist] sweep: {report['counts']['completed']} completed, {report['counts']['stopped_early']} stopped "
-        f"early, {len(failed)} failed in {wall:.0f}s; Pareto front: {len(front)}; report {run_dir / REPORT}")
+        f"early, {len(failed)} failed in {wall:.0f}s; Pareto front: {len(front)}; report {run_dir.at(REPORT)}")
     for r in failed:
         say(f"[raydist]   failed: {json.dumps(r['candidate'], sort_keys=True)}: {r['error']}")
     if winner is None:
         _prune_artifacts(cfg, rows, None)
-        raise NoCandidateMet(reason + f" (report: {run_dir / REPORT})")
+        raise NoCandidateMet(reason + f" (report: {run_dir.at(REPORT)})")
 
     # Export: the winner's trial artifact, re-loaded and re-measured before it is moved into place.
-    out = run_dir / ARTIFACT_DIR
-    tmp = run_dir / f".{ARTIFACT_DIR}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(winner["artifact"], tmp)
-    ppl = ray.get(remeasure.remote(str(tmp), shared["windows"], cfg.resources.device))
+    tmp = _copy_for_export(run_dir, winner["artifact"])
+    ppl = ray.get(remeasure.remote(str(winner["artifact"]), shared["windows"], cfg.resources.device))
     if not math.isclose(ppl, winner["ppl"], rel_tol=1e-3):
         raise RuntimeError(f"the exported winner measures ppl {ppl:.6g} after reload, the trial {winner['ppl']:.6g}")
     trial_manifest = read_manifest(tmp)
@@ -571,10 +590,10 @@ def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, shared, remeasure, s
                  "reloaded_ppl": ppl, "base_ppl": base_m["ppl"], "speedup": winner.get("speedup"),
                  "size_ratio": winner.get("size_ratio")},
         num_parameters=winner.get("parameters", 0),
-        extra={"candidate": winner["candidate"], "winner_reason": reason, "sweep_report": str(run_dir / REPORT),
+        extra={"candidate": winner["candidate"], "winner_reason": reason, "sweep_report": str(run_dir.at(REPORT)),
                **{k: v for k, v in trial_manifest.items() if k in ("quantization", "compression")}},
     )
-    os.replace(tmp, out)
+    out = _publish_export(run_dir, tmp)
     _prune_artifacts(cfg, rows, winner)
     say(f"[raydist] winner ({reason}): {json.dumps(winner['candidate'], sort_keys=True)}: ppl {ppl:.4g} "
         f"({winner['quality_loss_pct']:+.1f} %), {winner['disk_bytes'] / 2**20:.1f} MiB "
@@ -584,14 +603,36 @@ def _finish(cfg, run_dir: Path, rows, base_m, wall, parent, shared, remeasure, s
     return out
 
 
+def _copy_for_export(run_dir: Mirror, artifact) -> Path:
+    """A fresh local copy of a trial's artifact (a path or URI) next to where the export goes."""
+    tmp = run_dir.local / f".{ARTIFACT_DIR}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if storage.is_uri(artifact):
+        storage.download(artifact, tmp)
+    else:
+        shutil.copytree(artifact, tmp)
+    return tmp
+
+
+def _publish_export(run_dir: Mirror, tmp: Path):
+    """Move the finished export into place as ``artifact/`` (uploaded manifest last on remote storage)."""
+    if run_dir.remote:
+        storage.upload(tmp, run_dir.at(ARTIFACT_DIR))
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, run_dir.local / ARTIFACT_DIR)
+    return run_dir.at(ARTIFACT_DIR)
+
+
 def _prune_artifacts(cfg: SweepConfig, rows, winner) -> None:
     """Trial artifacts are full model copies: keep those ``keep_artifacts`` asks for (the winner is exported)."""
     if cfg.keep_artifacts == "all":
         return
     for r in rows:
         keep = r.get("pareto") if cfg.keep_artifacts == "pareto" else False
-        if not keep and r.get("artifact") and Path(r["artifact"]).exists():
-            shutil.rmtree(r["artifact"], ignore_errors=True)
+        if not keep and r.get("artifact") and storage.exists(r["artifact"]):
+            storage.delete(r["artifact"])
             r["artifact_removed"] = True
 
 
@@ -616,7 +657,7 @@ def finetune_trial(config: dict[str, Any]) -> None:
                      "tokens_per_s": m.get("tokens_per_s"), "overrides": json.dumps(config["overrides"], sort_keys=True)})
 
 
-def _finetune_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, say) -> Path:
+def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
     import itertools
     import random
 
@@ -649,7 +690,7 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, say) -> Pat
     ft = cfg.finetune
     workers_cpus = ft.scaling.num_workers * ft.resources.num_cpus
     init_ray(s.max_concurrent * (cfg.resources.num_cpus + workers_cpus))
-    param_space.update({"finetune": ft.model_dump(mode="json"), "trials_dir": str(run_dir / "trials")})
+    param_space.update({"finetune": ft.model_dump(mode="json"), "trials_dir": str(run_dir.at("trials"))})
     say(f"[raydist] fine-tuning sweep: {n_trials} trial(s) over {', '.join(space)}; each trial is a Ray Train run "
         f"of {ft.scaling.num_workers} worker(s)")
     # the trial only drives a Ray Train run (its workers reserve `finetune.resources`)
@@ -670,24 +711,19 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Path, resuming: bool, say) -> Pat
     done = [r for r in rows if r["status"] == "completed" and r.get("eval_ppl") is not None]
     report = {"stage": "sweep", "target": "finetune", "wall_s": wall, "space": space,
               "trials": sorted(rows, key=lambda r: r.get("eval_ppl") or math.inf)}
-    if not done:
-        report["winner"] = None
-        write_json_atomic(run_dir / REPORT, report)
-        raise NoCandidateMet(f"no fine-tuning trial completed (report: {run_dir / REPORT})")
-    best = min(done, key=lambda r: r["eval_ppl"])
+    best = min(done, key=lambda r: r["eval_ppl"]) if done else None
     report["winner"] = best
-    write_json_atomic(run_dir / REPORT, report)
-    out = run_dir / ARTIFACT_DIR
-    tmp = run_dir / f".{ARTIFACT_DIR}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(best["artifact"], tmp)
+    write_json_atomic(run_dir.local / REPORT, report)
+    run_dir.push(REPORT)
+    if best is None:
+        raise NoCandidateMet(f"no fine-tuning trial completed (report: {run_dir.at(REPORT)})")
+    tmp = _copy_for_export(run_dir, best["artifact"])
     inner = read_manifest(tmp)
     write_manifest(tmp, stage="sweep", config=cfg.model_dump(mode="json"), parent=inner.get("parent", {}),
                    metrics=inner.get("metrics", {}), num_parameters=inner.get("num_parameters", 0),
-                   extra={"overrides": best["overrides"], "sweep_report": str(run_dir / REPORT),
+                   extra={"overrides": best["overrides"], "sweep_report": str(run_dir.at(REPORT)),
                           "trial_artifact": best["artifact"]})
-    os.replace(tmp, out)
+    out = _publish_export(run_dir, tmp)
     for r in rows:
         say(f"[raydist]   {json.dumps(r['overrides'], sort_keys=True)}: "
             + (f"eval ppl {r['eval_ppl']:.4g}" if r["status"] == "completed" else f"FAILED {r.get('error')}"))

@@ -19,6 +19,7 @@ import torch
 
 from raydist.components.data import IGNORE_INDEX, collate, iter_rows
 from raydist.components.progress import ProgressPrinter, append_jsonl, console
+from raydist.components.storage import Mirror
 from raydist.components.training import (
     deepspeed_config,
     lr_lambda,
@@ -56,7 +57,12 @@ class TrainingSession:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg = cfg
         self.config = config
-        self.run_dir = Path(config["run_dir"])
+        # The run directory may be a URI: this rank works in a local mirror of it and pushes what it writes
+        # (metrics.jsonl, the artifact); for a local run the mirror is the directory itself.
+        self.storage = Mirror(config["run_dir"], role=f"rank{self.rank}")
+        self.run_dir = self.storage.local
+        if self.rank == 0:
+            self.storage.pull("metrics.jsonl")  # a restarted rank 0 (maybe on another node) appends to it
         self.total_steps: int = config["total_steps"]
         self.micro_per_epoch: int = config["micro_per_epoch"]
         self.bf16 = self.device.type == "cuda"
@@ -114,6 +120,11 @@ class TrainingSession:
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
             append_jsonl(self.run_dir / "metrics.jsonl", record)
+            self.storage.push("metrics.jsonl")
+
+    def publish(self, rel: str) -> None:
+        """Make ``run_dir/rel`` (e.g. the exported artifact, manifest last) visible at the run's location."""
+        self.storage.push(rel)
 
     def nll_of(self, module: torch.nn.Module) -> tuple[float, int]:
         """Summed NLL and token count of ``module`` over the whole eval set (a collective: every rank
@@ -171,6 +182,7 @@ class TrainingSession:
             self._log_eval(self.first_eval)
             ray.train.report({"step": 0, **self.first_eval})
 
+        self._log_placement()
         self.progress = ProgressPrinter(self.total_steps, start_step=self.step, enabled=self.rank == 0)
         engine.train()
         stop_at = min(self.total_steps, cfg.run.stop_after_steps or self.total_steps)
@@ -210,6 +222,17 @@ class TrainingSession:
             elif "eval_loss" in metrics:
                 ray.train.report(metrics)
         return self.step >= self.total_steps
+
+    def _log_placement(self) -> None:
+        """Record where every rank runs (node, pid, device, GPU ids) in metrics.jsonl (a collective)."""
+        import torch.distributed as dist
+
+        from raydist.stages.resources import assigned_accelerators
+
+        mine = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), **assigned_accelerators()}
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        self.log({"event": "workers", "step": self.step, "workers": everyone})
 
     def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
         """This rank's micro-batches from the current data position on, forever (the loop stops it).

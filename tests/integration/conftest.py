@@ -11,7 +11,20 @@ def ray_session():
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Oversubscribe the 2-core box: two training workers plus Ray Data tasks and Serve/Tune actors.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    from raydist.stages.common import embedded_ray_options
+
+    ray.init(**embedded_ray_options(4), log_to_driver=True)  # a dashboard port of its own: see its docstring
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster (`ray start` head + worker on 127.0.0.1, token auth on), started on first
+    use (~15 s) and stopped at the end of the session. API and layout: tests/integration/cluster.py."""
+    from cluster import RayCluster
+
+    cluster = RayCluster().start()
+    yield cluster
+    cluster.stop()

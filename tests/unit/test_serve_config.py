@@ -1,5 +1,6 @@
 """Serve config, app building and artifact loading, without starting Ray."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,10 @@ def test_serve_run_arguments_and_deployment_options(tiny_dir, monkeypatch):
     opts = deployment_options(cfg, num_gpus=0.0)
     assert "num_replicas" not in opts and opts["autoscaling_config"].max_replicas == 3
     assert opts["backpressure_config"].status_code == 503 and opts["backpressure_config"].retry_after_s == 1.0
-    assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0}
+    actor = opts["ray_actor_options"]
+    assert (actor["num_cpus"], actor["num_gpus"]) == (1.0, 0)
+    # replicas get the driver's storage credentials (tests/conftest.py sets fake AWS ones) to read artifact URIs
+    assert actor["runtime_env"]["env_vars"]["AWS_ACCESS_KEY_ID"] == os.environ["AWS_ACCESS_KEY_ID"]
     assert deployment_options(ServeConfig(artifact="x", num_replicas=2), num_gpus=1.0)["num_replicas"] == 2
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         config_from_args({"artifact": str(tiny_dir), "limits.max_tokens": "-1"})
