@@ -38,30 +38,43 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.name=try2")
 
 
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the commands that run a stage."""
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own log records (Ray Train's reports, "
+                   "Ray Data's progress, warnings); errors always show")
+    p.add_argument("--dashboard", action="store_true", help="run the Ray dashboard in the local Ray a stage starts "
+                   "(off by default: it costs CPU; clusters started with `ray start` keep theirs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydist", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="fine-tune a model on Ray Train + DeepSpeed (full or LoRA)")
     _add_config_args(p)
+    _add_run_flags(p)
 
     p = sub.add_parser("distill", help="distill a teacher into a (pruned) student on Ray Train + DeepSpeed")
     _add_config_args(p)
+    _add_run_flags(p)
 
     p = sub.add_parser("generate", help="answer a prompt dataset with a model (Ray Data batch inference) -> jsonl")
     _add_config_args(p)
+    _add_run_flags(p)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep: prune x quantize a model (or fine-tuning hyperparameters), pick the winner")
     _add_config_args(p)
+    _add_run_flags(p)
 
     p = sub.add_parser("serve", help="serve an artifact on Ray Serve behind an OpenAI-compatible API (Ctrl-C stops)")
     p.add_argument("target", help="an artifact / model directory, or a serve config YAML (stage: serve)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. http.port=8001 batching.max_batch_size=8")
+    _add_run_flags(p)
 
     p = sub.add_parser("pipeline", help="finetune -> distill -> sweep -> serve from one spec (each stage optional); "
                        "a rerun skips finished stages and resumes an interrupted one")
     _add_config_args(p)
-    p.add_argument("--verbose", action="store_true", help="also show Ray's internal log records")
+    _add_run_flags(p)
 
     p = sub.add_parser("validate", help="check a config (files, model, options) without starting Ray")
     _add_config_args(p)
@@ -196,6 +209,11 @@ def _submit(args) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # read by raydist.stages.common when Ray starts (driver) and passed on to the workers
+    if getattr(args, "verbose", False):
+        os.environ["RAYDIST_VERBOSE"] = "1"
+    if getattr(args, "dashboard", False):
+        os.environ["RAYDIST_DASHBOARD"] = "1"
     from raydist.components.data import DataError
     from raydist.components.models import ModelSourceError
     from raydist.components.preflight import PreflightError
@@ -243,10 +261,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             cfg = _load_stage_config(args)
             _expect_stage(cfg, "pipeline", args.config)
-            if args.verbose:
-                from raydist.stages.common import VERBOSE_ENV
-
-                os.environ[VERBOSE_ENV] = "1"  # Ray's INFO records, in the driver and every worker
             try:
                 run_pipeline(cfg)
             except NoCandidateMet as e:

@@ -189,7 +189,36 @@ def ray_logging_config():
     are printed, not logged, so they always show; errors always show)."""
     import ray
 
-    return ray.LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE_ENV) == "1" else "WARNING")
+    return ray.LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE_ENV) == "1" else "ERROR")
+
+
+def quiet_ray_worker_logs() -> None:
+    """Inside a Ray worker (train worker, trial): Ray's INFO / WARNING records stay out of the console unless
+    ``RAYDIST_VERBOSE=1`` (they still go to Ray's log files). Ray Train names some loggers by file path
+    (``logging.getLogger(__file__)``: "Reporting training result ..."), so they are matched by path too."""
+    import logging
+
+    import ray
+
+    if os.environ.get(VERBOSE_ENV) == "1":
+        return
+    ray_dir = os.path.dirname(ray.__file__)
+
+    class QuietRay(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            from_ray = record.name == "ray" or record.name.startswith(("ray.", ray_dir))
+            return record.levelno >= logging.ERROR or not from_ray
+
+    logging.getLogger("ray.train").setLevel(logging.ERROR)
+    for name in ("", "ray", "ray.data", "ray.train", "ray.tune"):  # Ray Data / Train configure their own handlers
+        for handler in logging.getLogger(name).handlers:
+            if not any(isinstance(f, QuietRay) for f in handler.filters):
+                handler.addFilter(QuietRay())
+    import warnings
+
+    # deprecation notices from inside torch.distributed / transformers / DeepSpeed: nothing a user can act on
+    for module in ("torch.distributed", "transformers", "deepspeed"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def quiet_ray_driver_logs() -> None:
@@ -318,7 +347,7 @@ def train_on_ray(
         "fault": fault_from_env(),
         **extra,
     }
-    worker_env = {"TOKENIZERS_PARALLELISM": "false", **cfg.job.env}
+    worker_env = {"TOKENIZERS_PARALLELISM": "false", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0"), **cfg.job.env}
     for var, value in storage.storage_env().items():  # the workers reach the same storage the driver does
         worker_env.setdefault(var, value)
     fs, storage_path = storage.filesystem(storage.parent_of(run_dir.location))
@@ -335,7 +364,7 @@ def train_on_ray(
             storage_path=storage_path,
             storage_filesystem=fs if run_dir.remote else None,
             # Ray Train's own records ("Reporting training result ...", checkpoint paths) only with --verbose
-            logging_config=LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE_ENV) == "1" else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE_ENV) == "1" else "ERROR"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             worker_runtime_env={"env_vars": worker_env},

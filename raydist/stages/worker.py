@@ -47,7 +47,10 @@ class TrainingSession:
     def __init__(self, config: dict[str, Any], cfg, pad_id: int):
         import ray.train
 
+        from raydist.stages.common import quiet_ray_worker_logs
         from raydist.stages.resources import unit_device
+
+        quiet_ray_worker_logs()  # Ray Train's "Reporting training result ..." only with --verbose
 
         # The device comes from what Ray gave this worker (never from the driver, which may be a CPU-only
         # head); DeepSpeed reads its accelerator from DS_ACCELERATOR when first asked, which is below.

@@ -174,7 +174,8 @@ def test_jobs_list_shows_them(ray_cluster, finishing_jobs):
     assert by_run["tiny-lora"][1] == "SUCCEEDED" and by_run["tiny-fault"][1] == "FAILED"
     assert by_run["tiny-long"][1] == "STOPPED" and by_run["tiny-lora"][2] == "finetune"
     unknown = raydist(["jobs", "status", "raydist-nope"], ray_cluster.subprocess_env())
-    assert unknown.returncode == 2 and f"no job 'raydist-nope' on the cluster at {ray_cluster.dashboard_url}" in unknown.stderr
+    assert unknown.returncode == 2
+    assert f"no job 'raydist-nope' on the cluster at {ray_cluster.dashboard_url}" in unknown.stderr
 
 
 def test_unreachable_address_fails_within_seconds(ray_cluster):

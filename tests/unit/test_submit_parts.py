@@ -40,7 +40,8 @@ def plan_for(tmp_path, data, stage="finetune"):
 
 def finetune_spec(**sections):
     data = {"stage": "finetune", "model": {"path": "tiny-random"},
-            "data": {"train": {"path": "data/train.jsonl"}, "seq_len": 32}, "run": {"name": "t", "output_dir": "/shared/runs"}}
+            "data": {"train": {"path": "data/train.jsonl"}, "seq_len": 32},
+            "run": {"name": "t", "output_dir": "/shared/runs"}}
     data.update(sections)
     return data
 
@@ -98,7 +99,7 @@ def test_big_local_model_dir_is_refused(tmp_path):
     with open(model / "model.safetensors", "wb") as f:  # sparse: no disk used
         f.truncate(MAX_SHIPPED_MODEL_BYTES + 1)
     write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "hello"}])
-    with pytest.raises(SubmitError, match=r"model.path: the local model .*big-model is over 100 MiB.*shared path or a URI"):
+    with pytest.raises(SubmitError, match=r"model.path: the local model .*big-model is over 100 MiB.*a URI"):
         plan_for(tmp_path, finetune_spec(model={"path": str(model)}))
 
 
@@ -133,7 +134,8 @@ def test_nested_paths_in_a_sweep_of_finetuning_configs(tmp_path):
 
 
 def test_entrypoint_and_submission_id():
-    assert entrypoint("finetune", "/opt/py env/bin/python") == "'/opt/py env/bin/python' -m raydist finetune -c raydist_job.yaml"
+    expected = "'/opt/py env/bin/python' -m raydist finetune -c raydist_job.yaml"
+    assert entrypoint("finetune", "/opt/py env/bin/python") == expected
     assert entrypoint("serve", "python") == "python -m raydist serve raydist_job.yaml"
     sid = submission_id("finetune", "tiny lora/x")
     assert sid.startswith("raydist-finetune-tiny-lora-x-") and len(sid.rsplit("-", 1)[1]) == 8
