@@ -218,6 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from raydist.components.models import ModelSourceError
     from raydist.components.preflight import PreflightError
     from raydist.components.teacher_cache import CacheMismatchError
+    from raydist.components.storage import StorageError
     from raydist.jobs.submit import SubmitError
     from raydist.serve.loading import ArtifactError
     from raydist.stages.common import RunDirError, StageFailed
@@ -289,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from raydist.components.fetch import fetch_smollm2
 
             print(f"SmolLM2-135M-Instruct ready at {fetch_smollm2(Path(args.out))}")
-    except (ConfigError, PreflightError, RunDirError, DataError, ModelSourceError, CacheMismatchError,
+    except (ConfigError, StorageError, PreflightError, RunDirError, DataError, ModelSourceError, CacheMismatchError,
             FileExistsError, ArtifactError, SubmitError) as e:
         print(f"raydist {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

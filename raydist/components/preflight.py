@@ -58,7 +58,7 @@ def _check_seq_lens(data_cfg, max_pos: int, whose: str) -> None:
             raise PreflightError(f"data.{name} {value} exceeds {whose} limit of {max_pos} positions")
 
 
-def _read_data(data_cfg) -> tuple[int, dict[str, str]]:
+def read_data(data_cfg) -> tuple[int, dict[str, str]]:
     """(train record count, formats) of the train/eval sources, or a PreflightError naming the file."""
     try:
         records = load_records(data_cfg.train)
@@ -86,7 +86,7 @@ def preflight_finetune(cfg: FinetuneConfig) -> tuple[PreflightReport, Any]:
                 f"lora.target_modules {missing} match no module of this {model_config.model_type} model "
                 f"(linear layers are e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"
             )
-    n_records, formats = _read_data(cfg.data)
+    n_records, formats = read_data(cfg.data)
     if formats["train"] in ("chat", "instruction") and not tokenizer.chat_template:
         notes = ["tokenizer has no chat template; using a plain 'role: content' rendering"]
     else:
@@ -181,7 +181,7 @@ def preflight_distill(cfg) -> tuple[PreflightReport, Any]:
             raise PreflightError(f"student.prune.kv_groups_keep {p.kv_groups_keep} exceeds the teacher's {kv} KV heads")
     max_pos = min(x for x in limits if x) if any(limits) else 0
     _check_seq_lens(cfg.data, max_pos, "the models'")
-    n_records, formats = _read_data(cfg.data)
+    n_records, formats = read_data(cfg.data)
     report = PreflightReport(
         model_kind=src.kind, model_type=teacher_config.model_type, max_positions=max_pos,
         data_formats=formats, train_records=n_records, notes=[f"student: {st.source}"],

@@ -19,6 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+class StorageError(ValueError):
+    """A location cannot be opened or reached; the message names it."""
+
+
 MANIFEST = "raydist.json"  # an artifact is complete when this file exists (pushed last)
 _COMPLETE = ".raydist-complete"
 
@@ -69,21 +73,27 @@ def filesystem(location: Union[str, Path]):
     try:
         return pafs.FileSystem.from_uri(str(location))
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError with a useful text
-        raise ValueError(f"cannot open storage {location!r}: {e}") from None
+        raise StorageError(f"cannot open storage {location!r}: {e}") from None
+
+
+def _info(location: Union[str, Path]):
+    fs, path = filesystem(location)
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:  # unreachable endpoint, no permission, unknown bucket ...
+        raise StorageError(f"cannot reach {location!s}: {e}") from None
 
 
 def exists(location: Union[str, Path]) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _info(location).type != pafs.FileType.NotFound
 
 
 def is_file(location: Union[str, Path]) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return _info(location).type == pafs.FileType.File
 
 
 def has_files(location: Union[str, Path]) -> bool:
@@ -91,7 +101,7 @@ def has_files(location: Union[str, Path]) -> bool:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    if _info(location).type != pafs.FileType.Directory:
         return False
     return any(i.type == pafs.FileType.File for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
 

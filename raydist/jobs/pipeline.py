@@ -47,7 +47,7 @@ from raydist.config.pipeline import (
 LINEAGE = "lineage.json"
 ARTIFACT_DIR = "artifact"  # the artifact directory inside every training / sweep stage's run directory
 CONFIG_FILE = "config.yaml"  # what a stage's run directory records of its config (stages.common.open_run_dir)
-_RESUMABLE = ("run", "job")  # sections that may differ between a run and its rerun
+_RESUMABLE = ("run", "job", "resources")  # sections that may differ between a run and its rerun (as open_run_dir)
 
 # Statuses in lineage.json.
 DONE, SKIPPED, STOPPED, FAILED, INTERRUPTED, PENDING = (
@@ -182,16 +182,10 @@ def _stand_in(cfg: PipelineConfig, plan: PipelinePlan, ref: str) -> tuple[Option
 
 
 def _check_data(data_cfg) -> str:
-    from raydist.components.data import DataError, detect_format, load_records
+    from raydist.components.preflight import read_data
 
-    try:
-        records = load_records(data_cfg.train)
-        formats = {"train": detect_format(records, data_cfg.train)}
-        if data_cfg.eval is not None:
-            formats["eval"] = detect_format(load_records(data_cfg.eval), data_cfg.eval)
-    except DataError as e:
-        raise PreflightError(f"data: {e}") from None
-    return f"data: {len(records)} records; formats {formats}"
+    n, formats = read_data(data_cfg)
+    return f"data: {n} records; formats {formats}"
 
 
 def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pending: dict[str, str]) -> list[str]:

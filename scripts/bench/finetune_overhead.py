@@ -86,6 +86,15 @@ def say(msg: str) -> None:
     print(f"[bench] {msg}", flush=True)
 
 
+def provenance(argv: list[str]) -> dict[str, Any]:
+    """Which code this run measured: git commit, whether the tree had uncommitted changes, the exact command."""
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "command": " ".join([".venv/bin/python", *[os.path.relpath(argv[0], REPO)], *argv[1:]])}
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -805,6 +814,9 @@ def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
         f"Command: `{COMMAND}` (flags `--skip-overhead`, `--skip-lora`, `--skip-peer` rerun parts; "
         f"results in `benchmarks/results/finetune.json`). This section is written by the script.",
         "",
+        *([f"Code measured: commit `{r['provenance']['git_commit'][:12]}`"
+           f"{' with uncommitted changes' if r['provenance']['git_dirty'] else ''}; this run's command: "
+           f"`{r['provenance']['command']}`.", ""] if r.get("provenance") else []),
         f"Machine: {mach['cores']}-core CPU ({mach['cpu']}), {mach['mem_gib']:.0f} GiB, {gpu}; shared with other "
         f"work, so timings are noisy. torch {v['torch']}, ray {v['ray']}, deepspeed {v['deepspeed']}, "
         f"transformers {v['transformers']}, peft {v['peft']}, trl {v['trl'] or 'not installed'}.",
@@ -914,6 +926,7 @@ def main() -> None:
     say(f"work dir {work}")
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results["machine"] = machine()
+    results["provenance"] = provenance(sys.argv)
     parts = {"overhead": part_overhead, "lora": part_lora, "peer": part_peer}
     skip = {"overhead": args.skip_overhead, "lora": args.skip_lora, "peer": args.skip_peer}
     try:

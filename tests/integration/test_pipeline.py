@@ -98,6 +98,7 @@ def test_rerun_resumes_the_stage_and_runs_the_chain_to_a_served_model(chain):
         from ray import serve as ray_serve
 
         ray_serve.delete(serve["app_name"])
+        ray_serve.shutdown()  # later modules start Serve with a proxy on their own port
 
 
 def test_rerun_skips_every_finished_stage(chain):
@@ -117,6 +118,7 @@ def test_rerun_skips_every_finished_stage(chain):
         from ray import serve as ray_serve
 
         ray_serve.delete(chain["cfg"]().serve.app_name)
+        ray_serve.shutdown()
 
 
 def test_sweep_without_a_qualifying_candidate_exits_3_and_is_recorded(chain, tmp_path):

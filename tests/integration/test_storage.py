@@ -125,6 +125,7 @@ def test_artifact_served_straight_from_the_bucket(trained):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] > 0
     finally:
         serve.delete("s3served")
+        serve.shutdown()  # the next module starts Serve with a proxy on its own port
 
 
 def test_unreachable_storage_is_refused_before_anything_starts():
