@@ -27,10 +27,10 @@ def fit_or_explain(trainer, run_dir: Path, max_failures: int):
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
-        import sys
+        import traceback
 
-        # the workers' own error (with its remote traceback) always shows, whatever the log level
-        print(f"[raydist] Ray Train reported:\n{e}", file=sys.stderr)
+        # the workers' error and where it surfaced (the traceback) always show, whatever the log level
+        traceback.print_exception(e)
         lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.startswith(" ")]
         cause = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else repr(e))
         raise StageFailed(
