@@ -76,10 +76,11 @@ def filesystem(location: Union[str, Path]):
         raise StorageError(f"cannot open storage {location!r}: {e}") from None
 
 
-def _info(location: Union[str, Path]):
+def _info(location: Union[str, Path], selector=None):
+    """``get_file_info`` of a location (or of a selector inside it), unreachable storage named in the error."""
     fs, path = filesystem(location)
     try:
-        return fs.get_file_info(path)
+        return fs.get_file_info(path if selector is None else selector(path))
     except OSError as e:  # unreachable endpoint, no permission, unknown bucket ...
         raise StorageError(f"cannot reach {location!s}: {e}") from None
 
@@ -100,10 +101,10 @@ def has_files(location: Union[str, Path]) -> bool:
     """Whether ``location`` is a directory holding at least one file (object stores have no empty dirs)."""
     import pyarrow.fs as pafs
 
-    fs, path = filesystem(location)
     if _info(location).type != pafs.FileType.Directory:
         return False
-    return any(i.type == pafs.FileType.File for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)))
+    listing = _info(location, lambda path: pafs.FileSelector(path, recursive=True))
+    return any(i.type == pafs.FileType.File for i in listing)
 
 
 def read_text(location: Union[str, Path]) -> str:

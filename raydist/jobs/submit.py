@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel
+
+from raydist.components.storage import is_uri
 
 STAGES = ("finetune", "distill", "generate", "sweep", "serve", "pipeline")
 JOB_CONFIG = "raydist_job.yaml"  # the config file's name inside the working_dir
@@ -103,12 +104,6 @@ class JobPlan:
         if self.stage == "serve":
             return cfg.model_name or Path(cfg.artifact.rstrip("/")).name or "serve"
         return cfg.run.name
-
-
-def is_uri(value: str) -> bool:
-    """``s3://...``, ``gs://...``, ``hf://...``: a scheme longer than one letter (``C:`` is a drive)."""
-    scheme = urlsplit(value).scheme
-    return len(scheme) > 1 and "://" in value
 
 
 def _walk(model: BaseModel, location: tuple = ()) -> Iterator[tuple[tuple, BaseModel]]:
