@@ -184,8 +184,24 @@ def embedded_ray_options(num_cpus: int, *, dashboard: bool = False) -> dict[str,
     PlacementGroupCleaner then asks the *other* cluster whether our controller is alive, is told it does not
     exist, and removes our training placement group (scripts/ray_bugs/pg_cleaner_wrong_dashboard.py).
     """
+    for name, value in EMBEDDED_RAY_ENV.items():  # read by Ray's daemons and workers, which inherit it
+        if name not in os.environ and not (dashboard and name == "RAY_TRAIN_METRICS_ENABLED"):
+            os.environ[name] = value
     return {"num_cpus": num_cpus, "include_dashboard": dashboard, "dashboard_port": free_port(),
-            "logging_config": ray_logging_config()}
+            "logging_config": ray_logging_config(),
+            # Nothing reads Prometheus metrics without a dashboard, and prestarted idle workers cost CPU on a
+            # laptop (scripts/bench/finetune_overhead.py: Ray's own processes took ~9 % of 2 cores).
+            "_system_config": {"enable_metrics_collection": dashboard, "enable_worker_prestart": False}}
+
+
+# Environment of the embedded Ray (a user's own setting wins). Ray's log monitor globs the log directory ten
+# times a second unless there are over 1000 files; once a second is enough for a laptop's console. Ray Train's
+# controller / worker metrics only feed the dashboard.
+EMBEDDED_RAY_ENV = {
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
+    "LOG_NAME_UPDATE_INTERVAL_S": "1.0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 
 
 def ray_logging_config():
