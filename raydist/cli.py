@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_stage_config(args):
     from raydist.config import load_stage_config
 
-    default = args.command if args.command in ("finetune", "distill", "generate", "sweep", "pipeline") else "finetune"
+    default = args.command if args.command in STAGE_DRIVERS else "finetune"
     return load_stage_config(args.config, args.overrides, default_stage=default)
 
 
@@ -206,6 +206,17 @@ def _submit(args) -> int:
                   config_name=Path(args.config).name)
 
 
+# The commands that run one stage config: ``-c FILE`` plus overrides, handed to the stage's driver function
+# (imported when run, so `raydist --help` stays fast).
+STAGE_DRIVERS = {
+    "finetune": "raydist.stages.finetune:run_finetune",
+    "distill": "raydist.stages.distill:run_distill",
+    "generate": "raydist.stages.generate:run_generate",
+    "sweep": "raydist.stages.sweep:run_sweep",
+    "pipeline": "raydist.jobs.pipeline:run_pipeline",
+}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -224,49 +235,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from raydist.stages.common import RunDirError, StageFailed
 
     try:
-        if args.command == "finetune":
-            from raydist.stages.finetune import run_finetune
+        if args.command in STAGE_DRIVERS:
+            module, function = STAGE_DRIVERS[args.command].split(":")
+            import importlib
+
+            from raydist.stages.sweep import NoCandidateMet
 
             cfg = _load_stage_config(args)
-            _expect_stage(cfg, "finetune", args.config)
-            run_finetune(cfg)
-        elif args.command == "distill":
-            from raydist.stages.distill import run_distill
-
-            cfg = _load_stage_config(args)
-            _expect_stage(cfg, "distill", args.config)
-            run_distill(cfg)
-        elif args.command == "generate":
-            from raydist.stages.generate import run_generate
-
-            cfg = _load_stage_config(args)
-            _expect_stage(cfg, "generate", args.config)
-            run_generate(cfg)
-        elif args.command == "sweep":
-            from raydist.stages.sweep import NoCandidateMet, run_sweep
-
-            cfg = _load_stage_config(args)
-            _expect_stage(cfg, "sweep", args.config)
+            _expect_stage(cfg, args.command, args.config)
             try:
-                run_sweep(cfg)
-            except NoCandidateMet as e:
-                print(f"raydist sweep: {e}", file=sys.stderr)
+                getattr(importlib.import_module(module), function)(cfg)
+            except NoCandidateMet as e:  # a sweep (or a pipeline's) with no candidate within the policy
+                print(f"raydist {args.command}: {e}", file=sys.stderr)
                 return EXIT_NO_WINNER
         elif args.command == "serve":
             from raydist.serve.app import run_serve
 
             run_serve(_load_serve_config(args.target, args.overrides))
-        elif args.command == "pipeline":
-            from raydist.jobs.pipeline import run_pipeline
-            from raydist.stages.sweep import NoCandidateMet
-
-            cfg = _load_stage_config(args)
-            _expect_stage(cfg, "pipeline", args.config)
-            try:
-                run_pipeline(cfg)
-            except NoCandidateMet as e:
-                print(f"raydist pipeline: {e}", file=sys.stderr)
-                return EXIT_NO_WINNER
         elif args.command == "validate":
             for line in check_config(_load_stage_config(args), args.config):
                 print(line)

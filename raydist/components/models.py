@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 import torch
 
-from raydist.components.storage import is_uri, local_copy
+from raydist.components.storage import is_uri, local_copy, on_this_node
 from raydist.config.base import ModelConfig, TinyModelSpec
 
 TINY_RANDOM = "tiny-random"
@@ -66,7 +66,7 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
         from dataclasses import replace
 
         return replace(resolve_model_source(cfg.model_copy(update={"path": str(local)})), origin=path)
-    p = Path(path).expanduser()
+    p = Path(on_this_node(path)).expanduser()  # a model shipped with a submitted job, on another node
     if p.is_file():
         if p.suffix != ".gguf":
             raise ModelSourceError(f"model file {p} is not a .gguf file; give a directory or a .gguf file")

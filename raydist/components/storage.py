@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Union
@@ -189,6 +191,28 @@ def delete(location: Union[str, Path]) -> None:
 # What a process needs to reach the same storage as the driver (credentials, endpoints, the cache location).
 STORAGE_ENV_VARS = ("RAYDIST_CACHE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                     "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+_RAY_WORKING_DIR = re.compile(r"/runtime_resources/working_dir_files/(_ray_pkg_[0-9a-f]+)(?:/(.*))?$")
+
+
+def on_this_node(path: str) -> str:
+    """``path`` inside *this* node's copy of a Ray job's working_dir when it names a file in another node's copy.
+
+    `raydist submit` ships small local models in the job's working_dir; the job's driver (on the head) makes
+    their paths absolute, so they point into the head's unpacked copy. Every node unpacks the same package
+    (``_ray_pkg_<content hash>``) in its own temp dir, and Ray puts that directory on each worker's
+    PYTHONPATH, which is where the same file is found here. Any other path is returned unchanged.
+    """
+    m = _RAY_WORKING_DIR.search(str(path))
+    if not m or os.path.exists(path):
+        return path
+    for entry in [*os.environ.get("PYTHONPATH", "").split(os.pathsep), *sys.path]:
+        if entry.rstrip("/").endswith("/" + m.group(1)):
+            candidate = os.path.join(entry, m.group(2) or "")
+            if os.path.exists(candidate):
+                return candidate
+    return path
 
 
 def storage_env() -> dict[str, str]:

@@ -47,7 +47,6 @@ from raydist.config.pipeline import (
 LINEAGE = "lineage.json"
 ARTIFACT_DIR = "artifact"  # the artifact directory inside every training / sweep stage's run directory
 CONFIG_FILE = "config.yaml"  # what a stage's run directory records of its config (stages.common.open_run_dir)
-_RESUMABLE = ("run", "job", "resources")  # sections that may differ between a run and its rerun (as open_run_dir)
 
 # Statuses in lineage.json.
 DONE, SKIPPED, STOPPED, FAILED, INTERRUPTED, PENDING = (
@@ -116,19 +115,13 @@ def _resolved_json(stage_cfg) -> dict[str, Any]:
     return with_absolute_paths(stage_cfg).model_dump(mode="json")
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
 def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
     """Resolve locations and references and find the finished stages (no Ray, no weights).
 
     Raises:
         RunDirError: a finished stage was made with a different config (its rerun would not be this spec).
     """
-    from raydist.stages.common import RunDirError
+    from raydist.stages.common import RunDirError, config_differences
 
     run_dirs = {s: run_location(getattr(cfg, s)) for s in cfg.stages() if s in PRODUCERS}
     artifacts = {s: join_location(d, ARTIFACT_DIR) for s, d in run_dirs.items()}
@@ -144,9 +137,7 @@ def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
         if recorded is None:  # an artifact without its run's config: nothing to compare, but it is finished
             plan.finished[stage] = manifest
             continue
-        previous = {k: v for k, v in (yaml.safe_load(recorded) or {}).items() if k not in _RESUMABLE}
-        current = {k: v for k, v in _resolved_json(plan.configs[stage]).items() if k not in _RESUMABLE}
-        diffs = _diff(previous, current)
+        diffs = config_differences(yaml.safe_load(recorded) or {}, _resolved_json(plan.configs[stage]))
         if diffs:
             raise RunDirError(
                 f"pipeline stage {stage!r} already finished in {run_dir} with a different config "

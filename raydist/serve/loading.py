@@ -68,7 +68,7 @@ def check_artifact(artifact: str, adapter: Optional[str] = None):
         if adapter is not None:
             check_artifact_adapter(adapter)
         return artifact
-    p = Path(artifact).expanduser().resolve()
+    p = Path(storage.on_this_node(artifact)).expanduser().resolve()  # shipped with a job, read on another node
     if not p.is_dir():
         raise ArtifactError(f"artifact {artifact!r} is not a directory")
     base = adapter_base(p)

@@ -44,7 +44,14 @@ class RunDirError(ValueError):
 
 
 # Sections that may change between a run and its resume: where it lives and how it recovers.
-_RESUMABLE_SECTIONS = {"run", "job", "resources"}  # a resume may run on another cluster
+RESUMABLE_SECTIONS = frozenset({"run", "job", "resources"})  # a resume may run on another cluster
+
+
+def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted paths where two resolved configs differ, ``RESUMABLE_SECTIONS`` aside (a run may resume under
+    ``current`` only when this is empty)."""
+    return _diff_paths({k: v for k, v in previous.items() if k not in RESUMABLE_SECTIONS},
+                       {k: v for k, v in current.items() if k not in RESUMABLE_SECTIONS})
 
 
 def run_location(cfg):
@@ -82,10 +89,7 @@ def open_run_dir(cfg, artifact_name: str, prepare=None) -> tuple[Mirror, bool]:
         if not rd.exists("config.yaml"):
             raise RunDirError(f"{location} exists but is not a raydist run directory; refusing to write into it")
         previous = yaml.safe_load(rd.pull("config.yaml").read_text())
-        diffs = _diff_paths(
-            {k: v for k, v in previous.items() if k not in _RESUMABLE_SECTIONS},
-            {k: v for k, v in resolved.items() if k not in _RESUMABLE_SECTIONS},
-        )
+        diffs = config_differences(previous, resolved)
         if diffs:
             raise RunDirError(
                 f"run directory {location} was started with a different config ({', '.join(diffs[:8])} differ); "

@@ -198,3 +198,25 @@ def test_submit_refuses_a_wrong_stage_and_an_invalid_spec_before_any_cluster(tmp
     validate_err = capsys.readouterr().err
     assert "optim.lrr: unknown field" in submit_err
     assert submit_err.replace("raydist submit:", "raydist validate:") == validate_err
+
+
+def test_a_shipped_model_is_found_in_this_nodes_copy_of_the_working_dir(tmp_path, monkeypatch):
+    """The job's driver (head) makes a shipped model's path absolute inside its own unpacked working_dir; a
+    worker on another node finds the same file in its node's copy (same package name, on its PYTHONPATH)."""
+    from raydist.components.models import resolve_model_source
+    from raydist.components.storage import on_this_node
+    from raydist.config.base import ModelConfig
+
+    pkg = "runtime_resources/working_dir_files/_ray_pkg_0123abcd"
+    head_path = str(tmp_path / "head-session" / pkg / "models" / "small")  # not on this "node"
+    here = tmp_path / "worker-session" / pkg
+    (here / "models" / "small").mkdir(parents=True)
+    (here / "models" / "small" / "config.json").write_text("{}")
+    monkeypatch.setenv("PYTHONPATH", f"/elsewhere:{here}")
+    assert on_this_node(head_path) == str(here / "models" / "small")
+    assert resolve_model_source(ModelConfig(path=head_path)).path == str((here / "models" / "small").resolve())
+    # paths outside a working_dir, and ones that exist as given, are left alone
+    assert on_this_node(str(tmp_path / "models" / "small")) == str(tmp_path / "models" / "small")
+    assert on_this_node(str(here / "models" / "small")) == str(here / "models" / "small")
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert on_this_node(head_path) == head_path  # not shipped here either: the loader's own error follows
