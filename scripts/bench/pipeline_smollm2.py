@@ -47,6 +47,7 @@ def free_port() -> int:
 def run(args) -> dict:
     from raydist.jobs.pipeline import format_summary
 
+    measured = provenance(sys.argv)  # before the run: the code that is measured is the code at the start
     work = Path(tempfile.mkdtemp(prefix="raydist-bench-pipeline-"))
     port = free_port()
     cmd = [sys.executable, "-m", "raydist", "pipeline", "-c", SPEC, f"output_dir={work}", f"serve.http.port={port}"]
@@ -98,7 +99,7 @@ def run(args) -> dict:
     stages = {s: {k: e.get(k) for k in ("status", "wall_s", "metrics", "bytes_on_disk", "num_parameters")}
               for s, e in lineage["stages"].items()}
     return {
-        "provenance": provenance(sys.argv),
+        "provenance": measured,
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "spec": SPEC,
