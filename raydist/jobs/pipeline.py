@@ -322,7 +322,7 @@ def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: b
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     from raydist.stages.common import init_ray
 
-    init_ray(_cpus_needed(cfg))  # one Ray for every stage: each driver joins it
+    init_ray(_cpus_needed(cfg), metrics="serve" in cfg.stages())  # one Ray for every stage: each driver joins it
     drivers = _drivers()
     for stage in cfg.stages():
         stage_cfg = plan.configs[stage]

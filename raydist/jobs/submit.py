@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel
 
 from raydist.components.storage import is_uri
+from raydist.stages.common import RAY_DATA_ENV
 
 STAGES = ("finetune", "distill", "generate", "sweep", "serve", "pipeline")
 JOB_CONFIG = "raydist_job.yaml"  # the config file's name inside the working_dir
@@ -305,7 +306,8 @@ def raydist_package_dir() -> Path:
 
 
 def runtime_env(plan: JobPlan, working_dir: Path) -> dict[str, Any]:
-    """The job's runtime_env: working_dir, raydist as a py_module, and ``job.env`` as env_vars."""
+    """The job's runtime_env: working_dir, raydist as a py_module, and ``job.env`` (over raydist's Ray Data
+    settings, ``RAY_DATA_ENV``) as env_vars."""
     return {
         "working_dir": str(working_dir),
         # raydist travels as py_modules, not pip: it is not on PyPI, and a `pip` runtime_env builds a fresh
@@ -315,7 +317,7 @@ def runtime_env(plan: JobPlan, working_dir: Path) -> dict[str, Any]:
         # The cluster's image must already have raydist's dependencies (torch, transformers, deepspeed...).
         "py_modules": [str(raydist_package_dir())],
         "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": dict(plan.config.job.env),
+        "env_vars": {**RAY_DATA_ENV, **plan.config.job.env},  # the spec's own setting wins
     }
 
 

@@ -157,7 +157,7 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True, verbose: bool = True) 
     key = resolve_api_key(cfg)
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     replicas = cfg.autoscaling.max_replicas if cfg.autoscaling else (cfg.num_replicas or 1)
-    init_ray(cfg.resources.num_cpus * replicas)
+    init_ray(cfg.resources.num_cpus * replicas, metrics=True)  # /metrics of the embedded Ray
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
     app = build_app(cfg, key)
     say(f"[raydist] deploying {cfg.artifact} as Serve application {cfg.app_name!r} ...")

@@ -179,7 +179,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def embedded_ray_options(num_cpus: int, *, dashboard: bool = False) -> dict[str, Any]:
+def embedded_ray_options(num_cpus: int, *, dashboard: bool = False, metrics: bool = False) -> dict[str, Any]:
     """``ray.init`` options of the local Ray a stage starts on a laptop: no dashboard unless asked (it and its
     agent cost ~0.17 CPU-s per training step on 2 cores), and always a port of its own for the API server.
 
@@ -193,18 +193,26 @@ def embedded_ray_options(num_cpus: int, *, dashboard: bool = False) -> dict[str,
             os.environ[name] = value
     return {"num_cpus": num_cpus, "include_dashboard": dashboard, "dashboard_port": free_port(),
             "logging_config": ray_logging_config(),
-            # Nothing reads Prometheus metrics without a dashboard, and prestarted idle workers cost CPU on a
-            # laptop (scripts/bench/finetune_overhead.py: Ray's own processes took ~9 % of 2 cores).
-            "_system_config": {"enable_metrics_collection": dashboard, "enable_worker_prestart": False}}
+            # Nothing reads Prometheus metrics of a training run without a dashboard (serve asks for them: its
+            # /metrics), and prestarted idle workers cost CPU on a laptop (scripts/bench/finetune_overhead.py:
+            # Ray's own processes took ~9 % of 2 cores).
+            "_system_config": {"enable_metrics_collection": dashboard or metrics, "enable_worker_prestart": False}}
 
 
 # Environment of the embedded Ray (a user's own setting wins). Ray's log monitor globs the log directory ten
 # times a second unless there are over 1000 files; once a second is enough for a laptop's console. Ray Train's
 # controller / worker metrics only feed the dashboard.
+# Ray Data settings for every Ray raydist runs on (embedded, and a submitted job's env_vars). raydist writes one
+# parquet file per split; Ray 2.60's parquet reader starts up to 32 FooterReader actors (each a Python process
+# importing pyarrow and Ray) to read the footers of those 1-2 files: on 2 cores that was ~45 s of a tiny
+# fine-tune trial's ~80 s start (scripts/bench: jobs/sweep_finetune_tiny.yaml, 326 s -> 151 s).
+RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+
 EMBEDDED_RAY_ENV = {
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "1.0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
+    **RAY_DATA_ENV,
 }
 
 
@@ -254,8 +262,9 @@ def quiet_ray_driver_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def init_ray(cpus_needed: float) -> None:
-    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray with room for the workers plus Ray Data."""
+def init_ray(cpus_needed: float, *, metrics: bool = False) -> None:
+    """Connect to ``RAY_ADDRESS`` when set, else start a local Ray with room for the workers plus Ray Data
+    (``metrics``: with Ray's Prometheus metrics endpoint, which serve's metrics are read from)."""
     import ray
 
     if ray.is_initialized():
@@ -267,7 +276,7 @@ def init_ray(cpus_needed: float) -> None:
     else:
         # Ray Data tasks need CPUs beside the training workers; oversubscribing a small box is fine.
         ray.init(**embedded_ray_options(int(max(os.cpu_count() or 1, cpus_needed + 2)),
-                                        dashboard=os.environ.get(DASHBOARD_ENV) == "1"))
+                                        dashboard=os.environ.get(DASHBOARD_ENV) == "1", metrics=metrics))
 
 
 def tokenize_once(run_dir: Mirror, data_cfg, model_cfg, seed: int, tokenizer, say) -> dict[str, int]:

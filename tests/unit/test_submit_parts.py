@@ -68,7 +68,7 @@ def test_local_files_are_shipped_and_paths_rewritten(tmp_path):
     shipped = yaml.safe_load((wd / JOB_CONFIG).read_text())
     assert shipped["data"]["eval"]["path"] == "external/0-eval.jsonl"
     env = runtime_env(plan, wd)
-    assert env["env_vars"] == {"A": "1"} and env["working_dir"] == str(wd)
+    assert env["env_vars"] == {"A": "1", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"} and env["working_dir"] == str(wd)
     assert env["py_modules"][0].endswith("raydist") and "pip" not in env
 
 
