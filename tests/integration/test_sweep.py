@@ -99,7 +99,9 @@ def test_bad_sweep_config_fails_before_ray_work(tmp_path, capsys):
 
 
 def test_finetune_hyperparameter_sweep(tmp_path):
-    assert main(["sweep", "-c", str(JOBS / "sweep_finetune_tiny.yaml"), f"run.output_dir={tmp_path}"]) == 0
+    # both trials at once (2 x 2 workers on the session's 4 CPUs): their start-ups overlap
+    assert main(["sweep", "-c", str(JOBS / "sweep_finetune_tiny.yaml"), f"run.output_dir={tmp_path}",
+                 "search.max_concurrent=2"]) == 0
     run = tmp_path / "sweep-finetune-tiny"
     report = json.loads((run / "sweep_report.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["completed", "completed"]
