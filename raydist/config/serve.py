@@ -43,6 +43,11 @@ class LimitSettings(StrictModel):
     default_chat_max_tokens: Optional[int] = Field(
         None, gt=0, description="`max_tokens` of a chat request that sets none; default min(256, max_tokens).")
     max_stop_sequences: int = Field(4, gt=0, description="Most `stop` strings per request.")
+    max_n: int = Field(8, gt=0, description="Most choices one prompt may ask for (`n`, and `best_of` candidates).")
+    max_prompts: int = Field(
+        32, gt=0, description="Most prompts in one /v1/completions request (a prompt array; decoded together).")
+    max_logprobs: int = Field(
+        20, ge=0, description="Most alternatives per token a request may ask for (`logprobs`, `top_logprobs`).")
     max_ongoing_requests: int = Field(64, gt=0, description="Requests a replica works on or waits to batch at once.")
     max_queued_requests: int = Field(
         256, ge=-1, description="Requests waiting for a free replica before new ones are refused (-1 = no limit)."
