@@ -50,7 +50,8 @@ class LimitSettings(StrictModel):
         20, ge=0, description="Most alternatives per token a request may ask for (`logprobs`, `top_logprobs`).")
     max_ongoing_requests: int = Field(64, gt=0, description="Requests a replica works on or waits to batch at once.")
     max_queued_requests: int = Field(
-        256, ge=-1, description="Requests waiting for a free replica before new ones are refused (-1 = no limit)."
+        256, ge=-1, description="Requests a replica holds beyond max_ongoing_requests, waiting for a batch slot, "
+        "before new ones are refused with OpenAI's error body (-1 = no limit)."
     )
     queue_full_status: Literal[429, 503] = Field(503, description="HTTP status sent when the queue is full.")
     retry_after_s: float = Field(1.0, ge=0, description="`Retry-After` header value (seconds) of a queue-full reply.")
@@ -62,6 +63,10 @@ class LimitSettings(StrictModel):
             if value is not None and value > self.max_tokens:
                 raise ValueError(f"{name} ({value}) exceeds max_tokens ({self.max_tokens})")
         return self
+
+    def admitted(self) -> Optional[int]:
+        """Generation requests one replica holds at once (working + waiting); None = no limit."""
+        return None if self.max_queued_requests < 0 else self.max_ongoing_requests + self.max_queued_requests
 
     def completion_default(self) -> int:
         """``max_tokens`` used by a completion request that gives none."""

@@ -518,7 +518,11 @@ class _Group:
         self.open = len(self.requests)
 
     def post(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is left to read this
+            for r in self.requests:
+                r.cancelled = True
 
 
 _END = object()

@@ -626,6 +626,37 @@ class OpenAIService:
         return JSONBody(ModelCard(id=self.info.model_id, created=self.info.created).model_dump(mode="json"))
 
 
+class _Admission:
+    """ASGI middleware: at most ``limits.admitted()`` generation requests (/completions, /chat/completions) in
+    this app at once, streams until their last byte; beyond that a ``limits.queue_full_status`` with OpenAI's
+    error body and ``Retry-After``, before the body is read."""
+
+    def __init__(self, app, service: OpenAIService):
+        import math
+
+        self.app = app
+        self.cap = service.limits.admitted()
+        self.status = service.limits.queue_full_status
+        self.retry_after = str(max(0, math.ceil(service.limits.retry_after_s)))
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send):
+        if self.cap is None or scope["type"] != "http" or not scope["path"].endswith("/completions"):
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.cap:
+            kind = "rate_limit_exceeded" if self.status == 429 else "server_overloaded"
+            body = error_body(f"The server is at capacity ({self.cap} requests in progress on this replica); "
+                              f"retry after {self.retry_after} s.", type="server_error" if self.status == 503
+                              else "requests", code=kind)
+            return await JSONBody(body, status_code=self.status, headers={"Retry-After": self.retry_after})(
+                scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 class _ObserveRequests:
     """ASGI middleware: per-route status and latency (to the last body byte, so streams count in full), and
     an OpenAI-style 500 for an unexpected exception — which is never re-raised, so a bug in one request
@@ -739,7 +770,8 @@ def build_fastapi_app(service: OpenAIService) -> FastAPI:
     async def request_invalid(request: Request, exc: RequestValidationError):
         return JSONBody(error_body(f"invalid request: {str(exc)[:300]}"), status_code=400)
 
-    app.add_middleware(_ObserveRequests, service=service)
+    app.add_middleware(_Admission, service=service)
+    app.add_middleware(_ObserveRequests, service=service)  # added last: outermost, so it also sees refusals
     return app
 
 

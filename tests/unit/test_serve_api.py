@@ -369,3 +369,24 @@ def test_tokenize_detokenize_and_tokenizer_info(client, engine):
     bad = http.post("/detokenize", headers=AUTH, json={"tokens": [10**9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
     assert http.post("/tokenize", json={"prompt": "x"}).status_code == 401
+
+
+def test_beyond_the_admitted_requests_the_reply_is_openais_error_json(engine):
+    import asyncio
+
+    import httpx
+
+    http, rec = _app(engine, max_ongoing_requests=1, max_queued_requests=1, queue_full_status=429, retry_after_s=1.5)
+
+    async def flood():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.app), base_url="http://t") as c:
+            return await asyncio.gather(*[c.post("/v1/completions", headers=AUTH, json={
+                "prompt": f"p{i}", "max_tokens": 16, "stream": i % 2 == 1}) for i in range(6)])
+
+    responses = asyncio.run(flood())
+    assert [r.status_code for r in responses].count(200) == 2
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(refused) == 4 and all(r.headers["retry-after"] == "2" for r in refused)
+    assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in refused)
+    assert [s for _, s in rec.requests].count(429) == 4
+    assert http.post("/v1/completions", headers=AUTH, json={"prompt": "x", "max_tokens": 2}).status_code == 200
