@@ -43,9 +43,15 @@ class LimitSettings(StrictModel):
     default_chat_max_tokens: Optional[int] = Field(
         None, gt=0, description="`max_tokens` of a chat request that sets none; default min(256, max_tokens).")
     max_stop_sequences: int = Field(4, gt=0, description="Most `stop` strings per request.")
+    max_n: int = Field(8, gt=0, description="Most choices one prompt may ask for (`n`, and `best_of` candidates).")
+    max_prompts: int = Field(
+        32, gt=0, description="Most prompts in one /v1/completions request (a prompt array; decoded together).")
+    max_logprobs: int = Field(
+        20, ge=0, description="Most alternatives per token a request may ask for (`logprobs`, `top_logprobs`).")
     max_ongoing_requests: int = Field(64, gt=0, description="Requests a replica works on or waits to batch at once.")
     max_queued_requests: int = Field(
-        256, ge=-1, description="Requests waiting for a free replica before new ones are refused (-1 = no limit)."
+        256, ge=-1, description="Requests a replica holds beyond max_ongoing_requests, waiting for a batch slot, "
+        "before new ones are refused with OpenAI's error body (-1 = no limit)."
     )
     queue_full_status: Literal[429, 503] = Field(503, description="HTTP status sent when the queue is full.")
     retry_after_s: float = Field(1.0, ge=0, description="`Retry-After` header value (seconds) of a queue-full reply.")
@@ -57,6 +63,10 @@ class LimitSettings(StrictModel):
             if value is not None and value > self.max_tokens:
                 raise ValueError(f"{name} ({value}) exceeds max_tokens ({self.max_tokens})")
         return self
+
+    def admitted(self) -> Optional[int]:
+        """Generation requests one replica holds at once (working + waiting); None = no limit."""
+        return None if self.max_queued_requests < 0 else self.max_ongoing_requests + self.max_queued_requests
 
     def completion_default(self) -> int:
         """``max_tokens`` used by a completion request that gives none."""

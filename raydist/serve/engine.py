@@ -40,6 +40,12 @@ class SamplingParams:
         top_p: nucleus sampling mass in [0, 1] (with temperature > 0; 0 keeps only the likeliest token).
         stop: strings that end the generation; the returned text stops before the first match.
         seed: seeds this request's own sampler (None = fresh randomness).
+        logprobs: with each generated token, its log-probability and the ``logprobs`` likeliest alternatives
+            (0: the token's own only; None: none). Always the model's own distribution (before temperature,
+            penalties and bias), as OpenAI and vLLM report them.
+        presence_penalty / frequency_penalty: OpenAI's penalties, subtracted from the logits of tokens already
+            generated (once, resp. once per occurrence).
+        logit_bias: ``(token id, bias)`` pairs added to the logits before choosing.
     """
 
     max_tokens: int
@@ -47,6 +53,10 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
+    logprobs: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -60,15 +70,41 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 <= self.top_p <= 1:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass
 class GenerationRequest:
-    """One prompt to continue. ``cancelled`` may be set from outside (client gone): the row then stops."""
+    """One prompt to continue. ``cancelled`` may be set from outside (client gone): the row then stops.
+
+    ``prompt_logprobs`` (echo): also score the prompt, every token but the first with its log-probability
+    and that many likeliest alternatives (computed in the same prefill).
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
     cancelled: bool = False
+    prompt_logprobs: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token with its log-probability under the model and the likeliest alternatives at its position.
+
+    Attributes:
+        token_id: the token.
+        logprob: its log-probability (natural log) given everything before it.
+        top: the ``k`` likeliest ``(token id, logprob)`` at that position, likeliest first.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,11 +115,18 @@ class StepOutput:
         text: new text that is safe to show (never part of a possible stop string or a split UTF-8 char).
         completion_tokens: tokens generated for this request so far.
         finish_reason: None while running; "stop" (EOS or stop string) or "length" (max_tokens) at the end.
+        token_id: the token generated in this step.
+        logprob: that token's log-probability and alternatives (``params.logprobs`` set), else None.
+        prompt_logprobs: first step of a request with ``prompt_logprobs``: one entry per prompt token, the
+            first None (nothing precedes it).
     """
 
     text: str
     completion_tokens: int
     finish_reason: Optional[str] = None
+    token_id: Optional[int] = None
+    logprob: Optional[TokenLogprob] = None
+    prompt_logprobs: Optional[tuple[Optional[TokenLogprob], ...]] = None
 
 
 @dataclass
@@ -94,6 +137,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: Optional[tuple[Optional[TokenLogprob], ...]] = None
 
 
 class _TextTracker:
@@ -193,22 +239,67 @@ class BatchGenerator:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
 
     # -- model calls -------------------------------------------------------------------------------
-    def _forward(self, input_ids, attention_mask, position_ids, cache):
-        """Logits of the last position [B, V] (float32) and the updated cache."""
+    def _forward(self, input_ids, attention_mask, position_ids, cache, all_positions: bool = False):
+        """Logits of the last position [B, V] (float32), the updated cache, and (``all_positions``) the logits
+        of every position [B, T, V] (model dtype)."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
-        if self._has_logits_to_keep:
+        if self._has_logits_to_keep and not all_positions:
             kwargs["logits_to_keep"] = 1  # the vocab projection only where a token is sampled
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = out.past_key_values
-        return out.logits[:, -1, :].float(), new_cache
+        return out.logits[:, -1, :].float(), new_cache, (out.logits if all_positions else None)
 
-    def _sample(self, logits: torch.Tensor, state: BatchState) -> torch.Tensor:
-        """One token per live row [B] from logits [B, V], each row with its own parameters and RNG."""
+    @staticmethod
+    def _scored(logprobs: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        """``token``'s entry from one position's log-probabilities [V], with the ``k`` likeliest alternatives."""
+        top = ()
+        if k > 0:
+            values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        return TokenLogprob(token, float(logprobs[token]), top)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, requests: Sequence[GenerationRequest],
+                         width: int) -> list[Optional[tuple[Optional[TokenLogprob], ...]]]:
+        """Score every prompt token (after the first) of the requests that ask, from the prefill's logits of
+        all positions [B, T, V]; row by row so only one row's [T, V] log-softmax is held at a time."""
+        scored: list[Optional[tuple[Optional[TokenLogprob], ...]]] = []
+        for i, r in enumerate(requests):
+            if r.prompt_logprobs is None:
+                scored.append(None)
+                continue
+            n = len(r.prompt_ids)
+            lp = torch.log_softmax(logits[i, width - n:width - 1].float(), dim=-1)  # position j predicts token j+1
+            entries: list[Optional[TokenLogprob]] = [None]
+            entries += [self._scored(lp[j], r.prompt_ids[j + 1], r.prompt_logprobs) for j in range(n - 1)]
+            scored.append(tuple(entries))
+        return scored
+
+    def _adjust(self, logits: torch.Tensor, b: int, p: SamplingParams, generated: list[int]) -> None:
+        """OpenAI's penalties and logit_bias on row ``b`` of ``logits``, in place."""
+        row = logits[b]
+        if generated and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=row.shape[0])[:row.shape[0]]
+            row -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty * (counts > 0).to(row.dtype)
+        for token, bias in p.logit_bias:
+            if 0 <= token < row.shape[0]:
+                row[token] += bias
+
+    def _sample(self, logits: torch.Tensor, state: BatchState) -> tuple[torch.Tensor, list[Optional[TokenLogprob]]]:
+        """One token per live row [B] from logits [B, V], each row with its own parameters and RNG; and each
+        row's logprob entry when it asks for one (taken from the model's logits, before any adjustment)."""
+        params = [state.requests[r].params for r in state.rows]
+        wants = [p.logprobs is not None for p in params]
+        logprobs = torch.log_softmax(logits, dim=-1) if any(wants) else None
+        if any(p.adjusts_logits for p in params):
+            logits = logits.clone()
+            for b, (r, p) in enumerate(zip(state.rows, params)):
+                if p.adjusts_logits:
+                    self._adjust(logits, b, p, state.trackers[r].ids)
         tokens = logits.argmax(dim=-1)
         for b, r in enumerate(state.rows):
-            p = state.requests[r].params
+            p = params[b]
             if p.greedy:
                 continue
             probs = torch.softmax(logits[b] / p.temperature, dim=-1)
@@ -220,7 +311,9 @@ class BatchGenerator:
                 sorted_p[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
             tokens[b] = torch.multinomial(probs, 1, generator=state.generators[b]).item()
-        return tokens
+        scored = [self._scored(logprobs[b], int(tokens[b]), p.logprobs) if want else None
+                  for b, (p, want) in enumerate(zip(params, wants))]
+        return tokens, scored
 
     # -- public API --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -261,14 +354,18 @@ class BatchGenerator:
                 seed = r.params.seed if r.params.seed is not None else secrets.randbits(63)
                 generators.append(torch.Generator().manual_seed(seed))
         cache = DynamicCache(config=self.model.config)
-        logits, cache = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache)
+        echo = any(r.prompt_logprobs is not None for r in requests)
+        logits, cache, every = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device),
+                                             cache, all_positions=echo)
+        prompt_scores = self._prompt_logprobs(every, requests, width) if echo else [None] * n
+        del every
         state = BatchState(
             requests=list(requests), rows=list(range(n)), cache=cache, attention_mask=mask.to(self.device),
             next_positions=positions[:, -1] + 1, next_tokens=torch.zeros(n, dtype=torch.long),
             trackers=[_TextTracker(self.tokenizer, r.params.stop) for r in requests], counts=[0] * n,
             generators=generators, finished=[False] * n,
         )
-        return state, self._advance(state, self._sample(logits.cpu(), state))
+        return state, self._advance(state, *self._sample(logits.cpu(), state), prompt_scores)
 
     @torch.inference_mode()
     def step(self, state: BatchState) -> list[Optional[StepOutput]]:
@@ -283,16 +380,18 @@ class BatchGenerator:
         b = len(state.rows)
         mask = torch.cat([state.attention_mask, torch.ones((b, 1), dtype=state.attention_mask.dtype,
                                                            device=state.attention_mask.device)], dim=1)
-        logits, state.cache = self._forward(
+        logits, state.cache, _ = self._forward(
             state.next_tokens.view(b, 1).to(self.device), mask, state.next_positions.view(b, 1).to(self.device),
             state.cache,
         )
         state.attention_mask = mask
         state.next_positions = state.next_positions + 1
-        return self._advance(state, self._sample(logits.cpu(), state))
+        return self._advance(state, *self._sample(logits.cpu(), state))
 
-    def _advance(self, state: BatchState, tokens: torch.Tensor) -> list[Optional[StepOutput]]:
-        """Record the sampled tokens [B_live], decide which rows finish, and drop them from the batch."""
+    def _advance(self, state: BatchState, tokens: torch.Tensor, scored: list[Optional[TokenLogprob]],
+                 prompt_scores: Optional[list] = None) -> list[Optional[StepOutput]]:
+        """Record the sampled tokens [B_live] (and their logprob entries), decide which rows finish, and drop
+        them from the batch. ``prompt_scores``: after a prefill, each request's prompt logprobs (or None)."""
         outputs: list[Optional[StepOutput]] = [None] * len(state.requests)
         keep = []
         for b, r in enumerate(state.rows):
@@ -312,7 +411,8 @@ class BatchGenerator:
                 elif state.counts[r] >= req.params.max_tokens or req.cancelled:
                     text += tracker.flush()
                     finish = "length"
-            outputs[r] = StepOutput(text=text, completion_tokens=state.counts[r], finish_reason=finish)
+            outputs[r] = StepOutput(text=text, completion_tokens=state.counts[r], finish_reason=finish, token_id=tok,
+                                    logprob=scored[b], prompt_logprobs=prompt_scores[r] if prompt_scores else None)
             if finish is None:
                 keep.append(b)
             else:
@@ -389,22 +489,21 @@ class BatchGenerator:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Run a batch to the end (what the replica does without streaming; also used by benchmarks)."""
         state, outs = self.prefill(requests)
-        texts = [""] * len(requests)
-        finals: list[Optional[StepOutput]] = [None] * len(requests)
+        done = [Completion("", len(r.prompt_ids), 0, "", prompt_logprobs=o.prompt_logprobs)
+                for r, o in zip(requests, outs)]
         while True:
-            for i, o in enumerate(outs):
+            for c, o in zip(done, outs):
                 if o is not None:
-                    texts[i] += o.text
+                    c.text += o.text
+                    c.token_ids.append(o.token_id)
+                    if o.logprob is not None:
+                        c.logprobs.append(o.logprob)
                     if o.finish_reason:
-                        finals[i] = o
+                        c.completion_tokens, c.finish_reason = o.completion_tokens, o.finish_reason
             if state.done:
                 break
             outs = self.step(state)
-        return [
-            Completion(text=t, prompt_tokens=len(r.prompt_ids), completion_tokens=f.completion_tokens,
-                       finish_reason=f.finish_reason)
-            for t, r, f in zip(texts, requests, finals)
-        ]
+        return done
 
 
 
@@ -419,7 +518,11 @@ class _Group:
         self.open = len(self.requests)
 
     def post(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is left to read this
+            for r in self.requests:
+                r.cancelled = True
 
 
 _END = object()

@@ -2,8 +2,9 @@
 
 Requests are strict: unknown fields are refused with OpenAI's own wording ("Unrecognized request argument
 supplied: ..."), types are not coerced ("5" is not an int, true is not 1, NaN is not a number), and
-fields that OpenAI defines but this server does not implement (``n > 1``, ``logprobs``, ``tools``, ...)
-are refused by name instead of being silently ignored.
+fields that OpenAI defines but this server does not implement are refused by name instead of being silently
+ignored; they are listed in one place, :data:`REFUSED_FIELDS`. Limits that depend on the server's config
+(``n``, ``logprobs``, the number of prompts) are checked by the service.
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ def validation_error_to_api_error(err: ValidationError) -> APIError:
 
 _INT64 = 2**63
 
+# Fields of OpenAI's API this server refuses (a 400 naming the field), and why. README "Serving" lists them.
+REFUSED_FIELDS = {
+    "suffix": "/v1/completions: insertion (fill-in-the-middle) needs a model trained for it",
+    "tools / tool_choice / functions / function_call": "/v1/chat/completions: tool calling is not implemented",
+    "response_format": "/v1/chat/completions: only {\"type\": \"text\"} (no JSON mode or schemas)",
+    "best_of with stream": "/v1/completions: the best candidates are only known at the end (as OpenAI)",
+}
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, protected_namespaces=())
@@ -108,7 +117,7 @@ class _SamplingFields(_Request):
     model: Optional[str] = Field(None, max_length=256)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, ge=0, le=1)
-    n: Optional[int] = None
+    n: Optional[int] = Field(None, ge=1)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     stop: Optional[Union[str, list[str]]] = None
@@ -119,17 +128,21 @@ class _SamplingFields(_Request):
     user: Optional[str] = Field(None, max_length=256, description="End-user id (accepted, not used).")
 
     @model_validator(mode="after")
-    def _unsupported_shared(self):
-        if self.n is not None and self.n != 1:
-            raise ValueError(f"n: only n=1 is supported (got {self.n}); send separate requests, the server batches them")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise ValueError(f"{name}: not supported by this server (only 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported by this server")
+    def _shared_checks(self):
+        for key, bias in (self.logit_bias or {}).items():
+            if not re.fullmatch(r"\d{1,10}", key):
+                raise ValueError(f"logit_bias: keys are token ids (decimal strings), got {key[:32]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias: the bias of token {key} must be in [-100, 100], got {bias}")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed with stream=true")
         return self
+
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -146,39 +159,34 @@ class CompletionRequest(_SamplingFields):
     prompt: Prompt
     max_tokens: Optional[int] = Field(None, ge=1)
     echo: Optional[bool] = False
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0)
+    best_of: Optional[int] = Field(None, ge=1)
     suffix: Optional[str] = None
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.echo:
-            raise ValueError("echo: not supported by this server")
-        if self.logprobs is not None:
-            raise ValueError("logprobs: not supported by this server")
-        if self.best_of is not None and self.best_of != 1:
-            raise ValueError(f"best_of: only 1 is supported (got {self.best_of})")
+        if self.best_of is not None and self.best_of < self.choices_per_prompt():
+            raise ValueError(f"best_of: must be at least n ({self.choices_per_prompt()}), got {self.best_of}")
+        if self.stream and self.candidates_per_prompt() > self.choices_per_prompt():
+            raise ValueError("best_of: cannot be combined with stream (the best candidates are known only at the end)")
         if self.suffix is not None:
             raise ValueError("suffix: not supported by this server")
         return self
 
-    def single_prompt(self) -> Union[str, list[int]]:
-        """The one prompt of the request: a string or a list of token ids.
+    def candidates_per_prompt(self) -> int:
+        """Generations per prompt (``best_of``, default ``n``); the ``n`` likeliest are returned."""
+        return self.best_of or self.choices_per_prompt()
 
-        Raises:
-            APIError: an array of several prompts (one prompt per request; concurrent requests are batched).
-        """
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The request's prompts, each a string or a list of token ids (a lone string or id list is one)."""
         p = self.prompt
         if isinstance(p, str):
-            return p
+            return [p]
         if not p:
-            return ""
+            return [""]
         if isinstance(p[0], int):
-            return p  # type: ignore[return-value]
-        if len(p) != 1:
-            raise APIError(400, f"prompt: arrays of {len(p)} prompts are not supported; send one request per "
-                           "prompt (concurrent requests are batched on the server)", param="prompt")
-        return p[0]  # type: ignore[return-value]
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
 
 class TextContentPart(_Request):
@@ -218,10 +226,10 @@ class ChatCompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.logprobs:
-            raise ValueError("logprobs: not supported by this server")
-        if self.top_logprobs is not None:
-            raise ValueError("top_logprobs: not supported by this server")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs=true")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs: must be in [0, 20], got {self.top_logprobs}")
         for name in ("tools", "tool_choice", "functions", "function_call"):
             if getattr(self, name) not in (None, [], "none"):
                 raise ValueError(f"{name}: tool calling is not supported by this server")
@@ -255,10 +263,26 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """``choices[].logprobs`` of a completion: per token its text, log-probability, likeliest alternatives
+    (a dict text -> logprob, the token itself included) and character offset in the choice's text. With
+    ``echo`` the prompt's tokens come first, the very first with ``null`` (nothing precedes it)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+    def extend(self, other: "CompletionLogprobs") -> "CompletionLogprobs":
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(self, name).extend(getattr(other, name))
+        return self
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[FinishReason] = None
 
 
@@ -275,12 +299,28 @@ class CompletionResponse(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: Optional[str] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+    refusal: Optional[list[ChatTokenLogprob]] = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason
 
 
@@ -302,7 +342,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[FinishReason] = None
 
 
@@ -326,3 +366,29 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- tokenizer routes (vLLM's: what lm-eval's remote tokenizer and vLLM clients call) -----------------
+
+
+class TokenizeRequest(_Request):
+    """``POST /tokenize``: a prompt, or chat messages rendered with the model's chat template."""
+
+    model: Optional[str] = Field(None, max_length=256)
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("prompt: give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Request):
+    """``POST /detokenize``."""
+
+    model: Optional[str] = Field(None, max_length=256)
+    tokens: list[int]

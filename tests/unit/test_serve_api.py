@@ -118,7 +118,7 @@ BAD_REQUESTS = [
     ("completions", '{"prompt": "x", "temperature": NaN}', 400, None),
     ("completions", '{"prompt": "\\ud800"}', 400, "prompt"),
     ("completions", '{"prompt": 5}', 400, "prompt"),
-    ("completions", '{"prompt": ["a", "b"]}', 400, "prompt"),
+    ("completions", json.dumps({"prompt": ["a"] * 40}), 400, "prompt"),
     ("completions", '{"prompt": [1, 999999]}', 400, "prompt"),
     ("completions", '{"prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
     ("completions", '{"prompt": "x", "max_tokens": 33}', 400, "max_tokens"),
@@ -127,10 +127,19 @@ BAD_REQUESTS = [
     ("completions", '{"prompt": "x", "temperature": -1}', 400, "temperature"),
     ("completions", '{"prompt": "x", "temperature": 1e400}', 400, "temperature"),
     ("completions", '{"prompt": "x", "top_p": 2}', 400, "top_p"),
-    ("completions", '{"prompt": "x", "n": 2}', 400, "n"),
-    ("completions", '{"prompt": "x", "best_of": 3}', 400, "best_of"),
-    ("completions", '{"prompt": "x", "logprobs": 2}', 400, "logprobs"),
-    ("completions", '{"prompt": "x", "echo": true}', 400, "echo"),
+    ("completions", '{"prompt": "x", "n": 0}', 400, "n"),
+    ("completions", '{"prompt": "x", "n": 100}', 400, "n"),
+    ("completions", '{"prompt": "x", "n": 2, "best_of": 1}', 400, "best_of"),
+    ("completions", '{"prompt": "x", "best_of": 50}', 400, "best_of"),
+    ("completions", '{"prompt": "x", "best_of": 2, "stream": true}', 400, "best_of"),
+    ("completions", '{"prompt": "x", "logprobs": 50}', 400, "logprobs"),
+    ("completions", '{"prompt": "x", "logprobs": -1}', 400, "logprobs"),
+    ("completions", '{"prompt": "x", "logprobs": true}', 400, "logprobs"),
+    ("completions", '{"prompt": "x", "suffix": "y"}', 400, "suffix"),
+    ("completions", '{"prompt": "x", "logit_bias": {"abc": 1}}', 400, "logit_bias"),
+    ("completions", '{"prompt": "x", "logit_bias": {"1": 500}}', 400, "logit_bias"),
+    ("completions", '{"prompt": "x", "logit_bias": {"99999999": 1}}', 400, "logit_bias"),
+    ("completions", '{"prompt": "x", "presence_penalty": 3}', 400, "presence_penalty"),
     ("completions", '{"prompt": "x", "frobnicate": 1}', 400, "frobnicate"),
     ("completions", '{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop"),
     ("completions", '{"prompt": "x", "stop": [1]}', 400, "stop"),
@@ -149,6 +158,11 @@ BAD_REQUESTS = [
     ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, '
      '"max_completion_tokens": 5}', 400, None),
     ("chat/completions", '{"messages": "hello"}', 400, "messages"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "echo": true}', 400, "echo"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, "top_logprobs"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 30}',
+     400, "top_logprobs"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "n": 9}', 400, "n"),
 ]
 
 
@@ -206,3 +220,173 @@ def test_a_failing_backend_gives_500_and_the_app_keeps_serving(engine):
     assert [s for _, s in rec.requests] == [500, 200]
     assert http.get("/nowhere").json()["error"]["code"] == "not_found"
     assert http.get("/v1/completions", headers=AUTH).status_code == 405
+
+
+# -- logprobs, echo, n / best_of, prompt arrays, penalties, tokenizer routes ---------------------------
+
+
+def _direct_logprobs(engine, ids):
+    """log p(token j | tokens < j) for j >= 1 from one unpadded forward pass: what the server must report."""
+    import torch
+
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, dim=-1)
+    return [float(lp[j - 1, ids[j]]) for j in range(1, len(ids))], lp
+
+
+def test_echo_logprobs_are_the_models_own_also_batched_with_left_padding(engine):
+    from raydist.serve.engine import GenerationRequest, SamplingParams
+
+    tok = engine.tokenizer
+    short, long = tok.encode("def main():"), tok.encode("import os\nimport sys\n\nclass Config:\n    pass")
+    reqs = [GenerationRequest(p, SamplingParams(max_tokens=3, temperature=0, logprobs=2), prompt_logprobs=3)
+            for p in (short, long)]
+    for req, done in zip(reqs, engine.generate(reqs)):  # one left-padded batch: `short` is padded
+        want, lp = _direct_logprobs(engine, req.prompt_ids + done.token_ids)
+        n = len(req.prompt_ids)
+        assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == n
+        assert [e.logprob for e in done.prompt_logprobs[1:]] == pytest.approx(want[:n - 1], abs=1e-4)
+        assert [e.logprob for e in done.logprobs] == pytest.approx(want[n - 1:], abs=1e-4)
+        top = done.prompt_logprobs[1].top
+        assert len(top) == 3 and [t for t, _ in top] == lp[0].topk(3).indices.tolist()
+        assert done.logprobs[0].token_id == done.token_ids[0] == top_of(lp[n - 1])  # greedy: the argmax
+
+
+def top_of(row):
+    return int(row.argmax())
+
+
+def test_lm_eval_loglikelihood_request_shape(client, engine):
+    """What lm-eval's local-completions backend sends for a multiple-choice task, and what it reads back."""
+    http, _ = client
+    tok = engine.tokenizer
+    context, continuation = tok.encode("The capital of France is"), tok.encode(" Paris")
+    ids = context + continuation
+    r = http.post("/v1/completions", headers=AUTH, json={
+        "model": "tiny", "prompt": [ids, context], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+        "echo": True})
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    lp = choices[0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want, _ = _direct_logprobs(engine, ids)
+    ctxlen = len(context)
+    assert lp["token_logprobs"][ctxlen:-1] == pytest.approx(want[ctxlen - 1:], abs=1e-4)  # lm-eval's slice
+    for value, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
+        assert value in top.values() or max(top.values()) >= value  # the token itself or a likelier one
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert choices[0]["text"].startswith(tok.decode(ids))
+    assert r.json()["usage"]["prompt_tokens"] == len(ids) + len(context)
+
+
+def test_logprobs_without_echo_and_streamed(client, engine):
+    http, _ = client
+    body = {"prompt": "def main():", "max_tokens": 5, "temperature": 0, "logprobs": 3}
+    done = http.post("/v1/completions", headers=AUTH, json=body).json()["choices"][0]
+    lp = done["logprobs"]
+    assert len(lp["tokens"]) == 5 and all(len(t) >= 3 for t in lp["top_logprobs"])
+    assert all(v == max(t.values()) for v, t in zip(lp["token_logprobs"], lp["top_logprobs"]))  # greedy
+    assert "".join(lp["tokens"]) == done["text"]
+    r = http.post("/v1/completions", headers=AUTH, json={**body, "stream": True, "echo": True})
+    events = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+    streamed = [t for e in events for t in (e["choices"][0]["logprobs"] or {}).get("token_logprobs", [])]
+    prompt_len = len(engine.tokenizer.encode("def main():"))
+    assert streamed[0] is None and len(streamed) == prompt_len + 5
+    assert streamed[prompt_len:] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert "".join(e["choices"][0]["text"] for e in events) == "def main():" + done["text"]
+
+
+def test_n_best_of_and_prompt_arrays(client):
+    http, _ = client
+    r = http.post("/v1/completions", headers=AUTH, json={
+        "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 4, "temperature": 1.0, "seed": 7})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == list(range(6))
+    assert body["choices"][0]["text"] != body["choices"][1]["text"]  # seeds 7 and 8
+    again = http.post("/v1/completions", headers=AUTH, json={
+        "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 4, "temperature": 1.0, "seed": 7}).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in body["choices"]]
+    assert body["usage"]["completion_tokens"] == 24
+    best = http.post("/v1/completions", headers=AUTH, json={
+        "prompt": "x", "n": 1, "best_of": 4, "max_tokens": 4, "temperature": 1.0, "seed": 3, "logprobs": 0}).json()
+    assert len(best["choices"]) == 1 and best["usage"]["completion_tokens"] == 16
+    every = [http.post("/v1/completions", headers=AUTH, json={
+        "prompt": "x", "max_tokens": 4, "temperature": 1.0, "seed": 3 + j, "logprobs": 0}).json()["choices"][0]
+        for j in range(4)]
+    score = [sum(c["logprobs"]["token_logprobs"]) for c in every]
+    assert best["choices"][0]["text"] == every[score.index(max(score))]["text"]
+    streamed = http.post("/v1/completions", headers=AUTH, json={
+        "prompt": "x", "n": 2, "max_tokens": 3, "temperature": 0, "stream": True})
+    events = [json.loads(e[6:]) for e in streamed.text.split("\n\n") if e.startswith("data: {")]
+    assert {e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"]} == {0, 1}
+
+
+def test_penalties_and_logit_bias_change_the_greedy_choice(client, engine):
+    http, _ = client
+    base = {"prompt": "aaaa", "max_tokens": 12, "temperature": 0, "logprobs": 0}
+    plain = http.post("/v1/completions", headers=AUTH, json=base).json()["choices"][0]
+    biased = http.post("/v1/completions", headers=AUTH, json={**base, "logit_bias": {"7": 100}}).json()["choices"][0]
+    assert set(biased["logprobs"]["tokens"]) == {engine.tokenizer.decode([7])}
+    # logprobs stay the model's own: a +100 bias does not make the token certain
+    assert max(biased["logprobs"]["token_logprobs"]) < -0.01
+    penalized = http.post("/v1/completions", headers=AUTH, json={**base, "frequency_penalty": 2.0,
+                                                                    "presence_penalty": 2.0}).json()["choices"][0]
+    repeats = [len(c["logprobs"]["tokens"]) - len(set(c["logprobs"]["tokens"])) for c in (plain, penalized)]
+    assert repeats[1] < repeats[0]
+
+
+def test_chat_logprobs_n_and_refusal_field(client):
+    http, _ = client
+    r = http.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0, "logprobs": True,
+        "top_logprobs": 2, "n": 2})
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    c = body["choices"][0]
+    assert c["message"]["refusal"] is None and c["logprobs"]["refusal"] is None
+    content = c["logprobs"]["content"]
+    assert len(content) == 4 and all(len(e["top_logprobs"]) == 2 for e in content)
+    assert all(e["logprob"] == e["top_logprobs"][0]["logprob"] for e in content)  # greedy
+    assert all(isinstance(e["bytes"], list) for e in content)
+    plain = http.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()["choices"][0]
+    assert plain["logprobs"] is None
+
+
+def test_tokenize_detokenize_and_tokenizer_info(client, engine):
+    http, _ = client
+    r = http.post("/tokenize", headers=AUTH, json={"prompt": "def main():", "add_special_tokens": False})
+    ids = engine.tokenizer.encode("def main():", add_special_tokens=False)
+    assert r.json()["tokens"] == ids and r.json()["count"] == len(ids)
+    assert http.post("/detokenize", headers=AUTH, json={"tokens": ids}).json()["prompt"] == "def main():"
+    info = http.get("/tokenizer_info", headers=AUTH).json()
+    assert info["eos_token"] == engine.tokenizer.eos_token
+    chat = http.post("/tokenize", headers=AUTH, json={"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["count"] > 1
+    assert http.post("/tokenize", headers=AUTH, json={}).status_code == 400
+    bad = http.post("/detokenize", headers=AUTH, json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert http.post("/tokenize", json={"prompt": "x"}).status_code == 401
+
+
+def test_beyond_the_admitted_requests_the_reply_is_openais_error_json(engine):
+    import asyncio
+
+    import httpx
+
+    http, rec = _app(engine, max_ongoing_requests=1, max_queued_requests=1, queue_full_status=429, retry_after_s=1.5)
+
+    async def flood():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.app), base_url="http://t") as c:
+            return await asyncio.gather(*[c.post("/v1/completions", headers=AUTH, json={
+                "prompt": f"p{i}", "max_tokens": 16, "stream": i % 2 == 1}) for i in range(6)])
+
+    responses = asyncio.run(flood())
+    assert [r.status_code for r in responses].count(200) == 2
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(refused) == 4 and all(r.headers["retry-after"] == "2" for r in refused)
+    assert all(r.json()["error"]["code"] == "rate_limit_exceeded" for r in refused)
+    assert [s for _, s in rec.requests].count(429) == 4
+    assert http.post("/v1/completions", headers=AUTH, json={"prompt": "x", "max_tokens": 2}).status_code == 200
