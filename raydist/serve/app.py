@@ -61,13 +61,14 @@ def deployment_options(cfg: ServeConfig, num_gpus: float) -> dict[str, Any]:
 
     # The replica itself admits up to max_ongoing + max_queued generation requests and refuses the rest with
     # OpenAI's error body (Serve's own backpressure answers plain text). Serve lets a few more through
-    # (ADMISSION_HEADROOM) so those refusals are the replica's; its router queue is a fallback only.
+    # (ADMISSION_HEADROOM) so those refusals are the replica's.
     admitted = cfg.limits.admitted()
     opts: dict[str, Any] = {
         "name": "OpenAIServer",
         "max_ongoing_requests": (cfg.limits.max_ongoing_requests if admitted is None
                                  else admitted + ADMISSION_HEADROOM),
-        "max_queued_requests": -1 if admitted is None else max(cfg.limits.max_queued_requests, ADMISSION_HEADROOM),
+        # the router queue then holds requests only while it picks a replica; the replica refuses the excess
+        "max_queued_requests": -1,
         "backpressure_config": BackpressureConfig(status_code=cfg.limits.queue_full_status,
                                                   retry_after_s=cfg.limits.retry_after_s),
         "health_check_period_s": cfg.health.check_period_s,

@@ -293,7 +293,6 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
 
 
 class AssistantMessage(BaseModel):
@@ -331,7 +330,6 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: Optional[str] = None
 
 
 class ChatDelta(BaseModel):
@@ -353,7 +351,6 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Optional[Usage] = None
-    system_fingerprint: Optional[str] = None
 
 
 class ModelCard(BaseModel):

@@ -52,6 +52,8 @@ def test_serve_run_arguments_and_deployment_options(tiny_dir, monkeypatch):
     opts = deployment_options(cfg, num_gpus=0.0)
     assert "num_replicas" not in opts and opts["autoscaling_config"].max_replicas == 3
     assert opts["backpressure_config"].status_code == 503 and opts["backpressure_config"].retry_after_s == 1.0
+    # the replica admits 64 + 256 itself (OpenAI's error body beyond); Serve sends a few more so it can refuse them
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64 + 256 + 8, -1)
     actor = opts["ray_actor_options"]
     assert (actor["num_cpus"], actor["num_gpus"]) == (1.0, 0)
     # replicas get the driver's storage credentials (tests/conftest.py sets fake AWS ones) to read artifact URIs
