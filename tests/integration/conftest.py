@@ -1,8 +1,11 @@
 """Integration tests share one local Ray for the whole session (starting Ray costs ~10 s on 2 cores)."""
 
 import os
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,3 +31,11 @@ def ray_cluster():
     cluster = RayCluster().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct (models/smollm2-135m, or RAYDIST_SMOLLM2_DIR), fetched on first use."""
+    from raydist.components.fetch import fetch_smollm2
+
+    return fetch_smollm2(Path(os.environ.get("RAYDIST_SMOLLM2_DIR", REPO / "models" / "smollm2-135m")))

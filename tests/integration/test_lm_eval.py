@@ -3,7 +3,6 @@ logprobs for log-likelihoods, /tokenize for its remote tokenizer) exactly as its
 same model in this process: a multiple-choice task and a generation task, custom task YAMLs over local JSONL
 (tests/data/lm_eval, written for these tests), on the real SmolLM2-135M."""
 
-import os
 import socket
 from pathlib import Path
 
@@ -45,13 +44,6 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    from raydist.components.fetch import fetch_smollm2
-
-    return fetch_smollm2(Path(os.environ.get("RAYDIST_SMOLLM2_DIR", REPO / "models" / "smollm2-135m")))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,5 @@
 """Acceptance: the real pretrained SmolLM2-135M-Instruct (from the PyPI package's GGUF), LoRA on Ray Train."""
 
-import os
-from pathlib import Path
-
 import pytest
 
 from raydist.components.artifact import read_manifest
@@ -11,15 +8,6 @@ from raydist.config.loading import config_from_dict
 from raydist.stages.finetune import run_finetune
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    from raydist.components.fetch import fetch_smollm2
-
-    return fetch_smollm2(Path(os.environ.get("RAYDIST_SMOLLM2_DIR", REPO / "models" / "smollm2-135m")))
 
 
 def test_smollm2_lora_finetune_lowers_perplexity(smollm2_dir, tmp_path):
