@@ -343,9 +343,38 @@ def _progress_callback(total: int, target: str):
     return Progress()
 
 
+def _finetune_trials_that_fit(wanted: int, cpus_per_trial: float, say) -> int:
+    """How many fine-tuning trials may run at once on this cluster's CPUs.
+
+    A trial reserves its own CPU(s) from Tune and then asks for a Ray Train worker group apart; trials started
+    beyond what the CPUs hold would each keep their own reservation and wait forever for their workers
+    (a deadlock, seen with 2 trials of 1 + 2 CPUs on 4). ``RAYDIST_SKIP_PLACEMENT_CHECK=1`` (an autoscaling
+    cluster whose nodes are not up yet) keeps ``wanted``.
+
+    Raises:
+        PreflightError: not even one trial fits.
+    """
+    import ray
+
+    from raydist.components.preflight import PreflightError
+    from raydist.stages.resources import SKIP_CHECK_ENV
+
+    if os.environ.get(SKIP_CHECK_ENV) == "1":
+        return wanted
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    fit = int(cpus // cpus_per_trial) if cpus_per_trial > 0 else wanted
+    if fit < 1:
+        raise PreflightError(f"one fine-tuning trial needs {cpus_per_trial:g} CPUs (its driver and its Ray Train "
+                             f"workers); the cluster has {cpus:g}")
+    if fit < wanted:
+        say(f"[raydist] search.max_concurrent={wanted}, but {cpus:g} CPUs hold {fit} trial(s) of "
+            f"{cpus_per_trial:g} CPUs at once: running {fit} at a time")
+    return min(fit, wanted)
+
+
 def _tuner(cfg: SweepConfig, run_dir: Mirror, trainable, param_space: dict[str, Any], resuming: bool, *,
            metric: Optional[str], mode: Optional[str], scheduler=None, search_alg=None, num_samples: int = 1,
-           total: int = 1):
+           total: int = 1, max_concurrent: Optional[int] = None):
     from ray import tune
 
     fs, tune_path = storage.filesystem(run_dir.at("tune"))
@@ -364,7 +393,8 @@ def _tuner(cfg: SweepConfig, run_dir: Mirror, trainable, param_space: dict[str, 
                                     # trials reuse their worker process (no new interpreter + torch import
                                     # per candidate); each trial builds its own model from the payload
                                     reuse_actors=True,
-                                    max_concurrent_trials=None if search_alg is not None else cfg.search.max_concurrent),
+                                    max_concurrent_trials=None if search_alg is not None
+                                    else (max_concurrent or cfg.search.max_concurrent)),
         run_config=tune.RunConfig(name="sweep", storage_path=tune_path, storage_filesystem=fs_arg, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
                                   callbacks=[_progress_callback(total, cfg.target)]),
@@ -677,6 +707,10 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
     s = cfg.search
     if s.algorithm == "random":
         combos = random.Random(s.seed).sample(combos, min(s.num_samples, len(combos)))
+    ft = cfg.finetune
+    workers_cpus = ft.scaling.num_workers * ft.resources.num_cpus
+    init_ray(s.max_concurrent * (cfg.resources.num_cpus + workers_cpus))
+    concurrent = _finetune_trials_that_fit(s.max_concurrent, cfg.resources.num_cpus + workers_cpus, say)
     search_alg, num_samples = None, 1
     param_space: dict[str, Any] = {"overrides": tune.grid_search(combos)}
     if s.algorithm == "optuna":
@@ -684,12 +718,9 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
         from ray.tune.search.optuna import OptunaSearch
 
         param_space = {"overrides": {k: tune.choice(v) for k, v in space.items()}}
-        search_alg = ConcurrencyLimiter(OptunaSearch(metric="eval_ppl", mode="min", seed=s.seed), s.max_concurrent)
+        search_alg = ConcurrencyLimiter(OptunaSearch(metric="eval_ppl", mode="min", seed=s.seed), concurrent)
         num_samples = s.num_samples
     n_trials = num_samples if search_alg else len(combos)
-    ft = cfg.finetune
-    workers_cpus = ft.scaling.num_workers * ft.resources.num_cpus
-    init_ray(s.max_concurrent * (cfg.resources.num_cpus + workers_cpus))
     param_space.update({"finetune": ft.model_dump(mode="json"), "trials_dir": str(run_dir.at("trials"))})
     say(f"[raydist] fine-tuning sweep: {n_trials} trial(s) over {', '.join(space)}; each trial is a Ray Train run "
         f"of {ft.scaling.num_workers} worker(s)")
@@ -697,7 +728,7 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
     trainable = tune.with_resources(finetune_trial, {"cpu": cfg.resources.num_cpus})
     t0 = time.time()
     grid = _tuner(cfg, run_dir, trainable, param_space, resuming, metric=None, mode=None, search_alg=search_alg,
-                  num_samples=num_samples, total=n_trials).fit()
+                  num_samples=num_samples, total=n_trials, max_concurrent=concurrent).fit()
     wall = time.time() - t0
     rows = []
     for r in grid:

@@ -98,10 +98,12 @@ def test_bad_sweep_config_fails_before_ray_work(tmp_path, capsys):
     assert rc == 2 and "the task metric needs instruction" in capsys.readouterr().err
 
 
-def test_finetune_hyperparameter_sweep(tmp_path):
-    # both trials at once (2 x 2 workers on the session's 4 CPUs): their start-ups overlap
+def test_finetune_hyperparameter_sweep(tmp_path, capsys):
+    # 2 trials of 1 + 2 CPUs asked at once on the session's 4 CPUs would deadlock (each holds its trial CPU and
+    # waits for its workers): the sweep runs them one at a time and says so
     assert main(["sweep", "-c", str(JOBS / "sweep_finetune_tiny.yaml"), f"run.output_dir={tmp_path}",
                  "search.max_concurrent=2"]) == 0
+    assert "4 CPUs hold 1 trial(s) of 3 CPUs at once: running 1 at a time" in capsys.readouterr().out
     run = tmp_path / "sweep-finetune-tiny"
     report = json.loads((run / "sweep_report.json").read_text())
     assert [t["status"] for t in report["trials"]] == ["completed", "completed"]
