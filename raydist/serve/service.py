@@ -477,9 +477,6 @@ class OpenAIService:
         if len(prompts) > self.limits.max_prompts:
             raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server accepts at most "
                            f"{self.limits.max_prompts}", param="prompt")
-        if len(prompts) * candidates > self.limits.max_prompts * self.limits.max_n:
-            raise APIError(400, f"prompt: {len(prompts)} prompts x {candidates} choices is too many generations for "
-                           "one request", param="prompt")
         encoded = [await self.encode_prompt(p) for p in prompts]
         bias = self.logit_bias(req)
         # best_of ranks candidates by their cumulative logprob, so they are scored even when not asked
