@@ -266,7 +266,7 @@ def apply_candidate(
         else:
             extra = {}
         rep = quantization.quantize_model(model, scheme, group_size=candidate.get("group_size"), device=device,
-                                          **extra)
+                                          include_lm_head=bool(candidate.get("quantize_lm_head")), **extra)
         report["quantization"] = {k: v for k, v in rep.items() if k != "layers"}
         report["seconds"]["quantization"] = time.time() - t
     model.eval()

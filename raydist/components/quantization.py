@@ -95,7 +95,7 @@ def _cpu_has_vnni() -> bool:
 # fbgemm without VNNI multiplies u8 x s8 pairs into saturating int16 sums; reduce_range (7-bit activations)
 # avoids that overflow at a measured cost (SmolLM2, per-token: ppl +4.6 % with it, +3.7 % without). With
 # VNNI the accumulation is int32 and the full 8-bit range is safe.
-_REDUCE_RANGE = not _cpu_has_vnni()
+REDUCE_RANGE = not _cpu_has_vnni()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ class QuantizedLinear(nn.Module):
             mod = DynamicQuantLinear(self.in_features, self.out_features, bias_=False, dtype=torch.qint8)
             mod.set_weight_bias(qw, None)
             packed = mod._packed_params._packed_params
-            torch.ops.quantized.linear_dynamic(torch.zeros(1, self.in_features), packed, reduce_range=_REDUCE_RANGE)
+            torch.ops.quantized.linear_dynamic(torch.zeros(1, self.in_features), packed, reduce_range=REDUCE_RANGE)
             return packed
         if kernel in ("aten.int8pack_mm", "aten.int4pack_mm_cuda", "torchao.int4_opaque_cpu") and self.smooth is not None:
             raise ValueError(f"kernel {kernel} does not take smoothed layers")
@@ -451,7 +451,7 @@ class QuantizedLinear(nn.Module):
             # 36.1 per-tensor vs 14.8 per-token, dense 14.2), and the row maxima are multiplied back.
             xf = x2.float() if self.smooth is None else x2.float() / self.smooth
             t = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # [M, 1]
-            y = torch.ops.quantized.linear_dynamic(xf / t, impl, reduce_range=_REDUCE_RANGE) * t
+            y = torch.ops.quantized.linear_dynamic(xf / t, impl, reduce_range=REDUCE_RANGE) * t
         elif kernel == "aten.int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x.dtype))
         elif kernel == "torchao.int4_opaque_cpu":
@@ -651,6 +651,8 @@ def quantize_model(
     bytes_before = _module_bytes(model)
     act_max, n_cal = (_input_channel_maxima(model, names, calibration, dev)
                       if calibration is not None and not use_gptq else ({}, 0))
+    # Per input channel max |W| of every smoothed layer, taken before any layer is replaced.
+    w_maxima = {n: model.get_submodule(n).weight.detach().float().abs().amax(dim=0).cpu() for n in act_max}
     gptq_report: dict[str, Any] = {}
     if use_gptq:
         from raydist.components.gptq import gptq_quantize_weights
@@ -673,7 +675,10 @@ def quantize_model(
                 continue
         smooth = None
         if name in act_max:
-            w_max = lin.weight.detach().float().abs().amax(dim=0).cpu().clamp(min=1e-5)  # [K]
+            # Layers that read the same input (q/k/v, gate/up) share one vector, as in SmoothQuant, where it
+            # is folded into the norm before them; so the serving engine can also fuse them into one matmul.
+            w_max = torch.stack([w_maxima[n] for n in _same_input(name) if n in w_maxima]).amax(dim=0)
+            w_max = w_max.clamp(min=1e-5)  # [K]
             smooth = (act_max[name].clamp(min=1e-5) ** smoothing_alpha / w_max ** (1 - smoothing_alpha)).clamp(min=1e-5)
         codes = gptq_report.get("codes", {}).get(name)
         if int4_grids is not None:
@@ -698,13 +703,26 @@ def quantize_model(
             report["gptq"] = {k: v for k, v in gptq_report.items() if k != "codes"}
     if scheme == "int8_dynamic":
         if report["kernel"] == "torch.ao.dynamic_int8":
-            report["activations"] = "int8 per token" + (", 7-bit (reduce_range)" if _REDUCE_RANGE else "")
+            report["activations"] = "int8 per token" + (", 7-bit (reduce_range)" if REDUCE_RANGE else "")
         elif report["kernel"] == "torchao.int8_dynamic":
             report["activations"] = "int8 per token"
         else:  # the dequantized kernel multiplies float activations by the int8 weights' float values
             report["activations"] = "not quantized (kernel " + str(report["kernel"]) + ")"
         report["smoothing"] = {"alpha": smoothing_alpha, "calibration_tokens": n_cal} if act_max else None
     return report
+
+
+_SAME_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _same_input(name: str) -> list[str]:
+    """The Linears of a Llama block that read the same input as ``name`` (itself included)."""
+    for group in _SAME_INPUT:
+        for member in group:
+            if name.endswith("." + member):
+                prefix = name[: -len(member)]
+                return [prefix + m for m in group]
+    return [name]
 
 
 @torch.no_grad()

@@ -40,6 +40,10 @@ class SearchSpace(StrictModel):
     quantization: list[Literal["none", "int8_weight_only", "int8_dynamic", "int4_weight_only"]] = Field(
         ["none"], description="Weight quantization scheme of the decoder blocks (embeddings / lm_head stay float)."
     )
+    quantize_lm_head: list[bool] = Field(
+        [False], description="Also quantize the (tied) output projection with the int8 schemes (the embedding stays "
+                             "float); it is read once per generated token, so int8 there speeds up decoding."
+    )
     group_size: list[int] = Field([64], description="int4 group sizes (a size that does not divide a layer is lowered).")
     int4_algorithm: list[Literal["minmax", "hqq", "gptq"]] = Field(
         ["gptq"], description="How int4 weights are rounded: minmax (round to nearest), hqq (optimised scales) or "
@@ -53,8 +57,8 @@ class SearchSpace(StrictModel):
 
     @model_validator(mode="after")
     def _valid(self) -> "SearchSpace":
-        for name in ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size",
-                     "int4_algorithm", "recovery"):
+        for name in ("method", "sparsity", "pattern", "structured", "structure", "quantization", "quantize_lm_head",
+                     "group_size", "int4_algorithm", "recovery"):
             if not getattr(self, name):
                 raise ValueError(f"search_space.{name} is empty: give at least one value")
         for name in ("sparsity", "structured"):
@@ -75,13 +79,14 @@ class SearchSpace(StrictModel):
         """Every distinct combination, with knobs that do not apply collapsed (e.g. sparsity when method is
         none, group_size unless int4), so the grid holds no duplicate models."""
         seen, out = set(), []
-        for method, sparsity, pattern, structured, structure, quant, group, algorithm, recovery in itertools.product(
+        for method, sparsity, pattern, structured, structure, quant, head, group, algorithm, recovery in itertools.product(
             self.method, self.sparsity, self.pattern, self.structured, self.structure, self.quantization,
-            self.group_size, self.int4_algorithm, self.recovery
+            self.quantize_lm_head, self.group_size, self.int4_algorithm, self.recovery
         ):
             c = normalize_candidate({"method": method, "sparsity": sparsity, "pattern": pattern,
                                      "structured": structured, "structure": structure, "quantization": quant,
-                                     "group_size": group, "int4_algorithm": algorithm, "recovery": recovery})
+                                     "quantize_lm_head": head, "group_size": group, "int4_algorithm": algorithm,
+                                     "recovery": recovery})
             key = tuple(sorted((k, str(v)) for k, v in c.items()))
             if key not in seen:
                 seen.add(key)
@@ -100,6 +105,10 @@ def normalize_candidate(c: dict[str, Any]) -> dict[str, Any]:
     if c["structured"] == 0.0:
         c["structure"] = "none"
     int4 = c["quantization"] == "int4_weight_only"
+    if not c["quantization"].startswith("int8"):
+        c["quantize_lm_head"] = False  # int4 kernels and dense models keep the head float
+    else:
+        c["quantize_lm_head"] = bool(c.get("quantize_lm_head", False))
     if not int4:
         c["group_size"] = None
     c["int4_algorithm"] = c.get("int4_algorithm") if int4 else None

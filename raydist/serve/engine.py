@@ -46,6 +46,8 @@ class SamplingParams:
         presence_penalty / frequency_penalty: OpenAI's penalties, subtracted from the logits of tokens already
             generated (once, resp. once per occurrence).
         logit_bias: ``(token id, bias)`` pairs added to the logits before choosing.
+        ignore_eos: keep generating past end-of-sequence tokens until ``max_tokens`` (benchmarks: every
+            request then does the same work).
     """
 
     max_tokens: int
@@ -57,6 +59,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -217,10 +220,18 @@ class BatchGenerator:
     Args:
         model: a transformers causal LM (eval mode is set here).
         tokenizer: its tokenizer (a pad token is not required: padding uses a masked id 0 or eos).
+        fast: run Llama-layout models on CPU through :class:`~raydist.serve.fast_llama.FastLlama` (same
+            weights and math, fused ops; models it does not cover use transformers' forward either way).
+
+    Attributes:
+        fast: the fast forward in use, or None (transformers' forward).
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, fast: bool = True):
+        from raydist.serve.fast_llama import FastLlama
+
         self.model = model.eval()
+        self.fast = FastLlama.build(model) if fast else None
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         eos = set()
@@ -242,6 +253,9 @@ class BatchGenerator:
     def _forward(self, input_ids, attention_mask, position_ids, cache, all_positions: bool = False):
         """Logits of the last position [B, V] (float32), the updated cache, and (``all_positions``) the logits
         of every position [B, T, V] (model dtype)."""
+        if self.fast is not None:
+            logits = self.fast.forward(input_ids, attention_mask, position_ids, cache, all_positions)
+            return logits[:, -1, :], cache, (logits if all_positions else None)
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if self._has_logits_to_keep and not all_positions:
             kwargs["logits_to_keep"] = 1  # the vocab projection only where a token is sampled
@@ -353,7 +367,7 @@ class BatchGenerator:
             else:
                 seed = r.params.seed if r.params.seed is not None else secrets.randbits(63)
                 generators.append(torch.Generator().manual_seed(seed))
-        cache = DynamicCache(config=self.model.config)
+        cache = self.fast.new_cache() if self.fast is not None else DynamicCache(config=self.model.config)
         echo = any(r.prompt_logprobs is not None for r in requests)
         logits, cache, every = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device),
                                              cache, all_positions=echo)
@@ -400,7 +414,7 @@ class BatchGenerator:
             tracker = state.trackers[r]
             state.counts[r] += 1
             finish = None
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not req.params.ignore_eos:
                 text, _ = tracker.add(None)
                 text += tracker.flush()
                 finish = "stop"
@@ -474,8 +488,9 @@ class BatchGenerator:
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
         for la, lb in zip(layers_a, layers_b):  # keys/values [B, kv_heads, T, head_dim]
-            la.keys = torch.cat([left_pad(la.keys, t_a, -2), left_pad(lb.keys, t_b, -2)], dim=0)
-            la.values = torch.cat([left_pad(la.values, t_a, -2), left_pad(lb.values, t_b, -2)], dim=0)
+            # both computed before either is assigned (a fast-path cache layer's length follows its keys)
+            la.keys, la.values = (torch.cat([left_pad(la.keys, t_a, -2), left_pad(lb.keys, t_b, -2)], dim=0),
+                                  torch.cat([left_pad(la.values, t_a, -2), left_pad(lb.values, t_b, -2)], dim=0))
         state.attention_mask = torch.cat([left_pad(state.attention_mask, t_a, 1), left_pad(new.attention_mask, t_b, 1)])
         state.next_positions = torch.cat([state.next_positions, new.next_positions])
         state.next_tokens = torch.cat([state.next_tokens, new.next_tokens])

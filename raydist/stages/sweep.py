@@ -193,14 +193,16 @@ def model_from_payload(payload: dict[str, Any], device: str = "cpu"):
     return model.eval()
 
 
-def measure(model, cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
-    """Generation speed (the model's real kernels on its device) and, given an artifact, its sizes."""
+def measure(model, tokenizer, cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
+    """Generation speed through the serving engine (what ``raydist serve`` runs, with the model's real kernels
+    on its device) and, given an artifact, its sizes."""
     from raydist.components.evaluation import generation_speed, model_size
 
     out = model_size(model, artifact_dir) if artifact_dir is not None else {}
     for b in cfg_eval.latency_batch_sizes:
         sp = generation_speed(model, batch_size=b, prompt_len=cfg_eval.latency_prompt_tokens,
-                              new_tokens=cfg_eval.latency_new_tokens, repeats=cfg_eval.latency_repeats)
+                              new_tokens=cfg_eval.latency_new_tokens, repeats=cfg_eval.latency_repeats,
+                              tokenizer=tokenizer, engine="serve")
         out[f"tokens_per_s_b{b}"] = sp["tokens_per_s"]
     out["tokens_per_s"] = out[f"tokens_per_s_b{cfg_eval.latency_batch_sizes[0]}"]
     return out
@@ -275,7 +277,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
             if final:
                 # Generation speed (the slowest measurement) only for candidates that reach the full eval:
                 # one ASHA stopped on perplexity can be neither on the Pareto front nor the winner.
-                metrics.update(measure(model, ev, None), **_task(model, shared))
+                metrics.update(measure(model, tokenizer, ev, None), **_task(model, shared))
         ray.tune.report({"tokens_per_s": None, **metrics, "ppl": ppl if math.isfinite(ppl) else 1e30,
                          "eval_tokens": budget, "final": final, "reported_at": time.time()})
 
@@ -520,9 +522,9 @@ def measure_base(payload, shared, eval_json, device_setting: str, threads: int, 
 
     with tempfile.TemporaryDirectory() as tmp:  # only to measure the bytes a saved base model takes
         art = Path(tmp) / "base"
-        save_compressed(model, AutoTokenizer.from_pretrained(storage.local_copy(tok_dir)), art, None,
-                        stage="sweep-base", parent=parent, metrics={})
-        out = measure(model, ev, art)
+        tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(tok_dir))
+        save_compressed(model, tokenizer, art, None, stage="sweep-base", parent=parent, metrics={})
+        out = measure(model, tokenizer, ev, art)
     ppl = IncrementalPerplexity(model, shared["windows"].to(device))
     # the base at every ASHA rung: a candidate within the policy there is never stopped early
     out["ppl_by_budget"] = {str(k): ppl(k) for k in ev.budgets}

@@ -70,7 +70,7 @@ def naive_loop(cfg, out: Path) -> dict:
         apply_candidate(model, cand, calibration=calib)
         art = out / f"naive-{i}"
         save_compressed(model, tok, art, None)
-        m = measure(model, cfg.eval, art)
+        m = measure(model, tok, cfg.eval, art)
         m["ppl"] = perplexity_on(model, windows)
         shutil.rmtree(art)
         rows.append({"candidate": cand, "ppl": m["ppl"], "disk_bytes": m["disk_bytes"],

@@ -85,17 +85,23 @@ def test_growing_budgets_score_each_window_once_and_match_separate_calls():
     assert calls == [10, 4, 10, 10, 10]  # window 0, a 4-token cut of window 1, then windows 1, 2, 3 once
 
 
+@pytest.mark.parametrize("engine", ["generate", "serve"])
 @pytest.mark.parametrize("scheme", [None, "int8_dynamic"])
-def test_generation_speed_counts_tokens_and_is_positive(scheme):
+def test_generation_speed_counts_tokens_and_is_positive(scheme, engine, tiny_tokenizer):
     model = tiny_model()
     if scheme:
         quantize_model(model, scheme)
-    r = generation_speed(model, batch_size=3, prompt_len=5, new_tokens=7, repeats=2, warmup=1)
+    r = generation_speed(model, batch_size=3, prompt_len=5, new_tokens=7, repeats=2, warmup=1,
+                         tokenizer=tiny_tokenizer, engine=engine)
     assert r["generated_tokens"] == 21 and r["batch_size"] == 3 and len(r["seconds_all"]) == 2
     assert r["tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(21 / r["seconds"])
-    assert r["device"] == "cpu"
+    assert r["device"] == "cpu" and r["engine"] == engine
+    if engine == "serve":
+        assert r["fast_path"] is True  # the serving engine's fast forward, as `raydist serve` runs it
     with pytest.raises(ValueError, match="new_tokens"):
         generation_speed(model, new_tokens=0)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        generation_speed(model, engine="serve")
 
 
 def test_model_size_counts_logical_parameters_nonzeros_and_disk_bytes(tmp_path, tiny_tokenizer):

@@ -130,6 +130,10 @@ def test_smoothquant_calibration_is_exact_before_rounding_and_survives_a_reload(
     assert report["smoothing"] == {"alpha": 0.5, "calibration_tokens": 128}
     q = model.model.layers[0].mlp.down_proj
     assert q.smooth is not None and not torch.allclose(q.smooth, torch.ones_like(q.smooth))
+    att, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    # layers reading the same input share one vector (SmoothQuant folds it into the norm before them)
+    assert torch.equal(att.q_proj.smooth, att.k_proj.smooth) and torch.equal(att.q_proj.smooth, att.v_proj.smooth)
+    assert torch.equal(mlp.gate_proj.smooth, mlp.up_proj.smooth) and not torch.equal(mlp.up_proj.smooth, q.smooth)
     # the smoothed layer still stands for the original weight (dequantized = W within int8 rounding)
     w = dense.model.layers[0].mlp.down_proj.weight
     assert relative_error(q.dequantized_weight(), w) < 0.02
