@@ -44,6 +44,10 @@ class SearchSpace(StrictModel):
         [False], description="Also quantize the (tied) output projection with the int8 schemes (the embedding stays "
                              "float); it is read once per generated token, so int8 there speeds up decoding."
     )
+    smoothing_alpha: list[float] = Field(
+        [0.5], description="int8_dynamic: SmoothQuant's migration strength in [0, 1] (how much of the activations' "
+                           "outliers move into the weights)."
+    )
     group_size: list[int] = Field([64], description="int4 group sizes (a size that does not divide a layer is lowered).")
     int4_algorithm: list[Literal["minmax", "hqq", "gptq"]] = Field(
         ["gptq"], description="How int4 weights are rounded: minmax (round to nearest), hqq (optimised scales) or "
@@ -58,9 +62,11 @@ class SearchSpace(StrictModel):
     @model_validator(mode="after")
     def _valid(self) -> "SearchSpace":
         for name in ("method", "sparsity", "pattern", "structured", "structure", "quantization", "quantize_lm_head",
-                     "group_size", "int4_algorithm", "recovery"):
+                     "smoothing_alpha", "group_size", "int4_algorithm", "recovery"):
             if not getattr(self, name):
                 raise ValueError(f"search_space.{name} is empty: give at least one value")
+        if any(not (0.0 <= a <= 1.0) or math.isnan(a) for a in self.smoothing_alpha):
+            raise ValueError(f"search_space.smoothing_alpha values must be in [0, 1], got {self.smoothing_alpha}")
         for name in ("sparsity", "structured"):
             bad = [v for v in getattr(self, name) if not (0.0 <= v < 1.0) or math.isnan(v)]
             if bad:
@@ -79,14 +85,10 @@ class SearchSpace(StrictModel):
         """Every distinct combination, with knobs that do not apply collapsed (e.g. sparsity when method is
         none, group_size unless int4), so the grid holds no duplicate models."""
         seen, out = set(), []
-        for method, sparsity, pattern, structured, structure, quant, head, group, algorithm, recovery in itertools.product(
-            self.method, self.sparsity, self.pattern, self.structured, self.structure, self.quantization,
-            self.quantize_lm_head, self.group_size, self.int4_algorithm, self.recovery
-        ):
-            c = normalize_candidate({"method": method, "sparsity": sparsity, "pattern": pattern,
-                                     "structured": structured, "structure": structure, "quantization": quant,
-                                     "quantize_lm_head": head, "group_size": group, "int4_algorithm": algorithm,
-                                     "recovery": recovery})
+        knobs = ("method", "sparsity", "pattern", "structured", "structure", "quantization", "quantize_lm_head",
+                 "smoothing_alpha", "group_size", "int4_algorithm", "recovery")
+        for values in itertools.product(*(getattr(self, k) for k in knobs)):
+            c = normalize_candidate(dict(zip(knobs, values)))
             key = tuple(sorted((k, str(v)) for k, v in c.items()))
             if key not in seen:
                 seen.add(key)
@@ -109,6 +111,7 @@ def normalize_candidate(c: dict[str, Any]) -> dict[str, Any]:
         c["quantize_lm_head"] = False  # int4 kernels and dense models keep the head float
     else:
         c["quantize_lm_head"] = bool(c.get("quantize_lm_head", False))
+    c["smoothing_alpha"] = float(c.get("smoothing_alpha") or 0.5) if c["quantization"] == "int8_dynamic" else None
     if not int4:
         c["group_size"] = None
     c["int4_algorithm"] = c.get("int4_algorithm") if int4 else None

@@ -98,6 +98,7 @@ class OpenAIServer:
         self.cfg = cfg = ServeConfig.model_validate(config)
         threads = cfg.resources.torch_threads or max(1, math.ceil(cfg.resources.num_cpus))
         torch.set_num_threads(threads)
+        self.threads = threads
         device = unit_device(cfg.resources.device, "serve replica").type
         t0 = time.time()
         model, tokenizer, _ = load_served_model(cfg.artifact, cfg.adapter, device, cfg.resources.dtype)
@@ -220,6 +221,8 @@ class OpenAIServer:
             "node_id": ray.get_runtime_context().get_node_id(),
             "replica": ctx.replica_id.unique_id,
             "device": self.device,
+            "fast_path": self.engine.fast is not None,
+            "torch_threads": self.threads,
             "max_batch_size": self.batcher.max_batch_size,
             "groups": sum(m.batch_sizes.values()),
             "group_sizes": {str(k): v for k, v in sorted(m.batch_sizes.items())},

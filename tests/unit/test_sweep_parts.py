@@ -194,6 +194,29 @@ def test_int4_algorithm_and_qat_collapse_where_they_do_not_apply():
         sweep_cfg(int4_algorithm=["awq"])
 
 
+def test_lm_head_and_smoothing_knobs_apply_to_the_int8_schemes_only(tiny_tokenizer):
+    from raydist.components.compression import apply_candidate
+    from raydist.components.models import load_model
+    from raydist.components.quantization import QuantizedLinear
+    from raydist.config import ModelConfig
+
+    cfg = sweep_cfg(quantization=["none", "int8_weight_only", "int8_dynamic", "int4_weight_only"],
+                    quantize_lm_head=[False, True], smoothing_alpha=[0.4, 0.5])
+    cands = cfg.search_space.candidates()
+    by_scheme = {q: [c for c in cands if c["quantization"] == q] for q in
+                 ("none", "int8_weight_only", "int8_dynamic", "int4_weight_only")}
+    assert [len(v) for v in by_scheme.values()] == [1, 2, 4, 1]  # head x alpha only where they apply
+    assert all(c["smoothing_alpha"] is None for c in cands if c["quantization"] != "int8_dynamic")
+    assert not any(c["quantize_lm_head"] for c in by_scheme["none"] + by_scheme["int4_weight_only"])
+    with pytest.raises(ConfigError, match="smoothing_alpha"):
+        sweep_cfg(smoothing_alpha=[1.5])
+    cand = next(c for c in by_scheme["int8_dynamic"] if c["quantize_lm_head"] and c["smoothing_alpha"] == 0.4)
+    model = load_model(ModelConfig(path="tiny-random"), seed=0)
+    report = apply_candidate(model, cand, calibration=torch.randint(4, 500, (2, 16)))
+    assert isinstance(model.lm_head, QuantizedLinear) and report["quantization"]["include_lm_head"] is True
+    assert report["quantization"]["smoothing"]["alpha"] == 0.4
+
+
 def test_qat_recovery_trains_against_the_grid_the_int4_model_is_stored_on():
     from raydist.components.qat import fake_quantized, int4_grids
     from raydist.components.quantization import quantize_model, quantized_layers
