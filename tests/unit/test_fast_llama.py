@@ -45,7 +45,7 @@ def _max_logprob_diff(a, b):
 def test_dense_fast_path_equals_transformers_forward_batched_and_left_padded(dense, tiny_tokenizer):
     fast, hf = BatchGenerator(dense, tiny_tokenizer), BatchGenerator(dense, tiny_tokenizer, fast=False)
     assert isinstance(fast.fast, FastLlama) and hf.fast is None
-    assert isinstance(fast.fast.layers[0].qkv, _Dense)
+    assert isinstance(fast.fast.layers[0].qkv, _Dense) and fast.fast._script is not None  # TorchScript layers
     assert _max_logprob_diff(fast.generate(_requests(tiny_tokenizer)), hf.generate(_requests(tiny_tokenizer))) < 1e-4
     # all positions' logits of a left-padded prefill, straight against the model's forward
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
@@ -96,7 +96,7 @@ def test_int8_dynamic_layers_are_fused_with_smoothing_folded_and_match_the_quant
     att = model.model.layers[0].self_attn
     att.k_proj.smooth = att.k_proj.smooth * 1.5
     unfused = BatchGenerator(model, tiny_tokenizer)
-    assert isinstance(unfused.fast.layers[0].qkv, _Concat)
+    assert isinstance(unfused.fast.layers[0].qkv, _Concat) and unfused.fast._script is None  # the Python loop
     assert _max_logprob_diff(unfused.generate(_requests(tiny_tokenizer)),
                              BatchGenerator(model, tiny_tokenizer, fast=False).generate(_requests(tiny_tokenizer))) < 2e-2
 
