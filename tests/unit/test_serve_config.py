@@ -58,6 +58,12 @@ def test_serve_run_arguments_and_deployment_options(tiny_dir, monkeypatch):
     assert (actor["num_cpus"], actor["num_gpus"]) == (1.0, 0)
     # replicas get the driver's storage credentials (tests/conftest.py sets fake AWS ones) to read artifact URIs
     assert actor["runtime_env"]["env_vars"]["AWS_ACCESS_KEY_ID"] == os.environ["AWS_ACCESS_KEY_ID"]
+    # torch's OpenMP threads sleep between parallel regions (they share cores with the loop and the proxy) ...
+    assert actor["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    # ... unless the spec's job.env says otherwise
+    spinning = ServeConfig(artifact="x", job={"env": {"OMP_WAIT_POLICY": "ACTIVE"}})
+    assert deployment_options(spinning, num_gpus=0.0)["ray_actor_options"]["runtime_env"]["env_vars"][
+        "OMP_WAIT_POLICY"] == "ACTIVE"
     assert deployment_options(ServeConfig(artifact="x", num_replicas=2), num_gpus=1.0)["num_replicas"] == 2
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         config_from_args({"artifact": str(tiny_dir), "limits.max_tokens": "-1"})
