@@ -83,8 +83,8 @@ class BatchingSettings(StrictModel):
     enabled: bool = Field(True, description="Batch concurrent requests; false runs them one at a time.")
     max_batch_size: int = Field(16, gt=0, description="Most requests decoded together.")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="How long the first request of a batch waits for others to join (every batch "
-        "pays it, so keep it far below a generation's time)."
+        0.0, ge=0, description="How long the first request of a group waits for others to join (every group "
+        "pays it). 0: none; requests that arrive while a step runs are prefilled together anyway."
     )
 
 

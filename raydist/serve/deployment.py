@@ -162,7 +162,7 @@ class OpenAIServer:
         async for _ in steps:
             pass
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005, max_concurrent_batches=1024)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
     async def _generate_batch(self, requests: list[GenerationRequest]):
         """Decode a group of requests that arrived together; yields, per step, one entry per request: its
         StepOutput, or StopIteration once it has finished (Serve's batching then ends that caller's stream).

@@ -191,6 +191,9 @@ def _hostile_requests():
         "seed": [2**80, "seed", 1.5, -(2**80)],
         "model": ["gpt-4", "", 123, ["x"], "\u202e" * 10],
         "logprobs": [5, True], "echo": [True], "best_of": [2], "suffix": ["s"], "logit_bias": [{"1": 100}],
+        # the parity fields, past their limits: 400s naming them
+        "top_logprobs": [30, -1], "token_ids": [[1]],
+        "logit_bias_bad": [{"99999999": 1}, {"-5": 1}, {"1": "x"}, {"1": 500}],
         "presence_penalty": [1.0, 5], "frequency_penalty": [-3], "stream_options": [{"include_usage": True}, "x"],
         "unknown_field": [1], "__proto__": [{}], "functions": [[{}]],
     }
@@ -199,6 +202,8 @@ def _hostile_requests():
         for v in values:
             for stream in (False, True):  # a bad request must be refused before any stream starts
                 body = {"prompt": "hello", "max_tokens": 4, "stream": stream, field: v}
+                if field == "logit_bias_bad":
+                    body["logit_bias"] = body.pop(field)
                 if field == "prompt" and v is None:
                     body.pop("prompt")
                 out.append(("POST", "/v1/completions", auth, json.dumps(body)))  # "\ud800" stays a lone surrogate
@@ -206,6 +211,12 @@ def _hostile_requests():
                     chat = {k: x for k, x in body.items() if k != "prompt"}
                     chat["messages"] = [{"role": "user", "content": "hello"}]
                     out.append(("POST", "/v1/chat/completions", auth, json.dumps(chat)))
+    # completions-only parity fields beyond the caps: logprobs > max_logprobs, n > max_n, best_of < n, token ids
+    # outside the vocabulary, too many prompts
+    for extra in ({"logprobs": 50}, {"logprobs": -1}, {"n": 3, "best_of": 2}, {"best_of": 500},
+                  {"prompt": [[1, 2], [10**9]]}, {"prompt": [[-3]]}, {"prompt": ["a"] * 500},
+                  {"echo": True, "logprobs": 50}, {"prompt": [], "echo": True}):
+        out.append(("POST", "/v1/completions", auth, json.dumps({"prompt": "hello", "max_tokens": 4, **extra})))
     chat_cases = [
         {"messages": None}, {"messages": []}, {"messages": "hi"}, {"messages": [{}]}, {"messages": [{"role": "user"}]},
         {"messages": [{"role": "wizard", "content": "x"}]}, {"messages": [{"role": "user", "content": 5}]},
@@ -215,6 +226,9 @@ def _hostile_requests():
         {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
         {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000},
         {"messages": [{"role": "user", "content": "hi"}], "logprobs": True},
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 99},
+        {"messages": [{"role": "user", "content": "hi"}], "echo": True},
+        {"messages": [{"role": "user", "content": "hi"}], "n": 99},
         {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
         {"messages": [{"role": "user", "content": "hi"}] * 400},
         {"messages": [{"role": "user", "content": "hi", "extra": 1}]},
