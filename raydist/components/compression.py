@@ -259,7 +259,8 @@ def apply_candidate(
         elif scheme == "int8_dynamic":
             # calibrates the per-channel activation smoothing (SmoothQuant) on the same text: measured on
             # SmolLM2, +0.67 % perplexity with it against +3.1 % without.
-            extra = {"calibration": calibration, "smoothing_alpha": candidate.get("smoothing_alpha") or 0.5}
+            alpha = candidate.get("smoothing_alpha")
+            extra = {"calibration": calibration, "smoothing_alpha": 0.5 if alpha is None else alpha}
         elif scheme == "int4_weight_only":
             extra = {"int4_algorithm": int4_algorithm,
                      **({"calibration": calibration} if int4_algorithm == "gptq" else {})}

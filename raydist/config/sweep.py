@@ -111,7 +111,8 @@ def normalize_candidate(c: dict[str, Any]) -> dict[str, Any]:
         c["quantize_lm_head"] = False  # int4 kernels and dense models keep the head float
     else:
         c["quantize_lm_head"] = bool(c.get("quantize_lm_head", False))
-    c["smoothing_alpha"] = float(c.get("smoothing_alpha") or 0.5) if c["quantization"] == "int8_dynamic" else None
+    alpha = c.get("smoothing_alpha")
+    c["smoothing_alpha"] = (0.5 if alpha is None else float(alpha)) if c["quantization"] == "int8_dynamic" else None
     if not int4:
         c["group_size"] = None
     c["int4_algorithm"] = c.get("int4_algorithm") if int4 else None

@@ -40,7 +40,7 @@ def _linear(x: torch.Tensor, packed: Optional[Packed], wt: Optional[torch.Tensor
     if smooth is not None:
         x = x / smooth
     if packed is not None:
-        if x.shape[0] == 1:
+        if x.shape[0] == 1:  # one row: fbgemm's per-tensor scale is already this token's own
             return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
         t = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)
         return torch.ops.quantized.linear_dynamic(x / t, packed, reduce_range) * t
@@ -105,7 +105,7 @@ class _Dense:
         self.wt = torch.cat([w.detach() for w in weights], dim=0).t().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.wt
+        return _linear(x, None, self.wt, None, False)
 
 
 class _Int8Dynamic:
@@ -135,12 +135,7 @@ class _Int8Dynamic:
         self.smooth = smooth
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is not None:
-            x = x / self.smooth
-        if x.shape[0] == 1:  # one row: fbgemm's per-tensor scale is already this token's own
-            return torch.ops.quantized.linear_dynamic(x, self.packed, reduce_range=self.reduce_range)
-        t = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)
-        return torch.ops.quantized.linear_dynamic(x / t, self.packed, reduce_range=self.reduce_range) * t
+        return _linear(x, self.packed, None, self.smooth, self.reduce_range)
 
 
 class _Concat:
@@ -225,18 +220,22 @@ class KVLayer:
     def values(self, value: torch.Tensor) -> None:
         self._v = value
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k``/``v`` [B, kv_heads, T, head_dim] after the used part; all keys and values so far."""
-        t = k.shape[-2]
-        need = self.length + t
+    def reserve(self, like: torch.Tensor) -> None:
+        """Grow the buffers (keeping what they hold) so ``like`` [B, kv_heads, T, head_dim] fits after it."""
+        need = self.length + like.shape[-2]
         if self._k is None or need > self._k.shape[-2]:
             cap = max(need + 64, 2 * (self._k.shape[-2] if self._k is not None else 0))
-            shape = (k.shape[0], k.shape[1], cap, k.shape[-1])
-            nk, nv = k.new_empty(shape), v.new_empty(shape)
+            shape = (like.shape[0], like.shape[1], cap, like.shape[-1])
+            nk, nv = like.new_empty(shape), like.new_empty(shape)
             if self.length:
                 nk[:, :, :self.length] = self.keys
                 nv[:, :, :self.length] = self.values
             self._k, self._v = nk, nv
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` [B, kv_heads, T, head_dim] after the used part; all keys and values so far."""
+        need = self.length + k.shape[-2]
+        self.reserve(k)
         self._k[:, :, self.length:need] = k
         self._v[:, :, self.length:need] = v
         self.length = need
@@ -249,12 +248,10 @@ class KVCache:
     def __init__(self, n_layers: int):
         self.layers = [KVLayer() for _ in range(n_layers)]
 
-    def reserve(self, like: torch.Tensor, t: int) -> None:
-        """Make room for ``t`` more positions in every layer (``like``: [B, kv_heads, *, head_dim] new keys)."""
+    def reserve(self, like: torch.Tensor) -> None:
+        """Make room in every layer for the new keys ``like`` [B, kv_heads, T, head_dim]."""
         for la in self.layers:
-            if la._k is None or la.length + t > la._k.shape[-2]:
-                la.append(like, like)  # grows the buffer (and writes placeholders the real keys overwrite)
-                la.length -= t
+            la.reserve(like)
 
     def batch_select_indices(self, idx: torch.Tensor) -> None:
         for la in self.layers:
@@ -357,7 +354,7 @@ class FastLlama:
             mask = ((valid[:, None, :] & (k_pos <= q_pos)) | (k_pos == q_pos))[:, None]
         nq, nkv, d = self.n_heads, self.n_kv, self.head_dim
         if self._script is not None:
-            cache.reserve(x.new_empty(b, nkv, t, d), t)
+            cache.reserve(x.new_empty(b, nkv, t, d))
             x = self._script(x, cos, sin, mask, past, keys=[la._k for la in cache.layers],
                              values=[la._v for la in cache.layers], **self._flat)
             for la in cache.layers:

@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import provenance_line  # noqa: E402  (scripts/bench is not a package)
+from _common import provenance, provenance_line  # noqa: E402  (scripts/bench is not a package)
 
 REPO = Path(__file__).resolve().parents[2]
 os.chdir(REPO)
@@ -267,8 +267,6 @@ def drive_c1_interleaved(url: str, prompts: list[str], max_tokens: int, local: I
 
 def winner_artifact(model_dir: Path, out: Path) -> Path:
     """The sweep's int8 candidate of ``model_dir``, built once with the sweep's own code (``apply_candidate``)."""
-    import json as _json
-
     from raydist.components.compression import apply_candidate
     from raydist.components.evaluation import calibration_ids
     from raydist.components.models import load_model, load_tokenizer
@@ -280,13 +278,13 @@ def winner_artifact(model_dir: Path, out: Path) -> Path:
                        ).candidates()[0]
     stamp = {"source": str(model_dir), "source_mtime": (model_dir / "model.safetensors").stat().st_mtime,
              "candidate": cand}
-    if (out / "bench_source.json").is_file() and _json.loads((out / "bench_source.json").read_text()) == stamp:
+    if (out / "bench_source.json").is_file() and json.loads((out / "bench_source.json").read_text()) == stamp:
         return out
     cfg = ModelConfig(path=str(model_dir))
     tok, model = load_tokenizer(cfg), load_model(cfg).eval()
     report = apply_candidate(model, cand, calibration=calibration_ids(tok))
     save_compressed(model, tok, out, report.get("quantization"), stage="bench", config={"candidate": cand})
-    (out / "bench_source.json").write_text(_json.dumps(stamp))
+    (out / "bench_source.json").write_text(json.dumps(stamp))
     return out
 
 
@@ -314,7 +312,6 @@ def engine_section(args, prompt_ids: list[list[int]], artifacts: dict[str, Path]
     from raydist.serve.engine import BatchGenerator
     from raydist.serve.loading import load_served_model
 
-    sys.path.insert(0, str(REPO / "scripts" / "bench"))
     import _peers
 
     torch.set_num_threads(args.threads)
@@ -353,7 +350,6 @@ def engine_section(args, prompt_ids: list[list[int]], artifacts: dict[str, Path]
 
 def http_peer(args, prompts: list[str], gguf: Path) -> dict[str, Any]:
     """llama-cpp-python's OpenAI server on the GGUF, the same requests at concurrency 1 and 16."""
-    sys.path.insert(0, str(REPO / "scripts" / "bench"))
     import _peers
 
     with _peers.LlamaCppServer(gguf, threads=args.threads) as url:
@@ -475,9 +471,6 @@ def main() -> int:
     import torch
     from ray import serve
     from transformers import AutoTokenizer
-
-    sys.path.insert(0, str(REPO / "scripts" / "bench"))
-    from _common import provenance
 
     t_start = time.time()
     load0 = _loadavg()

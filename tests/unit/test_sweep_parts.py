@@ -210,6 +210,9 @@ def test_lm_head_and_smoothing_knobs_apply_to_the_int8_schemes_only(tiny_tokeniz
     assert not any(c["quantize_lm_head"] for c in by_scheme["none"] + by_scheme["int4_weight_only"])
     with pytest.raises(ConfigError, match="smoothing_alpha"):
         sweep_cfg(smoothing_alpha=[1.5])
+    # alpha 0 (no migration) is a value, not "unset"
+    assert sweep_cfg(quantization=["int8_dynamic"], smoothing_alpha=[0.0]).search_space.candidates()[0][
+        "smoothing_alpha"] == 0.0
     cand = next(c for c in by_scheme["int8_dynamic"] if c["quantize_lm_head"] and c["smoothing_alpha"] == 0.4)
     model = load_model(ModelConfig(path="tiny-random"), seed=0)
     report = apply_candidate(model, cand, calibration=torch.randint(4, 500, (2, 16)))
