@@ -11,7 +11,7 @@ import logging as _logging
 for _name in ("torch.utils._pytree", "torchao"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
-from raydist.components.artifact import read_manifest  # noqa: E402
+from raydist.components.artifact import read_manifest
 from raydist.components.models import ModelSourceError, convert_gguf, load_model, load_tokenizer
 from raydist.components.quantization import load_compressed
 from raydist.config import (

@@ -1,14 +1,14 @@
 """`raydist` command line: one sub-command per stage plus config and model tools.
 
-    raydist finetune -c jobs/quickstart.yaml optim.lr=1e-4 run.name=try2
-    raydist validate -c jobs/quickstart.yaml
-    raydist convert-gguf model.gguf models/smollm2-135m
-    raydist fetch-smollm2 models/smollm2-135m
-    raydist sweep -c jobs/sweep_tiny.yaml search.max_concurrent=1
-    raydist serve runs/quickstart/artifact auth.api_key_env=RAYDIST_API_KEY
-    raydist pipeline -c jobs/pipeline_tiny.yaml serve.http.port=8001
-    raydist submit finetune -c jobs/tiny_lora.yaml --address http://head:8265 --follow
-    raydist jobs list
+raydist finetune -c jobs/quickstart.yaml optim.lr=1e-4 run.name=try2
+raydist validate -c jobs/quickstart.yaml
+raydist convert-gguf model.gguf models/smollm2-135m
+raydist fetch-smollm2 models/smollm2-135m
+raydist sweep -c jobs/sweep_tiny.yaml search.max_concurrent=1
+raydist serve runs/quickstart/artifact auth.api_key_env=RAYDIST_API_KEY
+raydist pipeline -c jobs/pipeline_tiny.yaml serve.http.port=8001
+raydist submit finetune -c jobs/tiny_lora.yaml --address http://head:8265 --follow
+raydist jobs list
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ SUBMIT_STAGES = ("finetune", "distill", "generate", "sweep", "serve", "pipeline"
 
 
 def _add_address_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="the cluster's job server URL (default: RAY_API_SERVER_ADDRESS, else an "
-                   "http(s) RAY_ADDRESS, else http://127.0.0.1:8265)")
+    p.add_argument(
+        "--address",
+        help="the cluster's job server URL (default: RAY_API_SERVER_ADDRESS, else an "
+        "http(s) RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -40,10 +43,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the commands that run a stage."""
-    p.add_argument("--verbose", action="store_true", help="also show Ray's own log records (Ray Train's reports, "
-                   "Ray Data's progress, warnings); errors always show")
-    p.add_argument("--dashboard", action="store_true", help="run the Ray dashboard in the local Ray a stage starts "
-                   "(off by default: it costs CPU; clusters started with `ray start` keep theirs)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own log records (Ray Train's reports, Ray Data's progress, warnings); errors always show",
+    )
+    p.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="run the Ray dashboard in the local Ray a stage starts "
+        "(off by default: it costs CPU; clusters started with `ray start` keep theirs)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_run_flags(p)
 
-    p = sub.add_parser("sweep", help="Ray Tune sweep: prune x quantize a model (or fine-tuning hyperparameters), pick the winner")
+    p = sub.add_parser(
+        "sweep", help="Ray Tune sweep: prune x quantize a model (or fine-tuning hyperparameters), pick the winner"
+    )
     _add_config_args(p)
     _add_run_flags(p)
 
@@ -71,16 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. http.port=8001 batching.max_batch_size=8")
     _add_run_flags(p)
 
-    p = sub.add_parser("pipeline", help="finetune -> distill -> sweep -> serve from one spec (each stage optional); "
-                       "a rerun skips finished stages and resumes an interrupted one")
+    p = sub.add_parser(
+        "pipeline",
+        help="finetune -> distill -> sweep -> serve from one spec (each stage optional); "
+        "a rerun skips finished stages and resumes an interrupted one",
+    )
     _add_config_args(p)
     _add_run_flags(p)
+
+    p = sub.add_parser("config", help="print a stage's full default config as YAML, every field with its help")
+    p.add_argument("stage", choices=["finetune", "distill", "generate", "sweep", "serve", "pipeline"])
 
     p = sub.add_parser("validate", help="check a config (files, model, options) without starting Ray")
     _add_config_args(p)
 
-    p = sub.add_parser("submit", help="run a stage on a Ray cluster as a Ray job (config + local data in its "
-                       "working_dir, raydist as a py_module)")
+    p = sub.add_parser(
+        "submit",
+        help="run a stage on a Ray cluster as a Ray job (config + local data in its "
+        "working_dir, raydist as a py_module)",
+    )
     # One sub-parser per stage: with a positional stage beside the positional overrides, argparse would take
     # both at the stage's position and refuse the overrides that follow `-c x.yaml`.
     stages = p.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(SUBMIT_STAGES) + "}")
@@ -88,22 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
         q = stages.add_parser(stage, help=f"run `raydist {stage}` as a job")
         _add_config_args(q)
         _add_address_arg(q)
-        q.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 SUCCEEDED, 1 FAILED, "
-                       "4 STOPPED")
-        q.add_argument("--python", help="interpreter of the job's entrypoint on the cluster (default: the spec's "
-                       "job.python, else `python` from the head node's PATH)")
+        q.add_argument(
+            "--follow", action="store_true", help="stream the job's logs; exit 0 SUCCEEDED, 1 FAILED, 4 STOPPED"
+        )
+        q.add_argument(
+            "--python",
+            help="interpreter of the job's entrypoint on the cluster (default: the spec's "
+            "job.python, else `python` from the head node's PATH)",
+        )
 
     p = sub.add_parser("jobs", help="list / inspect / follow / stop Ray jobs on a cluster")
     jobs = p.add_subparsers(dest="jobs_command", required=True)
     _add_address_arg(jobs.add_parser("list", help="every job: id, status, stage, run name, start time"))
-    for name, text in (("status", "a job's status and message"), ("logs", "a job's logs"),
-                       ("stop", "stop a job and report its final status")):
+    for name, text in (
+        ("status", "a job's status and message"),
+        ("logs", "a job's logs"),
+        ("stop", "stop a job and report its final status"),
+    ):
         q = jobs.add_parser(name, help=text)
         q.add_argument("job_id", help="the submission id `raydist submit` printed")
         _add_address_arg(q)
         if name == "logs":
-            q.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status "
-                           "as `raydist submit --follow` does")
+            q.add_argument(
+                "--follow",
+                action="store_true",
+                help="stream until the job ends; exit with its status as `raydist submit --follow` does",
+            )
 
     p = sub.add_parser("convert-gguf", help="convert a GGUF checkpoint into a safetensors HF directory")
     p.add_argument("gguf", help="path to the .gguf file")
@@ -197,13 +228,16 @@ def _submit(args) -> int:
     plan = plan_job(stage, data, cfg)
     if plan.remote_inputs:
         fields = ", ".join(ref.dotted for ref in plan.remote_inputs)
-        print(f"{args.config}: local checks skipped ({fields}: only on the cluster, where the stage checks them "
-              f"before it starts)")
+        print(
+            f"{args.config}: local checks skipped ({fields}: only on the cluster, where the stage checks them "
+            f"before it starts)"
+        )
     else:
         for line in check_config(cfg, args.config):
             print(line)
-    return submit(plan, address=args.address, python=args.python, follow=args.follow,
-                  config_name=Path(args.config).name)
+    return submit(
+        plan, address=args.address, python=args.python, follow=args.follow, config_name=Path(args.config).name
+    )
 
 
 # The commands that run one stage config: ``-c FILE`` plus overrides, handed to the stage's driver function
@@ -252,6 +286,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from raydist.serve.app import run_serve
 
             run_serve(_load_serve_config(args.target, args.overrides))
+        elif args.command == "config":
+            from raydist.config.describe import describe
+
+            print(describe(args.stage), end="")
         elif args.command == "validate":
             for line in check_config(_load_stage_config(args), args.config):
                 print(line)
@@ -275,8 +313,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from raydist.components.fetch import fetch_smollm2
 
             print(f"SmolLM2-135M-Instruct ready at {fetch_smollm2(Path(args.out))}")
-    except (ConfigError, StorageError, PreflightError, RunDirError, DataError, ModelSourceError, CacheMismatchError,
-            FileExistsError, ArtifactError, SubmitError) as e:
+    except (
+        ConfigError,
+        StorageError,
+        PreflightError,
+        RunDirError,
+        DataError,
+        ModelSourceError,
+        CacheMismatchError,
+        FileExistsError,
+        ArtifactError,
+        SubmitError,
+    ) as e:
         print(f"raydist {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StageFailed as e:

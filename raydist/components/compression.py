@@ -84,8 +84,9 @@ def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Boolean masks of the exact zeros of every block Linear weight (what recovery must keep zero)."""
     from raydist.components.sparsity import prunable_linears
 
-    return {name: lin.weight.detach() == 0 for name, lin in prunable_linears(model).items()
-            if bool((lin.weight == 0).any())}
+    return {
+        name: lin.weight.detach() == 0 for name, lin in prunable_linears(model).items() if bool((lin.weight == 0).any())
+    }
 
 
 def distill_recover(
@@ -125,15 +126,24 @@ def distill_recover(
         raise ValueError(f"token_ids must be a non-empty [N, T] tensor, got {list(token_ids.shape)}")
     masks = _zero_masks(model)
     with fake_quantized(model, grids) if grids else nullcontext({}) as latent:
-        report = _kd_steps(model, teacher, token_ids, masks, latent, steps=steps, batch_size=batch_size, lr=lr,
-                           temperature=temperature, seed=seed)
+        report = _kd_steps(
+            model,
+            teacher,
+            token_ids,
+            masks,
+            latent,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            temperature=temperature,
+            seed=seed,
+        )
     if grids:
         report["qat_layers"] = len(grids)
     return report
 
 
-def _kd_steps(model, teacher, token_ids, masks, latent, *, steps, batch_size, lr, temperature, seed
-              ) -> dict[str, Any]:
+def _kd_steps(model, teacher, token_ids, masks, latent, *, steps, batch_size, lr, temperature, seed) -> dict[str, Any]:
     from raydist.components.kd_losses import kd_loss_on_rows
     from raydist.components.sparsity import prunable_linears
 
@@ -238,7 +248,9 @@ def apply_candidate(
     grids = None
     if recovery_kind in ("distill", "qat"):
         if teacher is None or recovery_ids is None or recovery is None:
-            raise CandidateError(f"recovery {recovery_kind!r} needs the uncompressed teacher, recovery text and settings")
+            raise CandidateError(
+                f"recovery {recovery_kind!r} needs the uncompressed teacher, recovery text and settings"
+            )
         if recovery_kind == "qat" and scheme != "int4_weight_only":
             raise CandidateError(f"recovery 'qat' trains against int4 grids; quantization is {scheme!r}")
         t = time.time()
@@ -246,8 +258,11 @@ def apply_candidate(
             from raydist.components.qat import int4_grids
 
             grids, report["qat_grid"] = int4_grids(
-                model, group_size=candidate.get("group_size"), int4_algorithm=int4_algorithm,
-                calibration=calibration if int4_algorithm == "gptq" else None)
+                model,
+                group_size=candidate.get("group_size"),
+                int4_algorithm=int4_algorithm,
+                calibration=calibration if int4_algorithm == "gptq" else None,
+            )
         report["recovery"] = distill_recover(model, teacher, recovery_ids, grids=grids, **recovery)
         report["seconds"]["recovery"] = time.time() - t
     elif recovery_kind != "none":
@@ -262,12 +277,20 @@ def apply_candidate(
             alpha = candidate.get("smoothing_alpha")
             extra = {"calibration": calibration, "smoothing_alpha": 0.5 if alpha is None else alpha}
         elif scheme == "int4_weight_only":
-            extra = {"int4_algorithm": int4_algorithm,
-                     **({"calibration": calibration} if int4_algorithm == "gptq" else {})}
+            extra = {
+                "int4_algorithm": int4_algorithm,
+                **({"calibration": calibration} if int4_algorithm == "gptq" else {}),
+            }
         else:
             extra = {}
-        rep = quantization.quantize_model(model, scheme, group_size=candidate.get("group_size"), device=device,
-                                          include_lm_head=bool(candidate.get("quantize_lm_head")), **extra)
+        rep = quantization.quantize_model(
+            model,
+            scheme,
+            group_size=candidate.get("group_size"),
+            device=device,
+            include_lm_head=bool(candidate.get("quantize_lm_head")),
+            **extra,
+        )
         report["quantization"] = {k: v for k, v in rep.items() if k != "layers"}
         report["seconds"]["quantization"] = time.time() - t
     model.eval()

@@ -157,7 +157,7 @@ def encode_chat(messages: list[dict[str, str]], tokenizer) -> tuple[list[int], l
         if full[: len(prefix)] != prefix or prefix[: len(ids)] != ids:
             raise DataError("the tokenizer's chat template does not render turns as prefixes; cannot mask prompts")
         labels.extend([IGNORE_INDEX] * (len(prefix) - len(ids)))
-        labels.extend(full[len(prefix):])
+        labels.extend(full[len(prefix) :])
         ids = full
     if not ids:
         raise DataError("chat record has no assistant turn to learn from")

@@ -33,8 +33,10 @@ from raydist.components.training import perplexity, sum_nll
 def _stream(tokenizer, start: int, n: int) -> list[int]:
     ids = text_token_stream([pydoc_topics_text()], tokenizer, skip=start, limit=n)
     if len(ids) < n:
-        raise ValueError(f"the pydoc corpus has only {start + len(ids)} tokens with this tokenizer; "
-                         f"asked for tokens [{start}, {start + n})")
+        raise ValueError(
+            f"the pydoc corpus has only {start + len(ids)} tokens with this tokenizer; "
+            f"asked for tokens [{start}, {start + n})"
+        )
     return ids
 
 
@@ -132,8 +134,9 @@ class IncrementalPerplexity:
 
 
 @torch.no_grad()
-def task_metrics(model: nn.Module, examples: list[dict[str, list[int]]], *, pad_id: int = 0,
-                 batch_size: int = 8) -> dict[str, Any]:
+def task_metrics(
+    model: nn.Module, examples: list[dict[str, list[int]]], *, pad_id: int = 0, batch_size: int = 8
+) -> dict[str, Any]:
     """Answer quality on instruction examples, teacher-forced: the model reads each prompt and the
     reference answer, and is scored on predicting the answer's tokens.
 
@@ -159,7 +162,7 @@ def task_metrics(model: nn.Module, examples: list[dict[str, list[int]]], *, pad_
     nll, correct, count = 0.0, 0, 0
     try:
         for i in range(0, len(examples), batch_size):
-            b = collate(examples[i:i + batch_size], pad_id)
+            b = collate(examples[i : i + batch_size], pad_id)
             logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
             logits, labels = logits[:, :-1].float(), b["labels"][:, 1:].to(device)
             scored = labels != -100
@@ -170,8 +173,12 @@ def task_metrics(model: nn.Module, examples: list[dict[str, list[int]]], *, pad_
         model.train(was_training)
     if not count:
         raise ValueError("the task examples hold no answer token to score")
-    return {"task_answer_ppl": math.exp(nll / count), "task_token_accuracy": correct / count,
-            "task_examples": len(examples), "task_answer_tokens": count}
+    return {
+        "task_answer_ppl": math.exp(nll / count),
+        "task_token_accuracy": correct / count,
+        "task_examples": len(examples),
+        "task_answer_tokens": count,
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -216,8 +223,12 @@ def generation_speed(
         ValueError: a non-positive size or repeat count.
         RuntimeError: the model generated a different number of tokens than asked.
     """
-    for name, v in (("batch_size", batch_size), ("prompt_len", prompt_len), ("new_tokens", new_tokens),
-                    ("repeats", repeats)):
+    for name, v in (
+        ("batch_size", batch_size),
+        ("prompt_len", prompt_len),
+        ("new_tokens", new_tokens),
+        ("repeats", repeats),
+    ):
         if v < 1:
             raise ValueError(f"{name} must be >= 1, got {v}")
     if warmup < 0:
@@ -231,8 +242,15 @@ def generation_speed(
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
-    kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  num_beams=1, use_cache=True, pad_token_id=pad)
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        pad_token_id=pad,
+    )
     if engine not in ("serve", "generate"):
         raise ValueError(f"engine must be 'serve' or 'generate', got {engine!r}")
     if engine == "serve" and tokenizer is None:

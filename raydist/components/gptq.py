@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 
-def _gptq_weight(W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize: int, percdamp: float,
-                 actorder: bool, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gptq_weight(
+    W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize: int, percdamp: float, actorder: bool, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ for one weight (stacked rows of linears sharing ``H`` are fine: rows never interact).
 
     Args:
@@ -75,10 +76,10 @@ def _gptq_weight(W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize
                 # dynamic groups: this group's qparams from its current (error-updated) weights; the part
                 # of the group inside this block is in W1, the rest (if the block ends first) in W.
                 end = col + group_size
-                inside = W1[:, i:min(end, i2) - i1]
+                inside = W1[:, i : min(end, i2) - i1]
                 rest = W[:, i2:end] if end > i2 else W1[:, :0]
                 part = torch.cat([inside, rest], dim=1)
-                scale[:, g:g + 1], zero[:, g:g + 1] = int4_minmax_qparams(part, part.shape[1])
+                scale[:, g : g + 1], zero[:, g : g + 1] = int4_minmax_qparams(part, part.shape[1])
             w = W1[:, i]
             q = int4_round(w, scale[:, g], zero[:, g])
             codes[:, col] = q
@@ -95,9 +96,16 @@ def _gptq_weight(W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize
 
 
 @torch.no_grad()
-def gptq_quantize_weights(model: nn.Module, calibration, group_sizes: dict[str, int], *, blocksize: int = 128,
-                          percdamp: float = 0.1, actorder: bool = True, true_sequential: bool = True
-                          ) -> dict[str, Any]:
+def gptq_quantize_weights(
+    model: nn.Module,
+    calibration,
+    group_sizes: dict[str, int],
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.1,
+    actorder: bool = True,
+    true_sequential: bool = True,
+) -> dict[str, Any]:
     """Run GPTQ over the decoder blocks; each listed Linear's weight becomes its dequantized int4 value.
 
     Args:
@@ -135,11 +143,19 @@ def gptq_quantize_weights(model: nn.Module, calibration, group_sizes: dict[str, 
             part = [(n, lin) for n, lin in todo if group_sizes[n] == g]
             W = torch.cat([lin.weight.detach().float() for _, lin in part])
             with _one_cpu_thread(W.device):
-                codes, scale, zero, deq = _gptq_weight(W, H.clone(), g, blocksize=blocksize, percdamp=percdamp,
-                                                       actorder=actorder, name="/".join(n for n, _ in part))
+                codes, scale, zero, deq = _gptq_weight(
+                    W,
+                    H.clone(),
+                    g,
+                    blocksize=blocksize,
+                    percdamp=percdamp,
+                    actorder=actorder,
+                    name="/".join(n for n, _ in part),
+                )
             rows = [lin.out_features for _, lin in part]
-            for (n, lin), c, s, z, d in zip(part, codes.split(rows), scale.split(rows), zero.split(rows),
-                                           deq.split(rows)):
+            for (n, lin), c, s, z, d in zip(
+                part, codes.split(rows), scale.split(rows), zero.split(rows), deq.split(rows)
+            ):
                 lin.weight.copy_(d.to(lin.weight.dtype))
                 result[n] = (pack_int4(c).cpu(), s.contiguous().cpu(), z.contiguous().cpu())
 
@@ -147,8 +163,15 @@ def gptq_quantize_weights(model: nn.Module, calibration, group_sizes: dict[str, 
     missing = sorted(set(group_sizes) - set(result))
     if missing:
         raise ValueError(f"GPTQ: {missing[0]} is not a decoder-block Linear")
-    return {"codes": result, "calibration_tokens": tokens, "seconds": time.perf_counter() - started,
-            "blocksize": blocksize, "percdamp": percdamp, "actorder": actorder, "true_sequential": true_sequential}
+    return {
+        "codes": result,
+        "calibration_tokens": tokens,
+        "seconds": time.perf_counter() - started,
+        "blocksize": blocksize,
+        "percdamp": percdamp,
+        "actorder": actorder,
+        "true_sequential": true_sequential,
+    }
 
 
 __all__ = ["gptq_quantize_weights"]

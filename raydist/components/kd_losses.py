@@ -125,8 +125,9 @@ def kd_loss(
         beta: JSD interpolation weight in [0, 1] (weight of the teacher in the mixture); ignored otherwise.
 
     Returns:
-        ``(loss_sum, n_tokens)``: float32 (float64 for float64 inputs) scalar summed over the scored tokens (differentiable w.r.t. the
-        student; 0 with a graph when nothing is scored), and an int64 scalar count of those tokens.
+        ``(loss_sum, n_tokens)``: float32 (float64 for float64 inputs) scalar summed over the scored tokens
+        (differentiable w.r.t. the student; 0 with a graph when nothing is scored), and an int64 scalar
+        count of those tokens.
 
     Raises:
         ValueError: unknown kind, temperature ≤ 0, beta outside [0, 1], or mismatched shapes.
@@ -170,7 +171,8 @@ def kd_loss_on_rows(
     _check_kd_args(kind, temperature, beta)
     if student_logits.dim() != 2 or student_logits.shape[0] != teacher_logits.shape[0] or teacher_logits.dim() != 2:
         raise ValueError(
-            f"row logits must be [N, V] with the same N, got {list(student_logits.shape)} and {list(teacher_logits.shape)}"
+            f"row logits must be [N, V] with the same N, got {list(student_logits.shape)} and "
+            f"{list(teacher_logits.shape)}"
         )
     vocab = min(student_logits.size(-1), teacher_logits.size(-1))
     s_logp = torch.log_softmax(_upcast(student_logits[:, :vocab]) / temperature, dim=-1)  # [N, V] float32
@@ -244,8 +246,8 @@ def topk_kd_loss(
     mass, so covering the teacher's peak is enough (on a test with 4 dominant tokens out of 64, k = 4 is
     within 0.5 %); reverse KL weighs the student's tail against the teacher's, which the cache lumps
     together, and stays well below the full value until k approaches V (same test: 11 % short at k = 16).
-    Prefer forward KL or JSD with β < 1 on a top-k cache. ``temperature`` applies to the student only: the cache already holds the teacher at T (it must
-    be the T given to :func:`teacher_topk`).
+    Prefer forward KL or JSD with β < 1 on a top-k cache. ``temperature`` applies to the student only: the cache
+    already holds the teacher at T (it must be the T given to :func:`teacher_topk`).
 
     Args:
         student_logits: [B, T, V_s], any float dtype.
@@ -280,8 +282,14 @@ def topk_kd_loss(
         raise ValueError(f"teacher_rest_mass must be [B, T] = {list(bt)}, got {list(teacher_rest_mass.shape)}")
     mask = _shifted_mask(labels, bt)  # [B, T-1]
     loss = topk_kd_loss_on_rows(
-        student_logits[:, :-1][mask], teacher_topk_logprobs[:, :-1][mask], teacher_topk_indices[:, :-1][mask],
-        teacher_rest_mass[:, :-1][mask], kind=kind, temperature=temperature, beta=beta, vocab_size=vocab_size,
+        student_logits[:, :-1][mask],
+        teacher_topk_logprobs[:, :-1][mask],
+        teacher_topk_indices[:, :-1][mask],
+        teacher_rest_mass[:, :-1][mask],
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        vocab_size=vocab_size,
     )
     return loss, mask.sum()
 
@@ -308,9 +316,13 @@ def topk_kd_loss_on_rows(
     """
     _check_kd_args(kind, temperature, beta)
     n = student_logits.shape[0]
-    if (student_logits.dim() != 2 or teacher_topk_logprobs.shape != teacher_topk_indices.shape
-            or teacher_topk_logprobs.dim() != 2 or teacher_topk_logprobs.shape[0] != n
-            or teacher_rest_mass.shape != (n,)):
+    if (
+        student_logits.dim() != 2
+        or teacher_topk_logprobs.shape != teacher_topk_indices.shape
+        or teacher_topk_logprobs.dim() != 2
+        or teacher_topk_logprobs.shape[0] != n
+        or teacher_rest_mass.shape != (n,)
+    ):
         raise ValueError(
             f"rows must be student [N, V], top-k log-probs and indices [N, k], rest mass [N]; got "
             f"{list(student_logits.shape)}, {list(teacher_topk_logprobs.shape)}, "
@@ -358,8 +370,10 @@ def default_layer_mapping(n_student_layers: int, n_teacher_layers: int) -> list[
     if n_student_layers < 1 or n_teacher_layers < 1:
         raise ValueError(f"layer counts must be ≥ 1, got {n_student_layers} and {n_teacher_layers}")
     # Integer round-half-up of i * n_t / n_s: exact, no float surprises.
-    return [(i, (2 * i * n_teacher_layers + n_student_layers) // (2 * n_student_layers))
-            for i in range(1, n_student_layers + 1)]
+    return [
+        (i, (2 * i * n_teacher_layers + n_student_layers) // (2 * n_student_layers))
+        for i in range(1, n_student_layers + 1)
+    ]
 
 
 class HiddenProjection(nn.Module):
@@ -386,7 +400,9 @@ class HiddenProjection(nn.Module):
         if n_pairs < 1:
             raise ValueError(f"n_pairs must be ≥ 1, got {n_pairs}")
         self.student_dim, self.teacher_dim, self.n_pairs, self.shared = student_dim, teacher_dim, n_pairs, shared
-        self.maps = nn.ModuleList(nn.Linear(student_dim, teacher_dim, bias=False) for _ in range(1 if shared else n_pairs))
+        self.maps = nn.ModuleList(
+            nn.Linear(student_dim, teacher_dim, bias=False) for _ in range(1 if shared else n_pairs)
+        )
         if student_dim == teacher_dim:
             with torch.no_grad():
                 for m in self.maps:

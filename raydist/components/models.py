@@ -88,8 +88,7 @@ def resolve_model_source(cfg: ModelConfig) -> ModelSource:
     if looks_like_hub_id:
         return ModelSource("hub", path)
     raise ModelSourceError(
-        f"model {path!r} not found: expected a local HF directory, a .gguf file, a hub id (org/name) "
-        f"or {TINY_RANDOM!r}"
+        f"model {path!r} not found: expected a local HF directory, a .gguf file, a hub id (org/name) or {TINY_RANDOM!r}"
     )
 
 
@@ -256,7 +255,10 @@ def _build_tiny_tokenizer(target: Path) -> None:
     )
     tok.train_from_iterator([pydoc_topics_text()], trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
     )
     fast.chat_template = _CHATML_TEMPLATE
     target.parent.mkdir(parents=True, exist_ok=True)

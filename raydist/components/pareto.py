@@ -31,7 +31,9 @@ def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
 
 
-def pareto_front(points: Sequence[dict[str, Any]], objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES) -> list[int]:
+def pareto_front(
+    points: Sequence[dict[str, Any]], objectives: Sequence[tuple[str, str]] = DEFAULT_OBJECTIVES
+) -> list[int]:
     """Indices of the non-dominated points (in input order).
 
     Args:
@@ -76,19 +78,29 @@ def choose_winner(
     if not ok:
         measured = [p["ppl"] for p in points if _values(p, DEFAULT_OBJECTIVES) is not None]
         best = f"; the best candidate measured ppl {min(measured):.4g}" if measured else "; no candidate completed"
-        return None, (f"no candidate met the policy: perplexity within {max_quality_loss_pct:g} % of the base "
-                      f"model's {base_ppl:.4g} (<= {limit:.4g}){best}")
+        return None, (
+            f"no candidate met the policy: perplexity within {max_quality_loss_pct:g} % of the base "
+            f"model's {base_ppl:.4g} (<= {limit:.4g}){best}"
+        )
     if prefer == "smallest":
         key = lambda i: (points[i]["disk_bytes"], points[i]["ppl"])  # noqa: E731
     else:
         key = lambda i: (-points[i]["tokens_per_s"], points[i]["ppl"])  # noqa: E731
     i = min(ok, key=key)
-    return i, (f"{prefer} of the {len(ok)} candidate(s) within {max_quality_loss_pct:g} % of the base "
-               f"perplexity {base_ppl:.4g}")
+    return i, (
+        f"{prefer} of the {len(ok)} candidate(s) within {max_quality_loss_pct:g} % of the base "
+        f"perplexity {base_ppl:.4g}"
+    )
 
 
-def plot_pareto(points: Sequence[dict[str, Any]], front: Sequence[int], out: str | Path, *,
-                base: Optional[dict[str, Any]] = None, winner: Optional[int] = None) -> Path:
+def plot_pareto(
+    points: Sequence[dict[str, Any]],
+    front: Sequence[int],
+    out: str | Path,
+    *,
+    base: Optional[dict[str, Any]] = None,
+    winner: Optional[int] = None,
+) -> Path:
     """Scatter of perplexity vs. size (marker colour = tokens/s), the front joined, the winner ringed."""
     import matplotlib
 
@@ -98,19 +110,39 @@ def plot_pareto(points: Sequence[dict[str, Any]], front: Sequence[int], out: str
     fig, ax = plt.subplots(figsize=(7, 4.5))
     done = [i for i, p in enumerate(points) if _values(p, DEFAULT_OBJECTIVES) is not None]
     if done:
-        sc = ax.scatter([points[i]["disk_bytes"] / 2**20 for i in done], [points[i]["ppl"] for i in done],
-                        c=[points[i]["tokens_per_s"] for i in done], cmap="viridis", s=40, zorder=3)
+        sc = ax.scatter(
+            [points[i]["disk_bytes"] / 2**20 for i in done],
+            [points[i]["ppl"] for i in done],
+            c=[points[i]["tokens_per_s"] for i in done],
+            cmap="viridis",
+            s=40,
+            zorder=3,
+        )
         fig.colorbar(sc, ax=ax, label="tokens/s (batch 1)")
     f = sorted(front, key=lambda i: points[i]["disk_bytes"])
     if f:
-        ax.plot([points[i]["disk_bytes"] / 2**20 for i in f], [points[i]["ppl"] for i in f], "r--", lw=1,
-                label="Pareto front", zorder=2)
+        ax.plot(
+            [points[i]["disk_bytes"] / 2**20 for i in f],
+            [points[i]["ppl"] for i in f],
+            "r--",
+            lw=1,
+            label="Pareto front",
+            zorder=2,
+        )
     if base is not None and _values(base, DEFAULT_OBJECTIVES) is not None:
         ax.scatter([base["disk_bytes"] / 2**20], [base["ppl"]], marker="*", s=160, c="k", label="base", zorder=4)
     if winner is not None:
         w = points[winner]
-        ax.scatter([w["disk_bytes"] / 2**20], [w["ppl"]], s=220, facecolors="none", edgecolors="r", lw=2,
-                   label="winner", zorder=5)
+        ax.scatter(
+            [w["disk_bytes"] / 2**20],
+            [w["ppl"]],
+            s=220,
+            facecolors="none",
+            edgecolors="r",
+            lw=2,
+            label="winner",
+            zorder=5,
+        )
     ax.set_xlabel("bytes on disk (MiB)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")

@@ -183,7 +183,11 @@ def preflight_distill(cfg) -> tuple[PreflightReport, Any]:
     _check_seq_lens(cfg.data, max_pos, "the models'")
     n_records, formats = read_data(cfg.data)
     report = PreflightReport(
-        model_kind=src.kind, model_type=teacher_config.model_type, max_positions=max_pos,
-        data_formats=formats, train_records=n_records, notes=[f"student: {st.source}"],
+        model_kind=src.kind,
+        model_type=teacher_config.model_type,
+        max_positions=max_pos,
+        data_formats=formats,
+        train_records=n_records,
+        notes=[f"student: {st.source}"],
     )
     return report, tokenizer

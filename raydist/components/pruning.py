@@ -62,8 +62,11 @@ def _base(model: nn.Module) -> nn.Module:
         )
     for i, layer in enumerate(base.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or not all(hasattr(attn, n) for n in (*_ATTN_IN, "o_proj")) or not all(
-            hasattr(mlp, n) for n in (*_MLP_IN, "down_proj")
+        if (
+            attn is None
+            or mlp is None
+            or not all(hasattr(attn, n) for n in (*_ATTN_IN, "o_proj"))
+            or not all(hasattr(mlp, n) for n in (*_MLP_IN, "down_proj"))
         ):
             raise ValueError(f"layer {i} lacks self_attn.{{q,k,v,o}}_proj or mlp.{{gate,up,down}}_proj")
     return base
@@ -152,8 +155,9 @@ class Importance:
         """The scores of the layers in ``keep`` (in that order), e.g. after ``drop_layers``."""
         idx = torch.as_tensor(list(keep), dtype=torch.long)
         pick = lambda t: None if t is None else t[idx].clone()  # noqa: E731
-        return replace(self, layers=pick(self.layers), mlp=pick(self.mlp), heads=pick(self.heads),
-                       kv_groups=pick(self.kv_groups))
+        return replace(
+            self, layers=pick(self.layers), mlp=pick(self.mlp), heads=pick(self.heads), kv_groups=pick(self.kv_groups)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists (JSON-serialisable) for manifests and logs."""
@@ -243,26 +247,34 @@ def collect_importance(
 
     if "layers" in what:
         for layer, acc in zip(layers, acc_layers):
+
             def hook(mod, args, kwargs, out, acc=acc):
                 x_in = args[0] if args else kwargs["hidden_states"]
                 cos = nn.functional.cosine_similarity(x_in.float(), first(out).float(), dim=-1)  # [B, T]
                 acc.add(cos, state["mask"])
+
             handles.append(layer.register_forward_hook(hook, with_kwargs=True))
     if "mlp" in what:
         for layer, acc in zip(layers, acc_mlp):
             # down_proj's input is exactly act_fn(gate_proj(x)) * up_proj(x): [B, T, I]
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-                lambda mod, args, acc=acc: acc.add(args[0].abs(), state["mask"])))
+            handles.append(
+                layer.mlp.down_proj.register_forward_pre_hook(
+                    lambda mod, args, acc=acc: acc.add(args[0].abs(), state["mask"])
+                )
+            )
     if "heads" in what:
         for layer, acc in zip(layers, acc_heads):
+
             def hook(mod, args, acc=acc):
                 x = args[0]  # [B, T, n_heads * head_dim], heads concatenated in order
                 acc.add(x.reshape(*x.shape[:-1], n_heads, head_dim).norm(dim=-1), state["mask"])  # [B, T, nH]
+
             handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook))
     if "hidden" in what:
         for norm, acc in zip(norms, acc_hidden):
-            handles.append(norm.register_forward_hook(
-                lambda mod, args, out, acc=acc: acc.add(first(out).abs(), state["mask"])))
+            handles.append(
+                norm.register_forward_hook(lambda mod, args, out, acc=acc: acc.add(first(out).abs(), state["mask"]))
+            )
 
     was_training = model.training
     model.eval()
@@ -451,8 +463,8 @@ def prune_mlp(
         for layer, ix in zip(base.layers, idx):
             mlp = layer.mlp
             for name in _MLP_IN:
-                _slice_linear(getattr(mlp, name), ix, outputs=True)   # [I, H] -> [k, H]
-            _slice_linear(mlp.down_proj, ix, outputs=False)           # [H, I] -> [H, k]
+                _slice_linear(getattr(mlp, name), ix, outputs=True)  # [I, H] -> [k, H]
+            _slice_linear(mlp.down_proj, ix, outputs=False)  # [H, I] -> [H, k]
             _set_if_present(mlp, ("intermediate_size",), len(ix))
     model.config.intermediate_size = len(idx[0])
     return model
@@ -556,7 +568,7 @@ def prune_hidden(
     emb_in, emb_out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = emb_out is not None and emb_out.weight is emb_in.weight
     with torch.no_grad():
-        emb_in.weight = _keep_param(emb_in.weight, 1, idx)            # [V, H] -> [V, k]
+        emb_in.weight = _keep_param(emb_in.weight, 1, idx)  # [V, H] -> [V, k]
         emb_in.embedding_dim = len(idx)
         for layer in base.layers:
             for norm in _layer_norms(layer):
@@ -575,7 +587,7 @@ def prune_hidden(
                 _rescale_rms_norm(norm, math.sqrt(n / len(idx)))
         if emb_out is not None:
             if tied:
-                emb_out.weight = emb_in.weight                           # same Parameter: stays tied
+                emb_out.weight = emb_in.weight  # same Parameter: stays tied
                 emb_out.in_features = len(idx)
             else:
                 _slice_linear(emb_out, idx, outputs=False)
@@ -652,11 +664,22 @@ def plan_pruning(
             f"{multiple_of}, num_attention_heads={n_heads}) = {step}, so {cfg.hidden_size} cannot shrink; "
             "use a smaller multiple_of or keep fewer KV groups"
         )
-    plan = PrunePlan(drop=drop, num_layers=n_layers - len(drop), intermediate_size=intermediate,
-                     num_kv_heads=k_kv, num_heads=n_heads, hidden_size=hidden)
-    changes: dict[str, Any] = {"num_hidden_layers": plan.num_layers, "intermediate_size": intermediate,
-                               "num_key_value_heads": k_kv, "num_attention_heads": n_heads,
-                               "hidden_size": hidden, "head_dim": _head_dim(model)}
+    plan = PrunePlan(
+        drop=drop,
+        num_layers=n_layers - len(drop),
+        intermediate_size=intermediate,
+        num_kv_heads=k_kv,
+        num_heads=n_heads,
+        hidden_size=hidden,
+    )
+    changes: dict[str, Any] = {
+        "num_hidden_layers": plan.num_layers,
+        "intermediate_size": intermediate,
+        "num_key_value_heads": k_kv,
+        "num_attention_heads": n_heads,
+        "hidden_size": hidden,
+        "head_dim": _head_dim(model),
+    }
     if getattr(cfg, "layer_types", None) is not None:
         changes["layer_types"] = [t for i, t in enumerate(cfg.layer_types) if i not in drop]
     _check_config(model, "prune_model", **changes)
@@ -681,15 +704,24 @@ def estimate_parameters(model: nn.Module, plan: PrunePlan) -> int:
         return n_in * n_out + (n_out if m.bias is not None else 0)
 
     per_layer = (
-        lin(attn.q_proj, h, nq) + lin(attn.k_proj, h, nkv) + lin(attn.v_proj, h, nkv) + lin(attn.o_proj, nq, h)
-        + lin(mlp.gate_proj, h, i) + lin(mlp.up_proj, h, i) + lin(mlp.down_proj, i, h)
+        lin(attn.q_proj, h, nq)
+        + lin(attn.k_proj, h, nkv)
+        + lin(attn.v_proj, h, nkv)
+        + lin(attn.o_proj, nq, h)
+        + lin(mlp.gate_proj, h, i)
+        + lin(mlp.up_proj, h, i)
+        + lin(mlp.down_proj, i, h)
         + sum(p.numel() // H * h for n in _layer_norms(layer0) for p in n.parameters(recurse=False))
     )
     layer_now = sum(p.numel() for p in layer0.parameters())
     counted_now = (
-        lin(attn.q_proj, H, attn.q_proj.out_features) + lin(attn.k_proj, H, attn.k_proj.out_features)
-        + lin(attn.v_proj, H, attn.v_proj.out_features) + lin(attn.o_proj, attn.o_proj.in_features, H)
-        + lin(mlp.gate_proj, H, I) + lin(mlp.up_proj, H, I) + lin(mlp.down_proj, I, H)
+        lin(attn.q_proj, H, attn.q_proj.out_features)
+        + lin(attn.k_proj, H, attn.k_proj.out_features)
+        + lin(attn.v_proj, H, attn.v_proj.out_features)
+        + lin(attn.o_proj, attn.o_proj.in_features, H)
+        + lin(mlp.gate_proj, H, I)
+        + lin(mlp.up_proj, H, I)
+        + lin(mlp.down_proj, I, H)
         + sum(p.numel() for n in _layer_norms(layer0) for p in n.parameters(recurse=False))
     )
     per_layer += layer_now - counted_now  # e.g. q_norm/k_norm of Qwen3: per head_dim, unchanged
@@ -698,8 +730,11 @@ def estimate_parameters(model: nn.Module, plan: PrunePlan) -> int:
     total = plan.num_layers * per_layer + V * h + sum(p.numel() // H * h for p in base.norm.parameters())
     if emb_out is not None and emb_out.weight is not emb_in.weight:
         total += emb_out.weight.shape[0] * h + (emb_out.bias.numel() if emb_out.bias is not None else 0)
-    layout = {id(p) for m in (*base.layers, emb_in, base.norm, *([emb_out] if emb_out is not None else []))
-              for p in m.parameters()}
+    layout = {
+        id(p)
+        for m in (*base.layers, emb_in, base.norm, *([emb_out] if emb_out is not None else []))
+        for p in m.parameters()
+    }
     total += sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in layout)
     return total
 
@@ -740,23 +775,36 @@ def prune_model(
     Raises:
         ValueError: impossible requests (see ``plan_pruning``) or missing importance fields.
     """
-    plan = plan_pruning(model, importance, drop_layers=drop_layers, mlp_keep_ratio=mlp_keep_ratio,
-                        kv_groups_keep=kv_groups_keep, hidden_keep_ratio=hidden_keep_ratio,
-                        multiple_of=multiple_of)
+    plan = plan_pruning(
+        model,
+        importance,
+        drop_layers=drop_layers,
+        mlp_keep_ratio=mlp_keep_ratio,
+        kv_groups_keep=kv_groups_keep,
+        hidden_keep_ratio=hidden_keep_ratio,
+        multiple_of=multiple_of,
+    )
     cfg = model.config
     # Check every importance field the request needs before the first cut, so an error never leaves a
     # half-pruned model behind.
-    needs = {"kv_groups": plan.num_kv_heads < cfg.num_key_value_heads,
-             "mlp": plan.intermediate_size < cfg.intermediate_size,
-             "hidden": plan.hidden_size < cfg.hidden_size}
+    needs = {
+        "kv_groups": plan.num_kv_heads < cfg.num_key_value_heads,
+        "mlp": plan.intermediate_size < cfg.intermediate_size,
+        "hidden": plan.hidden_size < cfg.hidden_size,
+    }
     missing = [k for k, needed in needs.items() if needed and getattr(importance, k) is None]
     if missing:
         raise ValueError(f"the request needs importance.{missing} (collect_importance with what=...)")
 
     def sizes() -> dict[str, int]:
-        return {"num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-                "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
-                "num_key_value_heads": cfg.num_key_value_heads, "head_dim": _head_dim(model)}
+        return {
+            "num_hidden_layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads,
+            "head_dim": _head_dim(model),
+        }
 
     before, params_before = sizes(), _distinct_parameters(model)
     n_layers = len(_base(model).layers)

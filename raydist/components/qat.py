@@ -45,9 +45,14 @@ class _OnGrid(nn.Module):
 
 
 @torch.no_grad()
-def int4_grids(model: nn.Module, *, group_size: Optional[int] = None, int4_algorithm: str = "minmax",
-               calibration: Optional[torch.Tensor] = None, gptq: Optional[dict[str, Any]] = None
-               ) -> tuple[Grids, dict[str, Any]]:
+def int4_grids(
+    model: nn.Module,
+    *,
+    group_size: Optional[int] = None,
+    int4_algorithm: str = "minmax",
+    calibration: Optional[torch.Tensor] = None,
+    gptq: Optional[dict[str, Any]] = None,
+) -> tuple[Grids, dict[str, Any]]:
     """Choose each block Linear's int4 grid by quantizing a copy of ``model``; start ``model`` on the grid.
 
     Args:
@@ -60,8 +65,15 @@ def int4_grids(model: nn.Module, *, group_size: Optional[int] = None, int4_algor
     import copy
 
     probe = copy.deepcopy(model)
-    report = quantize_model(probe, "int4_weight_only", group_size=group_size, int4_algorithm=int4_algorithm,
-                            calibration=calibration, gptq=gptq, device="cpu")
+    report = quantize_model(
+        probe,
+        "int4_weight_only",
+        group_size=group_size,
+        int4_algorithm=int4_algorithm,
+        calibration=calibration,
+        gptq=gptq,
+        device="cpu",
+    )
     grids: Grids = {}
     for name, q in quantized_layers(probe).items():
         lin = model.get_submodule(name)

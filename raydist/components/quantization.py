@@ -178,8 +178,9 @@ def quantize_int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def quantize_int4_groupwise(w: torch.Tensor, group_size: int, algorithm: str = "minmax"
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4_groupwise(
+    w: torch.Tensor, group_size: int, algorithm: str = "minmax"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise 4-bit in PyTorch's tinygemm convention: ``w ≈ (q - 8) * scale + zero``.
 
     Uses torchao's tinygemm qparam/quantize primitives (or its HQQ solver, which returns the same
@@ -202,7 +203,8 @@ def quantize_int4_groupwise(w: torch.Tensor, group_size: int, algorithm: str = "
         from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
 
         q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
-            w, nbits=4, group_size=group_size, axis=1, compute_dtype=torch.float32, device=str(w.device))
+            w, nbits=4, group_size=group_size, axis=1, compute_dtype=torch.float32, device=str(w.device)
+        )
         packed = pack_int4(q.reshape(n, k))
         return packed, scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
     if algorithm != "minmax":
@@ -218,7 +220,8 @@ def int4_minmax_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
 
     n = w.shape[0]
     scale, zero = _choose_qparams_affine_tinygemm(
-        w.detach().float(), MappingType.ASYMMETRIC, [1, group_size], torch.int32, 0, 15, 1e-6, None, torch.float32)
+        w.detach().float(), MappingType.ASYMMETRIC, [1, group_size], torch.int32, 0, 15, 1e-6, None, torch.float32
+    )
     return scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
 
 
@@ -295,8 +298,15 @@ class QuantizedLinear(nn.Module):
         smoothed: whether the layer holds a ``smooth`` vector.
     """
 
-    def __init__(self, in_features: int, out_features: int, scheme: str, group_size: Optional[int] = None,
-                 bias: bool = False, smoothed: bool = False) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scheme: str,
+        group_size: Optional[int] = None,
+        bias: bool = False,
+        smoothed: bool = False,
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.group_size = scheme, group_size
@@ -321,9 +331,15 @@ class QuantizedLinear(nn.Module):
         self.__dict__["_impl"] = None
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, scheme: str, group_size: Optional[int] = None,
-                    smooth: Optional[torch.Tensor] = None, int4_algorithm: str = "minmax",
-                    int4_data: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> "QuantizedLinear":
+    def from_linear(
+        cls,
+        lin: nn.Linear,
+        scheme: str,
+        group_size: Optional[int] = None,
+        smooth: Optional[torch.Tensor] = None,
+        int4_algorithm: str = "minmax",
+        int4_data: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    ) -> "QuantizedLinear":
         """Quantize ``lin`` (any device/dtype) into a new layer on the same device; the kernel is not built.
 
         ``smooth`` [in_features] (int8 only): per-input-channel factors; ``W * smooth`` is quantized and
@@ -332,8 +348,14 @@ class QuantizedLinear(nn.Module):
         """
         if smooth is not None and scheme == "int4_weight_only":
             raise ValueError("smoothing applies to the int8 schemes only")
-        q = cls(lin.in_features, lin.out_features, scheme, group_size, bias=lin.bias is not None,
-                smoothed=smooth is not None)
+        q = cls(
+            lin.in_features,
+            lin.out_features,
+            scheme,
+            group_size,
+            bias=lin.bias is not None,
+            smoothed=smooth is not None,
+        )
         device = lin.weight.device
         w = lin.weight.detach().float().cpu()
         if smooth is not None:
@@ -406,7 +428,10 @@ class QuantizedLinear(nn.Module):
             packed = mod._packed_params._packed_params
             torch.ops.quantized.linear_dynamic(torch.zeros(1, self.in_features), packed, reduce_range=REDUCE_RANGE)
             return packed
-        if kernel in ("aten.int8pack_mm", "aten.int4pack_mm_cuda", "torchao.int4_opaque_cpu") and self.smooth is not None:
+        if (
+            kernel in ("aten.int8pack_mm", "aten.int4pack_mm_cuda", "torchao.int4_opaque_cpu")
+            and self.smooth is not None
+        ):
             raise ValueError(f"kernel {kernel} does not take smoothed layers")
         if kernel == "aten.int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(torch.zeros(1, self.in_features), self.qweight, self.scale)
@@ -475,11 +500,20 @@ class QuantizedLinear(nn.Module):
                 QuantizeTensorToInt8Kwargs,
             )
 
-            act = (QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC)
-                   if kernel == "torchao.int8_dynamic" else None)
+            act = (
+                QuantizeTensorToInt8Kwargs(granularity=PerRow(), mapping_type=MappingType.SYMMETRIC)
+                if kernel == "torchao.int8_dynamic"
+                else None
+            )
             pre = None if self.smooth is None else (1.0 / self.smooth).to(dtype)
-            cache[dtype] = Int8Tensor(self.qweight, self.scale[:, None].to(dtype), [1, self.in_features], dtype,
-                                      act_quant_kwargs=act, act_pre_scale=pre)
+            cache[dtype] = Int8Tensor(
+                self.qweight,
+                self.scale[:, None].to(dtype),
+                [1, self.in_features],
+                dtype,
+                act_quant_kwargs=act,
+                act_pre_scale=pre,
+            )
         return cache[dtype]
 
     def _int4_cuda(self, cache: dict, x2: torch.Tensor) -> torch.Tensor:
@@ -492,10 +526,12 @@ class QuantizedLinear(nn.Module):
             q = unpack_int4(self.qweight)
             packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).contiguous()  # the CUDA packer wants high nibble first
             cache["w"] = torch.ops.aten._convert_weight_to_int4pack(packed_u8, tiles)
-            cache["sz"] = pack_tinygemm_scales_and_zeros(self.scale.to(torch.bfloat16), self.zero.to(torch.bfloat16),
-                                                         torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), cache["w"], self.group_size,
-                                               cache["sz"])
+            cache["sz"] = pack_tinygemm_scales_and_zeros(
+                self.scale.to(torch.bfloat16), self.zero.to(torch.bfloat16), torch.bfloat16
+            )
+        y = torch.ops.aten._weight_int4pack_mm(
+            x2.to(torch.bfloat16).contiguous(), cache["w"], self.group_size, cache["sz"]
+        )
         return y.to(x2.dtype)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -518,8 +554,10 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{g}, "
-                f"kernel={self.kernel}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme}{g}, "
+            f"kernel={self.kernel}, bias={self.bias is not None}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -539,8 +577,11 @@ def target_linears(model: nn.Module, include_lm_head: bool = False) -> list[str]
     """Qualified names of the Linears ``quantize_model`` targets: every ``nn.Linear`` in the decoder
     blocks (q/k/v/o, gate/up/down for Llama), plus ``lm_head`` when asked; already-quantized layers too."""
     _decoder_layers(model)
-    names = [n for n, m in model.named_modules()
-             if n.startswith("model.layers.") and isinstance(m, (nn.Linear, QuantizedLinear))]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n.startswith("model.layers.") and isinstance(m, (nn.Linear, QuantizedLinear))
+    ]
     if include_lm_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
         names.append("lm_head")
     return names
@@ -585,7 +626,8 @@ def quantize_model(
         include_lm_head: also quantize ``lm_head`` (a tied lm_head is untied: the embedding stays float).
         kernel: force one kernel of ``KERNELS`` for every layer instead of the device's measured best.
         calibration: ``int4_weight_only`` with ``int4_algorithm="gptq"`` (required there): the text
-            GPTQ measures each layer's Hessian on. ``int8_dynamic``: token ids [B, T] (or an iterable of them) to measure each
+            GPTQ measures each layer's Hessian on. ``int8_dynamic``: token ids [B, T] (or an iterable of
+            them) to measure each
             layer's input-channel maxima for SmoothQuant (Xiao et al., 2023): per input channel,
             ``s = max|x|^alpha / max|W|^(1-alpha)``; ``W * s`` is quantized and inputs are divided by
             ``s``, moving activation outliers into the (per-row quantized) weights. Measured on SmolLM2
@@ -628,8 +670,10 @@ def quantize_model(
         raise ValueError(f"unknown int4_algorithm {int4_algorithm!r}; choose from {INT4_ALGORITHMS}")
     use_gptq = scheme == "int4_weight_only" and int4_algorithm == "gptq"
     if calibration is not None and scheme != "int8_dynamic" and not use_gptq:
-        raise ValueError(f"calibration applies to int8_dynamic (SmoothQuant) and int4 GPTQ only, not {scheme}"
-                         + (f" with int4_algorithm={int4_algorithm!r}" if scheme == "int4_weight_only" else ""))
+        raise ValueError(
+            f"calibration applies to int8_dynamic (SmoothQuant) and int4 GPTQ only, not {scheme}"
+            + (f" with int4_algorithm={int4_algorithm!r}" if scheme == "int4_weight_only" else "")
+        )
     if use_gptq and calibration is None:
         raise ValueError("int4_algorithm='gptq' needs calibration token ids (GPTQ measures each layer's Hessian)")
     if gptq and not use_gptq:
@@ -643,14 +687,17 @@ def quantize_model(
     for name in names if int4_grids is not None else ():
         lin = model.get_submodule(name)
         g = pick_group_size(lin.in_features, group_size)
-        if g is not None and (name not in int4_grids
-                              or tuple(int4_grids[name][0].shape) != (lin.out_features, lin.in_features // g)):
-            raise ValueError(f"int4_grids has no [{lin.out_features}, {lin.in_features // g}] grid "
-                             f"(group size {g}) for {name}")
+        if g is not None and (
+            name not in int4_grids or tuple(int4_grids[name][0].shape) != (lin.out_features, lin.in_features // g)
+        ):
+            raise ValueError(
+                f"int4_grids has no [{lin.out_features}, {lin.in_features // g}] grid (group size {g}) for {name}"
+            )
     model.to(dev)
     bytes_before = _module_bytes(model)
-    act_max, n_cal = (_input_channel_maxima(model, names, calibration, dev)
-                      if calibration is not None and not use_gptq else ({}, 0))
+    act_max, n_cal = (
+        _input_channel_maxima(model, names, calibration, dev) if calibration is not None and not use_gptq else ({}, 0)
+    )
     # Per input channel max |W| of every smoothed layer, taken before any layer is replaced.
     w_maxima = {n: model.get_submodule(n).weight.detach().float().abs().amax(dim=0).cpu() for n in act_max}
     gptq_report: dict[str, Any] = {}
@@ -659,8 +706,9 @@ def quantize_model(
 
         # lm_head (include_lm_head) is outside the blocks GPTQ walks: it gets min/max rounding.
         sizes = {n: pick_group_size(model.get_submodule(n).in_features, group_size) for n in names if n != "lm_head"}
-        gptq_report = gptq_quantize_weights(model, calibration, {n: g for n, g in sizes.items() if g is not None},
-                                            **(gptq or {}))
+        gptq_report = gptq_quantize_weights(
+            model, calibration, {n: g for n, g in sizes.items() if g is not None}, **(gptq or {})
+        )
     layers: dict[str, dict[str, Any]] = {}
     for name in names:
         lin = model.get_submodule(name)
@@ -669,8 +717,9 @@ def quantize_model(
         if scheme == "int4_weight_only":
             g = pick_group_size(lin.in_features, group_size)
             if g is None:
-                entry["skipped"] = (f"no supported group size <= {group_size} divides in_features="
-                                    f"{lin.in_features}; kept float")
+                entry["skipped"] = (
+                    f"no supported group size <= {group_size} divides in_features={lin.in_features}; kept float"
+                )
                 layers[name] = entry
                 continue
         smooth = None
@@ -684,8 +733,9 @@ def quantize_model(
         if int4_grids is not None:
             scale, zero = (t.detach().float().cpu() for t in int4_grids[name])
             codes = (pack_int4(int4_codes_on_grid(lin.weight.detach().cpu(), scale, zero)), scale, zero)
-        q = QuantizedLinear.from_linear(lin, scheme, g, smooth=smooth, int4_data=codes,
-                                        int4_algorithm="minmax" if use_gptq else int4_algorithm)
+        q = QuantizedLinear.from_linear(
+            lin, scheme, g, smooth=smooth, int4_data=codes, int4_algorithm="minmax" if use_gptq else int4_algorithm
+        )
         used = q.prepare(kernel)
         _set_module(model, name, q)
         entry.update(kernel=used, group_size=g)
@@ -726,8 +776,9 @@ def _same_input(name: str) -> list[str]:
 
 
 @torch.no_grad()
-def _input_channel_maxima(model: nn.Module, names: list[str], calibration, dev: torch.device
-                          ) -> tuple[dict[str, torch.Tensor], int]:
+def _input_channel_maxima(
+    model: nn.Module, names: list[str], calibration, dev: torch.device
+) -> tuple[dict[str, torch.Tensor], int]:
     """Per target Linear, the max |input| per input channel over the calibration tokens ([K], CPU fp32)."""
     batches = list(calibration.split(4) if isinstance(calibration, torch.Tensor) else calibration)
     maxima: dict[str, torch.Tensor] = {}
@@ -853,20 +904,32 @@ def save_compressed(
         quant_block = {
             "format": QUANT_FORMAT,
             "scheme": schemes[0] if len(schemes) == 1 else "+".join(schemes),
-            "layers": {n: {"scheme": m.scheme, "group_size": m.group_size, "in_features": m.in_features,
-                           "out_features": m.out_features, "bias": m.bias is not None,
-                           "smoothed": m.smooth is not None}
-                       for n, m in qlayers.items()},
+            "layers": {
+                n: {
+                    "scheme": m.scheme,
+                    "group_size": m.group_size,
+                    "in_features": m.in_features,
+                    "out_features": m.out_features,
+                    "bias": m.bias is not None,
+                    "smoothed": m.smooth is not None,
+                }
+                for n, m in qlayers.items()
+            },
             "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
         }
         cfg = model.config.to_dict()
-        cfg["quantization_config"] = {"quant_method": "raydist", "scheme": quant_block["scheme"],
-                                      "load_with": "raydist.components.quantization.load_compressed"}
+        cfg["quantization_config"] = {
+            "quant_method": "raydist",
+            "scheme": quant_block["scheme"],
+            "load_with": "raydist.components.quantization.load_compressed",
+        }
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        save_file(_distinct_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "raydist": "quantized"})
+        save_file(
+            _distinct_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "raydist": "quantized"}
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     extra: dict[str, Any] = {"compression": _jsonable(report or {})}
@@ -878,8 +941,15 @@ def save_compressed(
 
     # Logical parameter count: a quantized layer's weight is a buffer, but it still stands for N*K weights.
     n_params = count_parameters(model) + sum(m.in_features * m.out_features for m in qlayers.values())
-    manifest = write_manifest(tmp, stage=stage, config=config or {}, parent=parent or {}, metrics=metrics or {},
-                              num_parameters=n_params, extra=extra)
+    manifest = write_manifest(
+        tmp,
+        stage=stage,
+        config=config or {},
+        parent=parent or {},
+        metrics=metrics or {},
+        num_parameters=n_params,
+        extra=extra,
+    )
     make_shareable(tmp)
     if out.exists():
         out.rmdir()
@@ -891,8 +961,9 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def load_compressed(path: Union[str, Path], device: Device = None, *, dtype: torch.dtype = torch.float32,
-                    kernel: Optional[str] = None) -> nn.Module:
+def load_compressed(
+    path: Union[str, Path], device: Device = None, *, dtype: torch.dtype = torch.float32, kernel: Optional[str] = None
+) -> nn.Module:
     """Load any raydist artifact (float or quantized) as an eval-mode causal LM on ``device``.
 
     A quantized artifact is rebuilt from its config, its quantized layers are replaced by empty
@@ -928,7 +999,9 @@ def load_compressed(path: Union[str, Path], device: Device = None, *, dtype: tor
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return model.to(dev).eval()
     if quant.get("format") != QUANT_FORMAT:
-        raise ValueError(f"{path}: quantization format {quant.get('format')!r} is not supported (expected {QUANT_FORMAT})")
+        raise ValueError(
+            f"{path}: quantization format {quant.get('format')!r} is not supported (expected {QUANT_FORMAT})"
+        )
     for name, spec in quant["layers"].items():
         check_scheme(spec["scheme"], spec["group_size"] if spec["scheme"] == "int4_weight_only" else None, dev)
     from safetensors.torch import load_file
@@ -942,15 +1015,26 @@ def load_compressed(path: Union[str, Path], device: Device = None, *, dtype: tor
         # round fp32-only buffers such as the rotary inv_freq, and the logits would differ from the saved model.
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in quant["layers"].items():
-        _set_module(model, name, QuantizedLinear(spec["in_features"], spec["out_features"], spec["scheme"],
-                                                 spec["group_size"], bias=spec["bias"],
-                                                 smoothed=spec.get("smoothed", False)))
+        _set_module(
+            model,
+            name,
+            QuantizedLinear(
+                spec["in_features"],
+                spec["out_features"],
+                spec["scheme"],
+                spec["group_size"],
+                bias=spec["bias"],
+                smoothed=spec.get("smoothed", False),
+            ),
+        )
     state = load_file(str(path / WEIGHTS_FILE))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
-        raise ValueError(f"{path}: stored tensors do not match the recorded layout "
-                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        raise ValueError(
+            f"{path}: stored tensors do not match the recorded layout "
+            f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
     if tied:
         model.tie_weights()
     model.to(dev).eval()

@@ -55,8 +55,7 @@ import torch
 from torch import nn
 
 SCOPES = ("per_layer", "global")
-_TARGETS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-            ("mlp", ("gate_proj", "up_proj", "down_proj")))
+_TARGETS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 # Rows of a [n, seq] calibration tensor run through a block at once: bounds activation memory
 # (rows * seq * intermediate_size floats) without a Python loop per sequence.
 _CALIB_ROWS = 8
@@ -143,21 +142,26 @@ def _resolve_sparsity(sparsity: Optional[float], nm: Optional[tuple[int, int]], 
         return sparsity
     implied = 1.0 - nm[0] / nm[1]
     if sparsity is not None and abs(sparsity - implied) > 1e-6:
-        raise ValueError(f"sparsity={sparsity} conflicts with pattern {pattern!r}, which implies {implied:g}; "
-                         "pass sparsity=None or the implied value")
+        raise ValueError(
+            f"sparsity={sparsity} conflicts with pattern {pattern!r}, which implies {implied:g}; "
+            "pass sparsity=None or the implied value"
+        )
     return implied
 
 
-def _validate(model: nn.Module, sparsity: Optional[float], pattern: Optional[str],
-              scope: str) -> tuple[float, Optional[tuple[int, int]], dict[str, nn.Linear]]:
+def _validate(
+    model: nn.Module, sparsity: Optional[float], pattern: Optional[str], scope: str
+) -> tuple[float, Optional[tuple[int, int]], dict[str, nn.Linear]]:
     """All argument checks in one place, before any weight changes."""
     nm = parse_pattern(pattern)
     s = _resolve_sparsity(sparsity, nm, pattern)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if nm is not None and scope != "per_layer":
-        raise ValueError(f"pattern {pattern!r} fixes the sparsity of every group of {nm[1]} weights; "
-                         f"scope={scope!r} cannot apply (use scope='per_layer')")
+        raise ValueError(
+            f"pattern {pattern!r} fixes the sparsity of every group of {nm[1]} weights; "
+            f"scope={scope!r} cannot apply (use scope='per_layer')"
+        )
     targets = prunable_linears(model)
     if nm is not None:
         bad = [f"{name} (in_features={lin.in_features})" for name, lin in targets.items() if lin.in_features % nm[1]]
@@ -218,10 +222,18 @@ def sparsity_report(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _report(method: str, model: nn.Module, sparsity: float, pattern: Optional[str], scope: str,
-            started: float, **extra: Any) -> dict[str, Any]:
-    return {"method": method, "requested_sparsity": sparsity, "pattern": pattern, "scope": scope,
-            **sparsity_report(model), "seconds": time.perf_counter() - started, **extra}
+def _report(
+    method: str, model: nn.Module, sparsity: float, pattern: Optional[str], scope: str, started: float, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "method": method,
+        "requested_sparsity": sparsity,
+        "pattern": pattern,
+        "scope": scope,
+        **sparsity_report(model),
+        "seconds": time.perf_counter() - started,
+        **extra,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,8 +295,9 @@ def _global_masks(scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def magnitude_prune(model: nn.Module, sparsity: Optional[float], *, pattern: Optional[str] = None,
-                    scope: str = "per_layer") -> dict[str, Any]:
+def magnitude_prune(
+    model: nn.Module, sparsity: Optional[float], *, pattern: Optional[str] = None, scope: str = "per_layer"
+) -> dict[str, Any]:
     """Zero the smallest-magnitude weights of the targeted layers (in place; no data needed).
 
     Zeros do not make dense kernels faster (see the module docstring); this is the data-free baseline.
@@ -329,8 +342,9 @@ def magnitude_prune(model: nn.Module, sparsity: Optional[float], *, pattern: Opt
 # --------------------------------------------------------------------------------------------------
 
 
-def _calibration_batches(model: nn.Module, calibration: Calibration,
-                         device: torch.device) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def _calibration_batches(
+    model: nn.Module, calibration: Calibration, device: torch.device
+) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Normalise calibration input to ``[(input_ids [B, T], attention_mask [B, T] or None), ...]``."""
     if isinstance(calibration, torch.Tensor):
         ids = calibration if calibration.ndim != 1 else calibration[None]
@@ -341,8 +355,10 @@ def _calibration_batches(model: nn.Module, calibration: Calibration,
         try:
             items = list(calibration)
         except TypeError:
-            raise ValueError(f"calibration must be a LongTensor [n, seq] or an iterable of dicts with input_ids, "
-                             f"got {type(calibration).__name__}") from None
+            raise ValueError(
+                f"calibration must be a LongTensor [n, seq] or an iterable of dicts with input_ids, "
+                f"got {type(calibration).__name__}"
+            ) from None
     vocab = model.get_input_embeddings().num_embeddings
     batches = []
     for j, item in enumerate(items):
@@ -357,18 +373,22 @@ def _calibration_batches(model: nn.Module, calibration: Calibration,
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise ValueError(f"calibration batch {j}: input_ids must be an integer tensor [B, T], "
-                             f"got {ids.dtype} {tuple(ids.shape)}")
+            raise ValueError(
+                f"calibration batch {j}: input_ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}"
+            )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(f"calibration batch {j}: token ids must be in [0, {vocab}), "
-                             f"got [{int(ids.min())}, {int(ids.max())}]")
+            raise ValueError(
+                f"calibration batch {j}: token ids must be in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]"
+            )
         if mask is not None:
             mask = torch.as_tensor(mask)
             if mask.ndim == 1:
                 mask = mask[None]
             if mask.shape != ids.shape:
-                raise ValueError(f"calibration batch {j}: attention_mask {tuple(mask.shape)} does not match "
-                                 f"input_ids {tuple(ids.shape)}")
+                raise ValueError(
+                    f"calibration batch {j}: attention_mask {tuple(mask.shape)} does not match "
+                    f"input_ids {tuple(ids.shape)}"
+                )
             mask = mask.to(device)
         if ids.numel():
             batches.append((ids.to(device), mask))
@@ -384,9 +404,9 @@ class _StopForward(Exception):
 
 @dataclass
 class _BlockInput:
-    hidden: torch.Tensor            # [B, T, hidden] hidden states entering the current block
-    args: tuple                     # any further positional args the model passed to its blocks
-    kwargs: dict                    # attention mask (4-D), position embeddings, position ids, ...
+    hidden: torch.Tensor  # [B, T, hidden] hidden states entering the current block
+    args: tuple  # any further positional args the model passed to its blocks
+    kwargs: dict  # attention mask (4-D), position embeddings, position ids, ...
     tokens: Optional[torch.Tensor]  # [B, T] bool, real (non-padding) tokens; None = all real
 
 
@@ -431,14 +451,22 @@ def _real_tokens(x: torch.Tensor, tokens: Optional[torch.Tensor]) -> torch.Tenso
 # Linears of one block that read the same input tensor in the Llama layout (q/k/v read the attention
 # norm's output, gate/up the MLP norm's output), in execution order: one statistic (input norms or
 # Hessian) serves a whole group, and SparseGPT runs a group's stacked rows through one column sweep.
-_INPUT_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+_INPUT_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
 
 
 @torch.no_grad()
-def _prune_sequentially(model: nn.Module, calibration: Calibration, new_stat: Callable[[nn.Linear], Any],
-                        prune_group: Callable[[list[str], list[nn.Linear], Any], None],
-                        true_sequential: bool) -> int:
+def _prune_sequentially(
+    model: nn.Module,
+    calibration: Calibration,
+    new_stat: Callable[[nn.Linear], Any],
+    prune_group: Callable[[list[str], list[nn.Linear], Any], None],
+    true_sequential: bool,
+) -> int:
     """Block by block: collect statistics on each block's inputs, prune its linears, then recompute the
     block's outputs with the pruned weights as the next block's inputs.
 
@@ -475,8 +503,10 @@ def _prune_sequentially(model: nn.Module, calibration: Calibration, new_stat: Ca
                     if mod is last:  # the rest of the block is not needed for this pass
                         raise _StopForward
 
-                handles = [group[0].register_forward_pre_hook(lambda mod, args, st=st: hook(mod, args, st))
-                           for group, st in zip(pass_groups, stats)]
+                handles = [
+                    group[0].register_forward_pre_hook(lambda mod, args, st=st: hook(mod, args, st))
+                    for group, st in zip(pass_groups, stats)
+                ]
                 try:
                     for inp in inputs:
                         tokens[0] = inp.tokens
@@ -513,9 +543,15 @@ class _InputSquares:
 
 
 @torch.no_grad()
-def wanda_prune(model: nn.Module, calibration: Calibration, sparsity: Optional[float], *,
-                pattern: Optional[str] = None, scope: str = "per_layer",
-                true_sequential: bool = False) -> dict[str, Any]:
+def wanda_prune(
+    model: nn.Module,
+    calibration: Calibration,
+    sparsity: Optional[float],
+    *,
+    pattern: Optional[str] = None,
+    scope: str = "per_layer",
+    true_sequential: bool = False,
+) -> dict[str, Any]:
     """Wanda: prune by ``|W_ij| * ||X_j||_2`` within each output row, block by block (in place).
 
     Zeros do not make dense kernels faster (see the module docstring); ``"2:4"`` can be accelerated on
@@ -545,8 +581,10 @@ def wanda_prune(model: nn.Module, calibration: Calibration, sparsity: Optional[f
     """
     s, nm, _ = _validate(model, sparsity, pattern, scope)
     if scope != "per_layer":
-        raise ValueError("wanda_prune supports scope='per_layer' only (per-output-row comparison as in the paper); "
-                         f"got scope={scope!r}")
+        raise ValueError(
+            "wanda_prune supports scope='per_layer' only (per-output-row comparison as in the paper); "
+            f"got scope={scope!r}"
+        )
     started = time.perf_counter()
 
     def prune(names: list[str], group: list[nn.Linear], stat: _InputSquares) -> None:
@@ -557,8 +595,9 @@ def wanda_prune(model: nn.Module, calibration: Calibration, sparsity: Optional[f
             lin.weight.masked_fill_(mask, 0)
 
     tokens = _prune_sequentially(model, calibration, _InputSquares, prune, bool(true_sequential))
-    return _report("wanda", model, s, pattern, scope, started, calibration_tokens=tokens,
-                   true_sequential=bool(true_sequential))
+    return _report(
+        "wanda", model, s, pattern, scope, started, calibration_tokens=tokens, true_sequential=bool(true_sequential)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,8 +633,10 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float, name: str) -> t
             if int(info) == 0:
                 return U
         damp = max(damp * 10, 1e-6 * mean_diag, 1e-8)
-    raise RuntimeError(f"SparseGPT: the Hessian of {name} is not positive definite even with damping {damp:g}; "
-                       "use more calibration tokens or a larger percdamp")
+    raise RuntimeError(
+        f"SparseGPT: the Hessian of {name} is not positive definite even with damping {damp:g}; "
+        "use more calibration tokens or a larger percdamp"
+    )
 
 
 @contextmanager
@@ -617,8 +658,16 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _sparsegpt_weight(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Optional[tuple[int, int]],
-                      blocksize: int, percdamp: float, name: str, rows: Optional[list[int]] = None) -> torch.Tensor:
+def _sparsegpt_weight(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    nm: Optional[tuple[int, int]],
+    blocksize: int,
+    percdamp: float,
+    name: str,
+    rows: Optional[list[int]] = None,
+) -> torch.Tensor:
     """SparseGPT for one weight (the reference ``SparseGPT.fasterprune``, in float32).
 
     Rows never interact in the OBS update (each row's error is spread with the shared ``H^-1`` over its
@@ -649,7 +698,7 @@ def _sparsegpt_weight(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Opt
         if nm is None:
             # Adaptive mask per block, over all rows of each matrix at once (OBS saliency w^2 / U_jj^2):
             # exactly round(sparsity * rows * count) weights of each matrix's block are pruned.
-            saliency = W1 ** 2 / d1[None, :] ** 2  # [out, count]
+            saliency = W1**2 / d1[None, :] ** 2  # [out, count]
             mask1 = torch.cat([_smallest(part, _count(sparsity, part.numel())) for part in saliency.split(rows)])
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
@@ -671,9 +720,16 @@ def _sparsegpt_weight(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: Opt
 
 
 @torch.no_grad()
-def sparsegpt_prune(model: nn.Module, calibration: Calibration, sparsity: Optional[float], *,
-                    pattern: Optional[str] = None, blocksize: int = 128, percdamp: float = 0.1,
-                    true_sequential: bool = True) -> dict[str, Any]:
+def sparsegpt_prune(
+    model: nn.Module,
+    calibration: Calibration,
+    sparsity: Optional[float],
+    *,
+    pattern: Optional[str] = None,
+    blocksize: int = 128,
+    percdamp: float = 0.1,
+    true_sequential: bool = True,
+) -> dict[str, Any]:
     """SparseGPT: prune with second-order (OBS) weight updates, block by block (in place).
 
     For each linear: ``H = 2 X^T X / N`` over the calibration tokens reaching it (through the already
@@ -724,14 +780,25 @@ def sparsegpt_prune(model: nn.Module, calibration: Calibration, sparsity: Option
         H = stat.xtx.mul_(2.0 / max(stat.tokens, 1))  # [in, in], shared by the group (same input)
         W = torch.cat([lin.weight.detach().float() for lin in group])  # [sum(out), in], a fresh copy
         with _one_cpu_thread(W.device):
-            W = _sparsegpt_weight(W, H, s, nm, blocksize, float(percdamp), "/".join(names),
-                                  rows=[lin.out_features for lin in group])
+            W = _sparsegpt_weight(
+                W, H, s, nm, blocksize, float(percdamp), "/".join(names), rows=[lin.out_features for lin in group]
+            )
         for lin, part in zip(group, W.split([lin.out_features for lin in group])):
             lin.weight.copy_(part.to(lin.weight.dtype))
 
     tokens = _prune_sequentially(model, calibration, _Hessian, prune, bool(true_sequential))
-    return _report("sparsegpt", model, s, pattern, "per_layer", started, calibration_tokens=tokens,
-                   blocksize=blocksize, percdamp=float(percdamp), true_sequential=bool(true_sequential))
+    return _report(
+        "sparsegpt",
+        model,
+        s,
+        pattern,
+        "per_layer",
+        started,
+        calibration_tokens=tokens,
+        blocksize=blocksize,
+        percdamp=float(percdamp),
+        true_sequential=bool(true_sequential),
+    )
 
 
 __all__ = [

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
+
 class StorageError(ValueError):
     """A location cannot be opened or reached; the message names it."""
 
@@ -189,8 +190,16 @@ def delete(location: Union[str, Path]) -> None:
 
 
 # What a process needs to reach the same storage as the driver (credentials, endpoints, the cache location).
-STORAGE_ENV_VARS = ("RAYDIST_CACHE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "GOOGLE_APPLICATION_CREDENTIALS")
+STORAGE_ENV_VARS = (
+    "RAYDIST_CACHE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 
 
 _RAY_WORKING_DIR = re.compile(r"/runtime_resources/working_dir_files/(_ray_pkg_[0-9a-f]+)(?:/(.*))?$")
@@ -265,8 +274,11 @@ class Mirror:
     def __init__(self, location: Union[str, Path], role: str = "driver"):
         self.remote = is_uri(location)
         self.location: Union[str, Path] = location if self.remote else Path(location).expanduser().resolve()
-        self.local: Path = (cache_root() / "mirror" / f"{_key(str(location))}-{name_of(location)}" / role
-                            if self.remote else self.location)
+        self.local: Path = (
+            cache_root() / "mirror" / f"{_key(str(location))}-{name_of(location)}" / role
+            if self.remote
+            else self.location
+        )
         if self.remote:  # a local directory is created by whoever first writes into it
             self.local.mkdir(parents=True, exist_ok=True)
 

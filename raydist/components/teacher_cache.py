@@ -37,7 +37,9 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def cache_key(*, teacher_hash: str, data_fingerprint: str, tokenizer_hash: str, top_k: int, temperature: float) -> dict[str, Any]:
+def cache_key(
+    *, teacher_hash: str, data_fingerprint: str, tokenizer_hash: str, top_k: int, temperature: float
+) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
         "teacher": teacher_hash,

@@ -140,7 +140,10 @@ def sum_nll(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], 
         shift_logits = logits[:, :-1].float()  # [B, T-1, V]
         shift_labels = b["labels"][:, 1:].to(device)  # [B, T-1]
         nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
         )
         if b.get("weight", 1) == 0:
             continue

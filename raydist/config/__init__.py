@@ -55,8 +55,14 @@ __all__ = [
 def stage_config_class(stage: str):
     """The config class of a stage name (``finetune``, ``distill``, ``generate``, ``sweep``, ``serve``,
     ``pipeline``)."""
-    classes = {"finetune": FinetuneConfig, "distill": DistillConfig, "generate": GenerateConfig, "serve": ServeConfig,
-               "sweep": SweepConfig, "pipeline": PipelineConfig}
+    classes = {
+        "finetune": FinetuneConfig,
+        "distill": DistillConfig,
+        "generate": GenerateConfig,
+        "serve": ServeConfig,
+        "sweep": SweepConfig,
+        "pipeline": PipelineConfig,
+    }
     if stage not in classes:
         raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(classes)}")
     return classes[stage]

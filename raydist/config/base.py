@@ -150,8 +150,10 @@ class ScalingSettings(StrictModel):
 
     num_workers: int = Field(2, gt=0, description="Data-parallel workers (one process each).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts every "
-        "worker on its own node.")
+        "PACK",
+        description="Ray placement of the workers: PACK fills a node first; STRICT_SPREAD puts every "
+        "worker on its own node.",
+    )
 
 
 class ResourceSettings(StrictModel):
@@ -160,11 +162,15 @@ class ResourceSettings(StrictModel):
 
     num_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per unit.")
     num_gpus: Union[Literal["auto"], float] = Field(
-        "auto", description="GPUs per unit: a number (fractions share a GPU where Ray allows it: sweep trials, serve "
-        "replicas) or auto (1 when the cluster has a GPU for every unit, else 0).")
+        "auto",
+        description="GPUs per unit: a number (fractions share a GPU where Ray allows it: sweep trials, serve "
+        "replicas) or auto (1 when the cluster has a GPU for every unit, else 0).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="What a unit computes on: auto = CUDA when Ray assigned it a GPU, else CPU; cpu = CPU "
-        "even with a GPU assigned; cuda = refuse to run without one.")
+        "auto",
+        description="What a unit computes on: auto = CUDA when Ray assigned it a GPU, else CPU; cpu = CPU "
+        "even with a GPU assigned; cuda = refuse to run without one.",
+    )
 
     @field_validator("num_gpus")
     @classmethod
@@ -177,12 +183,20 @@ class ResourceSettings(StrictModel):
 class JobSettings(StrictModel):
     """How `raydist submit` runs this config as a Ray job (ignored when the stage runs directly)."""
 
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the job's driver and "
-                                "every worker it starts.")
-    python: str = Field("python", min_length=1, description="Interpreter the job's entrypoint runs with on the "
-                        "cluster (a bare name is looked up on the head node's PATH).")
-    files: list[str] = Field(default_factory=list, description="Extra local files / directories shipped in the "
-                             "job's working_dir (the data files the config names are shipped anyway).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the job's driver and every worker it starts."
+    )
+    python: str = Field(
+        "python",
+        min_length=1,
+        description="Interpreter the job's entrypoint runs with on the "
+        "cluster (a bare name is looked up on the head node's PATH).",
+    )
+    files: list[str] = Field(
+        default_factory=list,
+        description="Extra local files / directories shipped in the "
+        "job's working_dir (the data files the config names are shipped anyway).",
+    )
 
 
 # Keys that were renamed; a config still using one is told the new spelling instead of "unknown field".

@@ -24,7 +24,9 @@ from raydist.config.finetune import TrainSettings, check_step_settings, check_wo
 class PruneSettings(StrictModel):
     """Minitron-style structured pruning that derives the student from the teacher."""
 
-    drop_layers: Union[int, list[int]] = Field(0, description="Layers to remove: a count (least important first) or indices.")
+    drop_layers: Union[int, list[int]] = Field(
+        0, description="Layers to remove: a count (least important first) or indices."
+    )
     mlp_keep_ratio: float = Field(1.0, gt=0, le=1, description="Fraction of MLP channels kept (by activation).")
     kv_groups_keep: Optional[int] = Field(None, gt=0, description="Attention KV groups kept (GQA-aware); null = all.")
     hidden_keep_ratio: float = Field(1.0, gt=0, le=1, description="Fraction of hidden (embedding) channels kept.")
@@ -74,7 +76,9 @@ class KDSettings(StrictModel):
     teacher_mode: Literal["online", "cache"] = Field(
         "online", description="online: the teacher runs in every worker; cache: train from its stored top-k."
     )
-    cache_dir: Optional[str] = Field(None, description="Teacher cache directory; default <output_dir>/teacher_cache/<name>.")
+    cache_dir: Optional[str] = Field(
+        None, description="Teacher cache directory; default <output_dir>/teacher_cache/<name>."
+    )
     top_k: int = Field(64, gt=0, description="Teacher log-probabilities kept per token in the cache.")
     cache_actors: int = Field(1, gt=0, description="Teacher replicas (Ray Data actors) building the cache.")
     cache_batch_size: int = Field(8, gt=0, description="Sequences per teacher forward while building the cache.")
@@ -98,8 +102,9 @@ class DistillConfig(StageConfig):
     train: TrainSettings = Field(default_factory=TrainSettings)
     deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
-    resources: ResourceSettings = Field(default_factory=ResourceSettings, description="What each worker (and each "
-                                        "teacher-cache actor) reserves.")
+    resources: ResourceSettings = Field(
+        default_factory=ResourceSettings, description="What each worker (and each teacher-cache actor) reserves."
+    )
     run: RunSettings
 
     @model_validator(mode="after")

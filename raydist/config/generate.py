@@ -15,8 +15,9 @@ class GenerateConfig(StageConfig):
     stage: Literal["generate"] = Field("generate", description="Which stage this config drives.")
     model: ModelConfig = Field(..., description="The model that writes the answers (usually the teacher).")
     prompts: DataSourceConfig = Field(
-        ..., description="Instruction records (instruction/input) or chat records (messages; the answer "
-        "continues the conversation)."
+        ...,
+        description="Instruction records (instruction/input) or chat records (messages; the answer "
+        "continues the conversation).",
     )
     output: str = Field(..., description="The jsonl file to write; refused if it exists.")
     max_new_tokens: int = Field(128, gt=0, description="Longest answer in tokens.")

@@ -99,8 +99,10 @@ class PipelineConfig(StageConfig):
                 continue  # the stage config reports the wrong type
             section.setdefault("stage", stage)
             if "job" in section:
-                raise ValueError(f"{stage}.job: a stage inside a pipeline has no job section of its own; "
-                                 f"put it at the top level (`job:`), where `raydist submit` reads it")
+                raise ValueError(
+                    f"{stage}.job: a stage inside a pipeline has no job section of its own; "
+                    f"put it at the top level (`job:`), where `raydist submit` reads it"
+                )
             if data.get("job") is not None:
                 section["job"] = data["job"]  # its env reaches the stage's workers
             if stage != "serve":
@@ -121,26 +123,32 @@ class PipelineConfig(StageConfig):
                         raise ValueError(
                             "distill.teacher.path: no stage of this pipeline produces a teacher (it has no finetune "
                             "stage); give teacher.path (a model directory, .gguf file or hub id) or add a "
-                            "finetune section")
+                            "finetune section"
+                        )
                     teacher["path"] = "@finetune"
             elif stage == "sweep":
                 if section.get("target", "compress") != "compress":
                     raise ValueError(
                         f"sweep.target: the pipeline's sweep is a compression sweep (target: compress), got "
-                        f"{section.get('target')!r}; run a fine-tuning sweep on its own with `raydist sweep`")
+                        f"{section.get('target')!r}; run a fine-tuning sweep on its own with `raydist sweep`"
+                    )
                 model = section.get("model")
                 if model is None:
                     model = section["model"] = {}
                 if isinstance(model, dict) and model.get("path") is None:
                     if previous is None:
-                        raise ValueError("sweep.model.path: nothing to compress (no finetune or distill stage "
-                                         "before the sweep); give model.path or add a stage before it")
+                        raise ValueError(
+                            "sweep.model.path: nothing to compress (no finetune or distill stage "
+                            "before the sweep); give model.path or add a stage before it"
+                        )
                     model["path"] = f"@{previous}"
             elif stage == "serve":
                 if section.get("artifact") is None:
                     if previous is None:
-                        raise ValueError("serve.artifact: nothing to serve (no finetune, distill or sweep stage "
-                                         "before it); give serve.artifact or add a stage before it")
+                        raise ValueError(
+                            "serve.artifact: nothing to serve (no finetune, distill or sweep stage "
+                            "before it); give serve.artifact or add a stage before it"
+                        )
                     section["artifact"] = f"@{previous}"
                 if section.get("model_name") is None and isinstance(name, str):
                     section["model_name"] = name
@@ -159,28 +167,37 @@ class PipelineConfig(StageConfig):
                     if is_reference(value) and value[1:] in STAGE_ORDER:
                         raise ValueError(
                             f"{stage}.{path}: a stage reference ({value!r}) may only stand where a model path or "
-                            f"artifact goes: " + ", ".join(f"{s}.{f}" for s, f in REFERENCE_FIELDS))
+                            f"artifact goes: " + ", ".join(f"{s}.{f}" for s, f in REFERENCE_FIELDS)
+                        )
                     continue
                 what = REFERENCE_FIELDS[(stage, path)]
                 if is_reference(value):
                     target = value[1:]
                     if target not in PRODUCERS:
-                        raise ValueError(f"{stage}.{path}: unknown reference {value!r} ({what}); use one of "
-                                         + ", ".join(f"'@{p}'" for p in PRODUCERS))
+                        raise ValueError(
+                            f"{stage}.{path}: unknown reference {value!r} ({what}); use one of "
+                            + ", ".join(f"'@{p}'" for p in PRODUCERS)
+                        )
                     if target not in present:
-                        raise ValueError(f"{stage}.{path}: {value!r} refers to the {target} stage, which this "
-                                         f"pipeline does not have")
+                        raise ValueError(
+                            f"{stage}.{path}: {value!r} refers to the {target} stage, which this pipeline does not have"
+                        )
                     if STAGE_ORDER.index(target) >= STAGE_ORDER.index(stage):
                         raise ValueError(
                             f"{stage}.{path}: {value!r} refers to the {target} stage, which does not run before "
-                            f"{stage} (the order is always " + " → ".join(STAGE_ORDER) + ")")
+                            f"{stage} (the order is always " + " → ".join(STAGE_ORDER) + ")"
+                        )
                     parent = path.rsplit(".", 1)[0]
                     if "." in path and _get(dumped, f"{parent}.gguf_file"):
-                        raise ValueError(f"{stage}.{parent}.gguf_file: {value!r} is a stage's artifact (a Hugging "
-                                         f"Face directory), not a GGUF file; remove gguf_file")
+                        raise ValueError(
+                            f"{stage}.{parent}.gguf_file: {value!r} is a stage's artifact (a Hugging "
+                            f"Face directory), not a GGUF file; remove gguf_file"
+                        )
                 elif value in PRODUCERS and not os.path.exists(value):
-                    raise ValueError(f"{stage}.{path}: {value!r} is not a path ({what}); write '@{value}' for the "
-                                     f"{value} stage's artifact")
+                    raise ValueError(
+                        f"{stage}.{path}: {value!r} is not a path ({what}); write '@{value}' for the "
+                        f"{value} stage's artifact"
+                    )
         return self
 
     def stages(self) -> list[str]:

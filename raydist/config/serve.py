@@ -38,20 +38,28 @@ class LimitSettings(StrictModel):
     max_prompt_tokens: int = Field(2048, gt=0, description="Longest prompt in tokens (after the chat template).")
     max_tokens: int = Field(512, gt=0, description="Largest `max_tokens` a request may ask for.")
     default_max_tokens: Optional[int] = Field(
-        None, gt=0, description="`max_tokens` of a completion request that sets none; default min(16, max_tokens) "
-        "(16 is OpenAI's default).")
+        None,
+        gt=0,
+        description="`max_tokens` of a completion request that sets none; default min(16, max_tokens) "
+        "(16 is OpenAI's default).",
+    )
     default_chat_max_tokens: Optional[int] = Field(
-        None, gt=0, description="`max_tokens` of a chat request that sets none; default min(256, max_tokens).")
+        None, gt=0, description="`max_tokens` of a chat request that sets none; default min(256, max_tokens)."
+    )
     max_stop_sequences: int = Field(4, gt=0, description="Most `stop` strings per request.")
     max_n: int = Field(8, gt=0, description="Most choices one prompt may ask for (`n`, and `best_of` candidates).")
     max_prompts: int = Field(
-        32, gt=0, description="Most prompts in one /v1/completions request (a prompt array; decoded together).")
+        32, gt=0, description="Most prompts in one /v1/completions request (a prompt array; decoded together)."
+    )
     max_logprobs: int = Field(
-        20, ge=0, description="Most alternatives per token a request may ask for (`logprobs`, `top_logprobs`).")
+        20, ge=0, description="Most alternatives per token a request may ask for (`logprobs`, `top_logprobs`)."
+    )
     max_ongoing_requests: int = Field(64, gt=0, description="Requests a replica works on or waits to batch at once.")
     max_queued_requests: int = Field(
-        256, ge=-1, description="Requests a replica holds beyond max_ongoing_requests, waiting for a batch slot, "
-        "before new ones are refused with OpenAI's error body (-1 = no limit)."
+        256,
+        ge=-1,
+        description="Requests a replica holds beyond max_ongoing_requests, waiting for a batch slot, "
+        "before new ones are refused with OpenAI's error body (-1 = no limit).",
     )
     queue_full_status: Literal[429, 503] = Field(503, description="HTTP status sent when the queue is full.")
     retry_after_s: float = Field(1.0, ge=0, description="`Retry-After` header value (seconds) of a queue-full reply.")
@@ -83,8 +91,10 @@ class BatchingSettings(StrictModel):
     enabled: bool = Field(True, description="Batch concurrent requests; false runs them one at a time.")
     max_batch_size: int = Field(16, gt=0, description="Most requests decoded together.")
     batch_wait_timeout_s: float = Field(
-        0.0, ge=0, description="How long the first request of a group waits for others to join (every group "
-        "pays it). 0: none; requests that arrive while a step runs are prefilled together anyway."
+        0.0,
+        ge=0,
+        description="How long the first request of a group waits for others to join (every group "
+        "pays it). 0: none; requests that arrive while a step runs are prefilled together anyway.",
     )
 
 
@@ -97,8 +107,11 @@ class AutoscalingSettings(StrictModel):
     upscale_delay_s: float = Field(30.0, ge=0, description="Load must last this long before a replica is added.")
     downscale_delay_s: float = Field(600.0, ge=0, description="Low load must last this long before one is removed.")
     look_back_period_s: float = Field(
-        30.0, gt=0, description="Window over which the load is averaged (Ray warns below its 10 s metrics push "
-        "interval unless RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S are lowered too).")
+        30.0,
+        gt=0,
+        description="Window over which the load is averaged (Ray warns below its 10 s metrics push "
+        "interval unless RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S are lowered too).",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> "AutoscalingSettings":
@@ -110,7 +123,9 @@ class AutoscalingSettings(StrictModel):
 class ServeResources(ResourceSettings):
     """What each replica reserves (as every stage spells it) and how it runs the model."""
 
-    torch_threads: Optional[int] = Field(None, gt=0, description="torch intra-op threads; default: num_cpus rounded up.")
+    torch_threads: Optional[int] = Field(
+        None, gt=0, description="torch intra-op threads; default: num_cpus rounded up."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU, the artifact's own dtype on CPU."
     )
@@ -128,8 +143,9 @@ class ServeConfig(StageConfig):
 
     stage: Literal["serve"] = Field("serve", description="Which stage this config drives.")
     artifact: str = Field(
-        ..., description="A raydist artifact or any Hugging Face model directory (a LoRA adapter-only "
-        "directory is merged onto the base its adapter_config.json names)."
+        ...,
+        description="A raydist artifact or any Hugging Face model directory (a LoRA adapter-only "
+        "directory is merged onto the base its adapter_config.json names).",
     )
     adapter: Optional[str] = Field(None, description="A peft LoRA adapter directory merged onto `artifact` at load.")
     model_name: Optional[str] = Field(
@@ -143,7 +159,8 @@ class ServeConfig(StageConfig):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     num_replicas: Optional[int] = Field(None, gt=0, description="Fixed replica count (default 1 without autoscaling).")
     max_replicas_per_node: Optional[int] = Field(
-        None, gt=0, description="Most replicas Serve places on one node (1 = a replica per node, for availability).")
+        None, gt=0, description="Most replicas Serve places on one node (1 = a replica per node, for availability)."
+    )
     autoscaling: Optional[AutoscalingSettings] = Field(None, description="Scale replicas with load instead.")
     resources: ServeResources = Field(default_factory=ServeResources)
     health: HealthSettings = Field(default_factory=HealthSettings)

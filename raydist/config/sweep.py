@@ -30,7 +30,9 @@ class SearchSpace(StrictModel):
         ["none"], description="Unstructured / N:M pruning: none, magnitude, wanda (|W|·‖X‖) or sparsegpt (OBS)."
     )
     sparsity: list[float] = Field([0.5], description="Fraction of block weights zeroed, each in [0, 1).")
-    pattern: list[Optional[str]] = Field([None], description="None (unstructured) or 'N:M', e.g. '2:4' (sparsity N/M implied).")
+    pattern: list[Optional[str]] = Field(
+        [None], description="None (unstructured) or 'N:M', e.g. '2:4' (sparsity N/M implied)."
+    )
     structured: list[float] = Field(
         [0.0], description="Fraction of the transformer-block parameters removed structurally (0 = none), in [0, 1)."
     )
@@ -41,28 +43,45 @@ class SearchSpace(StrictModel):
         ["none"], description="Weight quantization scheme of the decoder blocks (embeddings / lm_head stay float)."
     )
     quantize_lm_head: list[bool] = Field(
-        [False], description="Also quantize the (tied) output projection with the int8 schemes (the embedding stays "
-                             "float); it is read once per generated token, so int8 there speeds up decoding."
+        [False],
+        description="Also quantize the (tied) output projection with the int8 schemes (the embedding stays "
+        "float); it is read once per generated token, so int8 there speeds up decoding.",
     )
     smoothing_alpha: list[float] = Field(
-        [0.5], description="int8_dynamic: SmoothQuant's migration strength in [0, 1] (how much of the activations' "
-                           "outliers move into the weights)."
+        [0.5],
+        description="int8_dynamic: SmoothQuant's migration strength in [0, 1] (how much of the activations' "
+        "outliers move into the weights).",
     )
-    group_size: list[int] = Field([64], description="int4 group sizes (a size that does not divide a layer is lowered).")
+    group_size: list[int] = Field(
+        [64], description="int4 group sizes (a size that does not divide a layer is lowered)."
+    )
     int4_algorithm: list[Literal["minmax", "hqq", "gptq"]] = Field(
-        ["gptq"], description="How int4 weights are rounded: minmax (round to nearest), hqq (optimised scales) or "
-                              "gptq (second-order error compensation on the calibration text)."
+        ["gptq"],
+        description="How int4 weights are rounded: minmax (round to nearest), hqq (optimised scales) or "
+        "gptq (second-order error compensation on the calibration text).",
     )
     recovery: list[Literal["none", "distill", "qat"]] = Field(
-        ["none"], description="Short recovery: none, distill (KD from the uncompressed model, after pruning), or qat "
-                              "(the same KD trained against the int4 grids: quantization-aware training; int4 only, "
-                              "otherwise it is distill)."
+        ["none"],
+        description="Short recovery: none, distill (KD from the uncompressed model, after pruning), or qat "
+        "(the same KD trained against the int4 grids: quantization-aware training; int4 only, "
+        "otherwise it is distill).",
     )
 
     @model_validator(mode="after")
     def _valid(self) -> "SearchSpace":
-        for name in ("method", "sparsity", "pattern", "structured", "structure", "quantization", "quantize_lm_head",
-                     "smoothing_alpha", "group_size", "int4_algorithm", "recovery"):
+        for name in (
+            "method",
+            "sparsity",
+            "pattern",
+            "structured",
+            "structure",
+            "quantization",
+            "quantize_lm_head",
+            "smoothing_alpha",
+            "group_size",
+            "int4_algorithm",
+            "recovery",
+        ):
             if not getattr(self, name):
                 raise ValueError(f"search_space.{name} is empty: give at least one value")
         if any(not (0.0 <= a <= 1.0) or math.isnan(a) for a in self.smoothing_alpha):
@@ -85,8 +104,19 @@ class SearchSpace(StrictModel):
         """Every distinct combination, with knobs that do not apply collapsed (e.g. sparsity when method is
         none, group_size unless int4), so the grid holds no duplicate models."""
         seen, out = set(), []
-        knobs = ("method", "sparsity", "pattern", "structured", "structure", "quantization", "quantize_lm_head",
-                 "smoothing_alpha", "group_size", "int4_algorithm", "recovery")
+        knobs = (
+            "method",
+            "sparsity",
+            "pattern",
+            "structured",
+            "structure",
+            "quantization",
+            "quantize_lm_head",
+            "smoothing_alpha",
+            "group_size",
+            "int4_algorithm",
+            "recovery",
+        )
         for values in itertools.product(*(getattr(self, k) for k in knobs)):
             c = normalize_candidate(dict(zip(knobs, values)))
             key = tuple(sorted((k, str(v)) for k, v in c.items()))
@@ -132,7 +162,9 @@ class SearchSettings(StrictModel):
     num_samples: int = Field(8, gt=0, description="Candidates tried by random / optuna search.")
     max_concurrent: int = Field(2, gt=0, description="Trials running at once (each holds `resources`).")
     seed: int = Field(0, description="Seeds random / optuna sampling.")
-    asha: bool = Field(True, description="Stop clearly worse candidates early (ASHA on perplexity over growing budgets).")
+    asha: bool = Field(
+        True, description="Stop clearly worse candidates early (ASHA on perplexity over growing budgets)."
+    )
     max_failures: int = Field(0, ge=0, description="Retries of a failed trial before it is recorded as failed.")
 
 
@@ -152,8 +184,10 @@ class EvalSettings(StrictModel):
         description="Text the data-aware methods (wanda, sparsegpt, structured importance) calibrate on.",
     )
     task: Optional[DataSourceConfig] = Field(
-        None, description="Optional instruction / chat data (e.g. seed_tasks.jsonl) for a task metric: the reference "
-                          "answers' perplexity and top-1 token accuracy given the prompts (teacher-forced).")
+        None,
+        description="Optional instruction / chat data (e.g. seed_tasks.jsonl) for a task metric: the reference "
+        "answers' perplexity and top-1 token accuracy given the prompts (teacher-forced).",
+    )
     task_max_examples: int = Field(64, gt=0, description="Task examples scored (the first ones of the data).")
     task_seq_len: int = Field(512, gt=1, description="Tokens per task example (prompt + answer, truncated).")
     calibration_sequences: int = Field(16, gt=0, description="Calibration sequences.")
@@ -178,9 +212,13 @@ class RecoverySettings(StrictModel):
         default_factory=lambda: DataSourceConfig(builtin="pydoc_topics", skip_tokens=8192, max_tokens=40_000),
         description="Text the recovery trains on (plain text).",
     )
-    steps: int = Field(40, gt=0, description="Optimizer steps. SmolLM2-135M, 4 x 256 tokens per step, lr 1e-4: 40 steps "
-                                         "take 25 %-structured from ppl 50.6 (layers) / 25.9 (MLP) to 20.0 / 17.1, "
-                                         "and GPTQ int4 (QAT) from 16.13 to 15.29 (dense 14.70).")
+    steps: int = Field(
+        40,
+        gt=0,
+        description="Optimizer steps. SmolLM2-135M, 4 x 256 tokens per step, lr 1e-4: 40 steps "
+        "take 25 %-structured from ppl 50.6 (layers) / 25.9 (MLP) to 20.0 / 17.1, "
+        "and GPTQ int4 (QAT) from 16.13 to 15.29 (dense 14.70).",
+    )
     batch_size: int = Field(4, gt=0, description="Sequences per step.")
     seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant); 2e-5 gave QAT 15.71 instead of 15.29.")
@@ -208,7 +246,12 @@ class FinetuneSpace(StrictModel):
 
     def overrides(self) -> dict[str, list[Any]]:
         """{dotted config field: values} of the knobs given."""
-        names = {"lr": "optim.lr", "lora_r": "lora.r", "lora_dropout": "lora.dropout", "weight_decay": "optim.weight_decay"}
+        names = {
+            "lr": "optim.lr",
+            "lora_r": "lora.r",
+            "lora_dropout": "lora.dropout",
+            "weight_decay": "optim.weight_decay",
+        }
         out = {names[k]: v for k, v in self.__dict__.items() if v is not None}
         for field, values in out.items():
             if not values:
@@ -230,8 +273,10 @@ class SweepConfig(StageConfig):
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     resources: ResourceSettings = Field(
-        default_factory=ResourceSettings, description="What each trial reserves (the base measurement and the winner's "
-        "re-measurement run with the same resources, so all speeds are comparable).")
+        default_factory=ResourceSettings,
+        description="What each trial reserves (the base measurement and the winner's "
+        "re-measurement run with the same resources, so all speeds are comparable).",
+    )
     keep_artifacts: Literal["pareto", "all", "winner"] = Field(
         "pareto", description="Trial artifacts kept after the sweep (the winner is always exported)."
     )
@@ -255,5 +300,7 @@ class SweepConfig(StageConfig):
             if self.finetune is None or self.finetune_space is None:
                 raise ValueError("target 'finetune' needs `finetune` (a fine-tuning config) and `finetune_space`")
             if not self.finetune_space.overrides():
-                raise ValueError("finetune_space is empty: give values for at least one of lr, lora_r, lora_dropout, weight_decay")
+                raise ValueError(
+                    "finetune_space is empty: give values for at least one of lr, lora_r, lora_dropout, weight_decay"
+                )
         return self

@@ -50,7 +50,13 @@ CONFIG_FILE = "config.yaml"  # what a stage's run directory records of its confi
 
 # Statuses in lineage.json.
 DONE, SKIPPED, STOPPED, FAILED, INTERRUPTED, PENDING = (
-    "done", "skipped-finished", "stopped", "failed", "interrupted", "pending")
+    "done",
+    "skipped-finished",
+    "stopped",
+    "failed",
+    "interrupted",
+    "pending",
+)
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -125,8 +131,9 @@ def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
 
     run_dirs = {s: run_location(getattr(cfg, s)) for s in cfg.stages() if s in PRODUCERS}
     artifacts = {s: join_location(d, ARTIFACT_DIR) for s, d in run_dirs.items()}
-    plan = PipelinePlan(artifacts=artifacts, run_dirs=run_dirs,
-                        configs={s: resolve_stage(cfg, s, artifacts) for s in cfg.stages()})
+    plan = PipelinePlan(
+        artifacts=artifacts, run_dirs=run_dirs, configs={s: resolve_stage(cfg, s, artifacts) for s in cfg.stages()}
+    )
     for stage, run_dir in run_dirs.items():
         recorded = read_text(join_location(run_dir, CONFIG_FILE))
         manifest = read_manifest_at(artifacts[stage])
@@ -142,7 +149,8 @@ def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
             raise RunDirError(
                 f"pipeline stage {stage!r} already finished in {run_dir} with a different config "
                 f"({', '.join(diffs[:8])} differ); rerun with the same spec, or give the pipeline (or "
-                f"{stage}.run.name) a new name")
+                f"{stage}.run.name) a new name"
+            )
         plan.finished[stage] = manifest
     return plan
 
@@ -206,8 +214,9 @@ def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pendin
             space = stage_cfg.search_space
             if not same_shape and any(space.structured):  # depends on the shape the student will have
                 space = space.model_copy(update={"structured": [0.0]})
-                notes.append("structured fractions are checked when the sweep starts (the student's shape "
-                             "is known then)")
+                notes.append(
+                    "structured fractions are checked when the sweep starts (the student's shape is known then)"
+                )
             stage_cfg = stage_cfg.model_copy(update={"model": model, "search_space": space})
             notes.insert(0, f"model: {ref} (checked as {model.path})")
         preflight_sweep(stage_cfg)
@@ -221,8 +230,9 @@ def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pendin
     if "artifact" not in pending:
         return [f"artifact: {check_artifact(stage_cfg.artifact, stage_cfg.adapter)}"]
     if stage_cfg.adapter is not None and not (Path(stage_cfg.adapter).expanduser() / "adapter_config.json").is_file():
-        raise ArtifactError(f"adapter {stage_cfg.adapter!r} holds no adapter_config.json (not a peft adapter "
-                            f"directory)")
+        raise ArtifactError(
+            f"adapter {stage_cfg.adapter!r} holds no adapter_config.json (not a peft adapter directory)"
+        )
     return [f"artifact: {pending['artifact']} (checked when the stage starts)"]
 
 
@@ -289,8 +299,11 @@ def _drivers() -> dict[str, Callable]:
 
 
 def _artifact_fields(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {"metrics": manifest.get("metrics", {}), "num_parameters": manifest.get("num_parameters"),
-            "bytes_on_disk": manifest.get("bytes_on_disk")}
+    return {
+        "metrics": manifest.get("metrics", {}),
+        "num_parameters": manifest.get("num_parameters"),
+        "bytes_on_disk": manifest.get("bytes_on_disk"),
+    }
 
 
 def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: bool = True) -> str:
@@ -316,8 +329,12 @@ def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: b
     for line in preflight_pipeline(cfg, plan):
         say(f"[raydist] pipeline check: {line}")
     lineage: dict[str, Any] = {
-        "format": 1, "pipeline": cfg.name, "directory": directory, "started_unix": time.time(),
-        "spec": cfg.model_dump(mode="json"), "stages": {s: {"status": PENDING} for s in cfg.stages()},
+        "format": 1,
+        "pipeline": cfg.name,
+        "directory": directory,
+        "started_unix": time.time(),
+        "spec": cfg.model_dump(mode="json"),
+        "stages": {s: {"status": PENDING} for s in cfg.stages()},
     }
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     from raydist.stages.common import init_ray
@@ -328,13 +345,19 @@ def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: b
         stage_cfg = plan.configs[stage]
         entry = lineage["stages"][stage]
         entry["config"] = stage_cfg.model_dump(mode="json")
-        entry["inputs"] = {path: {"reference": ref, "location": plan.artifacts[ref[1:]]}
-                           for path, ref in references(cfg, stage).items()}
+        entry["inputs"] = {
+            path: {"reference": ref, "location": plan.artifacts[ref[1:]]}
+            for path, ref in references(cfg, stage).items()
+        }
         if stage in plan.finished:
             old = previous.get(stage, {})
-            entry.update(status=SKIPPED, artifact=plan.artifacts[stage], run_dir=plan.run_dirs[stage],
-                         wall_s=old.get("wall_s") if old.get("artifact") == plan.artifacts[stage] else None,
-                         **_artifact_fields(plan.finished[stage]))
+            entry.update(
+                status=SKIPPED,
+                artifact=plan.artifacts[stage],
+                run_dir=plan.run_dirs[stage],
+                wall_s=old.get("wall_s") if old.get("artifact") == plan.artifacts[stage] else None,
+                **_artifact_fields(plan.finished[stage]),
+            )
             say(f"[raydist] pipeline: {stage} already finished ({plan.artifacts[stage]}); skipped")
             write_json(lineage_at, lineage)
             continue
@@ -348,30 +371,42 @@ def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: b
                 from raydist.serve.app import run_serve
 
                 url = run_serve(stage_cfg, blocking=False, verbose=verbose)
-                entry.update(status=DONE, artifact=stage_cfg.artifact, url=url, app_name=stage_cfg.app_name,
-                             wall_s=time.time() - t0)
+                entry.update(
+                    status=DONE,
+                    artifact=stage_cfg.artifact,
+                    url=url,
+                    app_name=stage_cfg.app_name,
+                    wall_s=time.time() - t0,
+                )
                 write_json(lineage_at, lineage)
                 continue
             location = str(drivers[stage](stage_cfg, verbose=verbose))
         except BaseException as e:
-            entry.update(status=FAILED if isinstance(e, Exception) else INTERRUPTED, wall_s=time.time() - t0,
-                         error=f"{type(e).__name__}: {e}")
+            entry.update(
+                status=FAILED if isinstance(e, Exception) else INTERRUPTED,
+                wall_s=time.time() - t0,
+                error=f"{type(e).__name__}: {e}",
+            )
             write_json(lineage_at, lineage)
-            say(f"[raydist] pipeline: {stage} {entry['status']} after {entry['wall_s']:.0f}s; rerun the same "
-                f"command to resume")
+            say(
+                f"[raydist] pipeline: {stage} {entry['status']} after {entry['wall_s']:.0f}s; rerun the same "
+                f"command to resume"
+            )
             say(format_summary(lineage))
             raise
         manifest = read_manifest_at(location)
         if manifest is None:  # run.stop_after_steps: the stage checkpointed and stopped on purpose
             entry.update(status=STOPPED, wall_s=time.time() - t0)
             write_json(lineage_at, lineage)
-            say(f"[raydist] pipeline: {stage} stopped early (run.stop_after_steps); later stages not run; "
-                f"rerun the same command to resume")
+            say(
+                f"[raydist] pipeline: {stage} stopped early (run.stop_after_steps); later stages not run; "
+                f"rerun the same command to resume"
+            )
             say(format_summary(lineage))
             return lineage_at
         if location != plan.artifacts[stage]:  # the same place spelled differently (e.g. a URI normalised)
             plan.artifacts[stage] = location
-            for later in cfg.stages()[cfg.stages().index(stage) + 1:]:
+            for later in cfg.stages()[cfg.stages().index(stage) + 1 :]:
                 plan.configs[later] = resolve_stage(cfg, later, plan.artifacts)
         entry.update(status=DONE, artifact=location, wall_s=time.time() - t0, **_artifact_fields(manifest))
         write_json(lineage_at, lineage)
@@ -435,8 +470,17 @@ def summary_rows(lineage: dict[str, Any]) -> list[dict[str, str]]:
         where = e.get("url") or e.get("artifact") or e.get("run_dir") or "-"
         if stage == "serve" and e.get("artifact"):
             where = f"{e.get('url', '-')} ({e['artifact']})"
-        rows.append({"stage": stage, "status": e["status"], "quality": quality, "size": size, "speed": speed,
-                     "wall": wall, "artifact": where})
+        rows.append(
+            {
+                "stage": stage,
+                "status": e["status"],
+                "quality": quality,
+                "size": size,
+                "speed": speed,
+                "wall": wall,
+                "artifact": where,
+            }
+        )
     return rows
 
 

@@ -56,8 +56,10 @@ STOP_WAIT_S = 60.0
 EXIT_SUCCEEDED, EXIT_FAILED, EXIT_STOPPED = 0, 1, 4
 EXIT_INTERRUPTED = 130  # Ctrl-C while following: the job keeps running
 
-TOKEN_HELP = ("set RAY_AUTH_TOKEN to the token, or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in "
-              "~/.ray/auth_token (`ray get-auth-token` prints it on a machine of the cluster)")
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN to the token, or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in "
+    "~/.ray/auth_token (`ray get-auth-token` prints it on a machine of the cluster)"
+)
 
 
 class SubmitError(ValueError):
@@ -250,25 +252,30 @@ def plan_job(stage: str, data: dict, cfg: BaseModel, base: Optional[Path] = None
             raise SubmitError(
                 f"{ref.dotted}: the local model {ref.value} is over {_mib(MAX_SHIPPED_MODEL_BYTES)}, too big to ship "
                 f"with every job; put it on storage every node reads (a shared path or a URI such as s3://...) "
-                f"and point {ref.dotted} there")
+                f"and point {ref.dotted} there"
+            )
         total += size
         if total > MAX_WORKING_DIR_BYTES:
             raise SubmitError(
                 f"{ref.dotted}: the files to ship reach {_mib(total)} with {ref.value}, over Ray's "
-                f"{_mib(MAX_WORKING_DIR_BYTES)} working_dir limit; put large data on shared storage or a URI")
+                f"{_mib(MAX_WORKING_DIR_BYTES)} working_dir limit; put large data on shared storage or a URI"
+            )
         dest = _destination(src, base, taken)
         taken[dest] = src
         by_source[src] = dest
         plan.shipped.append((ref, src, dest))
         _set(plan.data, ref.location, dest)
     if plan.passed:
-        plan.notes.append("passed through unchanged (checked on the cluster): "
-                          + ", ".join(f"{ref.dotted}={ref.value!r} ({why})" for ref, why in plan.passed))
+        plan.notes.append(
+            "passed through unchanged (checked on the cluster): "
+            + ", ".join(f"{ref.dotted}={ref.value!r} ({why})" for ref, why in plan.passed)
+        )
     if relative_outputs:
         plan.notes.append(
             "relative output path(s) " + ", ".join(relative_outputs) + " resolve inside the job's working_dir on "
             "the cluster, which Ray deletes with the job's runtime resources: use an absolute path on shared "
-            "storage or a URI to keep the results")
+            "storage or a URI to keep the results"
+        )
     _revalidate(plan)
     return plan
 
@@ -416,8 +423,10 @@ def connect(address: Optional[str] = None):
         probe = requests.get(f"{url}/api/authentication_mode", timeout=PROBE_TIMEOUT_S)
     except requests.RequestException as e:
         reason = type(e).__name__ if isinstance(e, requests.Timeout) else str(e).split(": ")[-1][:200]
-        raise SubmitError(f"cannot reach the Ray job server at {where}: {reason}; is the cluster up "
-                          f"(its dashboard port, default 8265)? Set --address or RAY_API_SERVER_ADDRESS") from None
+        raise SubmitError(
+            f"cannot reach the Ray job server at {where}: {reason}; is the cluster up "
+            f"(its dashboard port, default 8265)? Set --address or RAY_API_SERVER_ADDRESS"
+        ) from None
     mode = "disabled"
     if probe.status_code == 200:
         with contextlib.suppress(ValueError, AttributeError):
@@ -439,8 +448,9 @@ def connect(address: Optional[str] = None):
     except AuthenticationError:
         if token_source is None:  # the probe said no auth (an older Ray?) but the server wants a token
             raise SubmitError(f"the cluster at {where} requires a token: {TOKEN_HELP}") from None
-        raise SubmitError(f"the cluster at {where} requires a token: the one from {token_source} was rejected; "
-                          f"{TOKEN_HELP}") from None
+        raise SubmitError(
+            f"the cluster at {where} requires a token: the one from {token_source} was rejected; {TOKEN_HELP}"
+        ) from None
     except (ConnectionError, requests.RequestException) as e:
         raise SubmitError(f"cannot talk to the Ray job server at {where}: {e}") from None
     except RuntimeError as e:  # a reachable server that is not a (recent enough) Ray job server
@@ -456,13 +466,21 @@ def describe_interpreter(python: str) -> str:
     """One line saying what ``python`` will mean on the cluster."""
     if "/" in python:
         return f"the job runs with {python} on the head node (it must have raydist's dependencies installed)"
-    return (f"the job runs with `{python}`: whatever `{python}` is first on the head node's PATH (the job's "
-            f"entrypoint is a shell command there); set --python or job.python if that is not the environment "
-            f"with raydist's dependencies")
+    return (
+        f"the job runs with `{python}`: whatever `{python}` is first on the head node's PATH (the job's "
+        f"entrypoint is a shell command there); set --python or job.python if that is not the environment "
+        f"with raydist's dependencies"
+    )
 
 
-def submit(plan: JobPlan, address: Optional[str] = None, python: Optional[str] = None, follow: bool = False,
-           say: Callable[[str], None] = print, config_name: str = "") -> int:
+def submit(
+    plan: JobPlan,
+    address: Optional[str] = None,
+    python: Optional[str] = None,
+    follow: bool = False,
+    say: Callable[[str], None] = print,
+    config_name: str = "",
+) -> int:
     """Stage the working_dir, submit the job, print its id; with ``follow`` stream its logs.
 
     Returns:
@@ -494,6 +512,7 @@ def submit(plan: JobPlan, address: Optional[str] = None, python: Optional[str] =
 
 def follow_job(client, job_id: str, say: Callable[[str], None] = print) -> int:
     """Stream a job's logs until it ends; return its exit status (0 SUCCEEDED, 1 FAILED, 4 STOPPED)."""
+
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             sys.stdout.write(chunk)
@@ -509,8 +528,10 @@ def follow_job(client, job_id: str, say: Callable[[str], None] = print) -> int:
             time.sleep(1.0)
             info = client.get_job_info(job_id)
     except KeyboardInterrupt:
-        say(f"\n[raydist] stopped following; job {job_id} keeps running "
-            f"(`raydist jobs logs {job_id} --follow`, `raydist jobs stop {job_id}`)")
+        say(
+            f"\n[raydist] stopped following; job {job_id} keeps running "
+            f"(`raydist jobs logs {job_id} --follow`, `raydist jobs stop {job_id}`)"
+        )
         return EXIT_INTERRUPTED
     return report_final(info, say)
 
@@ -557,8 +578,15 @@ def list_jobs(address: Optional[str] = None, say: Callable[[str], None] = print)
     rows = [("ID", "STATUS", "STAGE", "RUN", "STARTED")]
     for j in jobs:
         meta = j.metadata or {}
-        rows.append((j.submission_id or j.job_id or "-", j.status.value, meta.get("raydist_stage", "-"),
-                     meta.get("raydist_run", "-"), _when(j.start_time)))
+        rows.append(
+            (
+                j.submission_id or j.job_id or "-",
+                j.status.value,
+                meta.get("raydist_stage", "-"),
+                meta.get("raydist_run", "-"),
+                _when(j.start_time),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         say("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -585,8 +613,9 @@ def job_status(job_id: str, address: Optional[str] = None, say: Callable[[str], 
     return 0
 
 
-def job_logs(job_id: str, address: Optional[str] = None, follow: bool = False,
-             say: Callable[[str], None] = print) -> int:
+def job_logs(
+    job_id: str, address: Optional[str] = None, follow: bool = False, say: Callable[[str], None] = print
+) -> int:
     """Print a job's logs so far; with ``follow``, stream them and return the job's exit status."""
     client = connect(address)
     if follow:
@@ -597,8 +626,9 @@ def job_logs(job_id: str, address: Optional[str] = None, follow: bool = False,
     return 0
 
 
-def stop_job(job_id: str, address: Optional[str] = None, say: Callable[[str], None] = print,
-             wait_s: float = STOP_WAIT_S) -> int:
+def stop_job(
+    job_id: str, address: Optional[str] = None, say: Callable[[str], None] = print, wait_s: float = STOP_WAIT_S
+) -> int:
     """Ask Ray to stop a job (SIGTERM, then SIGKILL after Ray's grace period) and report its final status."""
     client = connect(address)
     info = _job_call(client.get_job_info, job_id, client.raydist_url)

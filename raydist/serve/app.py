@@ -65,12 +65,14 @@ def deployment_options(cfg: ServeConfig, num_gpus: float) -> dict[str, Any]:
     admitted = cfg.limits.admitted()
     opts: dict[str, Any] = {
         "name": "OpenAIServer",
-        "max_ongoing_requests": (cfg.limits.max_ongoing_requests if admitted is None
-                                 else admitted + ADMISSION_HEADROOM),
+        "max_ongoing_requests": (
+            cfg.limits.max_ongoing_requests if admitted is None else admitted + ADMISSION_HEADROOM
+        ),
         # the router queue then holds requests only while it picks a replica; the replica refuses the excess
         "max_queued_requests": -1,
-        "backpressure_config": BackpressureConfig(status_code=cfg.limits.queue_full_status,
-                                                  retry_after_s=cfg.limits.retry_after_s),
+        "backpressure_config": BackpressureConfig(
+            status_code=cfg.limits.queue_full_status, retry_after_s=cfg.limits.retry_after_s
+        ),
         "health_check_period_s": cfg.health.check_period_s,
         "health_check_timeout_s": cfg.health.check_timeout_s,
         "ray_actor_options": {"num_cpus": cfg.resources.num_cpus, "num_gpus": num_gpus},
@@ -86,9 +88,12 @@ def deployment_options(cfg: ServeConfig, num_gpus: float) -> dict[str, Any]:
     if cfg.autoscaling is not None:
         a = cfg.autoscaling
         opts["autoscaling_config"] = AutoscalingConfig(
-            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
-            target_ongoing_requests=a.target_ongoing_requests, upscale_delay_s=a.upscale_delay_s,
-            downscale_delay_s=a.downscale_delay_s, look_back_period_s=a.look_back_period_s,
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
+            target_ongoing_requests=a.target_ongoing_requests,
+            upscale_delay_s=a.upscale_delay_s,
+            downscale_delay_s=a.downscale_delay_s,
+            look_back_period_s=a.look_back_period_s,
         )
     else:
         opts["num_replicas"] = cfg.num_replicas or 1
@@ -121,8 +126,12 @@ def build_app(cfg: ServeConfig, api_key: Optional[str] = None):
     from raydist.serve.loading import check_artifact
 
     # Absolute paths: replicas run in other processes (and working directories).
-    cfg = cfg.model_copy(update={"artifact": str(check_artifact(cfg.artifact, cfg.adapter)),
-                                 "adapter": str(Path(cfg.adapter).expanduser().resolve()) if cfg.adapter else None})
+    cfg = cfg.model_copy(
+        update={
+            "artifact": str(check_artifact(cfg.artifact, cfg.adapter)),
+            "adapter": str(Path(cfg.adapter).expanduser().resolve()) if cfg.adapter else None,
+        }
+    )
     key = api_key if api_key is not None else resolve_api_key(cfg)
     with warnings.catch_warnings():  # short look-back windows (tests) warn about Serve's metric interval
         warnings.simplefilter("ignore")
@@ -194,8 +203,10 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True, verbose: bool = True) 
         deployed = True
         host = "127.0.0.1" if cfg.http.host in ("0.0.0.0", "::") else cfg.http.host
         url = f"http://{host}:{cfg.http.port}{cfg.route_prefix.rstrip('/')}/v1"
-        say(f"[raydist] serving model {cfg.model_name or default_model_id(cfg.artifact)!r} at {url} (OpenAI API; "
-            f"health: {url[:-3]}/health, readiness: {url[:-3]}/ready). Ctrl-C stops.")
+        say(
+            f"[raydist] serving model {cfg.model_name or default_model_id(cfg.artifact)!r} at {url} (OpenAI API; "
+            f"health: {url[:-3]}/health, readiness: {url[:-3]}/ready). Ctrl-C stops."
+        )
         if not blocking:
             return url
         while True:

@@ -41,22 +41,33 @@ class ReplicaMetrics:
         from ray.serve import metrics
 
         self.requests = metrics.Counter(
-            "raydist_serve_requests", description="HTTP requests by route and status code.", tag_keys=("route", "status"))
+            "raydist_serve_requests",
+            description="HTTP requests by route and status code.",
+            tag_keys=("route", "status"),
+        )
         self.latency = metrics.Histogram(
-            "raydist_serve_request_latency_ms", description="Request latency to the last byte (ms).",
-            boundaries=_LATENCY_BUCKETS_MS, tag_keys=("route",))
+            "raydist_serve_request_latency_ms",
+            description="Request latency to the last byte (ms).",
+            boundaries=_LATENCY_BUCKETS_MS,
+            tag_keys=("route",),
+        )
         self.waiting = metrics.Gauge(
-            "raydist_serve_waiting_requests", description="Requests on this replica waiting for a batch slot.")
+            "raydist_serve_waiting_requests", description="Requests on this replica waiting for a batch slot."
+        )
         self.running = metrics.Gauge(
-            "raydist_serve_running_requests", description="Requests in the batch being decoded.")
+            "raydist_serve_running_requests", description="Requests in the batch being decoded."
+        )
         self.batch_size = metrics.Histogram(
-            "raydist_serve_batch_size", description="Requests decoded together, per decode step.",
-            boundaries=_BATCH_BUCKETS)
+            "raydist_serve_batch_size",
+            description="Requests decoded together, per decode step.",
+            boundaries=_BATCH_BUCKETS,
+        )
         self.groups = metrics.Histogram(
-            "raydist_serve_batch_group_size", description="Requests per @serve.batch group (arrived together).",
-            boundaries=_BATCH_BUCKETS)
-        self.generated = metrics.Counter(
-            "raydist_serve_generated_tokens", description="Completion tokens generated.")
+            "raydist_serve_batch_group_size",
+            description="Requests per @serve.batch group (arrived together).",
+            boundaries=_BATCH_BUCKETS,
+        )
+        self.generated = metrics.Counter("raydist_serve_generated_tokens", description="Completion tokens generated.")
         self.prompt = metrics.Counter("raydist_serve_prompt_tokens", description="Prompt tokens processed.")
         self.local: Counter = Counter()
         self.batch_sizes: Counter = Counter()
@@ -115,8 +126,9 @@ class OpenAIServer:
         self._steps = self._decoded_rows = self._largest_batch = 0
         # Groups formed by @serve.batch join the batch that is decoding (continuous batching), up to the
         # configured size; without batching, one request at a time.
-        self.batcher = ContinuousBatcher(self.engine, batch.max_batch_size if batch.enabled else 1,
-                                         on_step=self._on_step)
+        self.batcher = ContinuousBatcher(
+            self.engine, batch.max_batch_size if batch.enabled else 1, on_step=self._on_step
+        )
         self._running = 0
         self._healthy = False
         self._probe_lock = threading.Lock()
@@ -128,10 +140,25 @@ class OpenAIServer:
             vocab_size=int(model.config.vocab_size),
             created=int(time.time()),
         )
-        self.service = OpenAIService(tokenizer, self, info, cfg.limits, api_key=api_key, observer=self.metrics,
-                                     ready=lambda: self._healthy, stats=self.stats)
-        logger.info("raydist replica pid %d serves %s (%s, %s, %d threads) after %.1fs load",
-                    os.getpid(), info.model_id, cfg.artifact, device, threads, time.time() - t0)
+        self.service = OpenAIService(
+            tokenizer,
+            self,
+            info,
+            cfg.limits,
+            api_key=api_key,
+            observer=self.metrics,
+            ready=lambda: self._healthy,
+            stats=self.stats,
+        )
+        logger.info(
+            "raydist replica pid %d serves %s (%s, %s, %d threads) after %.1fs load",
+            os.getpid(),
+            info.model_id,
+            cfg.artifact,
+            device,
+            threads,
+            time.time() - t0,
+        )
 
     def __serve_build_asgi_app__(self):
         return build_fastapi_app(self.service)
@@ -235,6 +262,8 @@ class OpenAIServer:
             "completions": m.local["completions"],
             "prompt_tokens": m.local["prompt_tokens"],
             "completion_tokens": m.local["completion_tokens"],
-            "responses_by_status": {k.removeprefix("status_"): v for k, v in m.local.items() if k.startswith("status_")},
+            "responses_by_status": {
+                k.removeprefix("status_"): v for k, v in m.local.items() if k.startswith("status_")
+            },
             "healthy": self._healthy,
         }

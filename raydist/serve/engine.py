@@ -168,7 +168,7 @@ class _TextTracker:
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 cut = min(hits)
-                new = text[self.emitted:cut] if cut > self.emitted else ""
+                new = text[self.emitted : cut] if cut > self.emitted else ""
                 self.emitted = max(self.emitted, cut)
                 return new, True
         safe = len(text)
@@ -178,18 +178,18 @@ class _TextTracker:
         hold = 0
         for s in self.stop:
             for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[safe - k:safe] == s[:k]:
+                if text[safe - k : safe] == s[:k]:
                     hold = max(hold, k)
                     break
         safe -= hold
-        new = text[self.emitted:safe] if safe > self.emitted else ""
+        new = text[self.emitted : safe] if safe > self.emitted else ""
         self.emitted = max(self.emitted, safe)
         return new, False
 
     def flush(self) -> str:
         """The held-back remainder at the end of generation (no stop string completed)."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        new = text[self.emitted:] if len(text) > self.emitted else ""
+        new = text[self.emitted :] if len(text) > self.emitted else ""
         self.emitted = len(text)
         return new
 
@@ -274,8 +274,9 @@ class BatchGenerator:
             top = tuple(zip(ids.tolist(), values.tolist()))
         return TokenLogprob(token, float(logprobs[token]), top)
 
-    def _prompt_logprobs(self, logits: torch.Tensor, requests: Sequence[GenerationRequest],
-                         width: int) -> list[Optional[tuple[Optional[TokenLogprob], ...]]]:
+    def _prompt_logprobs(
+        self, logits: torch.Tensor, requests: Sequence[GenerationRequest], width: int
+    ) -> list[Optional[tuple[Optional[TokenLogprob], ...]]]:
         """Score every prompt token (after the first) of the requests that ask, from the prefill's logits of
         all positions [B, T, V]; row by row so only one row's [T, V] log-softmax is held at a time."""
         scored: list[Optional[tuple[Optional[TokenLogprob], ...]]] = []
@@ -284,7 +285,7 @@ class BatchGenerator:
                 scored.append(None)
                 continue
             n = len(r.prompt_ids)
-            lp = torch.log_softmax(logits[i, width - n:width - 1].float(), dim=-1)  # position j predicts token j+1
+            lp = torch.log_softmax(logits[i, width - n : width - 1].float(), dim=-1)  # position j predicts token j+1
             entries: list[Optional[TokenLogprob]] = [None]
             entries += [self._scored(lp[j], r.prompt_ids[j + 1], r.prompt_logprobs) for j in range(n - 1)]
             scored.append(tuple(entries))
@@ -294,7 +295,7 @@ class BatchGenerator:
         """OpenAI's penalties and logit_bias on row ``b`` of ``logits``, in place."""
         row = logits[b]
         if generated and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=row.shape[0])[:row.shape[0]]
+            counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=row.shape[0])[: row.shape[0]]
             row -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty * (counts > 0).to(row.dtype)
         for token, bias in p.logit_bias:
             if 0 <= token < row.shape[0]:
@@ -325,8 +326,10 @@ class BatchGenerator:
                 sorted_p[drop] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
             tokens[b] = torch.multinomial(probs, 1, generator=state.generators[b]).item()
-        scored = [self._scored(logprobs[b], int(tokens[b]), p.logprobs) if want else None
-                  for b, (p, want) in enumerate(zip(params, wants))]
+        scored = [
+            self._scored(logprobs[b], int(tokens[b]), p.logprobs) if want else None
+            for b, (p, want) in enumerate(zip(params, wants))
+        ]
         return tokens, scored
 
     # -- public API --------------------------------------------------------------------------------
@@ -357,8 +360,8 @@ class BatchGenerator:
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, r in enumerate(requests):  # left padding: every prompt ends where generation starts
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, width - len(r.prompt_ids):] = 1
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T] real positions, 0 under padding
         generators = []
         for r in requests:
@@ -369,15 +372,22 @@ class BatchGenerator:
                 generators.append(torch.Generator().manual_seed(seed))
         cache = self.fast.new_cache() if self.fast is not None else DynamicCache(config=self.model.config)
         echo = any(r.prompt_logprobs is not None for r in requests)
-        logits, cache, every = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device),
-                                             cache, all_positions=echo)
+        logits, cache, every = self._forward(
+            ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, all_positions=echo
+        )
         prompt_scores = self._prompt_logprobs(every, requests, width) if echo else [None] * n
         del every
         state = BatchState(
-            requests=list(requests), rows=list(range(n)), cache=cache, attention_mask=mask.to(self.device),
-            next_positions=positions[:, -1] + 1, next_tokens=torch.zeros(n, dtype=torch.long),
-            trackers=[_TextTracker(self.tokenizer, r.params.stop) for r in requests], counts=[0] * n,
-            generators=generators, finished=[False] * n,
+            requests=list(requests),
+            rows=list(range(n)),
+            cache=cache,
+            attention_mask=mask.to(self.device),
+            next_positions=positions[:, -1] + 1,
+            next_tokens=torch.zeros(n, dtype=torch.long),
+            trackers=[_TextTracker(self.tokenizer, r.params.stop) for r in requests],
+            counts=[0] * n,
+            generators=generators,
+            finished=[False] * n,
         )
         return state, self._advance(state, *self._sample(logits.cpu(), state), prompt_scores)
 
@@ -392,18 +402,30 @@ class BatchGenerator:
         if state.done:
             return [None] * len(state.requests)
         b = len(state.rows)
-        mask = torch.cat([state.attention_mask, torch.ones((b, 1), dtype=state.attention_mask.dtype,
-                                                           device=state.attention_mask.device)], dim=1)
+        mask = torch.cat(
+            [
+                state.attention_mask,
+                torch.ones((b, 1), dtype=state.attention_mask.dtype, device=state.attention_mask.device),
+            ],
+            dim=1,
+        )
         logits, state.cache, _ = self._forward(
-            state.next_tokens.view(b, 1).to(self.device), mask, state.next_positions.view(b, 1).to(self.device),
+            state.next_tokens.view(b, 1).to(self.device),
+            mask,
+            state.next_positions.view(b, 1).to(self.device),
             state.cache,
         )
         state.attention_mask = mask
         state.next_positions = state.next_positions + 1
         return self._advance(state, *self._sample(logits.cpu(), state))
 
-    def _advance(self, state: BatchState, tokens: torch.Tensor, scored: list[Optional[TokenLogprob]],
-                 prompt_scores: Optional[list] = None) -> list[Optional[StepOutput]]:
+    def _advance(
+        self,
+        state: BatchState,
+        tokens: torch.Tensor,
+        scored: list[Optional[TokenLogprob]],
+        prompt_scores: Optional[list] = None,
+    ) -> list[Optional[StepOutput]]:
         """Record the sampled tokens [B_live] (and their logprob entries), decide which rows finish, and drop
         them from the batch. ``prompt_scores``: after a prefill, each request's prompt logprobs (or None)."""
         outputs: list[Optional[StepOutput]] = [None] * len(state.requests)
@@ -425,8 +447,14 @@ class BatchGenerator:
                 elif state.counts[r] >= req.params.max_tokens or req.cancelled:
                     text += tracker.flush()
                     finish = "length"
-            outputs[r] = StepOutput(text=text, completion_tokens=state.counts[r], finish_reason=finish, token_id=tok,
-                                    logprob=scored[b], prompt_logprobs=prompt_scores[r] if prompt_scores else None)
+            outputs[r] = StepOutput(
+                text=text,
+                completion_tokens=state.counts[r],
+                finish_reason=finish,
+                token_id=tok,
+                logprob=scored[b],
+                prompt_logprobs=prompt_scores[r] if prompt_scores else None,
+            )
             if finish is None:
                 keep.append(b)
             else:
@@ -470,8 +498,18 @@ class BatchGenerator:
         self.compact(state)
         offset = len(state.requests)
         if not state.rows:  # nothing running: adopt the new batch as it is
-            for name in ("requests", "rows", "cache", "attention_mask", "next_positions", "next_tokens", "trackers",
-                         "counts", "generators", "finished"):
+            for name in (
+                "requests",
+                "rows",
+                "cache",
+                "attention_mask",
+                "next_positions",
+                "next_tokens",
+                "trackers",
+                "counts",
+                "generators",
+                "finished",
+            ):
                 setattr(state, name, getattr(new, name))
             return
         layers_a, layers_b = getattr(state.cache, "layers", None), getattr(new.cache, "layers", None)
@@ -489,8 +527,10 @@ class BatchGenerator:
 
         for la, lb in zip(layers_a, layers_b):  # keys/values [B, kv_heads, T, head_dim]
             # both computed before either is assigned (a fast-path cache layer's length follows its keys)
-            la.keys, la.values = (torch.cat([left_pad(la.keys, t_a, -2), left_pad(lb.keys, t_b, -2)], dim=0),
-                                  torch.cat([left_pad(la.values, t_a, -2), left_pad(lb.values, t_b, -2)], dim=0))
+            la.keys, la.values = (
+                torch.cat([left_pad(la.keys, t_a, -2), left_pad(lb.keys, t_b, -2)], dim=0),
+                torch.cat([left_pad(la.values, t_a, -2), left_pad(lb.values, t_b, -2)], dim=0),
+            )
         state.attention_mask = torch.cat([left_pad(state.attention_mask, t_a, 1), left_pad(new.attention_mask, t_b, 1)])
         state.next_positions = torch.cat([state.next_positions, new.next_positions])
         state.next_tokens = torch.cat([state.next_tokens, new.next_tokens])
@@ -504,8 +544,9 @@ class BatchGenerator:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Run a batch to the end (what the replica does without streaming; also used by benchmarks)."""
         state, outs = self.prefill(requests)
-        done = [Completion("", len(r.prompt_ids), 0, "", prompt_logprobs=o.prompt_logprobs)
-                for r, o in zip(requests, outs)]
+        done = [
+            Completion("", len(r.prompt_ids), 0, "", prompt_logprobs=o.prompt_logprobs) for r, o in zip(requests, outs)
+        ]
         while True:
             for c, o in zip(done, outs):
                 if o is not None:
@@ -519,7 +560,6 @@ class BatchGenerator:
                 break
             outs = self.step(state)
         return done
-
 
 
 class _Group:

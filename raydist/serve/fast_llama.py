@@ -34,8 +34,13 @@ SUPPORTED_TYPES = ("llama",)
 Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed int8 weight (TorchScript class)
 
 
-def _linear(x: torch.Tensor, packed: Optional[Packed], wt: Optional[torch.Tensor], smooth: Optional[torch.Tensor],
-            reduce_range: bool) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor,
+    packed: Optional[Packed],
+    wt: Optional[torch.Tensor],
+    smooth: Optional[torch.Tensor],
+    reduce_range: bool,
+) -> torch.Tensor:
     """One fused op of :class:`_Dense` / :class:`_Int8Dynamic` (TorchScript-compatible twin of their call)."""
     if smooth is not None:
         x = x / smooth
@@ -48,11 +53,26 @@ def _linear(x: torch.Tensor, packed: Optional[Packed], wt: Optional[torch.Tensor
     return x @ wt
 
 
-def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, past: int,
-            norms1: List[torch.Tensor], norms2: List[torch.Tensor], eps1: List[float], eps2: List[float],
-            packed: List[Optional[Packed]], dense: List[Optional[torch.Tensor]], smooth: List[Optional[torch.Tensor]],
-            keys: List[torch.Tensor], values: List[torch.Tensor], nq: int, nkv: int, d: int,
-            reduce_range: bool) -> torch.Tensor:
+def _layers(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    past: int,
+    norms1: List[torch.Tensor],
+    norms2: List[torch.Tensor],
+    eps1: List[float],
+    eps2: List[float],
+    packed: List[Optional[Packed]],
+    dense: List[Optional[torch.Tensor]],
+    smooth: List[Optional[torch.Tensor]],
+    keys: List[torch.Tensor],
+    values: List[torch.Tensor],
+    nq: int,
+    nkv: int,
+    d: int,
+    reduce_range: bool,
+) -> torch.Tensor:
     """Every decoder layer on ``x`` [B, T, H]; linears 4 per layer (qkv, o, gate_up, down) in the flat lists.
     ``keys`` / ``values`` [B, kv_heads, capacity, d] hold ``past`` positions and get the T new ones."""
     b, t = x.shape[0], x.shape[1]
@@ -61,12 +81,17 @@ def _layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.T
         j = 4 * i
         h = F.rms_norm(x, [x.shape[-1]], norms1[i], eps1[i]).view(b * t, -1)
         qkv = _linear(h, packed[j], dense[j], smooth[j], reduce_range).view(b, t, nq + 2 * nkv, d)
-        qk = qkv[:, :, :nq + nkv]
+        qk = qkv[:, :, : nq + nkv]
         qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
-        keys[i][:, :, past:past + t] = qk[:, :, nq:].transpose(1, 2)
-        values[i][:, :, past:past + t] = qkv[:, :, nq + nkv:].transpose(1, 2)
-        a = F.scaled_dot_product_attention(qk[:, :, :nq].transpose(1, 2), keys[i][:, :, :past + t],
-                                           values[i][:, :, :past + t], attn_mask=mask, enable_gqa=nq != nkv)
+        keys[i][:, :, past : past + t] = qk[:, :, nq:].transpose(1, 2)
+        values[i][:, :, past : past + t] = qkv[:, :, nq + nkv :].transpose(1, 2)
+        a = F.scaled_dot_product_attention(
+            qk[:, :, :nq].transpose(1, 2),
+            keys[i][:, :, : past + t],
+            values[i][:, :, : past + t],
+            attn_mask=mask,
+            enable_gqa=nq != nkv,
+        )
         a = a.transpose(1, 2).reshape(b * t, nq * d)
         x = x + _linear(a, packed[j + 1], dense[j + 1], smooth[j + 1], reduce_range).view(b, t, -1)
         h = F.rms_norm(x, [x.shape[-1]], norms2[i], eps2[i]).view(b * t, -1)
@@ -159,8 +184,13 @@ def _kind(module: nn.Module) -> Optional[str]:
     return None
 
 
-def _fused(modules: list[nn.Module], norm_weight: Optional[torch.Tensor], *, smoothed: bool = True,
-           last_rows_divisor: Optional[torch.Tensor] = None):
+def _fused(
+    modules: list[nn.Module],
+    norm_weight: Optional[torch.Tensor],
+    *,
+    smoothed: bool = True,
+    last_rows_divisor: Optional[torch.Tensor] = None,
+):
     """One op for linears reading the same input, and the norm weight to use before it (smoothing folded).
 
     ``smoothed=False``: the input arrives already divided by the layers' smoothing vector (folded upstream).
@@ -178,8 +208,10 @@ def _fused(modules: list[nn.Module], norm_weight: Optional[torch.Tensor], *, smo
         return _Int8Dynamic(modules, None, last_rows_divisor), norm_weight
     if not all(torch.equal(s, smooths[0]) for s in smooths[1:]):
         # Smoothed separately (artifacts written before smoothing was shared): one matmul per layer.
-        ops = [_Int8Dynamic([m], m.smooth, last_rows_divisor if i == len(modules) - 1 else None)
-               for i, m in enumerate(modules)]
+        ops = [
+            _Int8Dynamic([m], m.smooth, last_rows_divisor if i == len(modules) - 1 else None)
+            for i, m in enumerate(modules)
+        ]
         return _Concat(ops), norm_weight
     if norm_weight is None:
         return _Int8Dynamic(modules, smooths[0], last_rows_divisor), None
@@ -206,7 +238,7 @@ class KVLayer:
 
     @property
     def keys(self) -> torch.Tensor:
-        return self._k[:, :, :self.length]
+        return self._k[:, :, : self.length]
 
     @keys.setter
     def keys(self, value: torch.Tensor) -> None:
@@ -214,7 +246,7 @@ class KVLayer:
 
     @property
     def values(self) -> torch.Tensor:
-        return self._v[:, :, :self.length]
+        return self._v[:, :, : self.length]
 
     @values.setter
     def values(self, value: torch.Tensor) -> None:
@@ -228,16 +260,16 @@ class KVLayer:
             shape = (like.shape[0], like.shape[1], cap, like.shape[-1])
             nk, nv = like.new_empty(shape), like.new_empty(shape)
             if self.length:
-                nk[:, :, :self.length] = self.keys
-                nv[:, :, :self.length] = self.values
+                nk[:, :, : self.length] = self.keys
+                nv[:, :, : self.length] = self.values
             self._k, self._v = nk, nv
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``/``v`` [B, kv_heads, T, head_dim] after the used part; all keys and values so far."""
         need = self.length + k.shape[-2]
         self.reserve(k)
-        self._k[:, :, self.length:need] = k
-        self._v[:, :, self.length:need] = v
+        self._k[:, :, self.length : need] = k
+        self._v[:, :, self.length : need] = v
         self.length = need
         return self._k[:, :, :need], self._v[:, :, :need]
 
@@ -281,23 +313,37 @@ class FastLlama:
         from raydist.components.quantization import REDUCE_RANGE
 
         self._flat = dict(
-            norms1=[la.norm1 for la in layers], norms2=[la.norm2 for la in layers],
-            eps1=[float(la.eps1) for la in layers], eps2=[float(la.eps2) for la in layers],
-            packed=[getattr(op, "packed", None) for op in ops], dense=[getattr(op, "wt", None) for op in ops],
-            smooth=[getattr(op, "smooth", None) for op in ops], nq=self.n_heads, nkv=self.n_kv, d=self.head_dim,
-            reduce_range=REDUCE_RANGE)
+            norms1=[la.norm1 for la in layers],
+            norms2=[la.norm2 for la in layers],
+            eps1=[float(la.eps1) for la in layers],
+            eps2=[float(la.eps2) for la in layers],
+            packed=[getattr(op, "packed", None) for op in ops],
+            dense=[getattr(op, "wt", None) for op in ops],
+            smooth=[getattr(op, "smooth", None) for op in ops],
+            nq=self.n_heads,
+            nkv=self.n_kv,
+            d=self.head_dim,
+            reduce_range=REDUCE_RANGE,
+        )
 
     @classmethod
     def build(cls, model: nn.Module) -> Optional["FastLlama"]:
         """The fast path for ``model``, or None when it cannot reproduce the model's forward exactly."""
         cfg = getattr(model, "config", None)
         inner = getattr(model, "model", None)
-        if (cfg is None or getattr(cfg, "model_type", None) not in SUPPORTED_TYPES or inner is None
-                or getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)
-                or getattr(cfg, "pretraining_tp", 1) != 1 or getattr(cfg, "hidden_act", "silu") != "silu"
-                or not hasattr(inner, "rotary_emb") or not hasattr(inner, "embed_tokens")
-                or next(model.parameters()).device.type != "cpu"
-                or inner.embed_tokens.weight.dtype != torch.float32):
+        if (
+            cfg is None
+            or getattr(cfg, "model_type", None) not in SUPPORTED_TYPES
+            or inner is None
+            or getattr(cfg, "attention_bias", False)
+            or getattr(cfg, "mlp_bias", False)
+            or getattr(cfg, "pretraining_tp", 1) != 1
+            or getattr(cfg, "hidden_act", "silu") != "silu"
+            or not hasattr(inner, "rotary_emb")
+            or not hasattr(inner, "embed_tokens")
+            or next(model.parameters()).device.type != "cpu"
+            or inner.embed_tokens.weight.dtype != torch.float32
+        ):
             return None
         n_heads = cfg.num_attention_heads
         n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
@@ -306,16 +352,22 @@ class FastLlama:
         with torch.no_grad():
             for blk in inner.layers:
                 att, mlp = blk.self_attn, blk.mlp
-                if (att.q_proj.out_features != n_heads * head_dim or att.k_proj.out_features != n_kv * head_dim
-                        or att.v_proj.out_features != n_kv * head_dim):
+                if (
+                    att.q_proj.out_features != n_heads * head_dim
+                    or att.k_proj.out_features != n_kv * head_dim
+                    or att.v_proj.out_features != n_kv * head_dim
+                ):
                     return None  # heads pruned per layer: transformers' forward handles that
                 la = _Layer()
                 la.qkv, la.norm1 = _fused([att.q_proj, att.k_proj, att.v_proj], blk.input_layernorm.weight.detach())
                 la.o, _ = _fused([att.o_proj], None)
                 # down_proj's input is silu(gate) * up: its smoothing divisor folds exactly into up's row scales.
                 down_smooth = getattr(mlp.down_proj, "smooth", None) if _kind(mlp.down_proj) == "int8" else None
-                la.gate_up, la.norm2 = _fused([mlp.gate_proj, mlp.up_proj], blk.post_attention_layernorm.weight.detach(),
-                                              last_rows_divisor=down_smooth)
+                la.gate_up, la.norm2 = _fused(
+                    [mlp.gate_proj, mlp.up_proj],
+                    blk.post_attention_layernorm.weight.detach(),
+                    last_rows_divisor=down_smooth,
+                )
                 la.down, _ = _fused([mlp.down_proj], None, smoothed=down_smooth is None)
                 if None in (la.qkv, la.o, la.gate_up, la.down):
                     return None
@@ -331,8 +383,14 @@ class FastLlama:
         return KVCache(len(self.layers))
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                cache: KVCache, all_positions: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache,
+        all_positions: bool = False,
+    ) -> torch.Tensor:
         """Logits [B, T or 1, V] (every position with ``all_positions``, else the last), float32.
 
         ``attention_mask`` [B, past + T] covers the cached positions and the new ones (0 = padding).
@@ -355,18 +413,26 @@ class FastLlama:
         nq, nkv, d = self.n_heads, self.n_kv, self.head_dim
         if self._script is not None:
             cache.reserve(x.new_empty(b, nkv, t, d))
-            x = self._script(x, cos, sin, mask, past, keys=[la._k for la in cache.layers],
-                             values=[la._v for la in cache.layers], **self._flat)
+            x = self._script(
+                x,
+                cos,
+                sin,
+                mask,
+                past,
+                keys=[la._k for la in cache.layers],
+                values=[la._v for la in cache.layers],
+                **self._flat,
+            )
             for la in cache.layers:
                 la.length = past + t
         layers = () if self._script is not None else self.layers
         for la, kv in zip(layers, cache.layers):
             h = F.rms_norm(x, (x.shape[-1],), la.norm1, la.eps1).view(b * t, -1)
             qkv = la.qkv(h).view(b, t, nq + 2 * nkv, d)
-            qk = qkv[:, :, :nq + nkv]
+            qk = qkv[:, :, : nq + nkv]
             qk = torch.addcmul(qk * cos, torch.roll(qk, half, dims=-1), sin)
             q = qk[:, :, :nq].transpose(1, 2)
-            k_all, v_all = kv.append(qk[:, :, nq:].transpose(1, 2), qkv[:, :, nq + nkv:].transpose(1, 2))
+            k_all, v_all = kv.append(qk[:, :, nq:].transpose(1, 2), qkv[:, :, nq + nkv :].transpose(1, 2))
             a = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=nq != nkv)
             x = x + la.o(a.transpose(1, 2).reshape(b * t, nq * d)).view(b, t, -1)
             h = F.rms_norm(x, (x.shape[-1],), la.norm2, la.eps2).view(b * t, -1)

@@ -44,8 +44,10 @@ def adapter_base(path: Path) -> Optional[str]:
         return None
     base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
-        raise ArtifactError(f"{path} is a LoRA adapter without base_model_name_or_path; give the base as "
-                            "`artifact` and this directory as `adapter`")
+        raise ArtifactError(
+            f"{path} is a LoRA adapter without base_model_name_or_path; give the base as "
+            "`artifact` and this directory as `adapter`"
+        )
     return base
 
 
@@ -123,8 +125,9 @@ def load_served_model(artifact: str, adapter: Optional[str], device: str, dtype:
     if adapter is not None:
         adapters.append(str(Path(adapter).expanduser().resolve()))
     if quantized and adapters:
-        raise ArtifactError(f"{p} is quantized; a LoRA adapter cannot be merged into quantized weights "
-                            "(merge it before quantizing)")
+        raise ArtifactError(
+            f"{p} is quantized; a LoRA adapter cannot be merged into quantized weights (merge it before quantizing)"
+        )
     if quantized and dtype != "auto":
         raise ArtifactError(f"{p} is quantized with its own scheme; resources.dtype must stay 'auto'")
     # Adapters merge on the CPU copy; the merged model then moves to the device once.

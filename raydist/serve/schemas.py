@@ -31,8 +31,16 @@ class APIError(Exception):
         headers: extra response headers (``WWW-Authenticate``, ``Retry-After``).
     """
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict[str, str]] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        headers: Optional[dict[str, str]] = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -45,8 +53,9 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
+) -> dict[str, Any]:
     """The OpenAI error envelope."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -86,8 +95,9 @@ def validation_error_to_api_error(err: ValidationError) -> APIError:
         else:
             parts.append(texts[0])
     first = next(iter(by_field), "") or None
-    return APIError(400, "; ".join(parts[:5]) + (f"; ... and {len(parts) - 5} more" if len(parts) > 5 else ""),
-                    param=first)
+    return APIError(
+        400, "; ".join(parts[:5]) + (f"; ... and {len(parts) - 5} more" if len(parts) > 5 else ""), param=first
+    )
 
 
 # -- requests --------------------------------------------------------------------------------------
@@ -98,7 +108,7 @@ _INT64 = 2**63
 REFUSED_FIELDS = {
     "suffix": "/v1/completions: insertion (fill-in-the-middle) needs a model trained for it",
     "tools / tool_choice / functions / function_call": "/v1/chat/completions: tool calling is not implemented",
-    "response_format": "/v1/chat/completions: only {\"type\": \"text\"} (no JSON mode or schemas)",
+    "response_format": '/v1/chat/completions: only {"type": "text"} (no JSON mode or schemas)',
     "best_of with stream": "/v1/completions: the best candidates are only known at the end (as OpenAI)",
 }
 
@@ -233,8 +243,11 @@ class ChatCompletionRequest(_SamplingFields):
         for name in ("tools", "tool_choice", "functions", "function_call"):
             if getattr(self, name) not in (None, [], "none"):
                 raise ValueError(f"{name}: tool calling is not supported by this server")
-        if (self.max_tokens is not None and self.max_completion_tokens is not None
-                and self.max_tokens != self.max_completion_tokens):
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
             raise ValueError("max_tokens and max_completion_tokens disagree; give one of them")
         return self
 
@@ -256,8 +269,11 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 FinishReason = Literal["stop", "length"]

@@ -186,9 +186,18 @@ class OpenAIService:
         stats: returns replica statistics for ``GET /stats`` (batch sizes, pid, ...).
     """
 
-    def __init__(self, tokenizer, backend: GenerationBackend, info: ModelInfo, limits: LimitSettings, *,
-                 api_key: Optional[str] = None, observer: Optional[RequestObserver] = None,
-                 ready: Callable[[], bool] = lambda: True, stats: Callable[[], dict] = dict):
+    def __init__(
+        self,
+        tokenizer,
+        backend: GenerationBackend,
+        info: ModelInfo,
+        limits: LimitSettings,
+        *,
+        api_key: Optional[str] = None,
+        observer: Optional[RequestObserver] = None,
+        ready: Callable[[], bool] = lambda: True,
+        stats: Callable[[], dict] = dict,
+    ):
         self.tokenizer = tokenizer
         self.backend = backend
         self.info = info
@@ -207,12 +216,18 @@ class OpenAIService:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
-            raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("utf-8", "replace"),
-                                                                 self.api_key.encode("utf-8")):
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise APIError(
+                401,
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode("utf-8", "replace"), self.api_key.encode("utf-8")
+        ):
+            raise APIError(
+                401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            )
 
     async def read_json(self, request: Request) -> dict[str, Any]:
         """The request body as a JSON object, within ``limits.max_body_bytes``.
@@ -226,8 +241,11 @@ class OpenAIService:
             if not declared.strip().isdigit():
                 raise APIError(400, f"invalid Content-Length header {declared[:32]!r}")
             if int(declared) > limit:
-                raise APIError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes",
-                               code="request_too_large")
+                raise APIError(
+                    413,
+                    f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes",
+                    code="request_too_large",
+                )
         buf = bytearray()
         async for chunk in request.stream():
             buf += chunk
@@ -252,16 +270,23 @@ class OpenAIService:
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.info.model_id:
-            raise APIError(404, f"The model `{model[:256]}` does not exist; this server serves `{self.info.model_id}`.",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{model[:256]}` does not exist; this server serves `{self.info.model_id}`.",
+                param="model",
+                code="model_not_found",
+            )
 
     async def encode_prompt(self, prompt: Union[str, list[int]]) -> list[int]:
         """Token ids of a completion prompt (a string, or ids checked against the vocabulary)."""
         if isinstance(prompt, list):
             bad = [t for t in prompt if not 0 <= t < self.info.vocab_size]
             if bad:
-                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})",
-                               param="prompt")
+                raise APIError(
+                    400,
+                    f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})",
+                    param="prompt",
+                )
             ids = list(prompt)
         else:
             self._check_chars(len(prompt), "prompt")
@@ -283,15 +308,21 @@ class OpenAIService:
         try:
             return await asyncio.to_thread(render_prompt, self.tokenizer, conversation)
         except Exception as e:  # the model's chat template may refuse a conversation (roles, order)
-            raise APIError(400, f"messages could not be rendered with the model's chat template: {str(e)[:200]}",
-                           param="messages") from None
+            raise APIError(
+                400, f"messages could not be rendered with the model's chat template: {str(e)[:200]}", param="messages"
+            ) from None
 
     def _check_chars(self, n_chars: int, param: str) -> None:
         # BPE tokens rarely span more than a few dozen characters, so text beyond 64 characters per allowed
         # token cannot fit; refusing it before tokenizing keeps a hostile megabyte prompt cheap.
         if n_chars > 64 * self.limits.max_prompt_tokens:
-            raise APIError(400, f"{param}: {n_chars} characters is far beyond the limit of "
-                           f"{self.limits.max_prompt_tokens} prompt tokens", param=param, code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"{param}: {n_chars} characters is far beyond the limit of "
+                f"{self.limits.max_prompt_tokens} prompt tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def check_choices(self, n: int, candidates: int, logprobs: Optional[int], logprobs_param: str) -> None:
         """``n`` / ``best_of`` / ``logprobs`` within the server's limits."""
@@ -299,43 +330,70 @@ class OpenAIService:
             name = "n" if candidates == n else "best_of"
             raise APIError(400, f"{name} is {candidates}; this server allows at most {self.limits.max_n}", param=name)
         if logprobs is not None and logprobs > self.limits.max_logprobs:
-            raise APIError(400, f"{logprobs_param} is {logprobs}; this server returns at most "
-                           f"{self.limits.max_logprobs} alternatives per token", param=logprobs_param)
+            raise APIError(
+                400,
+                f"{logprobs_param} is {logprobs}; this server returns at most "
+                f"{self.limits.max_logprobs} alternatives per token",
+                param=logprobs_param,
+            )
 
     def logit_bias(self, req) -> tuple[tuple[int, float], ...]:
         pairs = req.logit_bias_pairs()
         bad = [t for t, _ in pairs if t >= self.info.vocab_size]
         if bad:
-            raise APIError(400, f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})",
-                           param="logit_bias")
+            raise APIError(
+                400,
+                f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})",
+                param="logit_bias",
+            )
         return pairs
 
-    def sampling(self, req, prompt_ids: list[int], requested: Optional[int], default: int, *, choice: int = 0,
-                 logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
-                 logit_bias: tuple[tuple[int, float], ...] = ()) -> GenerationRequest:
+    def sampling(
+        self,
+        req,
+        prompt_ids: list[int],
+        requested: Optional[int],
+        default: int,
+        *,
+        choice: int = 0,
+        logprobs: Optional[int] = None,
+        prompt_logprobs: Optional[int] = None,
+        logit_bias: tuple[tuple[int, float], ...] = (),
+    ) -> GenerationRequest:
         """Check the prompt and token limits and build the generation request (``choice``: which of a prompt's
         ``n`` choices; a seeded request's choices use seeds ``seed``, ``seed + 1``, ... so they differ)."""
         n_prompt = len(prompt_ids)
         if n_prompt > self.limits.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {n_prompt} tokens; this server accepts at most "
-                           f"{self.limits.max_prompt_tokens}", param="messages" if hasattr(req, "messages") else "prompt",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {n_prompt} tokens; this server accepts at most {self.limits.max_prompt_tokens}",
+                param="messages" if hasattr(req, "messages") else "prompt",
+                code="context_length_exceeded",
+            )
         ctx = self.info.context_length
         if requested is not None and requested > self.limits.max_tokens:
-            raise APIError(400, f"max_tokens is {requested}; this server allows at most {self.limits.max_tokens}",
-                           param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens is {requested}; this server allows at most {self.limits.max_tokens}",
+                param="max_tokens",
+            )
         max_tokens = requested if requested is not None else default
         if ctx is not None:
             room = ctx - n_prompt
             if room < 1 or (requested is not None and requested > room):
-                raise APIError(400, f"this model's maximum context length is {ctx} tokens; the prompt has {n_prompt} "
-                               f"and max_tokens asks for {max_tokens}", param="max_tokens",
-                               code="context_length_exceeded")
+                raise APIError(
+                    400,
+                    f"this model's maximum context length is {ctx} tokens; the prompt has {n_prompt} "
+                    f"and max_tokens asks for {max_tokens}",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
             max_tokens = min(max_tokens, room)  # a default that would overflow is shortened, not refused
         stops = req.stop_list()
         if len(stops) > self.limits.max_stop_sequences:
-            raise APIError(400, f"stop: at most {self.limits.max_stop_sequences} sequences, got {len(stops)}",
-                           param="stop")
+            raise APIError(
+                400, f"stop: at most {self.limits.max_stop_sequences} sequences, got {len(stops)}", param="stop"
+            )
         if any(len(s) > 256 for s in stops):
             raise APIError(400, "stop: each sequence must be at most 256 characters", param="stop")
         params = SamplingParams(
@@ -408,9 +466,14 @@ class OpenAIService:
             self.observer.tokens(len(gen.prompt_ids), g.completion_tokens)
         return done
 
-    async def stream(self, gens: list[GenerationRequest], chunk: Callable[[int, StepOutput], Optional[dict]],
-                     first: list[dict], usage_chunk: Optional[Callable[[Usage], dict]],
-                     prompt_tokens: int) -> AsyncIterator[str]:
+    async def stream(
+        self,
+        gens: list[GenerationRequest],
+        chunk: Callable[[int, StepOutput], Optional[dict]],
+        first: list[dict],
+        usage_chunk: Optional[Callable[[Usage], dict]],
+        prompt_tokens: int,
+    ) -> AsyncIterator[str]:
         """Server-sent events: ``first``, one chunk per step of any generation with new text, logprobs or a
         finish reason (``chunk(index, step)``), the usage chunk (``stream_options.include_usage``), then
         ``[DONE]``. A failure mid-stream is sent as an error event (the status line is already out)."""
@@ -434,8 +497,9 @@ class OpenAIService:
         yield _SSE_DONE
 
     # -- logprobs in OpenAI's two shapes ------------------------------------------------------------
-    def completion_logprobs(self, token_ids: list[int], entries: list[Optional[TokenLogprob]],
-                            offset: int = 0) -> CompletionLogprobs:
+    def completion_logprobs(
+        self, token_ids: list[int], entries: list[Optional[TokenLogprob]], offset: int = 0
+    ) -> CompletionLogprobs:
         """The completions API's ``logprobs``: per token its text, logprob, alternatives (text -> logprob, the
         token itself included, as vLLM) and character offset (from ``offset``, summing the token texts)."""
         out = CompletionLogprobs()
@@ -458,13 +522,16 @@ class OpenAIService:
 
     def chat_logprobs(self, entries: list[TokenLogprob]) -> ChatLogprobs:
         """The chat API's ``logprobs``: ``content`` with token, logprob, bytes and ``top_logprobs``."""
+
         def top(token: int, value: float) -> TopLogprob:
             return TopLogprob(token=self.texts.text(token), logprob=value, bytes=self.texts.bytes(token))
 
-        return ChatLogprobs(content=[
-            ChatTokenLogprob(**top(e.token_id, e.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in e.top])
-            for e in entries
-        ])
+        return ChatLogprobs(
+            content=[
+                ChatTokenLogprob(**top(e.token_id, e.logprob).model_dump(), top_logprobs=[top(t, v) for t, v in e.top])
+                for e in entries
+            ]
+        )
 
     # -- routes ------------------------------------------------------------------------------------
     async def completions(self, request: Request):
@@ -475,18 +542,35 @@ class OpenAIService:
         self.check_choices(n, candidates, req.logprobs, "logprobs")
         prompts = req.prompts()
         if len(prompts) > self.limits.max_prompts:
-            raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server accepts at most "
-                           f"{self.limits.max_prompts}", param="prompt")
+            raise APIError(
+                400,
+                f"prompt: {len(prompts)} prompts in one request; this server accepts at most {self.limits.max_prompts}",
+                param="prompt",
+            )
         encoded = [await self.encode_prompt(p) for p in prompts]
         bias = self.logit_bias(req)
         # best_of ranks candidates by their cumulative logprob, so they are scored even when not asked
         scored = req.logprobs if req.logprobs is not None else (0 if candidates > n else None)
         echo_scores = req.logprobs if req.echo and req.logprobs is not None else None
-        gens = [self.sampling(req, ids, req.max_tokens, self.limits.completion_default(), choice=j, logprobs=scored,
-                              prompt_logprobs=echo_scores, logit_bias=bias)
-                for ids in encoded for j in range(candidates)]
-        echoed = ([p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, encoded)]
-                  if req.echo else [""] * len(prompts))
+        gens = [
+            self.sampling(
+                req,
+                ids,
+                req.max_tokens,
+                self.limits.completion_default(),
+                choice=j,
+                logprobs=scored,
+                prompt_logprobs=echo_scores,
+                logit_bias=bias,
+            )
+            for ids in encoded
+            for j in range(candidates)
+        ]
+        echoed = (
+            [p if isinstance(p, str) else self.tokenizer.decode(ids) for p, ids in zip(prompts, encoded)]
+            if req.echo
+            else [""] * len(prompts)
+        )
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         n_prompt = sum(len(ids) for ids in encoded)
         if req.stream:  # best_of > n is refused with stream: every generation is a choice
@@ -510,17 +594,28 @@ class OpenAIService:
                     lp = step if lp is None else lp.extend(step)
                 if not text and not out.finish_reason and lp is None:
                     return None
-                return {**base, "choices": [{"text": text, "index": k, "logprobs": None if lp is None else lp.model_dump(),
-                                             "finish_reason": out.finish_reason}], **extra}
+                return {
+                    **base,
+                    "choices": [
+                        {
+                            "text": text,
+                            "index": k,
+                            "logprobs": None if lp is None else lp.model_dump(),
+                            "finish_reason": out.finish_reason,
+                        }
+                    ],
+                    **extra,
+                }
 
             first: list[dict] = []
             usage = (lambda u: {**base, "choices": [], "usage": u.model_dump()}) if include_usage else None
-            return StreamingResponse(self.stream(gens, chunk, first, usage, n_prompt), media_type="text/event-stream",
-                                     headers=_SSE_HEADERS)
+            return StreamingResponse(
+                self.stream(gens, chunk, first, usage, n_prompt), media_type="text/event-stream", headers=_SSE_HEADERS
+            )
         done = await self.run(gens)
         choices = []
         for i, ids in enumerate(encoded):
-            group = done[i * candidates:(i + 1) * candidates]
+            group = done[i * candidates : (i + 1) * candidates]
             if candidates > n:
                 group = sorted(group, key=Generated.cumulative_logprob, reverse=True)[:n]
             for j, g in enumerate(group):
@@ -530,10 +625,18 @@ class OpenAIService:
                         logprobs = self.completion_logprobs(ids + g.token_ids, list(g.prompt_logprobs) + g.logprobs)
                     else:
                         logprobs = self.completion_logprobs(g.token_ids, g.logprobs)
-                choices.append(CompletionChoice(text=echoed[i] + g.text, index=i * n + j, logprobs=logprobs,
-                                                finish_reason=g.finish_reason))
-        body = CompletionResponse(id=rid, created=created, model=self.info.model_id, choices=choices,
-                                  usage=Usage.of(n_prompt, sum(g.completion_tokens for g in done)))
+                choices.append(
+                    CompletionChoice(
+                        text=echoed[i] + g.text, index=i * n + j, logprobs=logprobs, finish_reason=g.finish_reason
+                    )
+                )
+        body = CompletionResponse(
+            id=rid,
+            created=created,
+            model=self.info.model_id,
+            choices=choices,
+            usage=Usage.of(n_prompt, sum(g.completion_tokens for g in done)),
+        )
         return JSONBody(body.model_dump(mode="json"))
 
     async def chat_completions(self, request: Request):
@@ -545,8 +648,18 @@ class OpenAIService:
         self.check_choices(n, n, top, "top_logprobs")
         ids = await self.render_chat(req.conversation())
         bias = self.logit_bias(req)
-        gens = [self.sampling(req, ids, req.requested_max_tokens(), self.limits.chat_default(), choice=j,
-                              logprobs=top, logit_bias=bias) for j in range(n)]
+        gens = [
+            self.sampling(
+                req,
+                ids,
+                req.requested_max_tokens(),
+                self.limits.chat_default(),
+                choice=j,
+                logprobs=top,
+                logit_bias=bias,
+            )
+            for j in range(n)
+        ]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -560,20 +673,45 @@ class OpenAIService:
                 if not out.text and not out.finish_reason and lp is None:
                     return None
                 delta = {"content": out.text} if out.text else {}
-                return {**base, "choices": [{"index": k, "delta": delta, "logprobs": lp,
-                                             "finish_reason": out.finish_reason}], **extra}
+                return {
+                    **base,
+                    "choices": [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}],
+                    **extra,
+                }
 
-            first = [{**base, "choices": [{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                           "finish_reason": None}], **extra} for k in range(n)]
+            first = [
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": k,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    **extra,
+                }
+                for k in range(n)
+            ]
             usage = (lambda u: {**base, "choices": [], "usage": u.model_dump()}) if include_usage else None
-            return StreamingResponse(self.stream(gens, chunk, first, usage, len(ids)), media_type="text/event-stream",
-                                     headers=_SSE_HEADERS)
+            return StreamingResponse(
+                self.stream(gens, chunk, first, usage, len(ids)), media_type="text/event-stream", headers=_SSE_HEADERS
+            )
         done = await self.run(gens)
         body = ChatCompletionResponse(
-            id=rid, created=created, model=self.info.model_id,
-            choices=[ChatChoice(index=k, message=AssistantMessage(content=g.text), finish_reason=g.finish_reason,
-                                logprobs=self.chat_logprobs(g.logprobs) if top is not None else None)
-                     for k, g in enumerate(done)],
+            id=rid,
+            created=created,
+            model=self.info.model_id,
+            choices=[
+                ChatChoice(
+                    index=k,
+                    message=AssistantMessage(content=g.text),
+                    finish_reason=g.finish_reason,
+                    logprobs=self.chat_logprobs(g.logprobs) if top is not None else None,
+                )
+                for k, g in enumerate(done)
+            ],
             usage=Usage.of(len(ids), sum(g.completion_tokens for g in done)),
         )
         return JSONBody(body.model_dump(mode="json"))
@@ -585,13 +723,15 @@ class OpenAIService:
         if req.prompt is not None:
             self._check_chars(len(req.prompt), "prompt")
             try:
-                ids = await asyncio.to_thread(self.tokenizer.encode, req.prompt,
-                                              add_special_tokens=req.add_special_tokens)
+                ids = await asyncio.to_thread(
+                    self.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens
+                )
             except Exception as e:  # noqa: BLE001 - e.g. lone surrogates
                 raise APIError(400, f"prompt could not be tokenized: {str(e)[:200]}", param="prompt") from None
         else:
-            ids = await self.render_chat([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                          for m in req.messages])
+            ids = await self.render_chat(
+                [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+            )
         body: dict[str, Any] = {"count": len(ids), "max_model_len": self.info.context_length, "tokens": list(ids)}
         if req.return_token_strs:
             body["token_strs"] = self.tokenizer.convert_ids_to_tokens(list(ids))
@@ -602,17 +742,25 @@ class OpenAIService:
         self.check_model(req.model)
         bad = [t for t in req.tokens if not 0 <= t < self.info.vocab_size]
         if bad:
-            raise APIError(400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})",
-                           param="tokens")
+            raise APIError(
+                400, f"tokens: token id {bad[0]} is outside the vocabulary [0, {self.info.vocab_size})", param="tokens"
+            )
         return JSONBody({"prompt": self.tokenizer.decode(req.tokens)})
 
     def tokenizer_info(self) -> JSONBody:
         tok = self.tokenizer
-        return JSONBody({
-            "tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
-            "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": tok.chat_template,
-            "model_max_length": self.info.context_length, "vocab_size": self.info.vocab_size,
-        })
+        return JSONBody(
+            {
+                "tokenizer_class": type(tok).__name__,
+                "eos_token": tok.eos_token,
+                "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token,
+                "unk_token": tok.unk_token,
+                "chat_template": tok.chat_template,
+                "model_max_length": self.info.context_length,
+                "vocab_size": self.info.vocab_size,
+            }
+        )
 
     def models(self) -> JSONBody:
         card = ModelCard(id=self.info.model_id, created=self.info.created)
@@ -642,11 +790,15 @@ class _Admission:
             return await self.app(scope, receive, send)
         if self.in_flight >= self.cap:
             kind = "rate_limit_exceeded" if self.status == 429 else "server_overloaded"
-            body = error_body(f"The server is at capacity ({self.cap} requests in progress on this replica); "
-                              f"retry after {self.retry_after} s.", type="server_error" if self.status == 503
-                              else "requests", code=kind)
+            body = error_body(
+                f"The server is at capacity ({self.cap} requests in progress on this replica); "
+                f"retry after {self.retry_after} s.",
+                type="server_error" if self.status == 503 else "requests",
+                code=kind,
+            )
             return await JSONBody(body, status_code=self.status, headers={"Retry-After": self.retry_after})(
-                scope, receive, send)
+                scope, receive, send
+            )
         self.in_flight += 1
         try:
             await self.app(scope, receive, send)
@@ -687,8 +839,10 @@ class _ObserveRequests:
         except Exception:  # noqa: BLE001
             logger.exception("request failed")
             if not state["started"]:
-                resp = JSONBody(error_body("The server had an error while processing your request.", type="server_error"),
-                                status_code=500)
+                resp = JSONBody(
+                    error_body("The server had an error while processing your request.", type="server_error"),
+                    status_code=500,
+                )
                 await resp(scope, receive, send)
             state["status"] = 500
         finally:
@@ -745,8 +899,9 @@ def build_fastapi_app(service: OpenAIService) -> FastAPI:
     async def ready():
         """Readiness: the model is loaded and its last health probe passed."""
         ok = service.ready()
-        return JSONBody({"status": "ready" if ok else "not ready", "model": service.info.model_id},
-                        status_code=200 if ok else 503)
+        return JSONBody(
+            {"status": "ready" if ok else "not ready", "model": service.info.model_id}, status_code=200 if ok else 503
+        )
 
     @app.get("/stats", dependencies=[Depends(auth)])
     async def stats():

@@ -50,8 +50,10 @@ RESUMABLE_SECTIONS = frozenset({"run", "job", "resources"})  # a resume may run 
 def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted paths where two resolved configs differ, ``RESUMABLE_SECTIONS`` aside (a run may resume under
     ``current`` only when this is empty)."""
-    return _diff_paths({k: v for k, v in previous.items() if k not in RESUMABLE_SECTIONS},
-                       {k: v for k, v in current.items() if k not in RESUMABLE_SECTIONS})
+    return _diff_paths(
+        {k: v for k, v in previous.items() if k not in RESUMABLE_SECTIONS},
+        {k: v for k, v in current.items() if k not in RESUMABLE_SECTIONS},
+    )
 
 
 def run_location(cfg):
@@ -191,12 +193,16 @@ def embedded_ray_options(num_cpus: int, *, dashboard: bool = False, metrics: boo
     for name, value in EMBEDDED_RAY_ENV.items():  # read by Ray's daemons and workers, which inherit it
         if name not in os.environ and not (dashboard and name == "RAY_TRAIN_METRICS_ENABLED"):
             os.environ[name] = value
-    return {"num_cpus": num_cpus, "include_dashboard": dashboard, "dashboard_port": free_port(),
-            "logging_config": ray_logging_config(),
-            # Nothing reads Prometheus metrics of a training run without a dashboard (serve asks for them: its
-            # /metrics), and prestarted idle workers cost CPU on a laptop (scripts/bench/finetune_overhead.py:
-            # Ray's own processes took ~9 % of 2 cores).
-            "_system_config": {"enable_metrics_collection": dashboard or metrics, "enable_worker_prestart": False}}
+    return {
+        "num_cpus": num_cpus,
+        "include_dashboard": dashboard,
+        "dashboard_port": free_port(),
+        "logging_config": ray_logging_config(),
+        # Nothing reads Prometheus metrics of a training run without a dashboard (serve asks for them: its
+        # /metrics), and prestarted idle workers cost CPU on a laptop (scripts/bench/finetune_overhead.py:
+        # Ray's own processes took ~9 % of 2 cores).
+        "_system_config": {"enable_metrics_collection": dashboard or metrics, "enable_worker_prestart": False},
+    }
 
 
 # Environment of the embedded Ray (a user's own setting wins). Ray's log monitor globs the log directory ten
@@ -275,8 +281,13 @@ def init_ray(cpus_needed: float, *, metrics: bool = False) -> None:
         ray.init(address=address, logging_config=ray_logging_config())
     else:
         # Ray Data tasks need CPUs beside the training workers; oversubscribing a small box is fine.
-        ray.init(**embedded_ray_options(int(max(os.cpu_count() or 1, cpus_needed + 2)),
-                                        dashboard=os.environ.get(DASHBOARD_ENV) == "1", metrics=metrics))
+        ray.init(
+            **embedded_ray_options(
+                int(max(os.cpu_count() or 1, cpus_needed + 2)),
+                dashboard=os.environ.get(DASHBOARD_ENV) == "1",
+                metrics=metrics,
+            )
+        )
 
 
 def tokenize_once(run_dir: Mirror, data_cfg, model_cfg, seed: int, tokenizer, say) -> dict[str, int]:
@@ -343,12 +354,19 @@ def plan_training(cfg):
     from raydist.stages.resources import plan_units
 
     init_ray(cfg.scaling.num_workers * cfg.resources.num_cpus)
-    return plan_units(cfg.resources, cfg.scaling.num_workers, "training worker",
-                      placement_strategy=cfg.scaling.placement_strategy)
+    return plan_units(
+        cfg.resources, cfg.scaling.num_workers, "training worker", placement_strategy=cfg.scaling.placement_strategy
+    )
 
 
 def train_on_ray(
-    loop_fn, cfg, run_dir: Mirror, counts: dict[str, int], extra: dict[str, Any], say, what: str,
+    loop_fn,
+    cfg,
+    run_dir: Mirror,
+    counts: dict[str, int],
+    extra: dict[str, Any],
+    say,
+    what: str,
     train_files: Optional[list[str]] = None,
 ) -> None:
     """Run ``loop_fn`` on ``cfg.scaling.num_workers`` Ray Train workers over the tokenized data
@@ -389,7 +407,9 @@ def train_on_ray(
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=world, use_gpu=plan.num_gpus > 0, resources_per_worker=plan.ray_resources(),
+            num_workers=world,
+            use_gpu=plan.num_gpus > 0,
+            resources_per_worker=plan.ray_resources(),
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(

@@ -225,15 +225,19 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
     n_rows = n_shards = 0
     k = cfg.kd.top_k
     for batch in ds.iter_batches(batch_size=rows_per_shard, batch_format="numpy"):
-        table = pa.table({
-            "input_ids": pa.array([list(x) for x in batch["input_ids"]], type=pa.list_(pa.int32())),
-            "labels": pa.array([list(x) for x in batch["labels"]], type=pa.list_(pa.int32())),
-            "topk_logprobs": pa.array([[list(t) for t in x] for x in batch["topk_logprobs"]],
-                                      type=pa.list_(pa.list_(pa.float32(), k))),
-            "topk_indices": pa.array([[list(t) for t in x] for x in batch["topk_indices"]],
-                                     type=pa.list_(pa.list_(pa.int32(), k))),
-            "rest_mass": pa.array([list(x) for x in batch["rest_mass"]], type=pa.list_(pa.float32())),
-        })
+        table = pa.table(
+            {
+                "input_ids": pa.array([list(x) for x in batch["input_ids"]], type=pa.list_(pa.int32())),
+                "labels": pa.array([list(x) for x in batch["labels"]], type=pa.list_(pa.int32())),
+                "topk_logprobs": pa.array(
+                    [[list(t) for t in x] for x in batch["topk_logprobs"]], type=pa.list_(pa.list_(pa.float32(), k))
+                ),
+                "topk_indices": pa.array(
+                    [[list(t) for t in x] for x in batch["topk_indices"]], type=pa.list_(pa.list_(pa.int32(), k))
+                ),
+                "rest_mass": pa.array([list(x) for x in batch["rest_mass"]], type=pa.list_(pa.float32())),
+            }
+        )
         pq.write_table(table, tmp / shard_name(n_shards))
         n_rows += len(table)
         n_shards += 1
@@ -282,12 +286,14 @@ class DistillStudent(torch.nn.Module):
         return logits_at_targets(self.student, target_mask, **kwargs)
 
 
-def logits_at_targets(model: torch.nn.Module, target_mask: torch.Tensor, *, input_ids, attention_mask,
-                      output_hidden_states: bool = False):
+def logits_at_targets(
+    model: torch.nn.Module, target_mask: torch.Tensor, *, input_ids, attention_mask, output_hidden_states: bool = False
+):
     """``(logits [N, V], hidden_states or None)`` of a causal LM at the N positions t where
     ``target_mask[:, t]`` ([B, T-1], True where token t+1 is a target) holds."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                              output_hidden_states=output_hidden_states)
+    out = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=output_hidden_states
+    )
     rows = out.last_hidden_state[:, :-1][target_mask]  # [N, H]
     return model.get_output_embeddings()(rows), out.hidden_states  # [N, V]
 
@@ -313,8 +319,10 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     mapping = None
     projection = None
     if hidden.weight > 0:
-        mapping = [tuple(p) for p in hidden.mapping] if hidden.mapping else default_layer_mapping(
-            student.config.num_hidden_layers, teacher_config.num_hidden_layers
+        mapping = (
+            [tuple(p) for p in hidden.mapping]
+            if hidden.mapping
+            else default_layer_mapping(student.config.num_hidden_layers, teacher_config.num_hidden_layers)
         )
         projection = HiddenProjection(student.config.hidden_size, teacher_config.hidden_size, len(mapping))
     engine = session.build_engine(DistillStudent(student, projection))
@@ -334,8 +342,14 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             kd_sum = s_logits.new_zeros(())
         elif cached:  # the teacher's stored top-k, with the missing mass as one extra bucket
             kd_sum = topk_kd_loss_on_rows(
-                s_logits, b["topk_logprobs"][:, :-1][targets], b["topk_indices"][:, :-1][targets],
-                b["rest_mass"][:, :-1][targets], kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
+                s_logits,
+                b["topk_logprobs"][:, :-1][targets],
+                b["topk_indices"][:, :-1][targets],
+                b["rest_mass"][:, :-1][targets],
+                kind=kd.loss,
+                temperature=kd.temperature,
+                beta=kd.beta,
+            )
         else:
             with torch.no_grad():
                 t_logits, t_hidden = logits_at_targets(teacher, targets, output_hidden_states=want_hidden, **inputs)
@@ -343,7 +357,8 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
         total = (1 - w) * kd_sum
         if w > 0:
             total = total + w * torch.nn.functional.cross_entropy(
-                s_logits.float(), b["labels"][:, 1:][targets], reduction="sum")
+                s_logits.float(), b["labels"][:, 1:][targets], reduction="sum"
+            )
         # Summed over tokens, scaled so DeepSpeed's mean over ranks and micro-batches is a per-token mean.
         loss = total * scale / max(step_targets, 1)
         if want_hidden:
@@ -389,15 +404,20 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
     metrics: dict[str, Any] = {}
     if session.rank == 0:
         if any(k.startswith("student.") for k in state):
-            state = {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+            state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
         metrics = session.summary_metrics()
         if cfg.student.source == "pruned":  # the pruned student's quality before any training
             metrics["pruned_before_training_ppl"] = metrics.get("eval_ppl_before")
         metrics.update(teacher_metrics)
         out = session.run_dir / ARTIFACT_DIR  # local; published to the run's location below
         info = export_artifact(
-            state, base_config=student_config, tokenizer=tokenizer, lora=None, out_dir=out,
-            reference_logits=reference, probe=probe,
+            state,
+            base_config=student_config,
+            tokenizer=tokenizer,
+            lora=None,
+            out_dir=out,
+            reference_logits=reference,
+            probe=probe,
             atol=1e-3 if next(iter(state.values())).dtype == torch.float32 else 5e-2,
         )
         metrics["export_max_abs_logit_diff"] = info["export_max_abs_logit_diff"]
@@ -411,13 +431,16 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
             metrics=metrics,
             num_parameters=info["num_parameters"],
             extra={
-                "student": json.loads(summary_file.read_text()) if summary_file.is_file()
+                "student": json.loads(summary_file.read_text())
+                if summary_file.is_file()
                 else {"source": "pretrained", "path": str(student_dir)},
                 "teacher_mode": cfg.kd.teacher_mode,
                 **({"teacher_cache": config["teacher_cache"]} if "teacher_cache" in config else {}),
             },
         )
         session.publish(ARTIFACT_DIR)
-        console(f"[raydist] exported {session.storage.at(ARTIFACT_DIR)} ({info['num_parameters']:,} parameters; "
-                f"gap recovered {metrics.get('gap_recovered', float('nan')):.2f})")
+        console(
+            f"[raydist] exported {session.storage.at(ARTIFACT_DIR)} ({info['num_parameters']:,} parameters; "
+            f"gap recovered {metrics.get('gap_recovered', float('nan')):.2f})"
+        )
     ray.train.report({"step": session.total_steps, "exported": 1, **metrics})

@@ -26,7 +26,13 @@ import torch
 
 from raydist.components.artifact import write_manifest
 from raydist.components.export import export_artifact, logits_of, peft_lora_config, probe_batch
-from raydist.components.models import hash_model_source, load_model, load_model_config, load_tokenizer, resolve_model_source
+from raydist.components.models import (
+    hash_model_source,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    resolve_model_source,
+)
 from raydist.components.preflight import preflight_finetune
 from raydist.components.progress import console
 from raydist.components.training import apply_dropout, seed_everything
@@ -130,7 +136,9 @@ def _export(session: TrainingSession, cfg: FinetuneConfig, tokenizer) -> None:
             parent={**session.config["parent"], "hash": hash_model_source(src, cfg.model)},
             metrics=metrics,
             num_parameters=info["num_parameters"],
-            extra={"lora": {"adapter_dir": "adapter", "adapter_nonzero": info["adapter_nonzero"]}} if cfg.lora.enabled else None,
+            extra={"lora": {"adapter_dir": "adapter", "adapter_nonzero": info["adapter_nonzero"]}}
+            if cfg.lora.enabled
+            else None,
         )
         session.publish(ARTIFACT_DIR)
         console(f"[raydist] exported {session.storage.at(ARTIFACT_DIR)} ({info['num_parameters']:,} parameters)")

@@ -44,9 +44,13 @@ class AnswerWriter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [list(p) for p in batch["prompt_ids"]]
         answers = generate_answers(
-            self.model, self.tokenizer, prompts,
-            max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p, seed=self.cfg.seed + int(batch["index"][0]),
+            self.model,
+            self.tokenizer,
+            prompts,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            seed=self.cfg.seed + int(batch["index"][0]),
         )
         return {"index": batch["index"], "answer": np.array(answers, dtype=object)}
 
@@ -64,8 +68,11 @@ def run_generate(cfg: GenerateConfig, *, verbose: bool = True) -> Path:
     preflight_generate(cfg)
     remote = storage.is_uri(cfg.output)
     # A URI output is written locally first and uploaded whole (a PUT is atomic, like the rename below).
-    out = Path(tempfile.mkdtemp(prefix="raydist-generate-")) / "answers.jsonl" if remote else \
-        Path(cfg.output).expanduser().resolve()
+    out = (
+        Path(tempfile.mkdtemp(prefix="raydist-generate-")) / "answers.jsonl"
+        if remote
+        else Path(cfg.output).expanduser().resolve()
+    )
     records = load_records(cfg.prompts)
     fmt = detect_format(records, cfg.prompts, require_output=False)
     prompts = prompt_records(records, fmt)

@@ -53,8 +53,15 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [{"id": n["NodeID"], "resources": dict(n.get("Resources") or {})} for n in ray.nodes() if n.get("Alive")]
 
 
-def plan_units(resources, count: int, what: str, *, field: str = "resources",
-               placement_strategy: str = "PACK", nodes: Optional[list[dict[str, Any]]] = None) -> UnitPlan:
+def plan_units(
+    resources,
+    count: int,
+    what: str,
+    *,
+    field: str = "resources",
+    placement_strategy: str = "PACK",
+    nodes: Optional[list[dict[str, Any]]] = None,
+) -> UnitPlan:
     """Resolve ``resources`` (a ``ResourceSettings``) for ``count`` units of ``what`` on the connected cluster.
 
     Args:
@@ -75,8 +82,10 @@ def plan_units(resources, count: int, what: str, *, field: str = "resources",
         gpus = 1.0 if total_gpus >= count and resources.device != "cpu" else 0.0
     plan = UnitPlan(num_cpus=float(resources.num_cpus), num_gpus=float(gpus), device=resources.device, count=count)
     if resources.device == "cuda" and plan.num_gpus == 0:
-        raise PreflightError(f"{field}.device is 'cuda' but {field}.num_gpus resolved to 0 "
-                             f"(the cluster has {total_gpus:g} GPUs); give num_gpus or use device auto/cpu")
+        raise PreflightError(
+            f"{field}.device is 'cuda' but {field}.num_gpus resolved to 0 "
+            f"(the cluster has {total_gpus:g} GPUs); give num_gpus or use device auto/cpu"
+        )
     if os.environ.get(SKIP_CHECK_ENV) == "1":
         return plan
     check_placement(plan, what, field, placement_strategy, nodes)
@@ -85,12 +94,13 @@ def plan_units(resources, count: int, what: str, *, field: str = "resources",
 
 def check_placement(plan: UnitPlan, what: str, field: str, placement_strategy: str, nodes: list[dict[str, Any]]):
     """Refuse a plan the cluster's current nodes cannot hold (see ``plan_units``)."""
-    hint = (f" (on an autoscaling cluster whose nodes are not up yet, set {SKIP_CHECK_ENV}=1 to let Ray wait "
-            "for them)")
+    hint = f" (on an autoscaling cluster whose nodes are not up yet, set {SKIP_CHECK_ENV}=1 to let Ray wait for them)"
     total_gpus = sum(n["resources"].get("GPU", 0) for n in nodes)
     if plan.num_gpus > 0 and total_gpus == 0:
-        raise PreflightError(f"{field}.num_gpus is {plan.num_gpus:g} per {what} but the cluster has no GPUs; "
-                             f"set {field}.num_gpus: 0 (or auto) to run on CPUs" + hint)
+        raise PreflightError(
+            f"{field}.num_gpus is {plan.num_gpus:g} per {what} but the cluster has no GPUs; "
+            f"set {field}.num_gpus: 0 (or auto) to run on CPUs" + hint
+        )
     need = plan.ray_resources()
 
     def fits(node) -> int:
@@ -103,14 +113,18 @@ def check_placement(plan: UnitPlan, what: str, field: str, placement_strategy: s
         has = biggest["resources"] if biggest else {}
         raise PreflightError(
             f"one {what} asks for {need} but no node of the cluster has that much (the largest has "
-            f"{has.get('CPU', 0):g} CPU, {has.get('GPU', 0):g} GPU); lower {field}.num_cpus / num_gpus" + hint)
+            f"{has.get('CPU', 0):g} CPU, {has.get('GPU', 0):g} GPU); lower {field}.num_cpus / num_gpus" + hint
+        )
     if placement_strategy == "STRICT_SPREAD" and sum(1 for k in per_node if k) < plan.count:
         raise PreflightError(
             f"placement STRICT_SPREAD puts each of the {plan.count} {what}s on its own node, but only "
-            f"{sum(1 for k in per_node if k)} node(s) can hold one" + hint)
+            f"{sum(1 for k in per_node if k)} node(s) can hold one" + hint
+        )
     if placement_strategy == "STRICT_PACK" and max(per_node) < plan.count:
-        raise PreflightError(f"placement STRICT_PACK puts all {plan.count} {what}s on one node, but no node "
-                             f"holds more than {max(per_node)}" + hint)
+        raise PreflightError(
+            f"placement STRICT_PACK puts all {plan.count} {what}s on one node, but no node "
+            f"holds more than {max(per_node)}" + hint
+        )
 
 
 def unit_device(device_setting: str, what: str = "worker", *, train_worker: bool = False):
@@ -134,7 +148,8 @@ def unit_device(device_setting: str, what: str = "worker", *, train_worker: bool
             raise RuntimeError(
                 f"Ray assigned GPU(s) {gpu_ids} to this {what} (CUDA_VISIBLE_DEVICES="
                 f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but torch sees no CUDA device here; set "
-                "resources.device: cpu to compute on the CPU")
+                "resources.device: cpu to compute on the CPU"
+            )
         if train_worker:
             import ray.train.torch
 
@@ -149,6 +164,8 @@ def assigned_accelerators() -> dict[str, Any]:
     """What Ray gave this unit (for reports and tests): GPU ids, CUDA_VISIBLE_DEVICES and the node id."""
     import ray
 
-    return {"gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "node_id": ray.get_runtime_context().get_node_id()}
+    return {
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "node_id": ray.get_runtime_context().get_node_id(),
+    }

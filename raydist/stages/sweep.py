@@ -144,10 +144,12 @@ def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[s
         records = load_records(ev.task)
         fmt = detect_format(records, ev.task)
         if fmt == "text":
-            raise PreflightError(f"eval.task {ev.task.path or ev.task.builtin} is plain text; the task metric needs "
-                                 "instruction ('instruction' + 'output') or chat ('messages') records")
+            raise PreflightError(
+                f"eval.task {ev.task.path or ev.task.builtin} is plain text; the task metric needs "
+                "instruction ('instruction' + 'output') or chat ('messages') records"
+            )
         examples = tokenize_source(records, fmt, ev.task, tokenizer, ev.task_seq_len, packing=False)
-        shared["task"] = examples[:ev.task_max_examples]
+        shared["task"] = examples[: ev.task_max_examples]
         shared["pad_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if any(c["recovery"] in ("distill", "qat") for c in candidates):
         rc = cfg.recovery
@@ -200,9 +202,15 @@ def measure(model, tokenizer, cfg_eval, artifact_dir: Optional[Path]) -> dict[st
 
     out = model_size(model, artifact_dir) if artifact_dir is not None else {}
     for b in cfg_eval.latency_batch_sizes:
-        sp = generation_speed(model, batch_size=b, prompt_len=cfg_eval.latency_prompt_tokens,
-                              new_tokens=cfg_eval.latency_new_tokens, repeats=cfg_eval.latency_repeats,
-                              tokenizer=tokenizer, engine="serve")
+        sp = generation_speed(
+            model,
+            batch_size=b,
+            prompt_len=cfg_eval.latency_prompt_tokens,
+            new_tokens=cfg_eval.latency_new_tokens,
+            repeats=cfg_eval.latency_repeats,
+            tokenizer=tokenizer,
+            engine="serve",
+        )
         out[f"tokens_per_s_b{b}"] = sp["tokens_per_s"]
     out["tokens_per_s"] = out[f"tokens_per_s_b{cfg_eval.latency_batch_sizes[0]}"]
     return out
@@ -231,7 +239,10 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     model = model_from_payload(payload, device)
     teacher = model_from_payload(payload, device) if candidate["recovery"] in ("distill", "qat") else None
     report = apply_candidate(
-        model, candidate, calibration=shared["calibration"].to(device), importance=shared.get("importance"),
+        model,
+        candidate,
+        calibration=shared["calibration"].to(device),
+        importance=shared.get("importance"),
         teacher=teacher,
         recovery_ids=shared.get("recovery_ids"),
         recovery={"steps": rc.steps, "batch_size": rc.batch_size, "lr": rc.lr, "temperature": rc.temperature},
@@ -248,20 +259,34 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(config["tokenizer_dir"]))
-    save_compressed(model, tokenizer, art, report.get("quantization"), stage="sweep-trial",
-                    config={"candidate": candidate}, parent=config["parent"], metrics={})
+    save_compressed(
+        model,
+        tokenizer,
+        art,
+        report.get("quantization"),
+        stage="sweep-trial",
+        config={"candidate": candidate},
+        parent=config["parent"],
+        metrics={},
+    )
     (trial_dir / "compression.json").write_text(json.dumps(report, indent=2, default=str))
     trial.push("compression.json")
     trial.push(ARTIFACT_DIR)
     from raydist.components.evaluation import model_size
 
     metrics = model_size(model, art)
-    metrics.update(candidate=json.dumps(candidate, sort_keys=True), artifact=str(trial.at(ARTIFACT_DIR)),
-                   compress_seconds=sum(report["seconds"].values()), device=device, started_at=started,
-                   **assigned_accelerators())
+    metrics.update(
+        candidate=json.dumps(candidate, sort_keys=True),
+        artifact=str(trial.at(ARTIFACT_DIR)),
+        compress_seconds=sum(report["seconds"].values()),
+        device=device,
+        started_at=started,
+        **assigned_accelerators(),
+    )
     base = config.get("base") or {}
     same_as_base = bool(base.get("ppl_by_budget")) and not any(
-        report.get(step) for step in ("structured", "sparsity", "recovery", "quantization"))
+        report.get(step) for step in ("structured", "sparsity", "recovery", "quantization")
+    )
     ppl_at = IncrementalPerplexity(model, shared["windows"].to(device))
     for budget in ev.budgets:  # each budget is one ASHA rung
         final = budget == ev.budgets[-1]
@@ -270,16 +295,25 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
             # (and its artifact, saved above, holds the same weights)
             ppl = base["ppl_by_budget"][str(budget)]
             if final:
-                metrics.update({k: v for k, v in base.items() if k.startswith(("tokens_per_s", "task_"))},
-                               measured_as="base")
+                metrics.update(
+                    {k: v for k, v in base.items() if k.startswith(("tokens_per_s", "task_"))}, measured_as="base"
+                )
         else:
             ppl = ppl_at(budget)
             if final:
                 # Generation speed (the slowest measurement) only for candidates that reach the full eval:
                 # one ASHA stopped on perplexity can be neither on the Pareto front nor the winner.
                 metrics.update(measure(model, tokenizer, ev, None), **_task(model, shared))
-        ray.tune.report({"tokens_per_s": None, **metrics, "ppl": ppl if math.isfinite(ppl) else 1e30,
-                         "eval_tokens": budget, "final": final, "reported_at": time.time()})
+        ray.tune.report(
+            {
+                "tokens_per_s": None,
+                **metrics,
+                "ppl": ppl if math.isfinite(ppl) else 1e30,
+                "eval_tokens": budget,
+                "final": final,
+                "reported_at": time.time(),
+            }
+        )
 
 
 def _task(model, shared: dict[str, Any]) -> dict[str, Any]:
@@ -304,14 +338,14 @@ def policy_aware_asha(protect: list[float]):
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
             rung = int(result.get("training_iteration", 0)) - 1
-            if (action == self.STOP and 0 <= rung < len(protect) - 1
-                    and result.get("ppl", math.inf) <= protect[rung]):
+            if action == self.STOP and 0 <= rung < len(protect) - 1 and result.get("ppl", math.inf) <= protect[rung]:
                 self._num_stopped -= 1
                 return self.CONTINUE
             return action
 
-    return PolicyAwareASHA(time_attr="training_iteration", metric="ppl", mode="min", max_t=len(protect),
-                           grace_period=1, reduction_factor=2)
+    return PolicyAwareASHA(
+        time_attr="training_iteration", metric="ppl", mode="min", max_t=len(protect), grace_period=1, reduction_factor=2
+    )
 
 
 def _progress_callback(total: int, target: str):
@@ -330,9 +364,14 @@ def _progress_callback(total: int, target: str):
                 m = f"eval ppl {r['eval_ppl']:.4g}" if "eval_ppl" in r else ""
             else:
                 what_ = r.get("candidate") or json.dumps(trial.config.get("candidate", {}), sort_keys=True)
-                m = (f"ppl {r['ppl']:.4g} @ {r.get('eval_tokens')} tok, {r.get('disk_bytes', 0) / 2**20:.1f} MiB"
-                     + (f", {r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") is not None else "")
-                     ) if "ppl" in r else ""
+                m = (
+                    (
+                        f"ppl {r['ppl']:.4g} @ {r.get('eval_tokens')} tok, {r.get('disk_bytes', 0) / 2**20:.1f} MiB"
+                        + (f", {r['tokens_per_s']:.1f} tok/s" if r.get("tokens_per_s") is not None else "")
+                    )
+                    if "ppl" in r
+                    else ""
+                )
             console(f"[raydist] trial {self.done}/{total} {what}: {what_} {m}")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
@@ -366,17 +405,33 @@ def _finetune_trials_that_fit(wanted: int, cpus_per_trial: float, say) -> int:
     cpus = ray.cluster_resources().get("CPU", 0.0)
     fit = int(cpus // cpus_per_trial) if cpus_per_trial > 0 else wanted
     if fit < 1:
-        raise PreflightError(f"one fine-tuning trial needs {cpus_per_trial:g} CPUs (its driver and its Ray Train "
-                             f"workers); the cluster has {cpus:g}")
+        raise PreflightError(
+            f"one fine-tuning trial needs {cpus_per_trial:g} CPUs (its driver and its Ray Train "
+            f"workers); the cluster has {cpus:g}"
+        )
     if fit < wanted:
-        say(f"[raydist] search.max_concurrent={wanted}, but {cpus:g} CPUs hold {fit} trial(s) of "
-            f"{cpus_per_trial:g} CPUs at once: running {fit} at a time")
+        say(
+            f"[raydist] search.max_concurrent={wanted}, but {cpus:g} CPUs hold {fit} trial(s) of "
+            f"{cpus_per_trial:g} CPUs at once: running {fit} at a time"
+        )
     return min(fit, wanted)
 
 
-def _tuner(cfg: SweepConfig, run_dir: Mirror, trainable, param_space: dict[str, Any], resuming: bool, *,
-           metric: Optional[str], mode: Optional[str], scheduler=None, search_alg=None, num_samples: int = 1,
-           total: int = 1, max_concurrent: Optional[int] = None):
+def _tuner(
+    cfg: SweepConfig,
+    run_dir: Mirror,
+    trainable,
+    param_space: dict[str, Any],
+    resuming: bool,
+    *,
+    metric: Optional[str],
+    mode: Optional[str],
+    scheduler=None,
+    search_alg=None,
+    num_samples: int = 1,
+    total: int = 1,
+    max_concurrent: Optional[int] = None,
+):
     from ray import tune
 
     fs, tune_path = storage.filesystem(run_dir.at("tune"))
@@ -385,21 +440,36 @@ def _tuner(cfg: SweepConfig, run_dir: Mirror, trainable, param_space: dict[str, 
     # a killed driver left behind, and a resumed sweep would then run them again).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     if resuming and tune.Tuner.can_restore(f"{tune_path}/sweep", storage_filesystem=fs_arg):
-        return tune.Tuner.restore(f"{tune_path}/sweep", trainable=trainable, resume_errored=False,
-                                  restart_errored=False, param_space=param_space, storage_filesystem=fs_arg)
+        return tune.Tuner.restore(
+            f"{tune_path}/sweep",
+            trainable=trainable,
+            resume_errored=False,
+            restart_errored=False,
+            param_space=param_space,
+            storage_filesystem=fs_arg,
+        )
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=num_samples,
-                                    # trials reuse their worker process (no new interpreter + torch import
-                                    # per candidate); each trial builds its own model from the payload
-                                    reuse_actors=True,
-                                    max_concurrent_trials=None if search_alg is not None
-                                    else (max_concurrent or cfg.search.max_concurrent)),
-        run_config=tune.RunConfig(name="sweep", storage_path=tune_path, storage_filesystem=fs_arg, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
-                                  callbacks=[_progress_callback(total, cfg.target)]),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=num_samples,
+            # trials reuse their worker process (no new interpreter + torch import
+            # per candidate); each trial builds its own model from the payload
+            reuse_actors=True,
+            max_concurrent_trials=None if search_alg is not None else (max_concurrent or cfg.search.max_concurrent),
+        ),
+        run_config=tune.RunConfig(
+            name="sweep",
+            storage_path=tune_path,
+            storage_filesystem=fs_arg,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures),
+            callbacks=[_progress_callback(total, cfg.target)],
+        ),
     )
 
 
@@ -419,9 +489,23 @@ def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
     from ray.tune.search.optuna import OptunaSearch
 
     sp = cfg.search_space
-    space = {"candidate": {k: tune.choice(list(getattr(sp, k))) for k in
-                           ("method", "sparsity", "pattern", "structured", "structure", "quantization", "group_size",
-                            "int4_algorithm", "recovery")}}
+    space = {
+        "candidate": {
+            k: tune.choice(list(getattr(sp, k)))
+            for k in (
+                "method",
+                "sparsity",
+                "pattern",
+                "structured",
+                "structure",
+                "quantization",
+                "group_size",
+                "int4_algorithm",
+                "recovery",
+            )
+        }
+    }
+
     class _Search(OptunaSearch):
         # A candidate ASHA stopped has no speed (measured at the full eval only): Optuna records it as pruned.
         def on_trial_complete(self, trial_id, result=None, error=False):
@@ -445,8 +529,10 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, candidate
     base = load_model(cfg.model).eval()
     src = resolve_model_source(cfg.model)
     parent = {"kind": src.kind, "path": src.describe(), "hash": hash_model_source(src, cfg.model)}
-    say(f"[raydist] base model loaded once ({sum(p.numel() for p in base.parameters()):,} parameters, "
-        f"{time.time() - t0:.0f}s); {len(candidates)} distinct candidate(s) in the search space")
+    say(
+        f"[raydist] base model loaded once ({sum(p.numel() for p in base.parameters()):,} parameters, "
+        f"{time.time() - t0:.0f}s); {len(candidates)} distinct candidate(s) in the search space"
+    )
     shared = _shared_inputs(cfg, tokenizer, base, candidates, say)
     tok_dir = run_dir.local / "tokenizer"
     if not run_dir.exists("tokenizer/tokenizer_config.json"):
@@ -465,27 +551,47 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, candidate
     else:  # the reference every candidate is compared with, measured the same way as a trial
         say("[raydist] measuring the base model (perplexity, bytes, generation speed)")
         try:
-            base_m = ray.get(on_trial_resources(measure_base).remote(
-                payload, shared, cfg.eval.model_dump(mode="json"), cfg.resources.device, threads,
-                str(run_dir.at("tokenizer")), parent))
+            base_m = ray.get(
+                on_trial_resources(measure_base).remote(
+                    payload,
+                    shared,
+                    cfg.eval.model_dump(mode="json"),
+                    cfg.resources.device,
+                    threads,
+                    str(run_dir.at("tokenizer")),
+                    parent,
+                )
+            )
         except ray.exceptions.RayTaskError as e:  # e.g. GPUs assigned that torch cannot see
             cause = str(e.cause) if getattr(e, "cause", None) is not None else str(e).strip().splitlines()[-1]
             raise StageFailed(f"measuring the base model on a trial's resources failed: {cause}") from None
         write_json_atomic(base_file, base_m)
         run_dir.push("base_metrics.json")
-    say(f"[raydist] base ({base_m.get('device', '?')}): ppl {base_m['ppl']:.4g}, {base_m['disk_bytes'] / 2**20:.1f} MiB, "
-        f"{base_m['tokens_per_s']:.1f} tok/s (batch {cfg.eval.latency_batch_sizes[0]})")
+    say(
+        f"[raydist] base ({base_m.get('device', '?')}): ppl {base_m['ppl']:.4g}, "
+        f"{base_m['disk_bytes'] / 2**20:.1f} MiB, {base_m['tokens_per_s']:.1f} tok/s "
+        f"(batch {cfg.eval.latency_batch_sizes[0]})"
+    )
 
     param_space, search_alg, num_samples, n_trials = _search(cfg, candidates)
-    param_space.update({
-        "eval": cfg.eval.model_dump(mode="json"), "recovery": cfg.recovery.model_dump(mode="json"),
-        "device": cfg.resources.device, "threads": threads, "trials_dir": str(run_dir.at("trials")),
-        "tokenizer_dir": str(run_dir.at("tokenizer")), "parent": parent, "base": base_m,
-        # Fault drill for tests and chaos runs: candidates matching these key/values raise in their trial.
-        "fault": json.loads(os.environ["RAYDIST_SWEEP_FAIL"]) if os.environ.get("RAYDIST_SWEEP_FAIL") else None,
-    })
-    trainable = tune.with_resources(tune.with_parameters(compress_trial, payload=payload, shared=shared),
-                                    {"cpu": plan.num_cpus, "gpu": plan.num_gpus})
+    param_space.update(
+        {
+            "eval": cfg.eval.model_dump(mode="json"),
+            "recovery": cfg.recovery.model_dump(mode="json"),
+            "device": cfg.resources.device,
+            "threads": threads,
+            "trials_dir": str(run_dir.at("trials")),
+            "tokenizer_dir": str(run_dir.at("tokenizer")),
+            "parent": parent,
+            "base": base_m,
+            # Fault drill for tests and chaos runs: candidates matching these key/values raise in their trial.
+            "fault": json.loads(os.environ["RAYDIST_SWEEP_FAIL"]) if os.environ.get("RAYDIST_SWEEP_FAIL") else None,
+        }
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(compress_trial, payload=payload, shared=shared),
+        {"cpu": plan.num_cpus, "gpu": plan.num_gpus},
+    )
     scheduler = None
     if cfg.search.asha and len(cfg.eval.budgets) > 1:
         limit = 1 + cfg.policy.max_quality_loss_pct / 100
@@ -493,11 +599,24 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, candidate
         protect = [by_budget.get(str(k), base_m["ppl"]) * limit for k in cfg.eval.budgets]
 
         scheduler = policy_aware_asha(protect)
-    say(f"[raydist] sweeping {n_trials} candidate(s) ({cfg.search.algorithm}"
-        f"{', ASHA' if scheduler else ''}), {cfg.search.max_concurrent} at a time, each {plan.describe()[4:]}")
+    say(
+        f"[raydist] sweeping {n_trials} candidate(s) ({cfg.search.algorithm}"
+        f"{', ASHA' if scheduler else ''}), {cfg.search.max_concurrent} at a time, each {plan.describe()[4:]}"
+    )
     t0 = time.time()
-    tuner = _tuner(cfg, run_dir, trainable, param_space, resuming, metric=None, mode=None, scheduler=scheduler,
-                   search_alg=search_alg, num_samples=num_samples, total=n_trials)
+    tuner = _tuner(
+        cfg,
+        run_dir,
+        trainable,
+        param_space,
+        resuming,
+        metric=None,
+        mode=None,
+        scheduler=scheduler,
+        search_alg=search_alg,
+        num_samples=num_samples,
+        total=n_trials,
+    )
     grid = tuner.fit()
     wall = time.time() - t0
     rows = _rows(grid, base_m["ppl"], cfg.eval.budgets[-1])
@@ -551,15 +670,34 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
         cand = json.loads(cand) if isinstance(cand, str) else (r.config or {}).get("candidate")
         row: dict[str, Any] = {"trial_id": m.get("trial_id") or (r.path and Path(r.path).name), "candidate": cand}
         if r.error is not None:
-            row.update(status="failed", error=f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}")
+            row.update(
+                status="failed", error=f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}"
+            )
         elif m.get("eval_tokens") == full_budget:
             row["status"] = "completed"
         else:
             row["status"] = "stopped_early" if m else "not_run"
-        for k in ("ppl", "eval_tokens", "disk_bytes", "disk_weight_bytes", "parameters", "nonzero_parameters",
-                  "sparsity", "tokens_per_s", "artifact", "compress_seconds", "task_answer_ppl",
-                  "task_token_accuracy", "measured_as", "device", "node_id", "gpu_ids", "cuda_visible_devices",
-                  "started_at", "reported_at"):
+        for k in (
+            "ppl",
+            "eval_tokens",
+            "disk_bytes",
+            "disk_weight_bytes",
+            "parameters",
+            "nonzero_parameters",
+            "sparsity",
+            "tokens_per_s",
+            "artifact",
+            "compress_seconds",
+            "task_answer_ppl",
+            "task_token_accuracy",
+            "measured_as",
+            "device",
+            "node_id",
+            "gpu_ids",
+            "cuda_visible_devices",
+            "started_at",
+            "reported_at",
+        ):
             if m.get(k) is not None:
                 row[k] = m[k]
         row.update({k: v for k, v in m.items() if k.startswith("tokens_per_s_b")})
@@ -577,8 +715,9 @@ def _finish(cfg, run_dir: Mirror, rows, base_m, wall, parent, shared, remeasure,
 
     done = [r for r in rows if r["status"] == "completed"]
     front = [done[i]["trial_id"] for i in pareto_front(done)]
-    wi, reason = choose_winner(done, base_ppl=base_m["ppl"], max_quality_loss_pct=cfg.policy.max_quality_loss_pct,
-                               prefer=cfg.policy.prefer)
+    wi, reason = choose_winner(
+        done, base_ppl=base_m["ppl"], max_quality_loss_pct=cfg.policy.max_quality_loss_pct, prefer=cfg.policy.prefer
+    )
     for r in rows:
         r["pareto"] = r["trial_id"] in front
         if r.get("tokens_per_s") and base_m.get("tokens_per_s"):
@@ -586,22 +725,29 @@ def _finish(cfg, run_dir: Mirror, rows, base_m, wall, parent, shared, remeasure,
         if r.get("disk_bytes"):
             r["size_ratio"] = r["disk_bytes"] / base_m["disk_bytes"]
     winner = done[wi] if wi is not None else None
-    plot = plot_pareto(done, [done.index(r) for r in done if r["pareto"]], run_dir.local / PLOT,
-                       base=base_m, winner=wi)
+    plot = plot_pareto(done, [done.index(r) for r in done if r["pareto"]], run_dir.local / PLOT, base=base_m, winner=wi)
     run_dir.push(PLOT)
     report = {
-        "stage": "sweep", "target": "compress", "device": base_m.get("device"), "wall_s": wall,
-        "base": base_m, "policy": cfg.policy.model_dump(), "winner": winner, "winner_reason": reason,
-        "pareto_front": front, "counts": {s: sum(r["status"] == s for r in rows)
-                                           for s in ("completed", "stopped_early", "failed", "not_run")},
+        "stage": "sweep",
+        "target": "compress",
+        "device": base_m.get("device"),
+        "wall_s": wall,
+        "base": base_m,
+        "policy": cfg.policy.model_dump(),
+        "winner": winner,
+        "winner_reason": reason,
+        "pareto_front": front,
+        "counts": {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "failed", "not_run")},
         "trials": sorted(rows, key=lambda r: (r["status"] != "completed", r.get("ppl", math.inf))),
         "plot": str(run_dir.at(PLOT)) if plot else None,
     }
     write_json_atomic(run_dir.local / REPORT, report)
     run_dir.push(REPORT)
     failed = [r for r in rows if r["status"] == "failed"]
-    say(f"[raydist] sweep: {report['counts']['completed']} completed, {report['counts']['stopped_early']} stopped "
-        f"early, {len(failed)} failed in {wall:.0f}s; Pareto front: {len(front)}; report {run_dir.at(REPORT)}")
+    say(
+        f"[raydist] sweep: {report['counts']['completed']} completed, {report['counts']['stopped_early']} stopped "
+        f"early, {len(failed)} failed in {wall:.0f}s; Pareto front: {len(front)}; report {run_dir.at(REPORT)}"
+    )
     for r in failed:
         say(f"[raydist]   failed: {json.dumps(r['candidate'], sort_keys=True)}: {r['error']}")
     if winner is None:
@@ -615,22 +761,47 @@ def _finish(cfg, run_dir: Mirror, rows, base_m, wall, parent, shared, remeasure,
         raise RuntimeError(f"the exported winner measures ppl {ppl:.6g} after reload, the trial {winner['ppl']:.6g}")
     trial_manifest = read_manifest(tmp)
     write_manifest(
-        tmp, stage="sweep", config=cfg.model_dump(mode="json"), parent=parent,
-        metrics={**{k: winner[k] for k in ("ppl", "quality_loss_pct", "disk_bytes", "tokens_per_s", "parameters",
-                                           "nonzero_parameters", "sparsity", "task_answer_ppl",
-                                           "task_token_accuracy") if k in winner},
-                 "reloaded_ppl": ppl, "base_ppl": base_m["ppl"], "speedup": winner.get("speedup"),
-                 "size_ratio": winner.get("size_ratio")},
+        tmp,
+        stage="sweep",
+        config=cfg.model_dump(mode="json"),
+        parent=parent,
+        metrics={
+            **{
+                k: winner[k]
+                for k in (
+                    "ppl",
+                    "quality_loss_pct",
+                    "disk_bytes",
+                    "tokens_per_s",
+                    "parameters",
+                    "nonzero_parameters",
+                    "sparsity",
+                    "task_answer_ppl",
+                    "task_token_accuracy",
+                )
+                if k in winner
+            },
+            "reloaded_ppl": ppl,
+            "base_ppl": base_m["ppl"],
+            "speedup": winner.get("speedup"),
+            "size_ratio": winner.get("size_ratio"),
+        },
         num_parameters=winner.get("parameters", 0),
-        extra={"candidate": winner["candidate"], "winner_reason": reason, "sweep_report": str(run_dir.at(REPORT)),
-               **{k: v for k, v in trial_manifest.items() if k in ("quantization", "compression")}},
+        extra={
+            "candidate": winner["candidate"],
+            "winner_reason": reason,
+            "sweep_report": str(run_dir.at(REPORT)),
+            **{k: v for k, v in trial_manifest.items() if k in ("quantization", "compression")},
+        },
     )
     out = _publish_export(run_dir, tmp)
     _prune_artifacts(cfg, rows, winner)
-    say(f"[raydist] winner ({reason}): {json.dumps(winner['candidate'], sort_keys=True)}: ppl {ppl:.4g} "
+    say(
+        f"[raydist] winner ({reason}): {json.dumps(winner['candidate'], sort_keys=True)}: ppl {ppl:.4g} "
         f"({winner['quality_loss_pct']:+.1f} %), {winner['disk_bytes'] / 2**20:.1f} MiB "
         f"(x{winner.get('size_ratio', float('nan')):.2f}), {winner['tokens_per_s']:.1f} tok/s "
-        f"(x{winner.get('speedup', float('nan')):.2f})")
+        f"(x{winner.get('speedup', float('nan')):.2f})"
+    )
     say(f"[raydist] artifact: {out}")
     return out
 
@@ -685,8 +856,15 @@ def finetune_trial(config: dict[str, Any]) -> None:
     data["run"] = {**data["run"], "name": f"trial-{trial_id}", "output_dir": config["trials_dir"]}
     art = run_finetune(config_from_dict(FinetuneConfig, data), verbose=False)
     m = read_manifest(art)["metrics"]
-    ray.tune.report({"eval_ppl": m["eval_ppl"], "eval_loss": m.get("eval_loss"), "artifact": str(art),
-                     "tokens_per_s": m.get("tokens_per_s"), "overrides": json.dumps(config["overrides"], sort_keys=True)})
+    ray.tune.report(
+        {
+            "eval_ppl": m["eval_ppl"],
+            "eval_loss": m.get("eval_loss"),
+            "artifact": str(art),
+            "tokens_per_s": m.get("tokens_per_s"),
+            "overrides": json.dumps(config["overrides"], sort_keys=True),
+        }
+    )
 
 
 def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
@@ -724,26 +902,48 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
         num_samples = s.num_samples
     n_trials = num_samples if search_alg else len(combos)
     param_space.update({"finetune": ft.model_dump(mode="json"), "trials_dir": str(run_dir.at("trials"))})
-    say(f"[raydist] fine-tuning sweep: {n_trials} trial(s) over {', '.join(space)}; each trial is a Ray Train run "
-        f"of {ft.scaling.num_workers} worker(s)")
+    say(
+        f"[raydist] fine-tuning sweep: {n_trials} trial(s) over {', '.join(space)}; each trial is a Ray Train run "
+        f"of {ft.scaling.num_workers} worker(s)"
+    )
     # the trial only drives a Ray Train run (its workers reserve `finetune.resources`)
     trainable = tune.with_resources(finetune_trial, {"cpu": cfg.resources.num_cpus})
     t0 = time.time()
-    grid = _tuner(cfg, run_dir, trainable, param_space, resuming, metric=None, mode=None, search_alg=search_alg,
-                  num_samples=num_samples, total=n_trials, max_concurrent=concurrent).fit()
+    grid = _tuner(
+        cfg,
+        run_dir,
+        trainable,
+        param_space,
+        resuming,
+        metric=None,
+        mode=None,
+        search_alg=search_alg,
+        num_samples=num_samples,
+        total=n_trials,
+        max_concurrent=concurrent,
+    ).fit()
     wall = time.time() - t0
     rows = []
     for r in grid:
         m = dict(r.metrics or {})
         row = {"overrides": json.loads(m["overrides"]) if "overrides" in m else (r.config or {}).get("overrides")}
         if r.error is not None:
-            row.update(status="failed", error=f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}")
+            row.update(
+                status="failed", error=f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:500]}"
+            )
         else:
-            row.update(status="completed", **{k: m.get(k) for k in ("eval_ppl", "eval_loss", "tokens_per_s", "artifact")})
+            row.update(
+                status="completed", **{k: m.get(k) for k in ("eval_ppl", "eval_loss", "tokens_per_s", "artifact")}
+            )
         rows.append(row)
     done = [r for r in rows if r["status"] == "completed" and r.get("eval_ppl") is not None]
-    report = {"stage": "sweep", "target": "finetune", "wall_s": wall, "space": space,
-              "trials": sorted(rows, key=lambda r: r.get("eval_ppl") or math.inf)}
+    report = {
+        "stage": "sweep",
+        "target": "finetune",
+        "wall_s": wall,
+        "space": space,
+        "trials": sorted(rows, key=lambda r: r.get("eval_ppl") or math.inf),
+    }
     best = min(done, key=lambda r: r["eval_ppl"]) if done else None
     report["winner"] = best
     write_json_atomic(run_dir.local / REPORT, report)
@@ -752,14 +952,27 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
         raise NoCandidateMet(f"no fine-tuning trial completed (report: {run_dir.at(REPORT)})")
     tmp = _copy_for_export(run_dir, best["artifact"])
     inner = read_manifest(tmp)
-    write_manifest(tmp, stage="sweep", config=cfg.model_dump(mode="json"), parent=inner.get("parent", {}),
-                   metrics=inner.get("metrics", {}), num_parameters=inner.get("num_parameters", 0),
-                   extra={"overrides": best["overrides"], "sweep_report": str(run_dir.at(REPORT)),
-                          "trial_artifact": best["artifact"]})
+    write_manifest(
+        tmp,
+        stage="sweep",
+        config=cfg.model_dump(mode="json"),
+        parent=inner.get("parent", {}),
+        metrics=inner.get("metrics", {}),
+        num_parameters=inner.get("num_parameters", 0),
+        extra={
+            "overrides": best["overrides"],
+            "sweep_report": str(run_dir.at(REPORT)),
+            "trial_artifact": best["artifact"],
+        },
+    )
     out = _publish_export(run_dir, tmp)
     for r in rows:
-        say(f"[raydist]   {json.dumps(r['overrides'], sort_keys=True)}: "
-            + (f"eval ppl {r['eval_ppl']:.4g}" if r["status"] == "completed" else f"FAILED {r.get('error')}"))
-    say(f"[raydist] best: {json.dumps(best['overrides'], sort_keys=True)} (eval ppl {best['eval_ppl']:.4g}); "
-        f"artifact: {out}")
+        say(
+            f"[raydist]   {json.dumps(r['overrides'], sort_keys=True)}: "
+            + (f"eval ppl {r['eval_ppl']:.4g}" if r["status"] == "completed" else f"FAILED {r.get('error')}")
+        )
+    say(
+        f"[raydist] best: {json.dumps(best['overrides'], sort_keys=True)} (eval ppl {best['eval_ppl']:.4g}); "
+        f"artifact: {out}"
+    )
     return out

@@ -20,9 +20,11 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
 
     env = " ".join(f"{k}={os.environ[k]}" for k in ("RAY_TMPDIR",) if k in os.environ)
     command = " ".join([".venv/bin/python", os.path.relpath(os.path.abspath(argv[0]), REPO), *argv[1:]])
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "command": f"{env} {command}".strip()}
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": f"{env} {command}".strip(),
+    }
 
 
 def provenance_line(p: dict[str, Any]) -> str:

@@ -70,7 +70,9 @@ def smollm2_gguf(cache_dir: Path = DEFAULT_GGUF_CACHE) -> Path:
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        os.replace(download_smollm2_gguf(Path(tmp)), out)  # same filesystem: atomic, so a half-written file is never seen
+        os.replace(
+            download_smollm2_gguf(Path(tmp)), out
+        )  # same filesystem: atomic, so a half-written file is never seen
     return out
 
 
@@ -86,8 +88,11 @@ def _source_fingerprint(model_dir: Path) -> dict:
     return {"source": str(model_dir.resolve()), "files_sha256": h.hexdigest()}
 
 
-def ct2_convert(model_dir: Path = DEFAULT_HF_MODEL, out_dir: Path = REPO / "models" / "ct2-smollm2-135m-int8",
-                quantization: str = "int8") -> Path:
+def ct2_convert(
+    model_dir: Path = DEFAULT_HF_MODEL,
+    out_dir: Path = REPO / "models" / "ct2-smollm2-135m-int8",
+    quantization: str = "int8",
+) -> Path:
     """Convert the HF model dir with CTranslate2's ``TransformersConverter``; skipped when ``out_dir`` already
     holds a conversion of the same source files (names, sizes, mtimes) with the same quantization."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -120,13 +125,19 @@ def _ct2_generator(ct2_dir: Path, threads: int):
     # ctranslate2 is an optional peer dependency (scripts/bench/setup_peers.sh), not one of raydist's.
     import ctranslate2
 
-    return ctranslate2.Generator(str(ct2_dir), device="cpu", compute_type="int8",
-                                 intra_threads=threads, inter_threads=1)
+    return ctranslate2.Generator(
+        str(ct2_dir), device="cpu", compute_type="int8", intra_threads=threads, inter_threads=1
+    )
 
 
-def ct2_generate_tokens_per_s(ct2_dir: Path, prompts_ids: list[list[int]], batch_size: int,
-                              max_new_tokens: int, threads: int,
-                              tokenizer_dir: Optional[Path] = None) -> dict:
+def ct2_generate_tokens_per_s(
+    ct2_dir: Path,
+    prompts_ids: list[list[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    threads: int,
+    tokenizer_dir: Optional[Path] = None,
+) -> dict:
     """Greedy-generate exactly ``max_new_tokens`` tokens after each prompt, ``batch_size`` prompts per
     ``generate_batch`` call, after one untimed warm-up batch.
 
@@ -138,20 +149,27 @@ def ct2_generate_tokens_per_s(ct2_dir: Path, prompts_ids: list[list[int]], batch
     tok = _ct2_tokenizer(tokenizer_dir)
     prompts = [tok.convert_ids_to_tokens(list(ids)) for ids in prompts_ids]
     gen = _ct2_generator(ct2_dir, threads)
-    kwargs = dict(max_batch_size=batch_size, beam_size=1, sampling_topk=1, max_length=max_new_tokens,
-                  min_length=max_new_tokens, include_prompt_in_result=False)
+    kwargs = dict(
+        max_batch_size=batch_size,
+        beam_size=1,
+        sampling_topk=1,
+        max_length=max_new_tokens,
+        min_length=max_new_tokens,
+        include_prompt_in_result=False,
+    )
     gen.generate_batch(prompts[:batch_size], **kwargs)  # warm-up: allocations, thread pool, caches
     gen_tokens = 0
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        for r in gen.generate_batch(prompts[i:i + batch_size], **kwargs):
+        for r in gen.generate_batch(prompts[i : i + batch_size], **kwargs):
             gen_tokens += len(r.sequences_ids[0])
     wall = time.perf_counter() - t0
     return {"tokens_per_s": gen_tokens / wall, "gen_tokens": gen_tokens, "wall_s": wall}
 
 
-def ct2_perplexity(ct2_dir: Path, windows: Sequence[Sequence[int]], threads: int = 2,
-                   tokenizer_dir: Optional[Path] = None) -> float:
+def ct2_perplexity(
+    ct2_dir: Path, windows: Sequence[Sequence[int]], threads: int = 2, tokenizer_dir: Optional[Path] = None
+) -> float:
     """CTranslate2's perplexity on token ``windows`` (lists or a [W, T] tensor), each scored independently:
     ``exp(-sum log p(t_i | t_<i) / predicted tokens)`` over every token but each window's first — the same
     protocol as ``raydist.components.evaluation.perplexity_on``."""
@@ -186,9 +204,17 @@ class LlamaCppServer:
     log's tail. On exit the server process — and only it, by its pid — is terminated (then killed).
     """
 
-    def __init__(self, gguf: Path, threads: int = 2, port: Optional[int] = None, n_ctx: int = 2048,
-                 n_batch: int = 512, startup_timeout_s: float = 120.0, extra_args: Sequence[str] = (),
-                 python: Path = LLAMACPP_PYTHON) -> None:
+    def __init__(
+        self,
+        gguf: Path,
+        threads: int = 2,
+        port: Optional[int] = None,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        startup_timeout_s: float = 120.0,
+        extra_args: Sequence[str] = (),
+        python: Path = LLAMACPP_PYTHON,
+    ) -> None:
         self.gguf, self.threads, self.port = Path(gguf), threads, port or _free_port()
         self.n_ctx, self.n_batch, self.startup_timeout_s = n_ctx, n_batch, startup_timeout_s
         self.extra_args, self.python = list(extra_args), Path(python)
@@ -198,12 +224,31 @@ class LlamaCppServer:
 
     def command(self) -> list[str]:
         return [
-            str(self.python), "-m", "llama_cpp.server", "--model", str(self.gguf),
-            "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-            "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads),
-            "--n_batch", str(self.n_batch), "--n_ubatch", str(self.n_batch),
+            str(self.python),
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(self.gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            str(self.threads),
+            "--n_threads_batch",
+            str(self.threads),
+            "--n_batch",
+            str(self.n_batch),
+            "--n_ubatch",
+            str(self.n_batch),
             # logits_all (server default True) keeps logits for every prompt position, only for logprobs.
-            "--logits_all", "false", "--interrupt_requests", "false", *self.extra_args,
+            "--logits_all",
+            "false",
+            "--interrupt_requests",
+            "false",
+            *self.extra_args,
         ]
 
     def log_tail(self, n_chars: int = 4000) -> str:
@@ -220,15 +265,17 @@ class LlamaCppServer:
         fd, log = tempfile.mkstemp(prefix="llamacpp-server-", suffix=".log")
         self.log_path = Path(log)
         with os.fdopen(fd, "wb") as logf:
-            self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             if self.proc.poll() is not None:
                 rc = self.proc.returncode
                 self.proc = None
-                raise RuntimeError(f"llama.cpp server exited with {rc} during startup; log {self.log_path}:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"llama.cpp server exited with {rc} during startup; log {self.log_path}:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
                     if r.status == 200:
@@ -237,8 +284,10 @@ class LlamaCppServer:
                 pass
             if time.monotonic() > deadline:
                 self._stop()
-                raise RuntimeError(f"llama.cpp server not answering {self.base_url}/models after "
-                                   f"{self.startup_timeout_s:.0f} s; log {self.log_path}:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"llama.cpp server not answering {self.base_url}/models after "
+                    f"{self.startup_timeout_s:.0f} s; log {self.log_path}:\n{self.log_tail()}"
+                )
             time.sleep(0.25)
 
     def _stop(self) -> None:

@@ -64,8 +64,21 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ALL_ROWS = ("dense", "int8", "int8_nosmooth", "int8_weight_only", "int4_g64", "int4_g64_minmax", "int4_g64_qat",
-            "int4_g128", "structured25", "structured25_mlp", "magnitude50", "wanda50", "sparsegpt50")
+ALL_ROWS = (
+    "dense",
+    "int8",
+    "int8_nosmooth",
+    "int8_weight_only",
+    "int4_g64",
+    "int4_g64_minmax",
+    "int4_g64_qat",
+    "int4_g128",
+    "structured25",
+    "structured25_mlp",
+    "magnitude50",
+    "wanda50",
+    "sparsegpt50",
+)
 
 
 def main() -> None:
@@ -79,7 +92,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (fastest kept)")
     ap.add_argument("--smooth-alpha", type=float, default=0.5)
     ap.add_argument("--int4-algorithm", default="gptq", help="int4_g64's rounding: gptq, hqq or minmax")
-    ap.add_argument("--recovery-steps", type=int, default=40, help="KD steps of the rows with recovery (qat, structured)")
+    ap.add_argument(
+        "--recovery-steps", type=int, default=40, help="KD steps of the rows with recovery (qat, structured)"
+    )
     ap.add_argument("--recovery-lr", type=float, default=1e-4, help="their AdamW learning rate")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "compress.json"))
     ap.add_argument("--no-write", action="store_true")
@@ -134,17 +149,33 @@ def main() -> None:
         if name == "int8_weight_only":
             return model, quantize_model(model, "int8_weight_only")
         if name == "int4_g64":
-            return model, quantize_model(model, "int4_weight_only", group_size=64, int4_algorithm=args.int4_algorithm,
-                                         **({"calibration": calib} if args.int4_algorithm == "gptq" else {}))
+            return model, quantize_model(
+                model,
+                "int4_weight_only",
+                group_size=64,
+                int4_algorithm=args.int4_algorithm,
+                **({"calibration": calib} if args.int4_algorithm == "gptq" else {}),
+            )
         if name == "int4_g64_minmax":
             return model, quantize_model(model, "int4_weight_only", group_size=64)
         if name == "int4_g64_qat":
             from raydist.components.compression import apply_candidate
 
-            rep = apply_candidate(model, {"method": "none", "structured": 0.0, "quantization": "int4_weight_only",
-                                          "group_size": 64, "int4_algorithm": args.int4_algorithm, "recovery": "qat"},
-                                  calibration=calib, teacher=base, recovery_ids=recovery_rows(),
-                                  recovery=recovery_settings)
+            rep = apply_candidate(
+                model,
+                {
+                    "method": "none",
+                    "structured": 0.0,
+                    "quantization": "int4_weight_only",
+                    "group_size": 64,
+                    "int4_algorithm": args.int4_algorithm,
+                    "recovery": "qat",
+                },
+                calibration=calib,
+                teacher=base,
+                recovery_ids=recovery_rows(),
+                recovery=recovery_settings,
+            )
             return model, {**rep["quantization"], "qat": rep["recovery"], "grid": rep["qat_grid"]}
         if name == "int4_g128":  # requested 128: the 576-wide inputs fall back to 64 per layer
             return model, quantize_model(model, "int4_weight_only", group_size=128)
@@ -184,12 +215,27 @@ def main() -> None:
         if not importance:
             importance.append(collect_importance(base, calib.split(4), what=("mlp", "heads", "layers")))
         before = block_params(base)
-        rep = apply_candidate(model, {"method": "none", "structured": 0.25, "structure": structure,
-                                      "quantization": "none", "recovery": "distill"},
-                              calibration=calib, importance=importance[0], teacher=base,
-                              recovery_ids=recovery_rows(), recovery=recovery_settings)
-        return model, {"structure": structure, **rep["structured"], "recovery": rep["recovery"],
-                       "block_params_removed": 1 - block_params(model) / before}
+        rep = apply_candidate(
+            model,
+            {
+                "method": "none",
+                "structured": 0.25,
+                "structure": structure,
+                "quantization": "none",
+                "recovery": "distill",
+            },
+            calibration=calib,
+            importance=importance[0],
+            teacher=base,
+            recovery_ids=recovery_rows(),
+            recovery=recovery_settings,
+        )
+        return model, {
+            "structure": structure,
+            **rep["structured"],
+            "recovery": rep["recovery"],
+            "block_params_removed": 1 - block_params(model) / before,
+        }
 
     results: dict[str, dict] = {}
     models: dict[str, torch.nn.Module] = {}
@@ -219,25 +265,34 @@ def main() -> None:
             del again
             shutil.rmtree(art)
             results[name] = {
-                "ppl": ppl, "parameters": size["parameters"], "nonzero_parameters": size["nonzero_parameters"],
-                "disk_weight_bytes": size["disk_weight_bytes"], "memory_bytes": size["memory_bytes"],
-                "reload_exact": reload_exact, "max_logit_diff_vs_dense": probe_diff, "build_s": t_build,
-                "kernel": report.get("kernel"), "speedup_expected": report.get("speedup_expected"),
+                "ppl": ppl,
+                "parameters": size["parameters"],
+                "nonzero_parameters": size["nonzero_parameters"],
+                "disk_weight_bytes": size["disk_weight_bytes"],
+                "memory_bytes": size["memory_bytes"],
+                "reload_exact": reload_exact,
+                "max_logit_diff_vs_dense": probe_diff,
+                "build_s": t_build,
+                "kernel": report.get("kernel"),
+                "speedup_expected": report.get("speedup_expected"),
                 "report": {k: v for k, v in report.items() if k not in ("layers", "per_layer")},
             }
             if "layers" in report:  # per-layer group sizes actually used (int4) / skipped layers
-                groups = sorted({(e.get("group_size"), "skipped" in e) for e in report["layers"].values()},
-                                key=str)
+                groups = sorted({(e.get("group_size"), "skipped" in e) for e in report["layers"].values()}, key=str)
                 results[name]["group_sizes_used"] = [g for g, skipped in groups if not skipped]
             models[name] = model
-            print(f"{name:17s} ppl {ppl:8.3f}  params {size['parameters']/1e6:6.1f}M  nonzero "
-                  f"{size['nonzero_parameters']/1e6:6.1f}M  weights {size['disk_weight_bytes']/2**20:6.1f} MiB  "
-                  f"reload_exact={reload_exact}  ({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"{name:17s} ppl {ppl:8.3f}  params {size['parameters'] / 1e6:6.1f}M  nonzero "
+                f"{size['nonzero_parameters'] / 1e6:6.1f}M  weights {size['disk_weight_bytes'] / 2**20:6.1f} MiB  "
+                f"reload_exact={reload_exact}  ({time.time() - t0:.0f}s)",
+                flush=True,
+            )
 
         # Speed: warm every model up, then interleaved rounds.
         def gen(m, bs):
-            return generation_speed(m, batch_size=bs, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                    repeats=1, warmup=0)["seconds"]
+            return generation_speed(
+                m, batch_size=bs, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=1, warmup=0
+            )["seconds"]
 
         for m in models.values():
             gen(m, 1)
@@ -268,13 +323,17 @@ def main() -> None:
         r["params_ratio"] = r["parameters"] / dense["parameters"]
 
     print("\nratios vs dense (same run)")
-    print(f"{'method':17s} {'ppl':>8s} {'ppl x':>7s} {'params x':>8s} {'nonzero x':>9s} {'bytes x':>8s} "
-          f"{'tok/s b1':>9s} {'b1 x':>6s} {'tok/s b8':>9s} {'b8 x':>6s}  kernel")
+    print(
+        f"{'method':17s} {'ppl':>8s} {'ppl x':>7s} {'params x':>8s} {'nonzero x':>9s} {'bytes x':>8s} "
+        f"{'tok/s b1':>9s} {'b1 x':>6s} {'tok/s b8':>9s} {'b8 x':>6s}  kernel"
+    )
     for n, r in results.items():
-        print(f"{n:17s} {r['ppl']:8.3f} {r['ppl_ratio']:7.3f} {r['params_ratio']:8.3f} "
-              f"{r['nonzero_parameters'] / dense['nonzero_parameters']:9.3f} {r['weight_bytes_ratio']:8.3f} "
-              f"{r['tokens_per_s_b1']:9.1f} {r['speed_ratio_b1']:6.2f} {r['tokens_per_s_b8']:9.1f} "
-              f"{r['speed_ratio_b8']:6.2f}  {r.get('kernel') or '-'}")
+        print(
+            f"{n:17s} {r['ppl']:8.3f} {r['ppl_ratio']:7.3f} {r['params_ratio']:8.3f} "
+            f"{r['nonzero_parameters'] / dense['nonzero_parameters']:9.3f} {r['weight_bytes_ratio']:8.3f} "
+            f"{r['tokens_per_s_b1']:9.1f} {r['speed_ratio_b1']:6.2f} {r['tokens_per_s_b8']:9.1f} "
+            f"{r['speed_ratio_b8']:6.2f}  {r.get('kernel') or '-'}"
+        )
 
     def get(name, key):
         return results[name][key] if name in results else None
@@ -298,23 +357,40 @@ def main() -> None:
             "int8_ppl_within_1pct": None if "int8" not in results else results["int8"]["ppl_ratio"] <= 1.01,
             "int8_speed_ge_1.5x": None if "int8" not in results else results["int8"]["speed_ratio_b1"] >= 1.5,
             "int4_le_peer_gptq_17.90": None if "int4_g64" not in results else results["int4_g64"]["ppl"] <= 17.90,
-            "int4_with_recovery_within_5pct": None if "int4_g64_qat" not in results
+            "int4_with_recovery_within_5pct": None
+            if "int4_g64_qat" not in results
             else results["int4_g64_qat"]["ppl_ratio"] <= 1.05,
-            "structured25_speedup_ge_1.25": None if "structured25" not in results
+            "structured25_speedup_ge_1.25": None
+            if "structured25" not in results
             else results["structured25"]["speed_ratio_b1"] >= 1.25,
         },
         "rows": results,
         "errors": errors,
-        "protocol": {"n_tokens": args.n_tokens, "window": 512, "calibration": "16 x 128 tokens from 50,000",
-                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                     "smooth_alpha": args.smooth_alpha,
-                     "int4_g64_algorithm": args.int4_algorithm,
-                     "recovery": {"steps": args.recovery_steps, "lr": args.recovery_lr, "batch": "4 x 256",
-                                  "text": "pydoc topics from token 8,192 (the sweep's default)"}},
+        "protocol": {
+            "n_tokens": args.n_tokens,
+            "window": 512,
+            "calibration": "16 x 128 tokens from 50,000",
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "smooth_alpha": args.smooth_alpha,
+            "int4_g64_algorithm": args.int4_algorithm,
+            "recovery": {
+                "steps": args.recovery_steps,
+                "lr": args.recovery_lr,
+                "batch": "4 x 256",
+                "text": "pydoc topics from token 8,192 (the sweep's default)",
+            },
+        },
         "machine": {
-            "platform": platform.platform(), "processor": _cpu_model(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "torchao": torchao.__version__,
-            "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "platform": platform.platform(),
+            "processor": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "torchao": torchao.__version__,
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
             "note": "shared 2-core box: other jobs ran concurrently; compare ratios within one run only",
         },
         "seconds": time.time() - t_start,

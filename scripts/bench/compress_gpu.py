@@ -57,15 +57,26 @@ def main() -> None:
         "structured25": {"structured": 0.25, "structure": "mlp"},
         "wanda_2of4": {"method": "wanda", "pattern": "2:4", "sparsity": 0.5},
     }
-    base = {"method": "none", "sparsity": 0.0, "pattern": None, "structured": 0.0, "structure": "mlp",
-            "quantization": "none", "group_size": None, "recovery": "none"}
+    base = {
+        "method": "none",
+        "sparsity": 0.0,
+        "pattern": None,
+        "structured": 0.0,
+        "structure": "mlp",
+        "quantization": "none",
+        "group_size": None,
+        "recovery": "none",
+    }
     calib = torch.randint(0, config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(1)).to(device)
-    result = {"measured_at": time.strftime("%Y-%m-%d %H:%M"),
-              "command": "python scripts/bench/compress_gpu.py --shape <SmolLM2 config dir>",
-              "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
-              "weights": "SmolLM2-135M-shaped, random (speed only)",
-              "settings": {"prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats},
-              "rows": {}}
+    result = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python scripts/bench/compress_gpu.py --shape <SmolLM2 config dir>",
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "weights": "SmolLM2-135M-shaped, random (speed only)",
+        "settings": {"prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats},
+        "rows": {},
+    }
     for name, cand in rows.items():
         try:
             model = fresh()
@@ -76,8 +87,14 @@ def main() -> None:
             if "quantization" in report:
                 r["kernel"] = report["quantization"].get("kernel")
             for b in (1, 8):
-                sp = generation_speed(model, batch_size=b, prompt_len=args.prompt, new_tokens=args.new_tokens,
-                                      repeats=args.repeats, warmup=2)
+                sp = generation_speed(
+                    model,
+                    batch_size=b,
+                    prompt_len=args.prompt,
+                    new_tokens=args.new_tokens,
+                    repeats=args.repeats,
+                    warmup=2,
+                )
                 r[f"tokens_per_s_b{b}"] = sp["tokens_per_s"]
             result["rows"][name] = r
             print(name, json.dumps(r), flush=True)
@@ -93,8 +110,15 @@ def main() -> None:
                 r[f"speedup_b{b}"] = r[f"tokens_per_s_b{b}"] / dense[f"tokens_per_s_b{b}"]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({n: {k: v for k, v in r.items() if k.startswith(("speedup", "tokens", "error", "kernel"))}
-                      for n, r in result["rows"].items()}, indent=1))
+    print(
+        json.dumps(
+            {
+                n: {k: v for k, v in r.items() if k.startswith(("speedup", "tokens", "error", "kernel"))}
+                for n, r in result["rows"].items()
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -113,8 +113,9 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-        mem_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines()
-                       if x.startswith("MemTotal"))
+        mem_kib = next(
+            int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
+        )
     except (OSError, StopIteration):
         pass
     from importlib.metadata import PackageNotFoundError, version
@@ -125,9 +126,14 @@ def machine() -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu": model, "cores": os.cpu_count(), "mem_gib": round(mem_kib / 2**20, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "versions": versions}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "mem_gib": round(mem_kib / 2**20, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "versions": versions,
+    }
 
 
 def loadavg() -> Optional[float]:
@@ -160,17 +166,27 @@ def split_seed_tasks(src: Path, work: Path, split: str = "random") -> tuple[Path
     evals.write_text("\n".join(lines[N_TRAIN_TASKS:]) + "\n")
     n_inst = lambda ls: sum(len(json.loads(x).get("instances", [None])) for x in ls)  # noqa: E731
     n_cls = lambda ls: sum(bool(json.loads(x).get("is_classification")) for x in ls)  # noqa: E731
-    return train, evals, {"split": split, "train_tasks": len(lines[:N_TRAIN_TASKS]), "eval_tasks": len(lines[N_TRAIN_TASKS:]),
-                          "train_classification_tasks": n_cls(lines[:N_TRAIN_TASKS]),
-                          "eval_classification_tasks": n_cls(lines[N_TRAIN_TASKS:]),
-                          "train_instances": n_inst(lines[:N_TRAIN_TASKS]),
-                          "eval_instances": n_inst(lines[N_TRAIN_TASKS:])}
+    return (
+        train,
+        evals,
+        {
+            "split": split,
+            "train_tasks": len(lines[:N_TRAIN_TASKS]),
+            "eval_tasks": len(lines[N_TRAIN_TASKS:]),
+            "train_classification_tasks": n_cls(lines[:N_TRAIN_TASKS]),
+            "eval_classification_tasks": n_cls(lines[N_TRAIN_TASKS:]),
+            "train_instances": n_inst(lines[:N_TRAIN_TASKS]),
+            "eval_instances": n_inst(lines[N_TRAIN_TASKS:]),
+        },
+    )
 
 
 def data_section(args, train: Path, evals: Path) -> dict[str, Any]:
-    return {"train": {"path": str(train), "format": "instruction"},
-            "eval": {"path": str(evals), "format": "instruction"},
-            "seq_len": args.seq_len}
+    return {
+        "train": {"path": str(train), "format": "instruction"},
+        "eval": {"path": str(evals), "format": "instruction"},
+        "seq_len": args.seq_len,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -180,27 +196,51 @@ def teacher_config(args, train: Path, evals: Path) -> dict[str, Any]:
     return {
         "model": {"path": str(MODEL_DIR)},
         "data": data_section(args, train, evals),
-        "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.05,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        "optim": {"lr": args.teacher_lr, "warmup_steps": min(3, args.teacher_steps - 1), "schedule": "cosine",
-                  "min_lr_ratio": 0.1, "grad_clip": 1.0},
+        "lora": {
+            "enabled": True,
+            "r": 16,
+            "alpha": 32,
+            "dropout": 0.05,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        },
+        "optim": {
+            "lr": args.teacher_lr,
+            "warmup_steps": min(3, args.teacher_steps - 1),
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            "grad_clip": 1.0,
+        },
         "train": {"max_steps": args.teacher_steps, "micro_batch_size": 2, "seed": args.seed},
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2},
     }
 
 
-def student_config(args, teacher: Path, train: Path, evals: Path, out: Path, *, kd: dict[str, Any],
-                   lr: float) -> dict[str, Any]:
+def student_config(
+    args, teacher: Path, train: Path, evals: Path, out: Path, *, kd: dict[str, Any], lr: float
+) -> dict[str, Any]:
     return {
         "teacher": {"path": str(teacher)},
-        "student": {"source": "pruned", "prune": {"drop_layers": args.drop_layers, "mlp_keep_ratio": args.mlp_keep,
-                                                  "calibration_batches": 8}},
+        "student": {
+            "source": "pruned",
+            "prune": {"drop_layers": args.drop_layers, "mlp_keep_ratio": args.mlp_keep, "calibration_batches": 8},
+        },
         "data": data_section(args, train, evals),
-        "kd": {"loss": "forward_kl", "top_k": args.top_k, "cache_dir": str(out / "teacher_cache"),
-               "cache_actors": CACHE_ACTORS, "cache_batch_size": CACHE_BATCH, **kd},
-        "optim": {"lr": lr, "warmup_steps": min(3, args.steps - 1), "schedule": "cosine", "min_lr_ratio": 0.1,
-                  "grad_clip": 1.0},
+        "kd": {
+            "loss": "forward_kl",
+            "top_k": args.top_k,
+            "cache_dir": str(out / "teacher_cache"),
+            "cache_actors": CACHE_ACTORS,
+            "cache_batch_size": CACHE_BATCH,
+            **kd,
+        },
+        "optim": {
+            "lr": lr,
+            "warmup_steps": min(3, args.steps - 1),
+            "schedule": "cosine",
+            "min_lr_ratio": 0.1,
+            "grad_clip": 1.0,
+        },
         "train": {"max_steps": args.steps, "micro_batch_size": 2, "seed": args.seed},
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2},
@@ -251,8 +291,7 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
 
     name = f"{tag}-{config_hash(cfg)}"
     run_dir = runs / name
-    full = {**cfg, "run": {"name": name, "output_dir": str(runs)},
-            "train": {**cfg["train"], "keep_checkpoints": 1}}
+    full = {**cfg, "run": {"name": name, "output_dir": str(runs)}, "train": {**cfg["train"], "keep_checkpoints": 1}}
     reused = (run_dir / "artifact" / "raydist.json").is_file()
     log, wall, load0 = "", None, loadavg()
     if reused:
@@ -274,9 +313,19 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
     manifest = read_manifest(run_dir / "artifact")
     times = step_times(run_dir)
     m = re.search(r"teacher cache: (\d+) sequences, top-(\d+), in (\d+)s", log)
-    return {"tag": tag, "run_dir": str(run_dir), "artifact": str(run_dir / "artifact"), "reused": reused,
-            "wall_s": wall, "loadavg_at_start": load0, "manifest": manifest, "step_times": times,
-            "cache_build_s": float(m.group(3)) if m else None, "cache_rows": int(m.group(1)) if m else None, "cache_reused": "reusing teacher cache" in log}
+    return {
+        "tag": tag,
+        "run_dir": str(run_dir),
+        "artifact": str(run_dir / "artifact"),
+        "reused": reused,
+        "wall_s": wall,
+        "loadavg_at_start": load0,
+        "manifest": manifest,
+        "step_times": times,
+        "cache_build_s": float(m.group(3)) if m else None,
+        "cache_rows": int(m.group(1)) if m else None,
+        "cache_reused": "reusing teacher cache" in log,
+    }
 
 
 def step_times(run_dir: Path) -> dict[int, float]:
@@ -350,7 +399,7 @@ class CpuSampler:
                 continue
             try:
                 stat = Path(f"/proc/{d}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
+                fields = stat[stat.rindex(")") + 2 :].split()
                 cmd = Path(f"/proc/{d}/cmdline").read_bytes()[:40].decode(errors="replace")
             except (OSError, ValueError):
                 continue
@@ -425,8 +474,9 @@ def per_example_nll(artifacts: dict[str, str], eval_parquet: Path) -> dict[str, 
     return out
 
 
-def paired_bootstrap(a: list[tuple[float, int]], b: list[tuple[float, int]], n: int = 4000,
-                     seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(
+    a: list[tuple[float, int]], b: list[tuple[float, int]], n: int = 4000, seed: int = 0
+) -> dict[str, float]:
     """Perplexity ratio ppl(a) / ppl(b) on the eval set, with a 95 % interval from resampling the eval
     sequences (paired: both models are scored on the same resampled set) — the spread that comes from
     having only a couple of dozen short held-out answers, not from training noise."""
@@ -441,8 +491,12 @@ def paired_bootstrap(a: list[tuple[float, int]], b: list[tuple[float, int]], n: 
         return math.exp((sum(a[i][0] for i in idx) - sum(b[i][0] for i in idx)) / toks) if toks else float("nan")
 
     draws = sorted(ratio([rng.randrange(k) for _ in range(k)]) for _ in range(n))
-    return {"ratio": ratio(range(k)), "ci95_low": draws[int(0.025 * n)], "ci95_high": draws[int(0.975 * n) - 1],
-            "p_ratio_below_1": sum(d < 1 for d in draws) / n}
+    return {
+        "ratio": ratio(range(k)),
+        "ci95_low": draws[int(0.025 * n)],
+        "ci95_high": draws[int(0.975 * n) - 1],
+        "p_ratio_below_1": sum(d < 1 for d in draws) / n,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -456,14 +510,23 @@ def student_summary(run: dict[str, Any], kd: dict[str, Any], lr: float, sampler:
     met = metrics_of(run)
     gaps = steady(step_gaps(run["step_times"]))
     cpu = steady(cpu_per_step(sampler, run["step_times"]))
-    return {"eval_ppl": met.get("eval_ppl"), "pruned_before_training_ppl": met.get("pruned_before_training_ppl"),
-            "teacher_ppl": met.get("teacher_ppl"), "gap_recovered": met.get("gap_recovered"),
-            "train_loss": met.get("train_loss"), "tokens_per_s": met.get("tokens_per_s"),
-            "median_step_s": median_or_none(gaps.values()),
-            "median_step_rank_cpu_s": median_or_none(c["rank_cpu_s"] for c in cpu.values()),
-            "mean_foreign_cores": statistics.mean(c["foreign_cores"] for c in cpu.values()) if cpu else None,
-            "kd": kd, "lr": lr, "run_dir": run["run_dir"],
-            "reused": run["reused"], "wall_s": run["wall_s"], "loadavg_at_start": run["loadavg_at_start"]}
+    return {
+        "eval_ppl": met.get("eval_ppl"),
+        "pruned_before_training_ppl": met.get("pruned_before_training_ppl"),
+        "teacher_ppl": met.get("teacher_ppl"),
+        "gap_recovered": met.get("gap_recovered"),
+        "train_loss": met.get("train_loss"),
+        "tokens_per_s": met.get("tokens_per_s"),
+        "median_step_s": median_or_none(gaps.values()),
+        "median_step_rank_cpu_s": median_or_none(c["rank_cpu_s"] for c in cpu.values()),
+        "mean_foreign_cores": statistics.mean(c["foreign_cores"] for c in cpu.values()) if cpu else None,
+        "kd": kd,
+        "lr": lr,
+        "run_dir": run["run_dir"],
+        "reused": run["reused"],
+        "wall_s": run["wall_s"],
+        "loadavg_at_start": run["loadavg_at_start"],
+    }
 
 
 def fmt(x: Any, nd: int = 2) -> str:
@@ -483,29 +546,51 @@ def ci(b: Optional[dict[str, float]], what: str = "") -> str:
 
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = [
-        ("teacher (SmolLM2-135M-Instruct), uncorrected", fmt(r["teacher_ppl_uncorrected"]),
-         f"{r['teacher_params']:,} params"),
+        (
+            "teacher (SmolLM2-135M-Instruct), uncorrected",
+            fmt(r["teacher_ppl_uncorrected"]),
+            f"{r['teacher_params']:,} params",
+        ),
         ("teacher, corrected (LoRA fine-tune)", fmt(r["teacher_ppl"]), ""),
-        ("pruned student before training", fmt(r["pruned_before_training_ppl"]),
-         f"{r['student_params']:,} params ({r['student_param_fraction']:.0%} of teacher)"),
+        (
+            "pruned student before training",
+            fmt(r["pruned_before_training_ppl"]),
+            f"{r['student_params']:,} params ({r['student_param_fraction']:.0%} of teacher)",
+        ),
         (f"student, CE only ({r['settings']['steps']} steps)", fmt(r["ce_student_ppl"]), ""),
-        (f"student, KD ({r['kd_label']})", fmt(r["kd_student_ppl"]),
-         f"KD/CE ppl = {fmt(r['kd_over_ce_ppl'], 3)}{ci(r.get('kd_vs_ce'))}"),
+        (
+            f"student, KD ({r['kd_label']})",
+            fmt(r["kd_student_ppl"]),
+            f"KD/CE ppl = {fmt(r['kd_over_ce_ppl'], 3)}{ci(r.get('kd_vs_ce'))}",
+        ),
     ]
     for v in r.get("kd_variants", []):
-        rows.append((f"student, KD variant ({v['label']})", fmt(v["eval_ppl"]),
-                     f"KD/CE ppl = {fmt(v['eval_ppl'] / r['ce_student_ppl'], 3)}{ci(v.get('vs_ce'))}"))
+        rows.append(
+            (
+                f"student, KD variant ({v['label']})",
+                fmt(v["eval_ppl"]),
+                f"KD/CE ppl = {fmt(v['eval_ppl'] / r['ce_student_ppl'], 3)}{ci(v.get('vs_ce'))}",
+            )
+        )
     if r.get("cache_speedup") is not None:
         rows += [
-            (f"KD from the top-{r['settings']['top_k']} cache", fmt(r["cache_eval_ppl"]),
-             f"vs online {fmt(r['online_eval_ppl'])}: {r['cache_vs_online_ppl_pct']:+.2f} %"
-             f"{ci(r.get('cache_vs_online'), 'cache/online')}"),
-            ("step time online / cache (median)", f"{r['online_step_s']:.2f} s / {r['cache_step_s']:.2f} s",
-             f"cache_speedup = {r['cache_speedup']:.2f}x (per-step median {r['cache_speedup_paired']:.2f}x); other "
-             f"jobs used {fmt(r.get('online_foreign_cores'))} / {fmt(r.get('cache_foreign_cores'))} cores"),
-            ("ranks' CPU seconds per step online / cache", f"{fmt(r.get('online_step_rank_cpu_s'))} s / "
-             f"{fmt(r.get('cache_step_rank_cpu_s'))} s", f"speedup by work = {fmt(r.get('cache_speedup_cpu'))}x "
-             f"(ceiling {r['cache_speedup_ceiling']:.2f}x)"),
+            (
+                f"KD from the top-{r['settings']['top_k']} cache",
+                fmt(r["cache_eval_ppl"]),
+                f"vs online {fmt(r['online_eval_ppl'])}: {r['cache_vs_online_ppl_pct']:+.2f} %"
+                f"{ci(r.get('cache_vs_online'), 'cache/online')}",
+            ),
+            (
+                "step time online / cache (median)",
+                f"{r['online_step_s']:.2f} s / {r['cache_step_s']:.2f} s",
+                f"cache_speedup = {r['cache_speedup']:.2f}x (per-step median {r['cache_speedup_paired']:.2f}x); other "
+                f"jobs used {fmt(r.get('online_foreign_cores'))} / {fmt(r.get('cache_foreign_cores'))} cores",
+            ),
+            (
+                "ranks' CPU seconds per step online / cache",
+                f"{fmt(r.get('online_step_rank_cpu_s'))} s / {fmt(r.get('cache_step_rank_cpu_s'))} s",
+                f"speedup by work = {fmt(r.get('cache_speedup_cpu'))}x (ceiling {r['cache_speedup_ceiling']:.2f}x)",
+            ),
             ("cache build (one-off)", f"{fmt(r['cache_build_s'], 0)} s", ""),
         ]
     return rows
@@ -554,9 +639,11 @@ def markdown_section(r: dict[str, Any]) -> str:
         f"{r['teacher_params']:,}.",
         f"3. Same pruned init, data order and {s['steps']} steps (lr {s['lr']:g}, warmup 3, cosine) for each "
         f"student: KD = {r['kd_label']}, online teacher; CE = `kd.ce_weight: 1.0` (plain cross-entropy "
-        f"through the same code path{', run in cache mode so no teacher forward is wasted' if s['ce_mode'] == 'cache' else ''}).",
+        "through the same code "
+        f"path{', run in cache mode so no teacher forward is wasted' if s['ce_mode'] == 'cache' else ''}).",
         f"4. Cache vs online: the KD run again with `kd.teacher_mode: cache` (top-{s['top_k']} + missing mass, "
-        f"built by a {s['cache_actors']}-actor Ray Data job, {s['cache_batch_size']} sequence(s) per forward). Step time = gaps between consecutive step records in `metrics.jsonl`, "
+        f"built by a {s['cache_actors']}-actor Ray Data job, {s['cache_batch_size']} sequence(s) per forward). Step "
+        "time = gaps between consecutive step records in `metrics.jsonl`, "
         f"steps 1–{DROP_STEPS} dropped, median.",
         "",
         "| model | eval ppl | notes |",
@@ -578,31 +665,47 @@ def markdown_section(r: dict[str, Any]) -> str:
         head = "KD beats CE-only"
     else:
         head = "KD ends below CE-only, but not by more than the eval's noise"
-    verdict = head + f": {fmt(r['kd_student_ppl'])} vs {fmt(r['ce_student_ppl'])} (KD/CE = " \
-        f"{fmt(r['kd_over_ce_ppl'], 3)}" + ("" if b is None else f", 95 % CI {b['ci95_low']:.3f}–{b['ci95_high']:.3f}") + ")."
+    verdict = (
+        head + f": {fmt(r['kd_student_ppl'])} vs {fmt(r['ce_student_ppl'])} (KD/CE = "
+        f"{fmt(r['kd_over_ce_ppl'], 3)}"
+        + ("" if b is None else f", 95 % CI {b['ci95_low']:.3f}–{b['ci95_high']:.3f}")
+        + ")."
+    )
     if r.get("kd_variants"):
-        verdict += " Other KD settings tried (same init, data and steps; the headline setting was fixed first, and " \
-            "the best of several on this small eval is an optimistic estimate): " + "; ".join(
-            f"{v['label']} → {fmt(v['eval_ppl'])}" + (f" (KD/CE {v['vs_ce']['ratio']:.3f}, 95 % CI "
-                                                        f"{v['vs_ce']['ci95_low']:.3f}–{v['vs_ce']['ci95_high']:.3f})"
-                                                        if v.get("vs_ce") else "")
-            for v in r["kd_variants"]) + "."
+        verdict += (
+            " Other KD settings tried (same init, data and steps; the headline setting was fixed first, and "
+            "the best of several on this small eval is an optimistic estimate): "
+            + "; ".join(
+                f"{v['label']} → {fmt(v['eval_ppl'])}"
+                + (
+                    f" (KD/CE {v['vs_ce']['ratio']:.3f}, 95 % CI "
+                    f"{v['vs_ce']['ci95_low']:.3f}–{v['vs_ce']['ci95_high']:.3f})"
+                    if v.get("vs_ce")
+                    else ""
+                )
+                for v in r["kd_variants"]
+            )
+            + "."
+        )
     lines.append(verdict)
     if r.get("cache_speedup") is not None:
         goal_s = "meets" if r["cache_speedup"] >= 2 else "misses"
         goal_p = "within" if abs(r["cache_vs_online_ppl_pct"]) <= 1 else "outside"
-        lines += ["", f"Cache: {r['cache_speedup']:.2f}x faster per step by wall time ({goal_s} the ≥ 2x goal; "
-                  f"{fmt(r.get('cache_speedup_cpu'))}x by the ranks' CPU seconds per step, which other jobs on the "
-                  f"box barely move — they used {fmt(r.get('online_foreign_cores'))} cores on average during the "
-                  f"online steps and {fmt(r.get('cache_foreign_cores'))} during the cached ones); eval ppl "
-                  f"{r['cache_vs_online_ppl_pct']:+.2f} % vs online ({goal_p} the 1 % goal); one-off build "
-                  f"{fmt(r['cache_build_s'], 0)} s for {fmt(r.get('cache_rows'))} sequences. On a CPU the step is "
-                  "compute-bound, so the cache can at most save the teacher's forward: with forward ≈ 1/3 of "
-                  f"forward + backward that bounds the speedup at (teacher + 3·student) / (3·student) = "
-                  f"{r['cache_speedup_ceiling']:.2f}x for these parameter counts. The ≥ 2x goal needs a teacher "
-                  "several times the student's size (or a GPU step where the student is not the bottleneck). "
-                  "The cache trains on a different objective (top-k plus one bucket for the missing mass, a lower "
-                  "bound of the full KL), so the two students differ by more than float noise."]
+        lines += [
+            "",
+            f"Cache: {r['cache_speedup']:.2f}x faster per step by wall time ({goal_s} the ≥ 2x goal; "
+            f"{fmt(r.get('cache_speedup_cpu'))}x by the ranks' CPU seconds per step, which other jobs on the "
+            f"box barely move — they used {fmt(r.get('online_foreign_cores'))} cores on average during the "
+            f"online steps and {fmt(r.get('cache_foreign_cores'))} during the cached ones); eval ppl "
+            f"{r['cache_vs_online_ppl_pct']:+.2f} % vs online ({goal_p} the 1 % goal); one-off build "
+            f"{fmt(r['cache_build_s'], 0)} s for {fmt(r.get('cache_rows'))} sequences. On a CPU the step is "
+            "compute-bound, so the cache can at most save the teacher's forward: with forward ≈ 1/3 of "
+            f"forward + backward that bounds the speedup at (teacher + 3·student) / (3·student) = "
+            f"{r['cache_speedup_ceiling']:.2f}x for these parameter counts. The ≥ 2x goal needs a teacher "
+            "several times the student's size (or a GPU step where the student is not the bottleneck). "
+            "The cache trains on a different objective (top-k plus one bucket for the missing mass, a lower "
+            "bound of the full KL), so the two students differ by more than float noise.",
+        ]
     if r.get("notes"):
         lines += [""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
@@ -630,8 +733,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="work directory (kept); default: a fresh temp dir, removed at the end")
     ap.add_argument("--seed-tasks", type=Path, default=SEED_TASKS)
-    ap.add_argument("--split", choices=("random", "tail"), default="random",
-                    help="held-out tasks: 25 drawn at random (seed 0), or the file's last 25 (all classification)")
+    ap.add_argument(
+        "--split",
+        choices=("random", "tail"),
+        default="random",
+        help="held-out tasks: 25 drawn at random (seed 0), or the file's last 25 (all classification)",
+    )
     ap.add_argument("--steps", type=int, default=30, help="optimizer steps of every student (and the teacher)")
     ap.add_argument("--teacher-steps", type=int, help="teacher-correction steps (default: --steps)")
     ap.add_argument("--teacher-lr", type=float, default=3e-4)
@@ -643,13 +750,20 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=0.0, help="CE share of the headline KD run's loss")
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kd-variant", action="append", metavar="K=V,...",
-                    help="extra online KD run, e.g. temperature=2,ce_weight=0.5 (keys: temperature, ce_weight, lr, "
-                         f"loss, beta); repeatable; default: {' and '.join(DEFAULT_VARIANTS)}")
+    ap.add_argument(
+        "--kd-variant",
+        action="append",
+        metavar="K=V,...",
+        help="extra online KD run, e.g. temperature=2,ce_weight=0.5 (keys: temperature, ce_weight, lr, "
+        f"loss, beta); repeatable; default: {' and '.join(DEFAULT_VARIANTS)}",
+    )
     ap.add_argument("--no-variants", action="store_true", help="no extra KD runs")
     ap.add_argument("--reuse-teacher", type=Path, help="a corrected-teacher artifact dir from an earlier run")
-    ap.add_argument("--skip-cache", action="store_true",
-                    help="no KD-from-cache run (the CE student still trains in cache mode unless --ce-online)")
+    ap.add_argument(
+        "--skip-cache",
+        action="store_true",
+        help="no KD-from-cache run (the CE student still trains in cache mode unless --ce-online)",
+    )
     ap.add_argument("--ce-online", action="store_true", help="run the CE student with the online teacher")
     ap.add_argument("--skip-bootstrap", action="store_true", help="no per-sequence rescoring / intervals")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the results files alone")
@@ -682,23 +796,30 @@ def main() -> None:
 
         # 2. students: KD (online) first, then its cache twin right after (comparable load), then CE
         kd_main = {"loss": "forward_kl", "temperature": args.temperature, "ce_weight": args.ce_weight}
-        kd_run = run_stage("distill", "kd", student_config(args, teacher, train, evals, out, kd=kd_main,
-                                                           lr=args.lr), runs)
+        kd_run = run_stage(
+            "distill", "kd", student_config(args, teacher, train, evals, out, kd=kd_main, lr=args.lr), runs
+        )
         cache_run = None
         if not args.skip_cache:
-            cache_run = run_stage("distill", "kd-cache", student_config(
-                args, teacher, train, evals, out, kd={**kd_main, "teacher_mode": "cache"}, lr=args.lr), runs)
+            cache_run = run_stage(
+                "distill",
+                "kd-cache",
+                student_config(args, teacher, train, evals, out, kd={**kd_main, "teacher_mode": "cache"}, lr=args.lr),
+                runs,
+            )
         ce_mode = "online" if args.ce_online else "cache"
         ce_kd = {**kd_main, "ce_weight": 1.0, "teacher_mode": ce_mode}
-        ce_run = run_stage("distill", "ce", student_config(args, teacher, train, evals, out, kd=ce_kd, lr=args.lr),
-                           runs)
+        ce_run = run_stage(
+            "distill", "ce", student_config(args, teacher, train, evals, out, kd=ce_kd, lr=args.lr), runs
+        )
         variants = []
         for i, text in enumerate(args.kd_variant):
             v = parse_variant(text)
             lr = float(v.pop("lr", args.lr))
             kd = {**kd_main, **v}
-            run = run_stage("distill", f"kd-var{i}", student_config(args, teacher, train, evals, out, kd=kd, lr=lr),
-                            runs)
+            run = run_stage(
+                "distill", f"kd-var{i}", student_config(args, teacher, train, evals, out, kd=kd, lr=lr), runs
+            )
             variants.append({"label": text, **student_summary(run, kd, lr, sampler)})
     finally:
         sampler.__exit__()
@@ -736,15 +857,33 @@ def main() -> None:
         "kd": student_summary(kd_run, kd_main, args.lr, sampler),
         "ce": student_summary(ce_run, ce_kd, args.lr, sampler),
         "kd_variants": variants,
-        "teacher": None if teacher_run is None else {
-            "run_dir": teacher_run["run_dir"], "reused": teacher_run["reused"], "wall_s": teacher_run["wall_s"],
-            "metrics": t_manifest["metrics"]},
-        "settings": {"steps": args.steps, "teacher_steps": args.teacher_steps, "teacher_lr": args.teacher_lr,
-                     "lr": args.lr, "seq_len": args.seq_len, "batch": "2 workers x micro 2", "zero_stage": 2,
-                     "drop_layers": args.drop_layers, "mlp_keep": args.mlp_keep, "temperature": args.temperature,
-                     "ce_weight": args.ce_weight, "top_k": args.top_k, "seed": args.seed, "ce_mode": ce_mode,
-                     "cache_actors": CACHE_ACTORS, "cache_batch_size": CACHE_BATCH,
-                     "step_time_drop_first": DROP_STEPS},
+        "teacher": None
+        if teacher_run is None
+        else {
+            "run_dir": teacher_run["run_dir"],
+            "reused": teacher_run["reused"],
+            "wall_s": teacher_run["wall_s"],
+            "metrics": t_manifest["metrics"],
+        },
+        "settings": {
+            "steps": args.steps,
+            "teacher_steps": args.teacher_steps,
+            "teacher_lr": args.teacher_lr,
+            "lr": args.lr,
+            "seq_len": args.seq_len,
+            "batch": "2 workers x micro 2",
+            "zero_stage": 2,
+            "drop_layers": args.drop_layers,
+            "mlp_keep": args.mlp_keep,
+            "temperature": args.temperature,
+            "ce_weight": args.ce_weight,
+            "top_k": args.top_k,
+            "seed": args.seed,
+            "ce_mode": ce_mode,
+            "cache_actors": CACHE_ACTORS,
+            "cache_batch_size": CACHE_BATCH,
+            "step_time_drop_first": DROP_STEPS,
+        },
         "peer_reference": PEER,
         "notes": notes,
     }
@@ -757,28 +896,38 @@ def main() -> None:
         on, ca = steady(step_gaps(kd_run["step_times"])), steady(step_gaps(cache_run["step_times"]))
         paired = [on[s] / ca[s] for s in on if s in ca and ca[s] > 0]
         c_m = metrics_of(cache_run)
-        r.update({
-            "online_step_s": median_or_none(on.values()),
-            "cache_step_s": median_or_none(ca.values()),
-            "online_step_gaps": on, "cache_step_gaps": ca,
-            "cache_speedup_paired": median_or_none(paired),
-            "online_eval_ppl": kd_m["eval_ppl"],
-            "cache_eval_ppl": c_m["eval_ppl"],
-            "cache_build_s": cache_run["cache_build_s"],
-            "cache_run": student_summary(cache_run, {**kd_main, "teacher_mode": "cache"}, args.lr, sampler),
-        })
+        r.update(
+            {
+                "online_step_s": median_or_none(on.values()),
+                "cache_step_s": median_or_none(ca.values()),
+                "online_step_gaps": on,
+                "cache_step_gaps": ca,
+                "cache_speedup_paired": median_or_none(paired),
+                "online_eval_ppl": kd_m["eval_ppl"],
+                "cache_eval_ppl": c_m["eval_ppl"],
+                "cache_build_s": cache_run["cache_build_s"],
+                "cache_run": student_summary(cache_run, {**kd_main, "teacher_mode": "cache"}, args.lr, sampler),
+            }
+        )
         # The same comparison by the training ranks' CPU seconds per step: the work a step costs, nearly
         # independent of how busy other jobs kept the shared box (wall times are not).
-        on_c, ca_c = steady(cpu_per_step(sampler, kd_run["step_times"])), steady(cpu_per_step(sampler, cache_run["step_times"]))
+        on_c, ca_c = (
+            steady(cpu_per_step(sampler, kd_run["step_times"])),
+            steady(cpu_per_step(sampler, cache_run["step_times"])),
+        )
         on_cpu = median_or_none(c["rank_cpu_s"] for c in on_c.values())
         ca_cpu = median_or_none(c["rank_cpu_s"] for c in ca_c.values())
-        r.update({
-            "online_step_rank_cpu_s": on_cpu, "cache_step_rank_cpu_s": ca_cpu,
-            "cache_speedup_cpu": on_cpu / ca_cpu if on_cpu and ca_cpu else None,
-            "online_foreign_cores": r["kd"]["mean_foreign_cores"],
-            "cache_foreign_cores": r["cache_run"]["mean_foreign_cores"],
-            "online_step_cpu": on_c, "cache_step_cpu": ca_c,
-        })
+        r.update(
+            {
+                "online_step_rank_cpu_s": on_cpu,
+                "cache_step_rank_cpu_s": ca_cpu,
+                "cache_speedup_cpu": on_cpu / ca_cpu if on_cpu and ca_cpu else None,
+                "online_foreign_cores": r["kd"]["mean_foreign_cores"],
+                "cache_foreign_cores": r["cache_run"]["mean_foreign_cores"],
+                "online_step_cpu": on_c,
+                "cache_step_cpu": ca_c,
+            }
+        )
         r["cache_speedup"] = (r["online_step_s"] / r["cache_step_s"]) if r["cache_step_s"] else None
         # Compute-bound ceiling (forward ~ 1/3 of forward + backward): what dropping the teacher forward can save.
         r["cache_speedup_ceiling"] = (teacher_params + 3 * student_params) / (3 * student_params)
@@ -797,9 +946,13 @@ def main() -> None:
         arts.update({f"var{i}": v["run_dir"] + "/artifact" for i, v in enumerate(variants)})
         nll = per_example_nll(arts, Path(kd_run["run_dir"]) / "data" / "eval.parquet")
         ppl = {k: math.exp(sum(x for x, _ in v) / sum(n for _, n in v)) for k, v in nll.items()}
-        manifest_ppl = {"teacher": r["teacher_ppl"], "kd": r["kd_student_ppl"], "ce": r["ce_student_ppl"],
-                        **({"cache": r["cache_eval_ppl"]} if cache_run is not None else {}),
-                        **{f"var{i}": v["eval_ppl"] for i, v in enumerate(variants)}}
+        manifest_ppl = {
+            "teacher": r["teacher_ppl"],
+            "kd": r["kd_student_ppl"],
+            "ce": r["ce_student_ppl"],
+            **({"cache": r["cache_eval_ppl"]} if cache_run is not None else {}),
+            **{f"var{i}": v["eval_ppl"] for i, v in enumerate(variants)},
+        }
         r["rescored_ppl"] = ppl
         r["rescored_max_rel_diff"] = max(abs(ppl[k] / manifest_ppl[k] - 1) for k in ppl)
         r["kd_vs_ce"] = paired_bootstrap(nll["kd"], nll["ce"])
@@ -807,11 +960,22 @@ def main() -> None:
             r["cache_vs_online"] = paired_bootstrap(nll["cache"], nll["kd"])
         for i, v in enumerate(variants):
             v["vs_ce"] = paired_bootstrap(nll[f"var{i}"], nll["ce"])
-    loads = [x for x in [teacher_run and teacher_run["loadavg_at_start"], kd_run["loadavg_at_start"],
-                         cache_run and cache_run["loadavg_at_start"], ce_run["loadavg_at_start"],
-                         *[v["loadavg_at_start"] for v in variants]] if x is not None]
+    loads = [
+        x
+        for x in [
+            teacher_run and teacher_run["loadavg_at_start"],
+            kd_run["loadavg_at_start"],
+            cache_run and cache_run["loadavg_at_start"],
+            ce_run["loadavg_at_start"],
+            *[v["loadavg_at_start"] for v in variants],
+        ]
+        if x is not None
+    ]
     r["loadavg_range"] = [min(loads), max(loads)] if loads else [None, None]
-    if any(x["reused"] for x in [kd_run, ce_run] + ([cache_run] if cache_run else []) + ([teacher_run] if teacher_run else [])):
+    if any(
+        x["reused"]
+        for x in [kd_run, ce_run] + ([cache_run] if cache_run else []) + ([teacher_run] if teacher_run else [])
+    ):
         notes.append("some runs were reused from an earlier invocation with the same --out (see *.reused)")
     r["runtime_s"] = time.time() - t_start
 

@@ -57,8 +57,11 @@ def step_stats(run_dir: Path) -> dict:
     recs = [h for h in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in h]
     times = {int(h["step"]): float(h["time"]) for h in recs}
     gaps = [times[s] - times[s - 1] for s in sorted(times) if s - 1 in times and s > DROP_STEPS]
-    return {"median_step_s": statistics.median(gaps) if gaps else None, "steps_timed": len(gaps),
-            "gaps_s": [round(g, 4) for g in gaps]}
+    return {
+        "median_step_s": statistics.median(gaps) if gaps else None,
+        "steps_timed": len(gaps),
+        "gaps_s": [round(g, 4) for g in gaps],
+    }
 
 
 def run(mode: str, teacher: Path, args, runs: Path) -> dict:
@@ -71,14 +74,25 @@ def run(mode: str, teacher: Path, args, runs: Path) -> dict:
         "stage": "distill",
         "teacher": {"path": str(teacher)},
         "student": {"source": "pruned", "prune": {"drop_layers": 10, "mlp_keep_ratio": 0.5, "calibration_batches": 8}},
-        "data": {"train": {"builtin": "pydoc_topics", "skip_tokens": 8192},
-                 "eval": {"builtin": "pydoc_topics", "max_tokens": 4096}, "seq_len": args.seq_len},
-        "kd": {"loss": "forward_kl", "temperature": 1.0, "ce_weight": 0.0, "teacher_mode": mode, "top_k": args.top_k,
-               "cache_actors": 1, "cache_batch_size": 32},
+        "data": {
+            "train": {"builtin": "pydoc_topics", "skip_tokens": 8192},
+            "eval": {"builtin": "pydoc_topics", "max_tokens": 4096},
+            "seq_len": args.seq_len,
+        },
+        "kd": {
+            "loss": "forward_kl",
+            "temperature": 1.0,
+            "ce_weight": 0.0,
+            "teacher_mode": mode,
+            "top_k": args.top_k,
+            "cache_actors": 1,
+            "cache_batch_size": 32,
+        },
         "optim": {"lr": 1e-4, "warmup_steps": 2},
         "train": {"max_steps": args.steps, "micro_batch_size": args.micro, "keep_checkpoints": 1},
         "deepspeed": {"zero_stage": 2},
-        "scaling": {"num_workers": 1}, "resources": {"num_cpus": 2, "num_gpus": 1 if args.use_gpu else 0},
+        "scaling": {"num_workers": 1},
+        "resources": {"num_cpus": 2, "num_gpus": 1 if args.use_gpu else 0},
         "run": {"name": f"gpu-{mode}", "output_dir": str(runs)},
     }
     t0 = time.time()
@@ -87,9 +101,14 @@ def run(mode: str, teacher: Path, args, runs: Path) -> dict:
     m = read_manifest(art)
     stats = step_stats(Path(art).parent)
     tokens_per_step = args.micro * args.seq_len
-    return {"mode": mode, "wall_s": wall, **stats,
-            "tokens_per_s": tokens_per_step / stats["median_step_s"] if stats["median_step_s"] else None,
-            "manifest_tokens_per_s": m["metrics"].get("tokens_per_s"), "num_parameters": m.get("num_parameters")}
+    return {
+        "mode": mode,
+        "wall_s": wall,
+        **stats,
+        "tokens_per_s": tokens_per_step / stats["median_step_s"] if stats["median_step_s"] else None,
+        "manifest_tokens_per_s": m["metrics"].get("tokens_per_s"),
+        "num_parameters": m.get("num_parameters"),
+    }
 
 
 def main() -> None:
@@ -107,13 +126,22 @@ def main() -> None:
 
     out = (args.out or Path(tempfile.mkdtemp(prefix="raydist-gpu-"))).resolve()
     teacher = build_teacher(args.shape.resolve(), out / "teacher")
-    result: dict = {"measured_at": time.strftime("%Y-%m-%d %H:%M"),
-                    "command": "python scripts/bench/distill_gpu.py " + " ".join(sys.argv[1:]),
-                    "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                    "versions": {"torch": torch.__version__},
-                    "weights": "SmolLM2-135M-shaped, random (throughput only)",
-                    "settings": {"steps": args.steps, "micro_batch": args.micro, "seq_len": args.seq_len,
-                                 "top_k": args.top_k, "workers": 1, "zero_stage": 2, "dtype": "bf16"}}
+    result: dict = {
+        "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+        "command": "python scripts/bench/distill_gpu.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "versions": {"torch": torch.__version__},
+        "weights": "SmolLM2-135M-shaped, random (throughput only)",
+        "settings": {
+            "steps": args.steps,
+            "micro_batch": args.micro,
+            "seq_len": args.seq_len,
+            "top_k": args.top_k,
+            "workers": 1,
+            "zero_stage": 2,
+            "dtype": "bf16",
+        },
+    }
     for mode in ("online", "cache"):
         try:
             result[mode] = run(mode, teacher, args, out / "runs")

@@ -88,11 +88,15 @@ def say(msg: str) -> None:
 
 def provenance(argv: list[str]) -> dict[str, Any]:
     """Which code this run measured: git commit, whether the tree had uncommitted changes, the exact command."""
+
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-    return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "command": " ".join([".venv/bin/python", *[os.path.relpath(argv[0], REPO)], *argv[1:]])}
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join([".venv/bin/python", *[os.path.relpath(argv[0], REPO)], *argv[1:]]),
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -104,7 +108,9 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-        mem_kib = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+        mem_kib = next(
+            int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
+        )
     except (OSError, StopIteration):
         mem_kib = 0
     return {
@@ -232,7 +238,10 @@ class CpuSampler:
                         tstat = Path(f"/proc/{entry.name}/task/{task.name}/stat").read_text()
                     except OSError:
                         continue
-                    tcomm, trest = tstat[tstat.index("(") + 1 : tstat.rindex(")")], tstat[tstat.rindex(")") + 2 :].split()
+                    tcomm, trest = (
+                        tstat[tstat.index("(") + 1 : tstat.rindex(")")],
+                        tstat[tstat.rindex(")") + 2 :].split(),
+                    )
                     name = "main thread" if task.name == entry.name else f"thread {tcomm}"
                     snap[-int(task.name)] = (int(entry.name), (int(trest[11]) + int(trest[12])) / self.TICK, name)
         return snap
@@ -243,7 +252,7 @@ class CpuSampler:
         inside = [(t, s) for t, s in self.samples if t0 - self.period <= t <= t1 + self.period]
         if len(inside) < 2:
             return {}
-        first, last = inside[0][1], inside[-1][1]
+        first = inside[0][1]
         scale = (t1 - t0) / max(1e-9, inside[-1][0] - inside[0][0])  # samples bracket the window loosely
         parents = {pid: ppid for _, s in inside for pid, (ppid, _, _) in s.items()}
         out: dict[str, float] = {}
@@ -296,6 +305,8 @@ FOREIGN = "foreign (other jobs on the box, kernel)"
 
 def _is_rank(cmd: str) -> bool:
     return cmd.startswith("ray::RayTrainWorker") or ("_ds_baseline_loop.py" in cmd and "torchrun" not in cmd)
+
+
 QUIET_SHARE = 0.15  # a step is "quiet" when other jobs used under 0.15 of a core during it
 MIN_QUIET_STEPS = 5  # medians over quiet steps need at least this many of them
 
@@ -373,7 +384,8 @@ def overhead_config(work: Path, args) -> "FinetuneConfig":  # noqa: F821
                 "keep_checkpoints": 1,
             },
             "deepspeed": {"zero_stage": 2},
-            "scaling": {"num_workers": 2}, "resources": {"num_cpus": 1, "num_gpus": 0},
+            "scaling": {"num_workers": 2},
+            "resources": {"num_cpus": 1, "num_gpus": 0},
             "run": {"name": "overhead-raydist", "output_dir": str(work), "resume": "never", "max_failures": 0},
         }
     )
@@ -493,8 +505,10 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
             short = [x for x in "RB" if quiet_count(x) < MIN_QUIET_STEPS]
             if short:
                 order.append(short[0] if len(short) == 1 else ("R" if order[-1] == "B" else "B"))
-                say(f"overhead: too few quiet steps so far (raydist {quiet_count('R')}, baseline {quiet_count('B')}); "
-                    f"one more {'raydist' if order[-1] == 'R' else 'baseline'} run")
+                say(
+                    f"overhead: too few quiet steps so far (raydist {quiet_count('R')}, baseline {quiet_count('B')}); "
+                    f"one more {'raydist' if order[-1] == 'R' else 'baseline'} run"
+                )
 
     # "Quiet" steps are those during which other jobs on the shared box used under QUIET_SHARE of a core:
     # when both sides have enough of them the ratio is taken over those (contention, not raydist, is what
@@ -509,8 +523,10 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
     else:
         basis, ray_step, base_step = "all steady steps (too few quiet ones)", ray_step_all, base_step_all
     ratio = ray_step / base_step
-    say(f"overhead: raydist {ray_step:.3f}s vs baseline {base_step:.3f}s per step -> ratio {ratio:.3f} ({basis}; "
-        f"quiet steps raydist {len(ray_quiet)}/{len(ray_all)}, baseline {len(base_quiet)}/{len(base_all)})")
+    say(
+        f"overhead: raydist {ray_step:.3f}s vs baseline {base_step:.3f}s per step -> ratio {ratio:.3f} ({basis}; "
+        f"quiet steps raydist {len(ray_quiet)}/{len(ray_all)}, baseline {len(base_quiet)}/{len(base_all)})"
+    )
 
     def background_cores(run) -> float:
         """Cores Ray's own daemons and actors (not the ranks) used while this raydist run trained."""
@@ -524,7 +540,9 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
         return {str(k): round(v, 2) for k, v in sorted(run["foreign"].items())}
 
     # The raydist run with the most quiet steps is the cleanest CPU profile.
-    cleanest = max(runs["R"], key=lambda r: sum(1 for s, f in r["foreign"].items() if s > WARMUP_STEPS and f < QUIET_SHARE))
+    cleanest = max(
+        runs["R"], key=lambda r: sum(1 for s, f in r["foreign"].items() if s > WARMUP_STEPS and f < QUIET_SHARE)
+    )
     return {
         "overhead_ratio": ratio,
         "raydist_tokens_per_s": tokens_per_step / ray_step,
@@ -538,7 +556,10 @@ def part_overhead(work: Path, args) -> dict[str, Any]:
             "order": "".join(order),
             "basis": basis,
             "quiet_share_threshold_cores": QUIET_SHARE,
-            "quiet_steps": {"raydist": f"{len(ray_quiet)}/{len(ray_all)}", "baseline": f"{len(base_quiet)}/{len(base_all)}"},
+            "quiet_steps": {
+                "raydist": f"{len(ray_quiet)}/{len(ray_all)}",
+                "baseline": f"{len(base_quiet)}/{len(base_all)}",
+            },
             "tokens_per_step": tokens_per_step,
             "raydist_step_s": ray_step,
             "baseline_step_s": base_step,
@@ -582,7 +603,7 @@ def quickstart_config(work: Path):
     from raydist.config.loading import load_config
 
     return load_config(
-        FinetuneConfig, REPO / "jobs" / "quickstart.yaml", [f"run.name=bench-quickstart", f"run.output_dir={work}"]
+        FinetuneConfig, REPO / "jobs" / "quickstart.yaml", ["run.name=bench-quickstart", f"run.output_dir={work}"]
     )
 
 
@@ -619,8 +640,12 @@ def part_lora(work: Path, args) -> dict[str, Any]:
     foreign = foreign_share(sampler, times)
     stats = steady_stats(gaps, foreign, exclude=steps_after_pauses(cfg))
     step_s = stats["step_s"]
-    tokens_per_step = cfg.train.micro_batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps * cfg.data.seq_len
-    say(f"raydist LoRA: steps {fmt_gaps(gaps)}; wall {wall:.0f}s; ppl {m['eval_ppl_before']:.3f} -> {m['eval_ppl']:.3f}")
+    tokens_per_step = (
+        cfg.train.micro_batch_size * cfg.scaling.num_workers * cfg.train.grad_accum_steps * cfg.data.seq_len
+    )
+    say(
+        f"raydist LoRA: steps {fmt_gaps(gaps)}; wall {wall:.0f}s; ppl {m['eval_ppl_before']:.3f} -> {m['eval_ppl']:.3f}"
+    )
     say(f"raydist LoRA: foreign cores per step {fmt_gaps(foreign)}; {stats}")
     if not args.keep_runs:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -772,20 +797,42 @@ def ratio_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if "overhead_ratio" in r:
         o = r["overhead"]
         rows.append(
-            ("full FT step time, s (lower is better)", f"{o['raydist_step_s']:.3f}", f"{o['baseline_step_s']:.3f} (DeepSpeed + torchrun)",
-             f"{r['overhead_ratio']:.3f} (goal <= {OVERHEAD_GOAL})")
+            (
+                "full FT step time, s (lower is better)",
+                f"{o['raydist_step_s']:.3f}",
+                f"{o['baseline_step_s']:.3f} (DeepSpeed + torchrun)",
+                f"{r['overhead_ratio']:.3f} (goal <= {OVERHEAD_GOAL})",
+            )
         )
         rows.append(
-            ("full FT tokens/s", f"{r['raydist_tokens_per_s']:.1f}", f"{r['baseline_tokens_per_s']:.1f} (DeepSpeed + torchrun)",
-             f"{r['raydist_tokens_per_s'] / r['baseline_tokens_per_s']:.3f}")
+            (
+                "full FT tokens/s",
+                f"{r['raydist_tokens_per_s']:.1f}",
+                f"{r['baseline_tokens_per_s']:.1f} (DeepSpeed + torchrun)",
+                f"{r['raydist_tokens_per_s'] / r['baseline_tokens_per_s']:.3f}",
+            )
         )
     peer = r.get("peer") or {}
     has_peer = "tokens_per_s" in peer
     if "smollm2_lora_tokens_per_s" in r:
-        ref = f"{peer['tokens_per_s']:.1f} (TRL, this run)" if has_peer else f"{PEER_REPORTED['tokens_per_s']:.0f} (TRL, reported)"
+        ref = (
+            f"{peer['tokens_per_s']:.1f} (TRL, this run)"
+            if has_peer
+            else f"{PEER_REPORTED['tokens_per_s']:.0f} (TRL, reported)"
+        )
         ref_v = peer["tokens_per_s"] if has_peer else PEER_REPORTED["tokens_per_s"]
-        rows.append(("SmolLM2 LoRA tokens/s", f"{r['smollm2_lora_tokens_per_s']:.1f}", ref, f"{r['smollm2_lora_tokens_per_s'] / ref_v:.3f}"))
-        for key, label in (("before", "SmolLM2 eval ppl before"), ("after", "SmolLM2 eval ppl after (lower is better)")):
+        rows.append(
+            (
+                "SmolLM2 LoRA tokens/s",
+                f"{r['smollm2_lora_tokens_per_s']:.1f}",
+                ref,
+                f"{r['smollm2_lora_tokens_per_s'] / ref_v:.3f}",
+            )
+        )
+        for key, label in (
+            ("before", "SmolLM2 eval ppl before"),
+            ("after", "SmolLM2 eval ppl after (lower is better)"),
+        ):
             mine = r[f"smollm2_ppl_{key}"]
             ref_v = peer[f"ppl_{key}"] if has_peer else PEER_REPORTED[f"ppl_{key}"]
             tag = "TRL, this run" if has_peer else "TRL, reported"
@@ -814,9 +861,16 @@ def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
         f"Command: `{COMMAND}` (flags `--skip-overhead`, `--skip-lora`, `--skip-peer` rerun parts; "
         f"results in `benchmarks/results/finetune.json`). This section is written by the script.",
         "",
-        *([f"Code measured: commit `{r['provenance']['git_commit'][:12]}`"
-           f"{' with uncommitted changes' if r['provenance']['git_dirty'] else ''}; this run's command: "
-           f"`{r['provenance']['command']}`.", ""] if r.get("provenance") else []),
+        *(
+            [
+                f"Code measured: commit `{r['provenance']['git_commit'][:12]}`"
+                f"{' with uncommitted changes' if r['provenance']['git_dirty'] else ''}; this run's command: "
+                f"`{r['provenance']['command']}`.",
+                "",
+            ]
+            if r.get("provenance")
+            else []
+        ),
         f"Machine: {mach['cores']}-core CPU ({mach['cpu']}), {mach['mem_gib']:.0f} GiB, {gpu}; shared with other "
         f"work, so timings are noisy. torch {v['torch']}, ray {v['ray']}, deepspeed {v['deepspeed']}, "
         f"transformers {v['transformers']}, peft {v['peft']}, trl {v['trl'] or 'not installed'}.",
@@ -844,9 +898,11 @@ def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
             f"- Overhead ({r.get('overhead_measured_at')}): {o['protocol']}. Runs back-to-back in the order "
             f"{'-'.join(o['order'])} (B = hand-written DeepSpeed loop under torchrun, R = raydist on Ray Train), steps "
             f"pooled per side (per-run medians: raydist {fmt(o['raydist_step_s_per_run'])} s, baseline "
-            f"{fmt(o['baseline_step_s_per_run'])} s). Ratio basis: {o['basis']}; a step is quiet when other jobs on the "
+            f"{fmt(o['baseline_step_s_per_run'])} s). Ratio basis: {o['basis']}; a step is quiet when other jobs on "
+            "the "
             f"box used < {QUIET_SHARE} core during it (quiet steps: raydist {o['quiet_steps']['raydist']}, baseline "
-            f"{o['quiet_steps']['baseline']}). Over all steady steps the ratio is {o['overhead_ratio_all_steady_steps']:.3f}.",
+            f"{o['quiet_steps']['baseline']}). Over all steady steps the ratio is "
+            f"{o['overhead_ratio_all_steady_steps']:.3f}.",
             f"- Where raydist's extra time goes (CPU-s per steady step from /proc, the least disturbed run of each "
             f"side): the training threads of both ranks {r_train:.2f} (raydist) vs {b_train:.2f} (baseline), all rank "
             f"threads {rc.get('training ranks', 0):.2f} vs {bc.get('training ranks', 0):.2f}; beside the ranks, Ray's "
@@ -859,27 +915,35 @@ def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
         lo = r["lora"]
         lines += [
             f"- LoRA ({r.get('lora_measured_at')}): {lo['protocol']}. tokens/s is the steady state: median step over "
-            f"steps {WARMUP_STEPS + 1}+ without step(s) {lo['steps_excluded_for_eval_or_checkpoint']} (their gap also holds the "
+            f"steps {WARMUP_STEPS + 1}+ without step(s) {lo['steps_excluded_for_eval_or_checkpoint']} (their gap also "
+            "holds the "
             f"step-10 eval + checkpoint), basis: {lo['basis']}, {lo['quiet_steps']} quiet. raydist's own figure in "
             f"raydist.json is {lo['raydist_reported_tokens_per_s']:.1f} tokens/s (it counts that eval + checkpoint as "
-            f"training time). Whole run {lo['wall_s']:.0f} s; other jobs used {lo['foreign_cores_mean']:.2f} cores on average.",
+            f"training time). Whole run {lo['wall_s']:.0f} s; other jobs used {lo['foreign_cores_mean']:.2f} cores on "
+            "average.",
         ]
     peer = r.get("peer") or {}
     if "tokens_per_s" in peer:
         lines += [
             f"- TRL peer ({r.get('peer_measured_at')}): {peer['what']}; ppl from raydist's `sum_nll` on the same eval "
-            f"windows; tokens/s measured like raydist's (median steady step, basis: {peer['basis']}, {peer['quiet_steps']} "
+            f"windows; tokens/s measured like raydist's (median steady step, basis: {peer['basis']}, "
+            f"{peer['quiet_steps']} "
             f"quiet); {peer['tokens_per_s_train_runtime']:.1f} tokens/s from TRL's own train_runtime; other jobs used "
             f"{peer['foreign_cores_mean']:.2f} cores on average. As first reported, the peer got "
-            f"{PEER_REPORTED['tokens_per_s']:.0f} tokens/s and ppl {PEER_REPORTED['ppl_before']} -> {PEER_REPORTED['ppl_after']}.",
+            f"{PEER_REPORTED['tokens_per_s']:.0f} tokens/s and ppl {PEER_REPORTED['ppl_before']} -> "
+            f"{PEER_REPORTED['ppl_after']}.",
         ]
     elif peer.get("skipped"):
         lines += [f"- TRL peer skipped: {peer['skipped']}; the reference column shows the peer's reported figures."]
     if wall_s is not None:
         ran = ", ".join(r.get("script_parts_run", []))
-        each = ", ".join(f"{p} {r[p + '_wall_s'] / 60:.1f} min" for p in ("overhead", "lora", "peer") if p + "_wall_s" in r)
-        lines += [f"- The script's last run ({ran}) took {wall_s / 60:.1f} min; the latest time of each part: {each} "
-                  f"(contended runs take longer)."]
+        each = ", ".join(
+            f"{p} {r[p + '_wall_s'] / 60:.1f} min" for p in ("overhead", "lora", "peer") if p + "_wall_s" in r
+        )
+        lines += [
+            f"- The script's last run ({ran}) took {wall_s / 60:.1f} min; the latest time of each part: {each} "
+            f"(contended runs take longer)."
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -910,13 +974,19 @@ def main() -> None:
     ap.add_argument("--overhead-micro-batch", type=int, default=2, help="sequences per rank per step (overhead)")
     ap.add_argument("--overhead-order", default="BRB", help="run order of Baseline/Raydist, e.g. BRB or BR")
     ap.add_argument(
-        "--max-overhead-runs", type=int, default=7,
+        "--max-overhead-runs",
+        type=int,
+        default=7,
         help="keep alternating R/B runs (up to this many in all) while a side has fewer than 5 quiet steps",
     )
-    ap.add_argument("--wait-quiet-s", type=float, default=0, help="wait up to this long for a quiet box before each phase")
+    ap.add_argument(
+        "--wait-quiet-s", type=float, default=0, help="wait up to this long for a quiet box before each phase"
+    )
     ap.add_argument("--quiet-cores", type=float, default=0.3, help="CPU use of other jobs (cores) that counts as quiet")
     ap.add_argument("--keep-runs", action="store_true", help="keep the run directories (printed) for inspection")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave the results file and BENCHMARKS.md alone")
+    ap.add_argument(
+        "--no-write", action="store_true", help="print only; leave the results file and BENCHMARKS.md alone"
+    )
     args = ap.parse_args()
     if set(args.overhead_order) - {"B", "R"} or "R" not in args.overhead_order or "B" not in args.overhead_order:
         ap.error("--overhead-order takes B and R letters with at least one of each")

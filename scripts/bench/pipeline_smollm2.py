@@ -83,8 +83,11 @@ def run(args) -> dict:
             question = "Name three uses of a Python dictionary."
             t1 = time.time()
             reply = client.chat.completions.create(
-                model=lineage["pipeline"], messages=[{"role": "user", "content": question}], max_tokens=48,
-                temperature=0)
+                model=lineage["pipeline"],
+                messages=[{"role": "user", "content": question}],
+                max_tokens=48,
+                temperature=0,
+            )
             reply_s = time.time() - t1
         finally:
             if proc.poll() is None:
@@ -96,8 +99,10 @@ def run(args) -> dict:
                     proc.wait()
     say(f"served the winner after {chain_s / 60:.1f} min; exit {proc.returncode} after SIGINT")
     print(format_summary(lineage), flush=True)
-    stages = {s: {k: e.get(k) for k in ("status", "wall_s", "metrics", "bytes_on_disk", "num_parameters")}
-              for s, e in lineage["stages"].items()}
+    stages = {
+        s: {k: e.get(k) for k in ("status", "wall_s", "metrics", "bytes_on_disk", "num_parameters")}
+        for s, e in lineage["stages"].items()
+    }
     return {
         "provenance": measured,
         "machine": machine(),
@@ -119,19 +124,31 @@ def run(args) -> dict:
 def markdown(r: dict) -> str:
     p = r["provenance"]
     walls = ", ".join(f"{s} {w / 60:.1f} min" for s, w in r["stage_wall_s"].items() if w is not None)
-    return "\n".join([
-        SECTION, "",
-        f"Command: `{p['command']}` (results in `benchmarks/results/pipeline.json`). This section is written by the "
-        "script.", "",
-        f"Code measured: commit `{p['git_commit'][:12]}`{' with uncommitted changes' if p['git_dirty'] else ''}. "
-        f"Machine: {r['machine']['cores']}-core CPU ({r['machine']['cpu']}), {r['machine']['mem_gib']} GiB, no GPU. "
-        f"Measured {r['measured_at']}.", "",
-        f"`raydist pipeline -c {r['spec']}` from nothing to the sweep's winner answering on Ray Serve: "
-        f"**{r['chain_to_served_s'] / 60:.1f} min** ({walls}).", "",
-        "```", r["summary"], "```", "",
-        f"The served winner's greedy answer to \"{r['chat_question']}\" ({r['chat_completion_tokens']} tokens, "
-        f"{r['chat_latency_s']:.1f} s): {json.dumps(r['chat_reply'])}", "",
-    ])
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            f"Command: `{p['command']}` (results in `benchmarks/results/pipeline.json`). This section is written by "
+            "the "
+            "script.",
+            "",
+            f"Code measured: commit `{p['git_commit'][:12]}`{' with uncommitted changes' if p['git_dirty'] else ''}. "
+            f"Machine: {r['machine']['cores']}-core CPU ({r['machine']['cpu']}), {r['machine']['mem_gib']} GiB, no "
+            "GPU. "
+            f"Measured {r['measured_at']}.",
+            "",
+            f"`raydist pipeline -c {r['spec']}` from nothing to the sweep's winner answering on Ray Serve: "
+            f"**{r['chain_to_served_s'] / 60:.1f} min** ({walls}).",
+            "",
+            "```",
+            r["summary"],
+            "```",
+            "",
+            f'The served winner\'s greedy answer to "{r["chat_question"]}" ({r["chat_completion_tokens"]} tokens, '
+            f"{r['chat_latency_s']:.1f} s): {json.dumps(r['chat_reply'])}",
+            "",
+        ]
+    )
 
 
 def write_markdown(section: str) -> None:

@@ -25,7 +25,8 @@ What it measures
       measured for that request (``/stats`` ``decode_busy_s`` before/after) is reported too.
     - ``--winner DIR`` adds the same load table for another artifact (the sweep's winner); without it, the
       sweep's int8 candidate (``quantization: int8_dynamic``, ``quantize_lm_head: true``, SmoothQuant
-      calibrated on ``calibration_ids`` with ``smoothing_alpha: 0.4``) is built with the sweep's own code (``apply_candidate``) into
+      calibrated on ``calibration_ids`` with ``smoothing_alpha: 0.4``) is built with the sweep's own code
+      (``apply_candidate``) into
       ``models/bench/`` and served as the winner.
 
 Side by side with the best CPU engines, in the same run (``bash scripts/bench/setup_peers.sh`` installs them;
@@ -78,9 +79,15 @@ WINNER_DIR = REPO / "models" / "bench" / "smollm2-135m-int8-dynamic-head"
 # +1.14, +1.44, +3.18 % perplexity; BENCHMARKS.md) -- what a sweep over search_space.smoothing_alpha picks.
 WINNER_ALPHA = 0.4
 COMMAND = "RAY_TMPDIR=/tmp/r-serve .venv/bin/python scripts/bench/serve_load.py"
-GOALS = {"batching_speedup_c16": 3.0, "overhead_ms_c1": 15.0, "engine_b1_ratio_vs_ct2": 1.0,
-         "engine_b16_ratio_vs_ct2": 1.0, "http_c1_ratio_vs_llamacpp": 1.0, "http_c16_ratio_vs_llamacpp": 3.0,
-         "ppl_rel_vs_dense": 0.01}
+GOALS = {
+    "batching_speedup_c16": 3.0,
+    "overhead_ms_c1": 15.0,
+    "engine_b1_ratio_vs_ct2": 1.0,
+    "engine_b16_ratio_vs_ct2": 1.0,
+    "http_c1_ratio_vs_llamacpp": 1.0,
+    "http_c16_ratio_vs_llamacpp": 3.0,
+    "ppl_rel_vs_dense": 0.01,
+}
 EOS_BAN = -100.0  # logit_bias on EOS: every server generates max_tokens tokens
 
 
@@ -102,7 +109,7 @@ def make_prompts(tokenizer, n: int) -> list[str]:
     out, pos = [], 1000
     for i in range(n):
         k = 18 + (i * 7) % 12
-        text = " ".join(words[pos:pos + k])
+        text = " ".join(words[pos : pos + k])
         pos += k + 50
         out.append(text)
     return out
@@ -113,8 +120,9 @@ def request_body(model: str, max_tokens: int, eos_id: int) -> dict[str, Any]:
     return {"model": model, "max_tokens": max_tokens, "temperature": 0, "logit_bias": {str(eos_id): EOS_BAN}}
 
 
-async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str,
-                eos_id: int) -> dict[str, Any]:
+async def drive(
+    url: str, prompts: list[str], concurrency: int, max_tokens: int, model: str, eos_id: int
+) -> dict[str, Any]:
     """Send every prompt with ``concurrency`` requests in flight; latency per request, totals per run."""
     import httpx
 
@@ -143,25 +151,38 @@ async def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int,
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     lat = sorted(x for x in latencies if x is not None)
     return {
-        "concurrency": concurrency, "requests": len(prompts), "wall_s": round(wall, 3),
+        "concurrency": concurrency,
+        "requests": len(prompts),
+        "wall_s": round(wall, 3),
         "req_per_s": round(len(prompts) / wall, 3),
         "p50_ms": round(1000 * statistics.median(lat), 1),
         "p99_ms": round(1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))], 1),
-        "gen_tokens": sum(tokens), "gen_tokens_per_s": round(sum(tokens) / wall, 2),
+        "gen_tokens": sum(tokens),
+        "gen_tokens_per_s": round(sum(tokens) / wall, 2),
         "latencies_ms": [round(1000 * x, 1) for x in latencies],
         "loadavg_after": _loadavg(),
     }
 
 
-def serve_and_drive(artifact: Path, name: str, batching: bool, concurrencies: list[int], prompts: list[str],
-                    args, local: Optional[InProcess] = None) -> dict[str, Any]:
+def serve_and_drive(
+    artifact: Path,
+    name: str,
+    batching: bool,
+    concurrencies: list[int],
+    prompts: list[str],
+    args,
+    local: Optional[InProcess] = None,
+) -> dict[str, Any]:
     from ray import serve
 
     from raydist.config import ServeConfig
     from raydist.serve.app import build_app
 
     cfg = ServeConfig(
-        artifact=str(artifact), model_name="bench", app_name=name, route_prefix=f"/{name}",
+        artifact=str(artifact),
+        model_name="bench",
+        app_name=name,
+        route_prefix=f"/{name}",
         batching={"enabled": batching, "max_batch_size": 16},
         limits={"max_tokens": max(args.max_tokens, 16), "max_ongoing_requests": 64, "max_queued_requests": -1},
         resources={"num_cpus": args.threads, "torch_threads": args.threads},
@@ -173,22 +194,31 @@ def serve_and_drive(artifact: Path, name: str, batching: bool, concurrencies: li
     runs = {}
     for c in concurrencies:
         if c == 1 and local is not None:  # c1 is slow and needs fewer samples
-            runs["c1"] = r = drive_c1_interleaved(url, prompts[:args.c1_requests], args.max_tokens, local)
+            runs["c1"] = r = drive_c1_interleaved(url, prompts[: args.c1_requests], args.max_tokens, local)
         elif c == 1:
-            runs["c1"] = r = asyncio.run(drive(url, prompts[:args.c1_requests], 1, args.max_tokens, "bench",
-                                               args.eos_id))
+            runs["c1"] = r = asyncio.run(
+                drive(url, prompts[: args.c1_requests], 1, args.max_tokens, "bench", args.eos_id)
+            )
         else:
             runs[f"c{c}"] = r = asyncio.run(drive(url, prompts, c, args.max_tokens, "bench", args.eos_id))
-        print(f"  {name:>14} c={c:<3} {r['req_per_s']:6.2f} req/s  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms"
-              f"  {r['gen_tokens_per_s']:7.1f} gen tok/s  (load {r['loadavg_after']})", flush=True)
+        print(
+            f"  {name:>14} c={c:<3} {r['req_per_s']:6.2f} req/s  p50 {r['p50_ms']:8.1f} ms  p99 {r['p99_ms']:8.1f} ms"
+            f"  {r['gen_tokens_per_s']:7.1f} gen tok/s  (load {r['loadavg_after']})",
+            flush=True,
+        )
     import httpx
 
     stats = httpx.get(f"http://127.0.0.1:{args.port}/{name}/stats", timeout=30).json()
     serve.delete(name)
-    return {"batching": batching, "deploy_s": round(deploy_s, 1), "runs": runs,
-            "group_sizes": stats["group_sizes"], "device": stats["device"],
-            "mean_decode_batch": round(stats["decoded_rows"] / max(1, stats["decode_steps"]), 2),
-            "largest_decode_batch": stats["largest_batch"]}
+    return {
+        "batching": batching,
+        "deploy_s": round(deploy_s, 1),
+        "runs": runs,
+        "group_sizes": stats["group_sizes"],
+        "device": stats["device"],
+        "mean_decode_batch": round(stats["decoded_rows"] / max(1, stats["decode_steps"]), 2),
+        "largest_decode_batch": stats["largest_batch"],
+    }
 
 
 class InProcess:
@@ -222,9 +252,14 @@ class InProcess:
         ids = self.tok.encode(prompt)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-                                pad_token_id=self.engine.pad_id)
+            self.model.generate(
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n_tokens,
+                min_new_tokens=n_tokens,
+                do_sample=False,
+                pad_token_id=self.engine.pad_id,
+            )
         return 1000 * (time.perf_counter() - t0)
 
 
@@ -234,7 +269,7 @@ def drive_c1_interleaved(url: str, prompts: list[str], max_tokens: int, local: I
     import httpx
 
     http_ms, decode_ms, eng_ms, hf_ms, tokens = [], [], [], [], 0
-    stats_url = url[:-len("/v1")] + "/stats"
+    stats_url = url[: -len("/v1")] + "/stats"
     with httpx.Client(timeout=600) as client:
         body = request_body("bench", max_tokens, local.eos_id)
         client.post(f"{url}/completions", json={**body, "prompt": prompts[0]}).raise_for_status()  # warm-up
@@ -256,11 +291,18 @@ def drive_c1_interleaved(url: str, prompts: list[str], max_tokens: int, local: I
     wall = sum(http_ms) / 1000
     lat = sorted(http_ms)
     return {
-        "concurrency": 1, "requests": len(prompts), "wall_s": round(wall, 3), "req_per_s": round(len(prompts) / wall, 3),
-        "p50_ms": round(statistics.median(lat), 1), "p99_ms": round(lat[-1], 1), "gen_tokens": tokens,
-        "gen_tokens_per_s": round(tokens / wall, 2), "latencies_ms": [round(x, 1) for x in http_ms],
+        "concurrency": 1,
+        "requests": len(prompts),
+        "wall_s": round(wall, 3),
+        "req_per_s": round(len(prompts) / wall, 3),
+        "p50_ms": round(statistics.median(lat), 1),
+        "p99_ms": round(lat[-1], 1),
+        "gen_tokens": tokens,
+        "gen_tokens_per_s": round(tokens / wall, 2),
+        "latencies_ms": [round(x, 1) for x in http_ms],
         "replica_decode_ms": [round(x, 1) for x in decode_ms],
-        "in_process_engine_ms": [round(x, 1) for x in eng_ms], "in_process_hf_generate_ms": [round(x, 1) for x in hf_ms],
+        "in_process_engine_ms": [round(x, 1) for x in eng_ms],
+        "in_process_hf_generate_ms": [round(x, 1) for x in hf_ms],
         "loadavg_after": _loadavg(),
     }
 
@@ -274,10 +316,14 @@ def winner_artifact(model_dir: Path, out: Path) -> Path:
     from raydist.config import ModelConfig
     from raydist.config.sweep import SearchSpace
 
-    cand = SearchSpace(quantization=["int8_dynamic"], quantize_lm_head=[True], smoothing_alpha=[WINNER_ALPHA]
-                       ).candidates()[0]
-    stamp = {"source": str(model_dir), "source_mtime": (model_dir / "model.safetensors").stat().st_mtime,
-             "candidate": cand}
+    cand = SearchSpace(
+        quantization=["int8_dynamic"], quantize_lm_head=[True], smoothing_alpha=[WINNER_ALPHA]
+    ).candidates()[0]
+    stamp = {
+        "source": str(model_dir),
+        "source_mtime": (model_dir / "model.safetensors").stat().st_mtime,
+        "candidate": cand,
+    }
     if (out / "bench_source.json").is_file() and json.loads((out / "bench_source.json").read_text()) == stamp:
         return out
     cfg = ModelConfig(path=str(model_dir))
@@ -297,14 +343,17 @@ def engine_tokens_per_s(engine, prompts: list[list[int]], batch_size: int, new_t
     engine.generate([GenerationRequest(list(p), params) for p in prompts[:batch_size]])
     gen, t0 = 0, time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        gen += sum(c.completion_tokens for c in engine.generate([GenerationRequest(list(p), params)
-                                                                 for p in prompts[i:i + batch_size]]))
+        gen += sum(
+            c.completion_tokens
+            for c in engine.generate([GenerationRequest(list(p), params) for p in prompts[i : i + batch_size]])
+        )
     wall = time.perf_counter() - t0
     return {"tokens_per_s": gen / wall, "gen_tokens": gen, "wall_s": wall}
 
 
-def engine_section(args, prompt_ids: list[list[int]], artifacts: dict[str, Path], ct2_dir: Optional[Path]
-                   ) -> dict[str, Any]:
+def engine_section(
+    args, prompt_ids: list[list[int]], artifacts: dict[str, Path], ct2_dir: Optional[Path]
+) -> dict[str, Any]:
     """Engine-level tokens/s at batch 1 and 16 and perplexity: raydist per artifact, and CTranslate2 int8."""
     import torch
 
@@ -322,18 +371,22 @@ def engine_section(args, prompt_ids: list[list[int]], artifacts: dict[str, Path]
         out[name] = {"artifact": str(path), "fast_path": engines[name].fast is not None, "b1": [], "b16": []}
     if ct2_dir is not None:
         out["ctranslate2_int8"] = {"artifact": str(ct2_dir), "b1": [], "b16": []}
-    b1_prompts = prompt_ids[:args.c1_requests]
+    b1_prompts = prompt_ids[: args.c1_requests]
     for rnd in range(args.engine_rounds):  # interleaved, so drifting background load hits every engine alike
         for name in out:
             for key, prompts, bs in (("b1", b1_prompts, 1), ("b16", prompt_ids, 16)):
                 if name == "ctranslate2_int8":
-                    r = _peers.ct2_generate_tokens_per_s(ct2_dir, prompts, bs, args.max_tokens, args.threads,
-                                                         tokenizer_dir=args.model)
+                    r = _peers.ct2_generate_tokens_per_s(
+                        ct2_dir, prompts, bs, args.max_tokens, args.threads, tokenizer_dir=args.model
+                    )
                 else:
                     r = engine_tokens_per_s(engines[name], prompts, bs, args.max_tokens)
                 out[name][key].append(round(r["tokens_per_s"], 2))
-        print(f"  engine round {rnd + 1}: " + ", ".join(f"{n} b1 {v['b1'][-1]:.1f} b16 {v['b16'][-1]:.1f}"
-                                                       for n, v in out.items()), flush=True)
+        print(
+            f"  engine round {rnd + 1}: "
+            + ", ".join(f"{n} b1 {v['b1'][-1]:.1f} b16 {v['b16'][-1]:.1f}" for n, v in out.items()),
+            flush=True,
+        )
     windows = eval_windows(engines["dense"].tokenizer, 4096, 512)
     for name, v in out.items():
         v["b1_tokens_per_s"] = statistics.median(v["b1"])
@@ -354,12 +407,18 @@ def http_peer(args, prompts: list[str], gguf: Path) -> dict[str, Any]:
 
     with _peers.LlamaCppServer(gguf, threads=args.threads) as url:
         runs = {}
-        for c, ps in ((1, prompts[:args.c1_requests]), (16, prompts)):
+        for c, ps in ((1, prompts[: args.c1_requests]), (16, prompts)):
             runs[f"c{c}"] = r = asyncio.run(drive(url, ps, c, args.max_tokens, gguf.name, args.eos_id))
-            print(f"  {'llama.cpp':>14} c={c:<3} {r['req_per_s']:6.2f} req/s  p50 {r['p50_ms']:8.1f} ms  "
-                  f"{r['gen_tokens_per_s']:7.1f} gen tok/s", flush=True)
-    version = subprocess.run([str(_peers.LLAMACPP_PYTHON), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
-                             capture_output=True, text=True).stdout.strip()
+            print(
+                f"  {'llama.cpp':>14} c={c:<3} {r['req_per_s']:6.2f} req/s  p50 {r['p50_ms']:8.1f} ms  "
+                f"{r['gen_tokens_per_s']:7.1f} gen tok/s",
+                flush=True,
+            )
+    version = subprocess.run(
+        [str(_peers.LLAMACPP_PYTHON), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return {"server": f"llama-cpp-python {version}", "gguf": str(gguf), "runs": runs}
 
 
@@ -367,29 +426,43 @@ def markdown(res: dict[str, Any]) -> str:
     on, off = res["batching_on"]["runs"], res["batching_off"]["runs"]
     m = res["metrics"]
     lines = [
-        "## Serving", "",
+        "## Serving",
+        "",
         f"Command: `{COMMAND}` (measured {res['measured_at']}, {res['wall_min']:.1f} min; results in "
-        "`benchmarks/results/serve.json`). " + provenance_line(res["provenance"]), "",
+        "`benchmarks/results/serve.json`). " + provenance_line(res["provenance"]),
+        "",
         f"Machine: {res['machine']}; 1-min load average {res['loadavg_start']} at start. "
         f"{res['threads']} torch thread(s) everywhere, {res['device']}; {res['requests']} greedy requests of "
         f"{res['max_tokens']} new tokens per run ({res['c1_requests']} at concurrency / batch 1), prompts "
-        "24-40 tokens; EOS banned so every engine generates the same number of tokens.", "",
+        "24-40 tokens; EOS banned so every engine generates the same number of tokens.",
+        "",
     ]
     eng = res.get("engine")
     if eng:
-        lines += ["Engine level (no HTTP), median of "
-                  f"{res['engine_rounds']} interleaved rounds; perplexity on 4,096 tokens (8 windows of 512):", "",
-                  "| engine | artifact | tok/s batch 1 | tok/s batch 16 | perplexity | vs dense |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "Engine level (no HTTP), median of "
+            f"{res['engine_rounds']} interleaved rounds; perplexity on 4,096 tokens (8 windows of 512):",
+            "",
+            "| engine | artifact | tok/s batch 1 | tok/s batch 16 | perplexity | vs dense |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
         for name, v in eng.items():
-            label = ("CTranslate2 " + res["peers"]["ctranslate2"] + " int8") if name == "ctranslate2_int8" else (
-                "raydist " + ("(fast path)" if v.get("fast_path") else "(transformers forward)"))
-            lines.append(f"| {label} | {name} | {v['b1_tokens_per_s']:.1f} | {v['b16_tokens_per_s']:.1f} | "
-                         f"{v['ppl']:.3f} | {100 * v['ppl_rel_vs_dense']:+.2f} % |")
+            label = (
+                ("CTranslate2 " + res["peers"]["ctranslate2"] + " int8")
+                if name == "ctranslate2_int8"
+                else ("raydist " + ("(fast path)" if v.get("fast_path") else "(transformers forward)"))
+            )
+            lines.append(
+                f"| {label} | {name} | {v['b1_tokens_per_s']:.1f} | {v['b16_tokens_per_s']:.1f} | "
+                f"{v['ppl']:.3f} | {100 * v['ppl_rel_vs_dense']:+.2f} % |"
+            )
         lines.append("")
-    lines += ["Over HTTP (`/v1/completions`, generated tokens/s):", "",
-              "| server | artifact | concurrency | batching | req/s | p50 ms | p99 ms | generated tok/s |",
-              "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines += [
+        "Over HTTP (`/v1/completions`, generated tokens/s):",
+        "",
+        "| server | artifact | concurrency | batching | req/s | p50 ms | p99 ms | generated tok/s |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
     rows = [("raydist serve", "dense", "on", on), ("raydist serve", "dense", "off", off)]
     if res.get("winner"):
         rows.append(("raydist serve", "winner", "on", res["winner"]["runs"]))
@@ -397,8 +470,10 @@ def markdown(res: dict[str, Any]) -> str:
         rows.append((res["llamacpp"]["server"], "Q4_1 GGUF", "serial", res["llamacpp"]["runs"]))
     for server, art, batching, runs in rows:
         for r in runs.values():
-            lines.append(f"| {server} | {art} | {r['concurrency']} | {batching} | {r['req_per_s']:.2f} | "
-                         f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['gen_tokens_per_s']:.1f} |")
+            lines.append(
+                f"| {server} | {art} | {r['concurrency']} | {batching} | {r['req_per_s']:.2f} | "
+                f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['gen_tokens_per_s']:.1f} |"
+            )
     lines += [""]
 
     def goal(key: str, fmt: str = ".2f", le: bool = False) -> str:
@@ -409,12 +484,16 @@ def markdown(res: dict[str, Any]) -> str:
         return f"`{key}` = {v:{fmt}} (goal {'<=' if le else '>='} {g}: {'met' if ok else 'NOT met'})"
 
     if eng:
-        lines.append(f"- {goal('engine_b1_ratio_vs_ct2')}, {goal('engine_b16_ratio_vs_ct2')}: raydist's "
-                     f"`{m['engine_best_artifact']}` artifact (the fastest within 1 % of dense perplexity) over "
-                     "CTranslate2 int8.")
+        lines.append(
+            f"- {goal('engine_b1_ratio_vs_ct2')}, {goal('engine_b16_ratio_vs_ct2')}: raydist's "
+            f"`{m['engine_best_artifact']}` artifact (the fastest within 1 % of dense perplexity) over "
+            "CTranslate2 int8."
+        )
     if res.get("llamacpp"):
-        lines.append(f"- {goal('http_c1_ratio_vs_llamacpp')}, {goal('http_c16_ratio_vs_llamacpp')}: `raydist serve` "
-                     "on the winner over llama-cpp-python's server (which runs one request at a time).")
+        lines.append(
+            f"- {goal('http_c1_ratio_vs_llamacpp')}, {goal('http_c16_ratio_vs_llamacpp')}: `raydist serve` "
+            "on the winner over llama-cpp-python's server (which runs one request at a time)."
+        )
     lines += [
         f"- {goal('batching_speedup_c16')}: generated tokens/s at concurrency 16, batching on / off (dense). "
         f"Continuous batching: {res['batching_on']['mean_decode_batch']} requests per decode step on average "
@@ -427,12 +506,14 @@ def markdown(res: dict[str, Any]) -> str:
         "(Serve's proxy and routing, the batch queue, the API layer).",
     ]
     if res.get("winner"):
-        lines.append(f"- winner: `{res['winner']['artifact']}`: `int8_dynamic` with `quantize_lm_head: true` and "
-                     f"`smoothing_alpha: {WINNER_ALPHA}`, the best of 0.3 / 0.4 / 0.5 / 0.65 / 0.8 on this eval "
-                     "text (+2.25 / +0.81 / +1.14 / +1.44 / +3.18 % perplexity, measured once with "
-                     "`quantize_model` on these 4,096 tokens: chosen on the eval text, as a sweep over "
-                     "`search_space.smoothing_alpha` would). CTranslate2's int8 quantizes its embeddings and "
-                     "head too and sits further from dense.")
+        lines.append(
+            f"- winner: `{res['winner']['artifact']}`: `int8_dynamic` with `quantize_lm_head: true` and "
+            f"`smoothing_alpha: {WINNER_ALPHA}`, the best of 0.3 / 0.4 / 0.5 / 0.65 / 0.8 on this eval "
+            "text (+2.25 / +0.81 / +1.14 / +1.44 / +3.18 % perplexity, measured once with "
+            "`quantize_model` on these 4,096 tokens: chosen on the eval text, as a sweep over "
+            "`search_space.smoothing_alpha` would). CTranslate2's int8 quantizes its embeddings and "
+            "head too and sits further from dense."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -441,7 +522,7 @@ def update_benchmarks_md(section: str) -> None:
     start = text.find("## Serving")
     if start >= 0:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     BENCHMARKS_MD.write_text(text)
@@ -455,13 +536,21 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads = CPUs of the replica (and the peers')")
     ap.add_argument("--model", type=Path, default=MODEL_DIR, help="the dense model to serve")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results JSON")
-    ap.add_argument("--winner", type=Path, default=None, help="the sweep winner to serve (default: the sweep's "
-                    f"int8 candidate, built into {WINNER_DIR.relative_to(REPO)})")
+    ap.add_argument(
+        "--winner",
+        type=Path,
+        default=None,
+        help="the sweep winner to serve (default: the sweep's "
+        f"int8 candidate, built into {WINNER_DIR.relative_to(REPO)})",
+    )
     ap.add_argument("--engine-rounds", type=int, default=3, help="interleaved rounds of the engine-level runs")
     ap.add_argument("--no-peers", action="store_true", help="skip CTranslate2 and llama.cpp")
     ap.add_argument("--update-benchmarks-md", action="store_true", help="write the Serving section of BENCHMARKS.md")
-    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Serving section of BENCHMARKS.md from "
-                    "the results JSON (--out) without measuring")
+    ap.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="rewrite the Serving section of BENCHMARKS.md from the results JSON (--out) without measuring",
+    )
     args = ap.parse_args()
     if args.markdown_only:
         update_benchmarks_md(markdown(json.loads(args.out.read_text())))
@@ -487,11 +576,13 @@ def main() -> int:
         try:
             import ctranslate2
         except ImportError:
-            raise SystemExit("ctranslate2 is not installed: run `bash scripts/bench/setup_peers.sh` "
-                             "(or pass --no-peers)") from None
+            raise SystemExit(
+                "ctranslate2 is not installed: run `bash scripts/bench/setup_peers.sh` (or pass --no-peers)"
+            ) from None
         if not _peers.LLAMACPP_PYTHON.is_file():
-            raise SystemExit(f"{_peers.LLAMACPP_PYTHON} missing: run `bash scripts/bench/setup_peers.sh` "
-                             "(or pass --no-peers)")
+            raise SystemExit(
+                f"{_peers.LLAMACPP_PYTHON} missing: run `bash scripts/bench/setup_peers.sh` (or pass --no-peers)"
+            )
         peers["ctranslate2"] = ctranslate2.__version__
         ct2_dir = _peers.ct2_convert(args.model)
         gguf = _peers.smollm2_gguf()
@@ -502,8 +593,11 @@ def main() -> int:
     ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        print(f"serving {args.model} on a private Ray ({os.environ['RAY_TMPDIR']}), {args.threads} thread(s), "
-              f"load {load0}", flush=True)
+        print(
+            f"serving {args.model} on a private Ray ({os.environ['RAY_TMPDIR']}), {args.threads} thread(s), "
+            f"load {load0}",
+            flush=True,
+        )
         local = InProcess(args)
         on = serve_and_drive(args.model, "batching-on", True, [1, 4, 16], prompts, args, local)
         off = serve_and_drive(args.model, "batching-off", False, [16], prompts, args)
@@ -513,16 +607,22 @@ def main() -> int:
     finally:
         ray.shutdown()
     c1 = on["runs"]["c1"]
-    local = {"engine_p50_ms": round(statistics.median(c1["in_process_engine_ms"]), 1),
-             "hf_generate_p50_ms": round(statistics.median(c1["in_process_hf_generate_ms"]), 1)}
+    local = {
+        "engine_p50_ms": round(statistics.median(c1["in_process_engine_ms"]), 1),
+        "hf_generate_p50_ms": round(statistics.median(c1["in_process_hf_generate_ms"]), 1),
+    }
     overhead = statistics.median(h - e for h, e in zip(c1["latencies_ms"], c1["in_process_engine_ms"]))
     metrics = {
-        "batching_speedup_c16": round(on["runs"]["c16"]["gen_tokens_per_s"] / off["runs"]["c16"]["gen_tokens_per_s"], 3),
+        "batching_speedup_c16": round(
+            on["runs"]["c16"]["gen_tokens_per_s"] / off["runs"]["c16"]["gen_tokens_per_s"], 3
+        ),
         "overhead_ms_c1": round(overhead, 1),
-        "serving_overhead_ms_c1": round(statistics.median(
-            h - d for h, d in zip(c1["latencies_ms"], c1["replica_decode_ms"])), 1),
-        "overhead_vs_hf_generate_ms_c1": round(statistics.median(
-            h - e for h, e in zip(c1["latencies_ms"], c1["in_process_hf_generate_ms"])), 1),
+        "serving_overhead_ms_c1": round(
+            statistics.median(h - d for h, d in zip(c1["latencies_ms"], c1["replica_decode_ms"])), 1
+        ),
+        "overhead_vs_hf_generate_ms_c1": round(
+            statistics.median(h - e for h, e in zip(c1["latencies_ms"], c1["in_process_hf_generate_ms"])), 1
+        ),
         "gen_tokens_per_s_c1": on["runs"]["c1"]["gen_tokens_per_s"],
         "gen_tokens_per_s_c16": on["runs"]["c16"]["gen_tokens_per_s"],
         "winner_gen_tokens_per_s_c1": won["runs"]["c1"]["gen_tokens_per_s"],
@@ -542,20 +642,37 @@ def main() -> int:
         lc = llamacpp["runs"]
         metrics["llamacpp_gen_tokens_per_s_c1"] = lc["c1"]["gen_tokens_per_s"]
         metrics["llamacpp_gen_tokens_per_s_c16"] = lc["c16"]["gen_tokens_per_s"]
-        metrics["http_c1_ratio_vs_llamacpp"] = round(won["runs"]["c1"]["gen_tokens_per_s"] / lc["c1"]["gen_tokens_per_s"], 3)
+        metrics["http_c1_ratio_vs_llamacpp"] = round(
+            won["runs"]["c1"]["gen_tokens_per_s"] / lc["c1"]["gen_tokens_per_s"], 3
+        )
         metrics["http_c16_ratio_vs_llamacpp"] = round(
-            won["runs"]["c16"]["gen_tokens_per_s"] / lc["c16"]["gen_tokens_per_s"], 3)
+            won["runs"]["c16"]["gen_tokens_per_s"] / lc["c16"]["gen_tokens_per_s"], 3
+        )
     res = {
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "command": COMMAND, "provenance": provenance(),
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": COMMAND,
+        "provenance": provenance(),
         "wall_min": (time.time() - t_start) / 60,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-                   f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-        "versions": {"torch": torch.__version__, "ray": ray.__version__}, "peers": peers,
-        "loadavg_start": load0, "threads": args.threads, "device": on["device"], "requests": args.requests,
-        "c1_requests": args.c1_requests, "max_tokens": args.max_tokens, "model": str(args.model),
-        "engine_rounds": args.engine_rounds, "engine": engine, "llamacpp": llamacpp,
-        "batching_on": on, "batching_off": off, "winner": won, "in_process": local,
-        "metrics": metrics, "goals": GOALS,
+        f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
+        "versions": {"torch": torch.__version__, "ray": ray.__version__},
+        "peers": peers,
+        "loadavg_start": load0,
+        "threads": args.threads,
+        "device": on["device"],
+        "requests": args.requests,
+        "c1_requests": args.c1_requests,
+        "max_tokens": args.max_tokens,
+        "model": str(args.model),
+        "engine_rounds": args.engine_rounds,
+        "engine": engine,
+        "llamacpp": llamacpp,
+        "batching_on": on,
+        "batching_off": off,
+        "winner": won,
+        "in_process": local,
+        "metrics": metrics,
+        "goals": GOALS,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

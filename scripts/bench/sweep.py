@@ -33,8 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / "models" / "smollm2-135m"
 COMMAND = ".venv/bin/python scripts/bench/sweep.py"
-SPACE = {"method": ["none", "magnitude", "wanda", "sparsegpt"], "sparsity": [0.5], "structured": [0.0, 0.25],
-         "structure": ["mlp"], "quantization": ["none", "int8_dynamic"]}
+SPACE = {
+    "method": ["none", "magnitude", "wanda", "sparsegpt"],
+    "sparsity": [0.5],
+    "structured": [0.0, 0.25],
+    "structure": ["mlp"],
+    "quantization": ["none", "int8_dynamic"],
+}
 
 
 def say(msg: str) -> None:
@@ -42,10 +47,16 @@ def say(msg: str) -> None:
 
 
 def sweep_config(out: Path, name: str) -> dict:
-    return {"stage": "sweep", "model": {"path": str(MODEL)}, "search_space": SPACE,
-            "search": {"algorithm": "grid", "max_concurrent": 2}, "resources": {"num_cpus": 1},
-            "policy": {"max_quality_loss_pct": 5.0, "prefer": "smallest"},
-            "keep_artifacts": "winner", "run": {"name": name, "output_dir": str(out)}}
+    return {
+        "stage": "sweep",
+        "model": {"path": str(MODEL)},
+        "search_space": SPACE,
+        "search": {"algorithm": "grid", "max_concurrent": 2},
+        "resources": {"num_cpus": 1},
+        "policy": {"max_quality_loss_pct": 5.0, "prefer": "smallest"},
+        "keep_artifacts": "winner",
+        "run": {"name": name, "output_dir": str(out)},
+    }
 
 
 def naive_loop(cfg, out: Path) -> dict:
@@ -65,16 +76,25 @@ def naive_loop(cfg, out: Path) -> dict:
         t = time.time()
         tok = load_tokenizer(cfg.model)
         model = load_model(cfg.model).eval()
-        windows = token_rows(text_source_ids(cfg.eval.data, tok)[:cfg.eval.budgets[-1]], cfg.eval.window)
-        calib = token_rows(text_source_ids(cfg.eval.calibration, tok), cfg.eval.calibration_seq_len, cfg.eval.calibration_sequences)
+        windows = token_rows(text_source_ids(cfg.eval.data, tok)[: cfg.eval.budgets[-1]], cfg.eval.window)
+        calib = token_rows(
+            text_source_ids(cfg.eval.calibration, tok), cfg.eval.calibration_seq_len, cfg.eval.calibration_sequences
+        )
         apply_candidate(model, cand, calibration=calib)
         art = out / f"naive-{i}"
         save_compressed(model, tok, art, None)
         m = measure(model, tok, cfg.eval, art)
         m["ppl"] = perplexity_on(model, windows)
         shutil.rmtree(art)
-        rows.append({"candidate": cand, "ppl": m["ppl"], "disk_bytes": m["disk_bytes"],
-                     "tokens_per_s": m["tokens_per_s"], "seconds": time.time() - t})
+        rows.append(
+            {
+                "candidate": cand,
+                "ppl": m["ppl"],
+                "disk_bytes": m["disk_bytes"],
+                "tokens_per_s": m["tokens_per_s"],
+                "seconds": time.time() - t,
+            }
+        )
         say(f"naive {i + 1}/16 {json.dumps(cand, sort_keys=True)}: ppl {m['ppl']:.3f} in {time.time() - t:.0f}s")
     return {"wall_s": time.time() - t0, "rows": rows}
 
@@ -109,18 +129,45 @@ def main() -> None:
     import torch
 
     result = {
-        "measured_at": time.strftime("%Y-%m-%d %H:%M"), "command": COMMAND,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "search_space": SPACE, "sweep_wall_s": sweep_wall, "naive_wall_s": naive and naive["wall_s"],
+        "measured_at": time.strftime("%Y-%m-%d %H:%M"),
+        "command": COMMAND,
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "search_space": SPACE,
+        "sweep_wall_s": sweep_wall,
+        "naive_wall_s": naive and naive["wall_s"],
         "sweep_wall_ratio": sweep_wall / naive["wall_s"] if naive else None,
-        "counts": report["counts"], "base": {k: report["base"][k] for k in ("ppl", "disk_bytes", "tokens_per_s")},
-        "winner": report["winner"], "winner_reason": report["winner_reason"],
-        "pareto_front": [{k: t.get(k) for k in ("candidate", "ppl", "disk_bytes", "tokens_per_s")}
-                         for t in report["trials"] if t.get("pareto")],
-        "trials": [{k: t.get(k) for k in ("candidate", "status", "ppl", "eval_tokens", "disk_bytes", "tokens_per_s",
-                                          "tokens_per_s_b8", "quality_loss_pct", "speedup", "size_ratio")}
-                   for t in report["trials"]],
+        "counts": report["counts"],
+        "base": {k: report["base"][k] for k in ("ppl", "disk_bytes", "tokens_per_s")},
+        "winner": report["winner"],
+        "winner_reason": report["winner_reason"],
+        "pareto_front": [
+            {k: t.get(k) for k in ("candidate", "ppl", "disk_bytes", "tokens_per_s")}
+            for t in report["trials"]
+            if t.get("pareto")
+        ],
+        "trials": [
+            {
+                k: t.get(k)
+                for k in (
+                    "candidate",
+                    "status",
+                    "ppl",
+                    "eval_tokens",
+                    "disk_bytes",
+                    "tokens_per_s",
+                    "tokens_per_s_b8",
+                    "quality_loss_pct",
+                    "speedup",
+                    "size_ratio",
+                )
+            }
+            for t in report["trials"]
+        ],
         "naive": naive and naive["rows"],
     }
     print(json.dumps({k: result[k] for k in ("sweep_wall_s", "naive_wall_s", "sweep_wall_ratio", "counts")}, indent=1))

@@ -29,9 +29,22 @@ def main() -> int:
     tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": tmp}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray_bin, "start", "--head", "--port=0", "--dashboard-port=8265", "--include-dashboard=true",
-                    "--num-cpus=1", f"--temp-dir={tmp}/a", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--port=0",
+            "--dashboard-port=8265",
+            "--include-dashboard=true",
+            "--num-cpus=1",
+            f"--temp-dir={tmp}/a",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     try:
         os.environ["RAY_TMPDIR"] = f"{tmp}/b"
         ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)

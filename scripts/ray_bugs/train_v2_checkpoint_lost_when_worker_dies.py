@@ -67,8 +67,9 @@ def main() -> int:
             train_fn,
             train_loop_config={"marker": f"{tmp}/killed", "result": f"{tmp}/result"},
             scaling_config=ScalingConfig(num_workers=2),
-            run_config=RunConfig(name="lost", storage_path=f"{tmp}/storage",
-                                 failure_config=FailureConfig(max_failures=1)),
+            run_config=RunConfig(
+                name="lost", storage_path=f"{tmp}/storage", failure_config=FailureConfig(max_failures=1)
+            ),
         )
         trainer.fit()
         with open(f"{tmp}/result") as f:

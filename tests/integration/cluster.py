@@ -63,8 +63,12 @@ _counter = itertools.count()
 # never collides with the defaults (8265, 52365, 10001 ...) of another Ray running on the same machine.
 _HEAD_PORT_FLAGS = ("--dashboard-port", "--ray-client-server-port")
 _NODE_PORT_FLAGS = (
-    "--node-manager-port", "--object-manager-port", "--metrics-export-port",
-    "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--metrics-export-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
 )
 _WORKER_PORTS = 100  # a node's worker processes each listen on one port of its own range
 
@@ -110,8 +114,14 @@ def free_port_range(n: int, lo: int = 20000, hi: int = 32000) -> tuple[int, int]
 class RayCluster:
     """A head and one worker node started with ``ray start``; see the module docstring for the API."""
 
-    def __init__(self, head_cpus: int = 2, worker_cpus: int = 3, worker_gpus: int = 4,
-                 object_store_bytes: int = 300 * 1024**2, temp_dir: Optional[str] = None):
+    def __init__(
+        self,
+        head_cpus: int = 2,
+        worker_cpus: int = 3,
+        worker_gpus: int = 4,
+        object_store_bytes: int = 300 * 1024**2,
+        temp_dir: Optional[str] = None,
+    ):
         self.temp_dir = Path(temp_dir or f"/tmp/rdc-{os.getpid()}-{next(_counter)}")
         self.head_cpus, self.worker_cpus, self.worker_gpus = head_cpus, worker_cpus, worker_gpus
         self.object_store_bytes = object_store_bytes
@@ -163,8 +173,9 @@ class RayCluster:
 
     def nodes(self) -> list[dict]:
         """The alive nodes as the state API reports them (``node_id``, ``is_head_node``, ``resources_total``...)."""
-        r = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100}, headers=self.auth_headers,
-                         timeout=10)
+        r = requests.get(
+            f"{self.dashboard_url}/api/v0/nodes", params={"limit": 100}, headers=self.auth_headers, timeout=10
+        )
         r.raise_for_status()
         return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
@@ -196,8 +207,10 @@ class RayCluster:
         ray = str(Path(sys.executable).with_name("ray"))
         proc = subprocess.run([ray, "start", *args], env=env, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise ClusterError(f"`ray start` ({what}) failed with status {proc.returncode}:\n"
-                               f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise ClusterError(
+                f"`ray start` ({what}) failed with status {proc.returncode}:\n"
+                f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
 
     def _common_args(self, node: str) -> list[str]:
         ports = free_ports(len(_NODE_PORT_FLAGS))
@@ -205,21 +218,38 @@ class RayCluster:
         # Each node gets its own temp dir, as separate machines would: with one shared dir both nodes' log
         # monitors tail the same worker logs and every worker line reaches the driver twice, and a path that
         # exists on one node only (a job's unpacked working_dir) would wrongly exist on the other too.
-        args = ["--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir / node}", "--disable-usage-stats",
-                f"--object-store-memory={self.object_store_bytes}", f"--min-worker-port={lo}",
-                f"--max-worker-port={hi}"]
+        args = [
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir / node}",
+            "--disable-usage-stats",
+            f"--object-store-memory={self.object_store_bytes}",
+            f"--min-worker-port={lo}",
+            f"--max-worker-port={hi}",
+        ]
         return args + [f"{flag}={port}" for flag, port in zip(_NODE_PORT_FLAGS, ports)]
 
     def _start_head(self) -> None:
         self.gcs_port, self.dashboard_port, client_port = free_ports(3)
-        args = ["--head", f"--port={self.gcs_port}", f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={client_port}", "--dashboard-host=127.0.0.1",
-                "--include-dashboard=true", f"--num-cpus={self.head_cpus}", "--num-gpus=0"]
+        args = [
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={client_port}",
+            "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true",
+            f"--num-cpus={self.head_cpus}",
+            "--num-gpus=0",
+        ]
         self._ray_start(args + self._common_args("head"), "head")
 
     def _start_worker(self) -> None:
-        args = [f"--address={self.address}", f"--num-cpus={self.worker_cpus}", f"--num-gpus={self.worker_gpus}",
-                "--resources", json.dumps({"worker_node": 1})]
+        args = [
+            f"--address={self.address}",
+            f"--num-cpus={self.worker_cpus}",
+            f"--num-gpus={self.worker_gpus}",
+            "--resources",
+            json.dumps({"worker_node": 1}),
+        ]
         self._ray_start(args + self._common_args("worker"), "worker")
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -246,8 +276,9 @@ class RayCluster:
 
     def processes(self) -> list[psutil.Process]:
         """Every process this cluster started: those naming its temp dir or GCS port, and their descendants."""
-        marks = [str(self.temp_dir)] + ([f"--gcs-address=127.0.0.1:{self.gcs_port}", f"--port={self.gcs_port}"]
-                                        if self.gcs_port else [])
+        marks = [str(self.temp_dir)] + (
+            [f"--gcs-address=127.0.0.1:{self.gcs_port}", f"--port={self.gcs_port}"] if self.gcs_port else []
+        )
         found: dict[int, psutil.Process] = {}
         me = os.getpid()
         for proc in psutil.process_iter(["pid", "cmdline"]):

@@ -16,7 +16,9 @@ def ray_session():
     # Oversubscribe the 2-core box: two training workers plus Ray Data tasks and Serve/Tune actors.
     from raydist.stages.common import embedded_ray_options
 
-    ray.init(**embedded_ray_options(4, metrics=True), log_to_driver=True)  # /metrics for serve tests; own dashboard port: see its docstring
+    ray.init(
+        **embedded_ray_options(4, metrics=True), log_to_driver=True
+    )  # /metrics for serve tests; own dashboard port: see its docstring
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

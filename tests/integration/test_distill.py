@@ -26,20 +26,26 @@ DATA = {"train": {"builtin": "pydoc_topics", "max_tokens": 24000}, "seq_len": 64
 def teacher(tmp_path_factory):
     """Teacher correction first (as Minitron does): a full fine-tune on the same data."""
     out = tmp_path_factory.mktemp("teacher")
-    cfg = config_from_dict(FinetuneConfig, {
-        "model": {"path": "tiny-random", "tiny": {"num_layers": 4}}, "data": DATA,
-        "optim": {"lr": 3e-3, "schedule": "constant"}, "train": {"max_steps": 12, "micro_batch_size": 4,
-                                                                  "eval_at_start": False},
-        "run": {"name": "teacher", "output_dir": str(out)},
-    })
+    cfg = config_from_dict(
+        FinetuneConfig,
+        {
+            "model": {"path": "tiny-random", "tiny": {"num_layers": 4}},
+            "data": DATA,
+            "optim": {"lr": 3e-3, "schedule": "constant"},
+            "train": {"max_steps": 12, "micro_batch_size": 4, "eval_at_start": False},
+            "run": {"name": "teacher", "output_dir": str(out)},
+        },
+    )
     return run_finetune(cfg)
 
 
 def distill_cfg(teacher, out, **kd):
     return {
         "teacher": {"path": str(teacher)},
-        "student": {"source": "pruned", "prune": {"drop_layers": 1, "mlp_keep_ratio": 0.5, "kv_groups_keep": 1,
-                                                  "calibration_batches": 4}},
+        "student": {
+            "source": "pruned",
+            "prune": {"drop_layers": 1, "mlp_keep_ratio": 0.5, "kv_groups_keep": 1, "calibration_batches": 4},
+        },
         "data": DATA,
         "kd": {"loss": "forward_kl", "ce_weight": 0.0, **kd},
         "optim": {"lr": 3e-3, "schedule": "constant"},
@@ -99,7 +105,9 @@ def test_mismatched_tokenizer_is_refused(teacher, tmp_path):
     tj["model"]["vocab"] = swapped
     save_model_dir(load_model(ModelConfig(path="tiny-random")), tok, other)
     (other / "tokenizer.json").write_text(json.dumps(tj))
-    cfg = config_from_dict(DistillConfig, {**distill_cfg(teacher, tmp_path), "student": {"source": "pretrained", "path": str(other)}})
+    cfg = config_from_dict(
+        DistillConfig, {**distill_cfg(teacher, tmp_path), "student": {"source": "pretrained", "path": str(other)}}
+    )
     with pytest.raises(PreflightError, match="tokenizers differ.*sequence-level KD"):
         run_distill(cfg)
     assert not (tmp_path / "kd").exists()
@@ -146,14 +154,22 @@ def test_distill_resumes_exactly(teacher, online_run, tmp_path):
         assert again[step] == pytest.approx(online[step], rel=1e-4), step
     # The gap is measured against the pruned student's first evaluation, also after the resume.
     assert read_manifest(art)["metrics"]["gap_recovered"] == pytest.approx(
-        read_manifest(online_run / "artifact")["metrics"]["gap_recovered"], rel=1e-3)
+        read_manifest(online_run / "artifact")["metrics"]["gap_recovered"], rel=1e-3
+    )
 
 
 def test_hidden_state_loss_under_zero3(teacher, tmp_path):
     """JSD + hidden-state matching through a learned projection, student sharded by ZeRO-3: the
     projection trains with the student and only the student is exported."""
-    cfg = distill_cfg(teacher, tmp_path, loss="jsd", beta=0.5, temperature=2.0, ce_weight=0.2,
-                      hidden={"weight": 1.0, "kind": "cosine"})
+    cfg = distill_cfg(
+        teacher,
+        tmp_path,
+        loss="jsd",
+        beta=0.5,
+        temperature=2.0,
+        ce_weight=0.2,
+        hidden={"weight": 1.0, "kind": "cosine"},
+    )
     cfg["deepspeed"]["zero_stage"] = 3
     cfg["train"].update(max_steps=6, eval_every=None, checkpoint_every=None)
     art = run_distill(config_from_dict(DistillConfig, cfg))

@@ -59,7 +59,9 @@ def eval_loss_of(model_dir: Path, run_dir: Path) -> float:
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     labels = b["labels"][:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
     return float(nll)
 
 
@@ -110,8 +112,16 @@ def test_zero2_full_finetune_learns_and_exports(full_zero2):
 
 
 def test_zero3_lora_learns_and_exports_nonempty_adapter(runs):
-    cfg = make_cfg(runs, "lora-z3", deepspeed__zero_stage=3, lora__enabled=True, lora__r=8, lora__alpha=16,
-                   optim__lr=1e-2, train__checkpoint_every=4)
+    cfg = make_cfg(
+        runs,
+        "lora-z3",
+        deepspeed__zero_stage=3,
+        lora__enabled=True,
+        lora__r=8,
+        lora__alpha=16,
+        optim__lr=1e-2,
+        train__checkpoint_every=4,
+    )
     art = run_finetune(cfg)
     m = read_manifest(art)
     assert m["metrics"]["eval_loss"] < m["metrics"]["eval_loss_before"] - 0.05
@@ -153,7 +163,8 @@ def test_resume_continues_from_the_checkpoint_step(runs, full_zero2):
     for s in range(1, 9):
         assert losses[s] == pytest.approx(ref[s], rel=1e-4, abs=1e-5), f"step {s}"
     assert read_manifest(art)["metrics"]["eval_loss"] == pytest.approx(
-        read_manifest(full_zero2 / "artifact")["metrics"]["eval_loss"], rel=1e-4)
+        read_manifest(full_zero2 / "artifact")["metrics"]["eval_loss"], rel=1e-4
+    )
 
 
 def test_worker_crash_recovers_from_checkpoint(runs, full_zero2, monkeypatch):

@@ -64,9 +64,18 @@ def served(smollm2_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = run_serve(ServeConfig(artifact=str(smollm2_dir), model_name=MODEL_ID, app_name="lmeval",
-                                route_prefix="/lmeval", http={"port": port}, resources={"num_cpus": 1}),
-                    blocking=False, verbose=False)
+    url = run_serve(
+        ServeConfig(
+            artifact=str(smollm2_dir),
+            model_name=MODEL_ID,
+            app_name="lmeval",
+            route_prefix="/lmeval",
+            http={"port": port},
+            resources={"num_cpus": 1},
+        ),
+        blocking=False,
+        verbose=False,
+    )
     yield url
     serve.shutdown()
 
@@ -75,20 +84,37 @@ def _evaluate(tasks_dir, model: str, model_args: dict):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["raydist_mc", "raydist_gen"],
-                                  task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-                                  batch_size=4, log_samples=True, random_seed=0, numpy_random_seed=0,
-                                  torch_random_seed=0, fewshot_random_seed=0)
+    out = lm_eval.simple_evaluate(
+        model=model,
+        model_args=model_args,
+        tasks=["raydist_mc", "raydist_gen"],
+        task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+        batch_size=4,
+        log_samples=True,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
     samples = {task: sorted(out["samples"][task], key=lambda s: s["doc_id"]) for task in out["samples"]}
     return out["results"], samples
 
 
 def test_lm_eval_scores_the_server_as_its_hf_backend_scores_the_model(served, smollm2_dir, tasks_dir):
-    http_results, http_samples = _evaluate(tasks_dir, "local-completions", {
-        "base_url": f"{served}/completions", "model": MODEL_ID, "num_concurrent": 1, "max_retries": 1,
-        "tokenized_requests": True})
-    hf_results, hf_samples = _evaluate(tasks_dir, "hf", {"pretrained": str(smollm2_dir), "dtype": "float32",
-                                                         "device": "cpu"})
+    http_results, http_samples = _evaluate(
+        tasks_dir,
+        "local-completions",
+        {
+            "base_url": f"{served}/completions",
+            "model": MODEL_ID,
+            "num_concurrent": 1,
+            "max_retries": 1,
+            "tokenized_requests": True,
+        },
+    )
+    hf_results, hf_samples = _evaluate(
+        tasks_dir, "hf", {"pretrained": str(smollm2_dir), "dtype": "float32", "device": "cpu"}
+    )
     # multiple choice: every choice's log-likelihood, and so the accuracy
     served_ll = [[r[0] for r in s["filtered_resps"]] for s in http_samples["raydist_mc"]]
     local_ll = [[r[0] for r in s["filtered_resps"]] for s in hf_samples["raydist_mc"]]

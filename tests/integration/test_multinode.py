@@ -44,16 +44,27 @@ SWEEP_TINY = str(REPO / "jobs" / "sweep_tiny.yaml")
 # taken, so once step 3's report returned, step 2's checkpoint is registered and the resume point is certain.
 FT_STEPS, FT_CKPT_STEP, FT_FAULT_STEP = 4, 2, 4
 FINETUNE_ARGS = [
-    "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD",
-    "resources.num_gpus=0", "resources.num_cpus=1",
-    f"train.max_steps={FT_STEPS}", f"train.checkpoint_every={FT_CKPT_STEP}", "train.eval_every=1",
-    "train.eval_at_start=false", "data.max_eval_sequences=8", "run.max_failures=1",
+    "scaling.num_workers=2",
+    "scaling.placement_strategy=STRICT_SPREAD",
+    "resources.num_gpus=0",
+    "resources.num_cpus=1",
+    f"train.max_steps={FT_STEPS}",
+    f"train.checkpoint_every={FT_CKPT_STEP}",
+    "train.eval_every=1",
+    "train.eval_at_start=false",
+    "data.max_eval_sequences=8",
+    "run.max_failures=1",
 ]
 # Sweeps measure as little as still exercises every part of a trial: one eval budget (so no ASHA: every
 # trial runs to the end), one short latency measurement, and a policy any candidate meets.
 FAST_SWEEP_ARGS = [
-    "eval.budgets=[512]", "eval.window=256", "eval.data.max_tokens=512", "eval.calibration_sequences=4",
-    "eval.latency_repeats=1", "eval.latency_batch_sizes=[1]", "eval.latency_new_tokens=4",
+    "eval.budgets=[512]",
+    "eval.window=256",
+    "eval.data.max_tokens=512",
+    "eval.calibration_sequences=4",
+    "eval.latency_repeats=1",
+    "eval.latency_batch_sizes=[1]",
+    "eval.latency_new_tokens=4",
     "policy.max_quality_loss_pct=1000",
 ]
 
@@ -62,8 +73,15 @@ def run_cli(args: list[str], cluster, log: Path, timeout: float = 900, **env: st
     """``python -m raydist ARGS`` against ``cluster``; returns (exit status, console output, seconds)."""
     t0 = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "raydist", *args], cwd=REPO, env=cluster.subprocess_env(**env),
-                              stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        proc = subprocess.run(
+            [sys.executable, "-m", "raydist", *args],
+            cwd=REPO,
+            env=cluster.subprocess_env(**env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
     return proc.returncode, log.read_text(errors="replace"), time.monotonic() - t0
 
 
@@ -90,8 +108,12 @@ def spread_finetune(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multinode-ft")
     marker = tmp / "fault_marker"
     rc, out, seconds = run_cli(
-        ["finetune", "-c", TINY_LORA, *FINETUNE_ARGS, f"run.output_dir={tmp}", "run.name=spread"], ray_cluster,
-        tmp / "finetune.log", RAYDIST_FAULT_AT_STEP=str(FT_FAULT_STEP), RAYDIST_FAULT_MARKER=str(marker))
+        ["finetune", "-c", TINY_LORA, *FINETUNE_ARGS, f"run.output_dir={tmp}", "run.name=spread"],
+        ray_cluster,
+        tmp / "finetune.log",
+        RAYDIST_FAULT_AT_STEP=str(FT_FAULT_STEP),
+        RAYDIST_FAULT_MARKER=str(marker),
+    )
     return {"rc": rc, "out": out, "seconds": seconds, "run_dir": tmp / "spread", "marker": marker}
 
 
@@ -116,8 +138,10 @@ def test_finetune_spreads_over_both_nodes_and_survives_losing_one(spread_finetun
     assert marker_text(ft["marker"]) == f"killed rank 1 at step {FT_FAULT_STEP}"
     first, second = ({w["rank"]: w for w in p["workers"]} for p in placements)
     killed_on = next(name for name, nid in ray_cluster.node_ids.items() if nid == first[1]["node_id"])
-    print(f"\nthe killed rank 1 ran on the {killed_on} node ({first[1]['node_id'][:12]}); "
-          f"finetune took {ft['seconds']:.0f}s")
+    print(
+        f"\nthe killed rank 1 ran on the {killed_on} node ({first[1]['node_id'][:12]}); "
+        f"finetune took {ft['seconds']:.0f}s"
+    )
 
     # Ray Train restarted the whole group (new processes) and it resumed from the step-2 checkpoint.
     assert {w["pid"] for w in first.values()}.isdisjoint(w["pid"] for w in second.values())
@@ -125,7 +149,7 @@ def test_finetune_spreads_over_both_nodes_and_survives_losing_one(spread_finetun
     assert [r["step"] for r in resumed] == [FT_CKPT_STEP], resumed
     assert history.index(placements[0]) < history.index(resumed[0]) < history.index(placements[1])
     assert placements[1]["step"] == FT_CKPT_STEP
-    steps_after_restart = [h["step"] for h in history[history.index(placements[1]):] if "tokens_per_s" in h]
+    steps_after_restart = [h["step"] for h in history[history.index(placements[1]) :] if "tokens_per_s" in h]
     assert steps_after_restart == list(range(FT_CKPT_STEP + 1, FT_STEPS + 1))
 
     # It finished: the artifact loads with plain transformers and says how many steps it trained.
@@ -156,10 +180,25 @@ def test_serve_puts_a_replica_on_each_node(spread_finetune, ray_cluster, tmp_pat
     t0 = time.monotonic()
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "raydist", "serve", str(spread_finetune["run_dir"] / "artifact"), "num_replicas=2",
-             "max_replicas_per_node=1", "resources.num_cpus=0.5", "resources.num_gpus=0", f"http.port={port}",
-             "http.host=127.0.0.1", "health.check_period_s=30"],
-            cwd=REPO, env=ray_cluster.subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "raydist",
+                "serve",
+                str(spread_finetune["run_dir"] / "artifact"),
+                "num_replicas=2",
+                "max_replicas_per_node=1",
+                "resources.num_cpus=0.5",
+                "resources.num_gpus=0",
+                f"http.port={port}",
+                "http.host=127.0.0.1",
+                "health.check_period_s=30",
+            ],
+            cwd=REPO,
+            env=ray_cluster.subprocess_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=base, timeout=60) as client:
@@ -205,8 +244,9 @@ def test_serve_puts_a_replica_on_each_node(spread_finetune, ray_cluster, tmp_pat
             raise
     assert rc == 0, tail(log.read_text())
     # SIGTERM deleted the application (the cluster's Serve controller stays, as on any shared cluster).
-    apps = httpx.get(f"{ray_cluster.dashboard_url}/api/serve/applications/", headers=ray_cluster.auth_headers,
-                     timeout=30).json()["applications"]
+    apps = httpx.get(
+        f"{ray_cluster.dashboard_url}/api/serve/applications/", headers=ray_cluster.auth_headers, timeout=30
+    ).json()["applications"]
     assert "raydist" not in apps, apps
     print(f"\nserve: ready after {ready_s:.0f}s, replicas on {len(seen)} nodes (pids {sorted(seen.values())})")
 
@@ -220,24 +260,53 @@ def test_sweep_trials_land_on_both_nodes(ray_cluster, tmp_path):
     # which finishes at once): Tune reuses a finished trial's actor for the next one, so a trial that ended
     # before the second one's actor was up would take the second trial onto its own node.
     rc, out, seconds = run_cli(
-        ["sweep", "-c", SWEEP_TINY, "resources.num_gpus=0", "resources.num_cpus=2", "search.max_concurrent=2",
-         "search_space.method=[magnitude,wanda]", "search_space.quantization=[none,int8_dynamic]",
-         *FAST_SWEEP_ARGS, f"run.output_dir={tmp_path}", "run.name=both-nodes"], ray_cluster, tmp_path / "sweep.log")
+        [
+            "sweep",
+            "-c",
+            SWEEP_TINY,
+            "resources.num_gpus=0",
+            "resources.num_cpus=2",
+            "search.max_concurrent=2",
+            "search_space.method=[magnitude,wanda]",
+            "search_space.quantization=[none,int8_dynamic]",
+            *FAST_SWEEP_ARGS,
+            f"run.output_dir={tmp_path}",
+            "run.name=both-nodes",
+        ],
+        ray_cluster,
+        tmp_path / "sweep.log",
+    )
     assert rc == 0, tail(out)
     rows = report_rows(tmp_path / "both-nodes")
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
     assert {r["node_id"] for r in rows} == set(ray_cluster.node_ids.values()), [
-        (r["node_id"][:8], r["started_at"], r["reported_at"]) for r in rows]
+        (r["node_id"][:8], r["started_at"], r["reported_at"]) for r in rows
+    ]
     assert all(r["device"] == "cpu" and r["gpu_ids"] == "" for r in rows)
     print(f"\nsweep on both nodes: {seconds:.0f}s")
 
 
 def test_sweep_runs_8_trials_at_once_on_4_declared_gpus(ray_cluster, tmp_path):
     rc, out, seconds = run_cli(
-        ["sweep", "-c", SWEEP_TINY, "resources.num_gpus=0.5", "resources.device=cpu", "resources.num_cpus=0.25",
-         "search.max_concurrent=8", "search.asha=false", "search_space.method=[magnitude,wanda]",
-         "search_space.sparsity=[0.25,0.5]", "search_space.quantization=[none,int8_dynamic]", *FAST_SWEEP_ARGS,
-         f"run.output_dir={tmp_path}", "run.name=gpus"], ray_cluster, tmp_path / "sweep.log")
+        [
+            "sweep",
+            "-c",
+            SWEEP_TINY,
+            "resources.num_gpus=0.5",
+            "resources.device=cpu",
+            "resources.num_cpus=0.25",
+            "search.max_concurrent=8",
+            "search.asha=false",
+            "search_space.method=[magnitude,wanda]",
+            "search_space.sparsity=[0.25,0.5]",
+            "search_space.quantization=[none,int8_dynamic]",
+            *FAST_SWEEP_ARGS,
+            f"run.output_dir={tmp_path}",
+            "run.name=gpus",
+        ],
+        ray_cluster,
+        tmp_path / "sweep.log",
+    )
     assert rc == 0, tail(out)
     rows = report_rows(tmp_path / "gpus")
     assert len(rows) == 8 and all(r["status"] == "completed" for r in rows), rows
@@ -251,17 +320,32 @@ def test_sweep_runs_8_trials_at_once_on_4_declared_gpus(ray_cluster, tmp_path):
         assert r["device"] == "cpu", r  # resources.device: cpu computes on the CPU though GPUs were given
     per_gpu = {g: sum(r["gpu_ids"] == g for r in rows) for g in "0123"}
     assert per_gpu == {"0": 2, "1": 2, "2": 2, "3": 2}, per_gpu
-    print(f"\n8 trials on 4 declared GPUs: {seconds:.0f}s, all 8 running together for "
-          f"{earliest_end - latest_start:.1f}s")
+    print(
+        f"\n8 trials on 4 declared GPUs: {seconds:.0f}s, all 8 running together for {earliest_end - latest_start:.1f}s"
+    )
 
 
 def test_sweep_on_declared_gpus_without_cuda_fails_clearly_with_device_auto(ray_cluster, tmp_path):
     # The base model is measured on a trial's resources before any trial starts, so that is where the unit
     # first learns that Ray gave it a GPU that torch cannot see.
     rc, out, seconds = run_cli(
-        ["sweep", "-c", SWEEP_TINY, "resources.num_gpus=0.5", "resources.device=auto", "resources.num_cpus=0.25",
-         "search.max_concurrent=1", "search_space.method=[magnitude]", "search_space.quantization=[none]",
-         *FAST_SWEEP_ARGS, f"run.output_dir={tmp_path}", "run.name=auto"], ray_cluster, tmp_path / "sweep.log")
+        [
+            "sweep",
+            "-c",
+            SWEEP_TINY,
+            "resources.num_gpus=0.5",
+            "resources.device=auto",
+            "resources.num_cpus=0.25",
+            "search.max_concurrent=1",
+            "search_space.method=[magnitude]",
+            "search_space.quantization=[none]",
+            *FAST_SWEEP_ARGS,
+            f"run.output_dir={tmp_path}",
+            "run.name=auto",
+        ],
+        ray_cluster,
+        tmp_path / "sweep.log",
+    )
     assert rc != 0, tail(out)
     assert "torch sees no CUDA device" in out and "resources.device: cpu" in out, tail(out)
     assert not (tmp_path / "auto" / "trials").exists() and not (tmp_path / "auto" / "sweep_report.json").exists()
@@ -288,7 +372,10 @@ def test_finetune_asking_for_gpus_on_a_cluster_without_any_is_refused(tmp_path):
 def test_finetune_worker_larger_than_every_node_is_refused_quickly(ray_cluster, tmp_path):
     rc, out, seconds = run_cli(
         ["finetune", "-c", TINY_LORA, "resources.num_gpus=8", f"run.output_dir={tmp_path}", "run.name=too-big"],
-        ray_cluster, tmp_path / "finetune.log", timeout=300)
+        ray_cluster,
+        tmp_path / "finetune.log",
+        timeout=300,
+    )
     assert rc == 2, tail(out)
     assert "no node of the cluster has that much" in out and "'GPU': 8.0" in out, tail(out)
     assert seconds < 90, f"took {seconds:.0f}s"  # seconds: it never waits for Ray to place anything

@@ -36,10 +36,19 @@ def chain(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
     # the session Ray has 4 CPUs: 2 training workers, or 2 sweep trials, then a small replica; 2 of the 4
     # sweep candidates keep the file short (dense and int8 dynamic: the winner is the quantized one)
-    overrides = [f"output_dir={out}", f"serve.http.port={_free_port()}", "serve.resources.num_cpus=0.5",
-                 "serve.health.check_period_s=2", "sweep.search_space.method=[none]"]
-    return {"out": out, "overrides": overrides, "dir": out / "pipeline-tiny",
-            "cfg": lambda *extra: load_stage_config(SPEC, [*overrides, *extra])}
+    overrides = [
+        f"output_dir={out}",
+        f"serve.http.port={_free_port()}",
+        "serve.resources.num_cpus=0.5",
+        "serve.health.check_period_s=2",
+        "sweep.search_space.method=[none]",
+    ]
+    return {
+        "out": out,
+        "overrides": overrides,
+        "dir": out / "pipeline-tiny",
+        "cfg": lambda *extra: load_stage_config(SPEC, [*overrides, *extra]),
+    }
 
 
 def _lineage(chain) -> dict:
@@ -50,8 +59,12 @@ def test_interrupted_stage_stops_the_chain_and_is_recorded(chain):
     lineage_at = run_pipeline(chain["cfg"]("finetune.run.stop_after_steps=3"), serve_blocking=False)
     assert Path(lineage_at) == chain["dir"] / "lineage.json"
     stages = _lineage(chain)["stages"]
-    assert [stages[s]["status"] for s in ("finetune", "distill", "sweep", "serve")] == \
-        ["stopped", "pending", "pending", "pending"]
+    assert [stages[s]["status"] for s in ("finetune", "distill", "sweep", "serve")] == [
+        "stopped",
+        "pending",
+        "pending",
+        "pending",
+    ]
     assert not (chain["dir"] / "finetune" / "artifact").exists()
 
 
@@ -91,8 +104,9 @@ def test_rerun_resumes_the_stage_and_runs_the_chain_to_a_served_model(chain):
         assert [m.id for m in client.models.list().data] == ["pipeline-tiny"]
         done = client.completions.create(model="pipeline-tiny", prompt="def main():", max_tokens=6, temperature=0)
         model, tok, _ = load_served_model(sw, None, "cpu", "auto")
-        local = BatchGenerator(model, tok).generate([GenerationRequest(tok.encode("def main():"),
-                                                                       SamplingParams(6, 0.0))])[0]
+        local = BatchGenerator(model, tok).generate(
+            [GenerationRequest(tok.encode("def main():"), SamplingParams(6, 0.0))]
+        )[0]
         assert done.choices[0].text == local.text and done.usage.completion_tokens == local.completion_tokens == 6
     finally:
         from ray import serve as ray_serve

@@ -11,16 +11,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_smollm2_lora_finetune_lowers_perplexity(smollm2_dir, tmp_path):
-    cfg = config_from_dict(FinetuneConfig, {
-        "model": {"path": str(smollm2_dir)},
-        "data": {"train": {"builtin": "pydoc_topics", "skip_tokens": 8192, "max_tokens": 4096},
-                 "eval": {"builtin": "pydoc_topics", "max_tokens": 1024}, "seq_len": 128, "eval_seq_len": 512},
-        "lora": {"enabled": True, "r": 16, "alpha": 32},
-        "optim": {"lr": 5e-4, "schedule": "constant"},
-        "train": {"max_steps": 4, "micro_batch_size": 2},
-        "deepspeed": {"zero_stage": 2},
-        "run": {"name": "smollm2", "output_dir": str(tmp_path)},
-    })
+    cfg = config_from_dict(
+        FinetuneConfig,
+        {
+            "model": {"path": str(smollm2_dir)},
+            "data": {
+                "train": {"builtin": "pydoc_topics", "skip_tokens": 8192, "max_tokens": 4096},
+                "eval": {"builtin": "pydoc_topics", "max_tokens": 1024},
+                "seq_len": 128,
+                "eval_seq_len": 512,
+            },
+            "lora": {"enabled": True, "r": 16, "alpha": 32},
+            "optim": {"lr": 5e-4, "schedule": "constant"},
+            "train": {"max_steps": 4, "micro_batch_size": 2},
+            "deepspeed": {"zero_stage": 2},
+            "run": {"name": "smollm2", "output_dir": str(tmp_path)},
+        },
+    )
     art = run_finetune(cfg)
     m = read_manifest(art)
     before, after = m["metrics"]["eval_ppl_before"], m["metrics"]["eval_ppl"]

@@ -48,9 +48,21 @@ def cli_env():
 
 
 def finetune_cmd(output_dir: str) -> list[str]:
-    return [sys.executable, "-m", "raydist", "finetune", "-c", "jobs/tiny_lora.yaml", f"run.output_dir={output_dir}",
-            "run.name=s3-lora", "train.max_steps=8", "train.checkpoint_every=2", "train.eval_every=8",
-            "scaling.num_workers=2", "resources.num_gpus=0"]
+    return [
+        sys.executable,
+        "-m",
+        "raydist",
+        "finetune",
+        "-c",
+        "jobs/tiny_lora.yaml",
+        f"run.output_dir={output_dir}",
+        "run.name=s3-lora",
+        "train.max_steps=8",
+        "train.checkpoint_every=2",
+        "train.eval_every=8",
+        "scaling.num_workers=2",
+        "resources.num_gpus=0",
+    ]
 
 
 def checkpoints(run_uri: str) -> list[str]:
@@ -68,8 +80,15 @@ def trained(s3):
     """The fine-tune, killed after its first checkpoint reached the bucket, then resumed by the same command."""
     repo = REPO
     run_uri = storage.join(s3, "s3-lora")
-    first = subprocess.Popen(finetune_cmd(s3), cwd=repo, env=cli_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        finetune_cmd(s3),
+        cwd=repo,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not checkpoints(run_uri) and first.poll() is None and time.time() < deadline:
         time.sleep(0.5)
@@ -91,8 +110,15 @@ def test_killed_finetune_resumes_from_the_bucket(trained, tmp_path):
     resumed = [h for h in history if h.get("event") == "resumed"]
     assert resumed and resumed[0]["step"] >= 2
     assert max(h["step"] for h in history if "loss" in h) == 8
-    for name in ("config.yaml", "data/train.parquet", "data/fingerprint.txt", "loss_curve.png",
-                 "artifact/raydist.json", "artifact/config.json", "artifact/adapter/adapter_config.json"):
+    for name in (
+        "config.yaml",
+        "data/train.parquet",
+        "data/fingerprint.txt",
+        "loss_curve.png",
+        "artifact/raydist.json",
+        "artifact/config.json",
+        "artifact/adapter/adapter_config.json",
+    ):
         assert storage.is_file(storage.join(run, name)), name
     assert not os.path.exists(os.path.join(REPO, "runs", "s3-lora")), "nothing may go to a local run directory"
     # the artifact in the bucket loads with plain transformers
@@ -102,8 +128,9 @@ def test_killed_finetune_resumes_from_the_bucket(trained, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(local)
     assert sum(p.numel() for p in model.parameters()) > 0
     # a third run of the same command is refused: the run in the bucket is complete
-    again = subprocess.run(finetune_cmd(storage.parent_of(run)), env=cli_env(), capture_output=True, text=True,
-                           timeout=300, cwd=REPO)
+    again = subprocess.run(
+        finetune_cmd(storage.parent_of(run)), env=cli_env(), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert again.returncode == 2 and "already complete" in again.stderr
 
 
@@ -115,8 +142,12 @@ def test_artifact_served_straight_from_the_bucket(trained):
     from raydist.stages.common import free_port
 
     port = free_port()
-    cfg = ServeConfig(artifact=storage.join(trained["run"], "artifact"), app_name="s3served",
-                      http={"port": port}, resources={"num_cpus": 0.25, "num_gpus": 0})
+    cfg = ServeConfig(
+        artifact=storage.join(trained["run"], "artifact"),
+        app_name="s3served",
+        http={"port": port},
+        resources={"num_cpus": 0.25, "num_gpus": 0},
+    )
     url = run_serve(cfg, blocking=False, verbose=False)
     try:
         models = httpx.get(f"{url}/models", timeout=60).json()

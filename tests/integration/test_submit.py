@@ -26,13 +26,26 @@ FAST = ["train.max_steps=3", "train.checkpoint_every=3", "data.max_eval_sequence
 
 
 def raydist(args, env, timeout=240):
-    return subprocess.run([PY, "-m", "raydist", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PY, "-m", "raydist", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def submit_cmd(out_dir, *extra):
-    return [PY, "-m", "raydist", "submit", "finetune", "-c", "jobs/tiny_lora.yaml", f"run.output_dir={out_dir}",
-            *FAST, *extra, "--python", PY]
+    return [
+        PY,
+        "-m",
+        "raydist",
+        "submit",
+        "finetune",
+        "-c",
+        "jobs/tiny_lora.yaml",
+        f"run.output_dir={out_dir}",
+        *FAST,
+        *extra,
+        "--python",
+        PY,
+    ]
 
 
 def job_id_of(stdout: str) -> str:
@@ -67,14 +80,30 @@ def finishing_jobs(ray_cluster, tmp_path_factory):
     env = ray_cluster.subprocess_env()
     ok = subprocess.Popen(
         submit_cmd(root / "out", f"data.train={{path: {train}}}", "scaling.num_workers=1", "--follow"),
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # Fails on the cluster only: the fault drill kills the worker at step 1 and run.max_failures=0 allows no
     # restart. Locally the spec is valid (the drill's variables exist only in the job's env).
     failing = subprocess.Popen(
-        submit_cmd(root / "out", "run.name=tiny-fault", "run.max_failures=0", "scaling.num_workers=1",
-                   "job.env.RAYDIST_FAULT_AT_STEP='1'", f"job.env.RAYDIST_FAULT_MARKER={root / 'fault.marker'}",
-                   "--follow"),
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        submit_cmd(
+            root / "out",
+            "run.name=tiny-fault",
+            "run.max_failures=0",
+            "scaling.num_workers=1",
+            "job.env.RAYDIST_FAULT_AT_STEP='1'",
+            f"job.env.RAYDIST_FAULT_MARKER={root / 'fault.marker'}",
+            "--follow",
+        ),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     jobs = {"ok": ok, "failing": failing, "root": root, "train": train}
     yield jobs
     for p in (ok, failing):
@@ -113,8 +142,14 @@ def test_invalid_spec_is_refused_before_submitting(ray_cluster):
 def test_stop_a_running_job(ray_cluster, finishing_jobs, tmp_path):
     env = ray_cluster.subprocess_env()
     long = ["run.name=tiny-long", "scaling.num_workers=1", "train.max_steps=100000"]
-    proc = subprocess.run(submit_cmd(tmp_path, *long, "train.checkpoint_every=null"), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        submit_cmd(tmp_path, *long, "train.checkpoint_every=null"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = job_id_of(proc.stdout)
     assert re.fullmatch(r"raydist-finetune-tiny-long-[0-9a-f]{8}", job_id)
@@ -183,8 +218,18 @@ def test_unreachable_address_fails_within_seconds(ray_cluster):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.monotonic()
-    proc = raydist(["submit", "finetune", "-c", "jobs/tiny_lora.yaml", "--address", f"http://127.0.0.1:{port}",
-                    "run.output_dir=/tmp/never"], ray_cluster.subprocess_env())
+    proc = raydist(
+        [
+            "submit",
+            "finetune",
+            "-c",
+            "jobs/tiny_lora.yaml",
+            "--address",
+            f"http://127.0.0.1:{port}",
+            "run.output_dir=/tmp/never",
+        ],
+        ray_cluster.subprocess_env(),
+    )
     assert proc.returncode == 2
     assert f"cannot reach the Ray job server at http://127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr

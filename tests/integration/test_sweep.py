@@ -42,9 +42,12 @@ def test_compress_sweep_with_a_failing_trial(tmp_path, monkeypatch):
     assert front
     for f in front:
         for t in completed:
-            assert not (t["ppl"] <= f["ppl"] and t["disk_bytes"] <= f["disk_bytes"]
-                        and t["tokens_per_s"] >= f["tokens_per_s"]
-                        and (t["ppl"], t["disk_bytes"], t["tokens_per_s"]) != (f["ppl"], f["disk_bytes"], f["tokens_per_s"]))
+            assert not (
+                t["ppl"] <= f["ppl"]
+                and t["disk_bytes"] <= f["disk_bytes"]
+                and t["tokens_per_s"] >= f["tokens_per_s"]
+                and (t["ppl"], t["disk_bytes"], t["tokens_per_s"]) != (f["ppl"], f["disk_bytes"], f["tokens_per_s"])
+            )
     # the winner: smallest within the policy, exported with lineage, reloads to the measured perplexity
     w = report["winner"]
     ok = [t for t in completed if t["ppl"] <= report["base"]["ppl"] * 1.25]
@@ -75,9 +78,20 @@ def test_compress_sweep_with_a_failing_trial(tmp_path, monkeypatch):
 
 
 def test_no_candidate_meets_the_policy(tmp_path, capsys):
-    rc = main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=s2",
-               "search_space.method=[magnitude]", "search_space.sparsity=[0.9]", "search_space.quantization=[none]",
-               "search.asha=false", "policy.max_quality_loss_pct=0.0"])
+    rc = main(
+        [
+            "sweep",
+            "-c",
+            str(JOBS / "sweep_tiny.yaml"),
+            f"run.output_dir={tmp_path}",
+            "run.name=s2",
+            "search_space.method=[magnitude]",
+            "search_space.sparsity=[0.9]",
+            "search_space.quantization=[none]",
+            "search.asha=false",
+            "policy.max_quality_loss_pct=0.0",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == EXIT_NO_WINNER and "no candidate met the policy" in err
     report = json.loads((tmp_path / "s2" / "sweep_report.json").read_text())
@@ -86,23 +100,57 @@ def test_no_candidate_meets_the_policy(tmp_path, capsys):
 
 
 def test_bad_sweep_config_fails_before_ray_work(tmp_path, capsys):
-    rc = main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=s3",
-               "search_space.sparsity=[1.2]"])
+    rc = main(
+        [
+            "sweep",
+            "-c",
+            str(JOBS / "sweep_tiny.yaml"),
+            f"run.output_dir={tmp_path}",
+            "run.name=s3",
+            "search_space.sparsity=[1.2]",
+        ]
+    )
     assert rc == 2 and "search_space.sparsity" in capsys.readouterr().err
-    rc = main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=s4",
-               "search_space.structured=[0.9]"])
+    rc = main(
+        [
+            "sweep",
+            "-c",
+            str(JOBS / "sweep_tiny.yaml"),
+            f"run.output_dir={tmp_path}",
+            "run.name=s4",
+            "search_space.structured=[0.9]",
+        ]
+    )
     assert rc == 2 and "structured 0.9" in capsys.readouterr().err
     assert not (tmp_path / "s3").exists() and not (tmp_path / "s4").exists()
-    rc = main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=s5",
-               "eval.task.builtin=pydoc_topics"])
+    rc = main(
+        [
+            "sweep",
+            "-c",
+            str(JOBS / "sweep_tiny.yaml"),
+            f"run.output_dir={tmp_path}",
+            "run.name=s5",
+            "eval.task.builtin=pydoc_topics",
+        ]
+    )
     assert rc == 2 and "the task metric needs instruction" in capsys.readouterr().err
 
 
 def test_finetune_hyperparameter_sweep(tmp_path, capsys):
     # 2 trials of 1 + 2 CPUs asked at once on the session's 4 CPUs would deadlock (each holds its trial CPU and
     # waits for its workers): the sweep runs them one at a time and says so
-    assert main(["sweep", "-c", str(JOBS / "sweep_finetune_tiny.yaml"), f"run.output_dir={tmp_path}",
-                 "search.max_concurrent=2"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "-c",
+                str(JOBS / "sweep_finetune_tiny.yaml"),
+                f"run.output_dir={tmp_path}",
+                "search.max_concurrent=2",
+            ]
+        )
+        == 0
+    )
     assert "4 CPUs hold 1 trial(s) of 3 CPUs at once: running 1 at a time" in capsys.readouterr().out
     run = tmp_path / "sweep-finetune-tiny"
     report = json.loads((run / "sweep_report.json").read_text())
@@ -128,9 +176,19 @@ def test_interrupted_sweep_resumes(tmp_path):
     import sys
     import time
 
-    cmd = [sys.executable, "-m", "raydist.cli", "sweep", "-c", str(JOBS / "sweep_tiny.yaml"),
-           f"run.output_dir={tmp_path}", "run.name=r", "search.max_concurrent=1", "search.asha=false",
-           "eval.latency_repeats=30"]  # a few seconds per trial, so the kill lands mid-sweep
+    cmd = [
+        sys.executable,
+        "-m",
+        "raydist.cli",
+        "sweep",
+        "-c",
+        str(JOBS / "sweep_tiny.yaml"),
+        f"run.output_dir={tmp_path}",
+        "run.name=r",
+        "search.max_concurrent=1",
+        "search.asha=false",
+        "eval.latency_repeats=30",
+    ]  # a few seconds per trial, so the kill lands mid-sweep
     log = tmp_path / "first.log"
     import tempfile
 
@@ -138,6 +196,7 @@ def test_interrupted_sweep_resumes(tmp_path):
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="r-", dir="/tmp"), "RAY_ADDRESS": ""}
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
     def saved_done() -> int:  # trials Tune's saved experiment state (every 2 s) holds as finished
         states = sorted((tmp_path / "r" / "tune" / "sweep").glob("experiment_state*.json"))
         try:
@@ -160,14 +219,30 @@ def test_interrupted_sweep_resumes(tmp_path):
     assert report["counts"]["completed"] == 6
     # trials finished before the kill are not re-run: their files are the ones the first driver wrote
     # (a trial killed mid-way may be redone)
-    unchanged = [tid for tid, mtime in done_first.items()
-                 if (tmp_path / "r" / "trials" / tid / "compression.json").stat().st_mtime == mtime]
+    unchanged = [
+        tid
+        for tid, mtime in done_first.items()
+        if (tmp_path / "r" / "trials" / tid / "compression.json").stat().st_mtime == mtime
+    ]
     assert len(unchanged) >= 2, (done_first, unchanged)
 
 
 def test_optuna_multi_objective_search(tmp_path):
-    assert main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=o",
-                 "search.algorithm=optuna", "search.num_samples=3", "search.asha=false"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "-c",
+                str(JOBS / "sweep_tiny.yaml"),
+                f"run.output_dir={tmp_path}",
+                "run.name=o",
+                "search.algorithm=optuna",
+                "search.num_samples=3",
+                "search.asha=false",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "o" / "sweep_report.json").read_text())
     assert len(report["trials"]) == 3 and report["counts"]["completed"] == 3
     space = {"none", "magnitude", "wanda"}
@@ -179,14 +254,32 @@ def test_int4_gptq_with_and_without_qat_and_a_task_metric(tmp_path):
     # int4 by GPTQ, once as is and once trained against its grid (QAT), through the CLI on a local Ray;
     # every candidate also gets the task metric on a small instruction set
     tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text("".join(json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"{2 * i}."}) + "\n"
-                             for i in range(6)))
-    assert main(["sweep", "-c", str(JOBS / "sweep_tiny.yaml"), f"run.output_dir={tmp_path}", "run.name=q",
-                 f"eval.task.path={tasks}", "eval.task_max_examples=4",
-                 "search_space.method=[none]", "search_space.quantization=[int4_weight_only]",
-                 "search_space.group_size=[32]", "search_space.int4_algorithm=[gptq]",
-                 "search_space.recovery=[none,qat]", "recovery.steps=4", "recovery.seq_len=64",
-                 "search.asha=false", "policy.max_quality_loss_pct=1000"]) == 0
+    tasks.write_text(
+        "".join(json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"{2 * i}."}) + "\n" for i in range(6))
+    )
+    assert (
+        main(
+            [
+                "sweep",
+                "-c",
+                str(JOBS / "sweep_tiny.yaml"),
+                f"run.output_dir={tmp_path}",
+                "run.name=q",
+                f"eval.task.path={tasks}",
+                "eval.task_max_examples=4",
+                "search_space.method=[none]",
+                "search_space.quantization=[int4_weight_only]",
+                "search_space.group_size=[32]",
+                "search_space.int4_algorithm=[gptq]",
+                "search_space.recovery=[none,qat]",
+                "recovery.steps=4",
+                "recovery.seq_len=64",
+                "search.asha=false",
+                "policy.max_quality_loss_pct=1000",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "q" / "sweep_report.json").read_text())
     trials = {t["candidate"]["recovery"]: t for t in report["trials"]}
     assert set(trials) == {"none", "qat"} and all(t["status"] == "completed" for t in trials.values())
@@ -202,6 +295,8 @@ def test_int4_gptq_with_and_without_qat_and_a_task_metric(tmp_path):
         assert t["disk_bytes"] < 0.5 * report["base"]["disk_bytes"]
         assert t["task_answer_ppl"] > 1 and 0 <= t["task_token_accuracy"] <= 1
     assert report["base"]["task_examples"] == 4 and report["base"]["task_answer_ppl"] > 1
-    assert read_manifest(tmp_path / "q" / "artifact")["metrics"]["task_answer_ppl"] == report["winner"]["task_answer_ppl"]
+    assert (
+        read_manifest(tmp_path / "q" / "artifact")["metrics"]["task_answer_ppl"] == report["winner"]["task_answer_ppl"]
+    )
     model = load_compressed(tmp_path / "q" / "artifact")
     assert {q.scheme for q in quantized_layers(model).values()} == {"int4_weight_only"}

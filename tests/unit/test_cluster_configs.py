@@ -41,6 +41,7 @@ UNDECLARED = "not declared in the CRD (Kubernetes would drop it)"
 
 # ---------------------------------------------------------------------------------------------- loading
 
+
 def load_docs(path: Path) -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     assert docs and all(isinstance(d, dict) for d in docs), f"{path}: expected YAML mappings"
@@ -65,6 +66,7 @@ def test_every_cluster_file_is_validated_here():
 
 # ------------------------------------------------------------------------------ Ray cluster launcher YAML
 
+
 @pytest.fixture(scope="module")
 def launcher_validator():
     import ray.autoscaler
@@ -83,8 +85,10 @@ def dotted(path) -> str:
 
 def schema_errors(validator, document: dict[str, Any]) -> list[str]:
     """Schema violations as 'path: message' lines (empty when valid)."""
-    return [f"{dotted(e.absolute_path)}: {e.message}"
-            for e in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{dotted(e.absolute_path)}: {e.message}"
+        for e in sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 def launcher_errors(validator, cfg: dict[str, Any]) -> list[str]:
@@ -162,6 +166,7 @@ def test_launcher_validation_rejects_broken_configs(launcher_validator):
 
 # ----------------------------------------------------------------------------------- KubeRay manifests
 
+
 def openapi_to_jsonschema(node: Any) -> Any:
     """A CRD's OpenAPI v3 schema as JSON Schema (draft 4): `nullable` becomes a null alternative, and
     `x-kubernetes-int-or-string` accepts integers and strings even where the CRD gives no `anyOf`."""
@@ -203,8 +208,10 @@ def undeclared_fields(value: Any, schema: dict[str, Any], path: str = "") -> lis
 @pytest.fixture(scope="module")
 def crd_schemas() -> dict[str, dict[str, Any]]:
     """{kind: raw openAPIV3Schema} from the vendored copies."""
-    return {kind: json.loads(gzip.decompress((VENDORED / f"{kind.lower()}.v1.schema.json.gz").read_bytes()))
-            for kind in ("RayCluster", "RayJob", "RayService")}
+    return {
+        kind: json.loads(gzip.decompress((VENDORED / f"{kind.lower()}.v1.schema.json.gz").read_bytes()))
+        for kind in ("RayCluster", "RayJob", "RayService")
+    }
 
 
 def crd_errors(manifest: dict[str, Any], schema: dict[str, Any]) -> list[str]:
@@ -235,13 +242,18 @@ def test_kuberay_manifest_matches_crd(crd_schemas, kind):
 
 def cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:
     spec = manifest["spec"]
-    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
-            "RayService": lambda: spec["rayClusterConfig"]}[manifest["kind"]]()
+    return {
+        "RayCluster": lambda: spec,
+        "RayJob": lambda: spec["rayClusterSpec"],
+        "RayService": lambda: spec["rayClusterConfig"],
+    }[manifest["kind"]]()
 
 
 def gpu_limit(group: dict[str, Any]) -> int:
-    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
-               for c in group["template"]["spec"]["containers"])
+    return sum(
+        int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+        for c in group["template"]["spec"]["containers"]
+    )
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob", "RayService"])
@@ -274,15 +286,19 @@ def test_crd_validation_rejects_broken_manifests(crd_schemas):
 
     wrong_type = copy.deepcopy(good)
     wrong_type["spec"]["workerGroupSpecs"][0]["maxReplicas"] = "8"
-    assert any(e.startswith("spec.workerGroupSpecs[0].maxReplicas: '8' is not of type 'integer'")
-               for e in crd_errors(wrong_type, schema))
+    assert any(
+        e.startswith("spec.workerGroupSpecs[0].maxReplicas: '8' is not of type 'integer'")
+        for e in crd_errors(wrong_type, schema)
+    )
 
     missing = copy.deepcopy(good)
     del missing["spec"]["workerGroupSpecs"][0]["groupName"]
     assert any("'groupName' is a required property" in e for e in crd_errors(missing, schema))
 
     # Quantities are int-or-string: 1 and "1" are both fine, a list is not.
-    limits = lambda m: m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    def limits(m):
+        return m["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
     for ok in (1, "1", "500m"):
         m = copy.deepcopy(good)
         limits(m)["nvidia.com/gpu"] = ok
@@ -297,15 +313,19 @@ def test_crd_validation_rejects_broken_manifests(crd_schemas):
 
 
 def test_openapi_transform_handles_int_or_string_and_nullable():
-    schema = openapi_to_jsonschema({"type": "object", "properties": {
-        "q": {"x-kubernetes-int-or-string": True},
-        "n": {"type": "string", "nullable": True}}})
+    schema = openapi_to_jsonschema(
+        {
+            "type": "object",
+            "properties": {"q": {"x-kubernetes-int-or-string": True}, "n": {"type": "string", "nullable": True}},
+        }
+    )
     v = jsonschema.Draft4Validator(schema)
     assert v.is_valid({"q": 2, "n": None}) and v.is_valid({"q": "2Gi", "n": "x"})
     assert not v.is_valid({"q": 2.5}) and not v.is_valid({"n": 3})
 
 
 # ------------------------------------------------------------------------- raydist specs embedded in them
+
 
 def validate_raydist(data: dict[str, Any], source: str):
     """The spec as raydist's config model for its ``stage`` (raises ConfigError naming the bad field)."""
@@ -331,8 +351,12 @@ def test_rayjob_entrypoint_runs_the_configmap_pipeline_spec():
     # The entrypoint runs on the head pod: the ConfigMap must be mounted there, at the path it reads.
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     volumes = {v["name"]: v for v in head["volumes"]}
-    mounts = [m for c in head["containers"] for m in c.get("volumeMounts", [])
-              if volumes.get(m["name"], {}).get("configMap", {}).get("name") == cm["metadata"]["name"]]
+    mounts = [
+        m
+        for c in head["containers"]
+        for m in c.get("volumeMounts", [])
+        if volumes.get(m["name"], {}).get("configMap", {}).get("name") == cm["metadata"]["name"]
+    ]
     assert [Path(m["mountPath"]) for m in mounts] == [path.parent]
     assert path.name in cm["data"]
     assert cm["apiVersion"] == "v1"
@@ -431,8 +455,9 @@ def test_rayservice_serve_config_is_valid_for_ray_serve_and_raydist():
     # The deployment the overrides target is the one raydist builds, and they say what the app says.
     (dep,) = app["deployments"]
     assert dep["name"] == deployment_options(cfg, num_gpus=0)["name"]
-    assert dep["autoscaling_config"] == {k: v for k, v in cfg.autoscaling.model_dump().items()
-                                         if k in dep["autoscaling_config"]}
+    assert dep["autoscaling_config"] == {
+        k: v for k, v in cfg.autoscaling.model_dump().items() if k in dep["autoscaling_config"]
+    }
 
 
 def test_raydist_spec_validation_rejects_typos():
@@ -460,6 +485,7 @@ def test_raydist_spec_validation_rejects_typos():
     dep = serve["applications"][0]["deployments"][0]
     dep["autoscaling_config"]["max_replica"] = dep["autoscaling_config"].pop("max_replicas")
     assert serve_config_errors(serve) == [
-        "applications[0].deployments[0].autoscaling_config.max_replica: not a Ray Serve config field"]
+        "applications[0].deployments[0].autoscaling_config.max_replica: not a Ray Serve config field"
+    ]
     dep["autoscaling_config"] = {"min_replicas": 4, "max_replicas": 2}  # Serve's own check
     assert any("max_replicas" in e for e in serve_config_errors(serve))

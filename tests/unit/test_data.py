@@ -88,8 +88,11 @@ def test_chunk_drops_untrainable_tail():
 
 
 def test_pack_keeps_examples_whole_and_labels_aligned():
-    exs = [{"input_ids": [1] * 3, "labels": [-100, 1, 1]}, {"input_ids": [2] * 4, "labels": [2] * 4},
-           {"input_ids": [3] * 2, "labels": [-100, 3]}]
+    exs = [
+        {"input_ids": [1] * 3, "labels": [-100, 1, 1]},
+        {"input_ids": [2] * 4, "labels": [2] * 4},
+        {"input_ids": [3] * 2, "labels": [-100, 3]},
+    ]
     blocks = pack(exs, 6)
     assert [b["input_ids"] for b in blocks] == [[1, 1, 1], [2, 2, 2, 2, 3, 3]]
     assert blocks[1]["labels"] == [2, 2, 2, 2, -100, 3]
@@ -117,7 +120,10 @@ def test_builtin_corpus_splits_into_train_and_eval(tiny_tokenizer):
 
 def test_chat_file_with_packing(tiny_tokenizer, tmp_path):
     p = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(20)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(20)
+    ]
     p.write_text("\n".join(json.dumps(r) for r in rows))
     cfg = DataConfig(train=DataSourceConfig(path=str(p)), seq_len=64, packing=True, eval_fraction=0.0)
     train, evals = build_datasets(cfg, tiny_tokenizer, seed=0)

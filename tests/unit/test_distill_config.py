@@ -6,8 +6,11 @@ from raydist.config.loading import config_from_dict
 
 
 def cfg(**over):
-    data = {"teacher": {"path": "tiny-random"}, "data": {"train": {"builtin": "pydoc_topics"}, "seq_len": 64},
-            "run": {"name": "d"}}
+    data = {
+        "teacher": {"path": "tiny-random"},
+        "data": {"train": {"builtin": "pydoc_topics"}, "seq_len": 64},
+        "run": {"name": "d"},
+    }
     data.update(over)
     return config_from_dict(DistillConfig, data)
 
@@ -17,26 +20,32 @@ def test_defaults_prune_from_teacher_online():
     assert c.student.source == "pruned" and c.kd.teacher_mode == "online" and c.kd.loss == "forward_kl"
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"student": {"source": "pretrained"}}, "needs `path`"),
-    ({"student": {"source": "config"}}, "needs `tiny`"),
-    ({"student": {"source": "pruned", "path": "x"}}, "only used with source 'pretrained'"),
-    ({"kd": {"teacher_mode": "cache", "hidden": {"weight": 1.0}}}, "needs the online teacher"),
-    ({"kd": {"beta": 1.5}}, "kd.beta"),
-    ({"kd": {"temperature": 0}}, "kd.temperature"),
-    ({"kd": {"lss": "jsd"}}, "kd.lss: unknown field"),
-    ({"train": {"max_steps": 3}, "optim": {"warmup_steps": 3}}, "must be below train.max_steps"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"student": {"source": "pretrained"}}, "needs `path`"),
+        ({"student": {"source": "config"}}, "needs `tiny`"),
+        ({"student": {"source": "pruned", "path": "x"}}, "only used with source 'pretrained'"),
+        ({"kd": {"teacher_mode": "cache", "hidden": {"weight": 1.0}}}, "needs the online teacher"),
+        ({"kd": {"beta": 1.5}}, "kd.beta"),
+        ({"kd": {"temperature": 0}}, "kd.temperature"),
+        ({"kd": {"lss": "jsd"}}, "kd.lss: unknown field"),
+        ({"train": {"max_steps": 3}, "optim": {"warmup_steps": 3}}, "must be below train.max_steps"),
+    ],
+)
 def test_bad_distill_configs(patch, message):
     with pytest.raises(ConfigError, match=message):
         cfg(**patch)
 
 
-@pytest.mark.parametrize("prune, message", [
-    ({"drop_layers": 2}, "removes 2 of the teacher's 2 layers"),
-    ({"drop_layers": [5]}, r"\[5\] are not layers of the teacher"),
-    ({"kv_groups_keep": 3}, "exceeds the teacher's 2 KV heads"),
-])
+@pytest.mark.parametrize(
+    "prune, message",
+    [
+        ({"drop_layers": 2}, "removes 2 of the teacher's 2 layers"),
+        ({"drop_layers": [5]}, r"\[5\] are not layers of the teacher"),
+        ({"kv_groups_keep": 3}, "exceeds the teacher's 2 KV heads"),
+    ],
+)
 def test_impossible_pruning_is_refused_before_start(prune, message):
     with pytest.raises(PreflightError, match=message):
         preflight_distill(cfg(student={"source": "pruned", "prune": prune}))

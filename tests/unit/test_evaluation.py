@@ -76,8 +76,7 @@ def test_growing_budgets_score_each_window_once_and_match_separate_calls():
     model = tiny_model()
     windows = torch.randint(4, 512, (4, 10), generator=torch.Generator().manual_seed(4))
     calls = []
-    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]),
-                                             with_kwargs=True)
+    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
     inc = IncrementalPerplexity(model, windows)
     got = [inc(b) for b in (14, 20, 30, None)]
     handle.remove()
@@ -91,8 +90,9 @@ def test_generation_speed_counts_tokens_and_is_positive(scheme, engine, tiny_tok
     model = tiny_model()
     if scheme:
         quantize_model(model, scheme)
-    r = generation_speed(model, batch_size=3, prompt_len=5, new_tokens=7, repeats=2, warmup=1,
-                         tokenizer=tiny_tokenizer, engine=engine)
+    r = generation_speed(
+        model, batch_size=3, prompt_len=5, new_tokens=7, repeats=2, warmup=1, tokenizer=tiny_tokenizer, engine=engine
+    )
     assert r["generated_tokens"] == 21 and r["batch_size"] == 3 and len(r["seconds_all"]) == 2
     assert r["tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(21 / r["seconds"])
     assert r["device"] == "cpu" and r["engine"] == engine
@@ -128,8 +128,9 @@ def test_task_metrics_score_only_answer_tokens_whatever_the_batching(tiny_tokeni
 
     model = load_model(ModelConfig(path="tiny-random", tiny=TINY), seed=0).eval()
     records = [{"instruction": f"Add {i} and {i + 1}.", "output": f"The sum is {2 * i + 1}."} for i in range(5)]
-    records.append({"instruction": "Name a colour, with a much longer explanation of why that colour " * 3,
-                    "output": "Blue."})
+    records.append(
+        {"instruction": "Name a colour, with a much longer explanation of why that colour " * 3, "output": "Blue."}
+    )
     examples = tokenize_source(records, "instruction", DataSourceConfig(path="x.jsonl"), tiny_tokenizer, 256, False)
     one = task_metrics(model, examples, batch_size=1)
     six = task_metrics(model, examples, batch_size=6)  # padded batch: padding and prompts are not scored
@@ -146,7 +147,6 @@ def test_task_metrics_score_only_answer_tokens_whatever_the_batching(tiny_tokeni
     nll = -logp[keep].gather(1, targets[keep][:, None]).sum()
     first = task_metrics(model, examples[:1])
     assert first["task_answer_ppl"] == pytest.approx(math.exp(float(nll) / int(keep.sum())), rel=1e-4)
-    assert first["task_token_accuracy"] == pytest.approx(
-        float((logp[keep].argmax(-1) == targets[keep]).float().mean()))
+    assert first["task_token_accuracy"] == pytest.approx(float((logp[keep].argmax(-1) == targets[keep]).float().mean()))
     with pytest.raises(ValueError, match="at least one example"):
         task_metrics(model, [])

@@ -16,7 +16,8 @@ from raydist.serve.fast_llama import FastLlama, _Concat, _Dense, _Int8Dynamic
 def _model():
     model = load_model(ModelConfig(path="tiny-random"), seed=0).eval()
     model.lm_head.weight = torch.nn.Parameter(  # untied random head: varied continuations
-        torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+    )
     return model
 
 
@@ -27,8 +28,14 @@ def dense():
 
 def _requests(tok, **params):
     texts = ["def f(x):", "a much longer prompt about the standard library and its modules", "x"]
-    return [GenerationRequest(tok.encode(t), SamplingParams(**{"max_tokens": 10, "temperature": 0, "logprobs": 3,
-                                                                 **params}), prompt_logprobs=2) for t in texts]
+    return [
+        GenerationRequest(
+            tok.encode(t),
+            SamplingParams(**{"max_tokens": 10, "temperature": 0, "logprobs": 3, **params}),
+            prompt_logprobs=2,
+        )
+        for t in texts
+    ]
 
 
 def _max_logprob_diff(a, b):
@@ -74,7 +81,8 @@ def test_a_row_merged_into_a_running_fast_batch_decodes_as_if_alone(dense, tiny_
     # the cache grew past its first capacity (prompt + 64) without losing anything
     long = engine.generate([GenerationRequest([5, 6, 7], SamplingParams(80, 0.0, logprobs=0))])[0]
     ref = BatchGenerator(dense, tiny_tokenizer, fast=False).generate(
-        [GenerationRequest([5, 6, 7], SamplingParams(80, 0.0, logprobs=0))])[0]
+        [GenerationRequest([5, 6, 7], SamplingParams(80, 0.0, logprobs=0))]
+    )[0]
     assert long.token_ids == ref.token_ids
     assert max(abs(p.logprob - q.logprob) for p, q in zip(long.logprobs, ref.logprobs)) < 1e-4
 
@@ -97,8 +105,13 @@ def test_int8_dynamic_layers_are_fused_with_smoothing_folded_and_match_the_quant
     att.k_proj.smooth = att.k_proj.smooth * 1.5
     unfused = BatchGenerator(model, tiny_tokenizer)
     assert isinstance(unfused.fast.layers[0].qkv, _Concat) and unfused.fast._script is None  # the Python loop
-    assert _max_logprob_diff(unfused.generate(_requests(tiny_tokenizer)),
-                             BatchGenerator(model, tiny_tokenizer, fast=False).generate(_requests(tiny_tokenizer))) < 2e-2
+    assert (
+        _max_logprob_diff(
+            unfused.generate(_requests(tiny_tokenizer)),
+            BatchGenerator(model, tiny_tokenizer, fast=False).generate(_requests(tiny_tokenizer)),
+        )
+        < 2e-2
+    )
 
 
 def test_fast_path_steps_aside_for_what_it_does_not_reproduce(dense, tiny_tokenizer):

@@ -33,34 +33,35 @@ def test_column_quantizer_is_torchaos_minmax_rounding():
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     packed, scale, zero = quantize_int4_groupwise(w, 32, "minmax")
     for g in range(2):
-        s, z = (t[:, 0] for t in int4_minmax_qparams(w[:, g * 32:(g + 1) * 32], 32))
+        s, z = (t[:, 0] for t in int4_minmax_qparams(w[:, g * 32 : (g + 1) * 32], 32))
         assert torch.equal(s, scale[:, g]) and torch.equal(z, zero[:, g])
         codes = torch.stack([int4_round(w[:, c], s, z) for c in range(g * 32, (g + 1) * 32)], dim=1)
-        assert torch.equal(codes.to(torch.uint8), unpack_int4(packed)[:, g * 32:(g + 1) * 32])
+        assert torch.equal(codes.to(torch.uint8), unpack_int4(packed)[:, g * 32 : (g + 1) * 32])
 
 
 @pytest.mark.parametrize("actorder", [False, True])
 def test_with_an_identity_hessian_gptq_is_round_to_nearest(actorder):
     # H = I: no column's error moves to another (H^-1 is diagonal), so every weight is just rounded.
     w = torch.randn(24, 128, generator=torch.Generator().manual_seed(1))
-    codes, scale, zero, deq = _gptq_weight(w.clone(), torch.eye(128), 32, blocksize=48, percdamp=0.0,
-                                           actorder=actorder, name="w")
+    codes, scale, zero, deq = _gptq_weight(
+        w.clone(), torch.eye(128), 32, blocksize=48, percdamp=0.0, actorder=actorder, name="w"
+    )
     packed, s_ref, z_ref = quantize_int4_groupwise(w, 32, "minmax")
     assert torch.equal(codes, unpack_int4(packed)) and torch.equal(scale, s_ref) and torch.equal(zero, z_ref)
-    assert torch.allclose(deq, (codes.float().view(24, 4, 32) - 8).mul(scale[..., None]).add(zero[..., None])
-                          .view(24, 128))
+    assert torch.allclose(
+        deq, (codes.float().view(24, 4, 32) - 8).mul(scale[..., None]).add(zero[..., None]).view(24, 128)
+    )
 
 
 @pytest.mark.parametrize("actorder", [False, True])
 def test_gptq_preserves_the_layer_output_better_than_rounding(actorder):
     gen = torch.Generator().manual_seed(2)
-    mix = torch.randn(96, 96, generator=gen) / 96 ** 0.5
+    mix = torch.randn(96, 96, generator=gen) / 96**0.5
     x = torch.randn(2048, 96, generator=gen) @ (torch.eye(96) + 2 * mix)  # correlated inputs
     x[:, :4] *= 10  # a few outlier channels, as in real activations
     w = torch.randn(40, 96, generator=gen)
     H = 2 * x.T @ x / x.shape[0]
-    codes, scale, zero, deq = _gptq_weight(w.clone(), H, 32, blocksize=32, percdamp=0.01, actorder=actorder,
-                                           name="w")
+    codes, scale, zero, deq = _gptq_weight(w.clone(), H, 32, blocksize=32, percdamp=0.01, actorder=actorder, name="w")
     packed, s_rtn, z_rtn = quantize_int4_groupwise(w, 32, "minmax")
     rtn = (unpack_int4(packed).float().view(40, 3, 32) - 8).mul(s_rtn[..., None]).add(z_rtn[..., None]).view(40, 96)
     err_gptq = (x @ (deq - w).T).norm()

@@ -145,11 +145,14 @@ def test_jsd_symmetry_and_bound():
     s, t, labels = _logits(2, 6, 7, seed=13), _logits(2, 6, 7, seed=14), _labels()
     # M and the weights are symmetric at β = 0.5; in general swapping sides maps β to 1 - β.
     assert float(kd_loss(s, t, labels, kind="jsd", beta=0.5)[0]) == pytest.approx(
-        float(kd_loss(t, s, labels, kind="jsd", beta=0.5)[0]), rel=1e-6)
+        float(kd_loss(t, s, labels, kind="jsd", beta=0.5)[0]), rel=1e-6
+    )
     assert float(kd_loss(s, t, labels, kind="jsd", beta=0.3)[0]) == pytest.approx(
-        float(kd_loss(t, s, labels, kind="jsd", beta=0.7)[0]), rel=1e-6)
+        float(kd_loss(t, s, labels, kind="jsd", beta=0.7)[0]), rel=1e-6
+    )
     assert float(kd_loss(s, t, labels, kind="jsd", beta=0.3)[0]) != pytest.approx(
-        float(kd_loss(t, s, labels, kind="jsd", beta=0.3)[0]), rel=1e-3)
+        float(kd_loss(t, s, labels, kind="jsd", beta=0.3)[0]), rel=1e-3
+    )
     # 0 ≤ JSD_β ≤ T²·H(β) per token, reached for (almost) disjoint supports.
     temp, beta = 2.0, 0.3
     h = -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta))
@@ -178,7 +181,11 @@ def test_gradient_reaches_the_student_only():
 
 
 def test_bf16_inputs_computed_in_float32():
-    s, t, labels = _logits(2, 6, 7, seed=17, dtype=torch.bfloat16), _logits(2, 6, 7, seed=18, dtype=torch.bfloat16), _labels()
+    s, t, labels = (
+        _logits(2, 6, 7, seed=17, dtype=torch.bfloat16),
+        _logits(2, 6, 7, seed=18, dtype=torch.bfloat16),
+        _labels(),
+    )
     for kind in ("forward_kl", "reverse_kl", "jsd"):
         loss, _ = kd_loss(s, t, labels, kind=kind)
         ref, _ = kd_loss(s.float(), t.float(), labels, kind=kind)
@@ -227,7 +234,10 @@ def test_teacher_topk_cache_entry():
     # Same alignment as the logits: entry [:, t] comes from teacher_logits[:, t].
     assert torch.allclose(logp, full.topk(3, dim=-1).values) and torch.equal(idx, full.topk(3, dim=-1).indices)
     assert (logp[..., :-1] >= logp[..., 1:]).all()
-    assert torch.allclose(logp.exp().sum(-1) + rest, torch.ones(2, 6, dtype=torch.float64), atol=1e-12) and (rest > 0).all()
+    assert (
+        torch.allclose(logp.exp().sum(-1) + rest, torch.ones(2, 6, dtype=torch.float64), atol=1e-12)
+        and (rest > 0).all()
+    )
     assert (teacher_topk(t, 7)[2] == 0).all()  # nothing is left outside at k == V
     assert teacher_topk(_logits(2, 6, 9, seed=22), 7, vocab_size=7)[1].max() < 7
 
@@ -342,8 +352,9 @@ def test_hidden_loss_with_projection_matches_naive_and_masks_padding(kind):
             for t in range(5):
                 if mask[b, t]:
                     a, c = w @ s_h[si][b, t], t_h[ti][b, t]
-                    terms.append(float(((a - c) ** 2).mean()) if kind == "mse"
-                                 else 1 - float(a @ c / (a.norm() * c.norm())))
+                    terms.append(
+                        float(((a - c) ** 2).mean()) if kind == "mse" else 1 - float(a @ c / (a.norm() * c.norm()))
+                    )
     assert _val(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
     # Padding is ignored: garbage there changes nothing.
     s2 = [h.clone() for h in s_h]

@@ -10,8 +10,11 @@ from raydist.config.loading import config_from_dict, dump_config
 
 
 def cfg(**over):
-    data = {"model": {"path": "tiny-random"}, "data": {"train": {"builtin": "pydoc_topics"}, "seq_len": 128},
-            "run": {"name": "x"}}
+    data = {
+        "model": {"path": "tiny-random"},
+        "data": {"train": {"builtin": "pydoc_topics"}, "seq_len": 128},
+        "run": {"name": "x"},
+    }
     for k, v in over.items():
         data[k] = {**data.get(k, {}), **v}
     return config_from_dict(FinetuneConfig, data)
@@ -60,8 +63,19 @@ def test_finetune_cli_refuses_bad_config_before_starting_ray(tmp_path, capsys):
     good.write_text(dump_config(cfg()))
     # ray.init is forbidden in unit tests (conftest): reaching it would fail this test loudly.
     out_dir = tmp_path / "runs"
-    assert main(["finetune", "-c", str(good), f"run.output_dir={out_dir}", "lora.enabled=true",
-                 "lora.target_modules=[nope]"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "-c",
+                str(good),
+                f"run.output_dir={out_dir}",
+                "lora.enabled=true",
+                "lora.target_modules=[nope]",
+            ]
+        )
+        == 2
+    )
     assert "match no module" in capsys.readouterr().err
     assert not out_dir.exists()
 

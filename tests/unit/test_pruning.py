@@ -38,10 +38,21 @@ def smollm2_shaped_model(bias=False):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=72, intermediate_size=192, num_hidden_layers=3,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      attention_bias=bias, mlp_bias=bias)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=72,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attention_bias=bias,
+        mlp_bias=bias,
+    )
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
@@ -87,8 +98,10 @@ def test_importance_shapes_and_padding_is_ignored():
 
     # Right padding: real tokens see the same causal context, so scores over real tokens are unchanged.
     pad = torch.zeros(2, 5, dtype=torch.long)
-    padded = [{"input_ids": torch.cat([x, pad], 1), "attention_mask": torch.cat([torch.ones_like(x), pad], 1)}
-              for x in batches]
+    padded = [
+        {"input_ids": torch.cat([x, pad], 1), "attention_mask": torch.cat([torch.ones_like(x), pad], 1)}
+        for x in batches
+    ]
     imp_padded = collect_importance(model, padded)
     assert imp_padded.num_tokens == imp.num_tokens
     for k in ("layers", "mlp", "heads", "hidden"):
@@ -277,16 +290,23 @@ def test_prune_model_everything_on_awkward_shapes(tmp_path):
     estimate = estimate_parameters(model, plan)
     summary = prune_model(model, imp, **request)
 
-    assert summary["after"] == {"num_hidden_layers": 2, "hidden_size": 48, "intermediate_size": 136,
-                                "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 8}
+    assert summary["after"] == {
+        "num_hidden_layers": 2,
+        "hidden_size": 48,
+        "intermediate_size": 136,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+    }
     assert summary["params_after"] == estimate == count_parameters(model)
     assert summary["param_fraction"] < 0.8
     assert len(summary["removed_kv_groups"]) == 2 and all(len(g) == 1 for g in summary["removed_kv_groups"])
     assert summary["dropped_layers"] == [int(imp.layers.argmin())]
     assert torch.isfinite(logits(model)).all()
     again = assert_reloads_identically(model, tmp_path)
-    out = again.generate(IDS[:1, :4], max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0,
-                         eos_token_id=None)
+    out = again.generate(
+        IDS[:1, :4], max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None
+    )
     assert out.shape == (1, 8)
 
 
@@ -310,15 +330,18 @@ def test_kept_count_rounding():
     assert kept_count(990, 1.0, 64) == 990  # ratio 1 never shrinks, even when n is no multiple
 
 
-@pytest.mark.parametrize("request_, match", [
-    (dict(kv_groups_keep=0), "between 1 and 2"),
-    (dict(kv_groups_keep=3), "between 1 and 2"),
-    (dict(drop_layers=4), "between 0 and 3"),
-    (dict(drop_layers=[0, 1, 2, 3]), "cannot drop all"),
-    (dict(mlp_keep_ratio=0.0), r"\(0, 1\]"),
-    (dict(hidden_keep_ratio=1.5), r"\(0, 1\]"),
-    (dict(mlp_keep_ratio=0.5, multiple_of=0), "multiple_of"),
-])
+@pytest.mark.parametrize(
+    "request_, match",
+    [
+        (dict(kv_groups_keep=0), "between 1 and 2"),
+        (dict(kv_groups_keep=3), "between 1 and 2"),
+        (dict(drop_layers=4), "between 0 and 3"),
+        (dict(drop_layers=[0, 1, 2, 3]), "cannot drop all"),
+        (dict(mlp_keep_ratio=0.0), r"\(0, 1\]"),
+        (dict(hidden_keep_ratio=1.5), r"\(0, 1\]"),
+        (dict(mlp_keep_ratio=0.5, multiple_of=0), "multiple_of"),
+    ],
+)
 def test_impossible_requests_raise_before_touching_the_model(request_, match):
     model = tiny_model()
     imp = collect_importance(model, calib(n=1))
@@ -353,7 +376,7 @@ def test_smollm2_mlp_pruning_by_activation_keeps_perplexity_sane(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
     ids = torch.tensor(tok.encode(pydoc_topics_text()[:40_000], add_special_tokens=False))
     assert ids.numel() > 4096
-    calib_batches = [ids[i * 256:(i + 1) * 256].reshape(2, 128) for i in range(2)]  # 512 tokens
+    calib_batches = [ids[i * 256 : (i + 1) * 256].reshape(2, 128) for i in range(2)]  # 512 tokens
     heldout = ids[-512:].reshape(2, 256)  # thousands of tokens away from the calibration slice
 
     @torch.no_grad()

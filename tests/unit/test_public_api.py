@@ -6,10 +6,28 @@ import raydist
 
 def test_public_api_is_pinned():
     assert sorted(raydist.__all__) == [
-        "ConfigError", "DistillConfig", "FinetuneConfig", "GenerateConfig", "ModelSourceError", "PipelineConfig",
-        "ServeConfig", "SweepConfig", "__version__", "convert_gguf", "load_compressed", "load_config", "load_model",
-        "load_stage_config", "load_tokenizer", "read_manifest", "run_distill", "run_finetune", "run_generate",
-        "run_pipeline", "run_serve", "run_sweep",
+        "ConfigError",
+        "DistillConfig",
+        "FinetuneConfig",
+        "GenerateConfig",
+        "ModelSourceError",
+        "PipelineConfig",
+        "ServeConfig",
+        "SweepConfig",
+        "__version__",
+        "convert_gguf",
+        "load_compressed",
+        "load_config",
+        "load_model",
+        "load_stage_config",
+        "load_tokenizer",
+        "read_manifest",
+        "run_distill",
+        "run_finetune",
+        "run_generate",
+        "run_pipeline",
+        "run_serve",
+        "run_sweep",
     ]
     for name in raydist.__all__:
         assert getattr(raydist, name) is not None

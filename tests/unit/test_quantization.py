@@ -37,9 +37,19 @@ def odd_model():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=72, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=128,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=72,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
@@ -52,11 +62,14 @@ def relative_error(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
-@pytest.mark.parametrize("scheme,kernel,tol", [
-    ("int8_weight_only", "dequantized", 0.02),
-    ("int8_dynamic", "torch.ao.dynamic_int8", 0.05),
-    ("int4_weight_only", "dequantized", 0.25),
-])
+@pytest.mark.parametrize(
+    "scheme,kernel,tol",
+    [
+        ("int8_weight_only", "dequantized", 0.02),
+        ("int8_dynamic", "torch.ao.dynamic_int8", 0.05),
+        ("int4_weight_only", "dequantized", 0.25),
+    ],
+)
 def test_each_scheme_runs_on_cpu_close_to_dense(scheme, kernel, tol):
     dense = tiny_model()
     model = copy.deepcopy(dense)
@@ -207,8 +220,11 @@ def test_bad_requests_raise_value_errors_naming_the_value_and_change_nothing():
 def _block_weight_bytes(path):
     (weights,) = path.glob("*.safetensors")
     with safe_open(str(weights), "pt") as f:
-        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys()
-                   if ".layers." in k and k.rsplit(".", 2)[-2] in BLOCK_LINEARS)
+        return sum(
+            f.get_tensor(k).numel() * f.get_tensor(k).element_size()
+            for k in f.keys()
+            if ".layers." in k and k.rsplit(".", 2)[-2] in BLOCK_LINEARS
+        )
 
 
 def test_save_load_reproduces_logits_exactly_and_bytes_shrink(tmp_path, tiny_tokenizer):
@@ -227,7 +243,8 @@ def test_save_load_reproduces_logits_exactly_and_bytes_shrink(tmp_path, tiny_tok
         sizes[scheme] = _block_weight_bytes(tmp_path / scheme)
         on_disk = json.loads((tmp_path / scheme / "raydist.json").read_text())
         assert on_disk["weight_bytes"] < manifest["weight_bytes"] + 1 and on_disk["num_parameters"] == sum(
-            p.numel() for p in dense.parameters())
+            p.numel() for p in dense.parameters()
+        )
     # int8: 1 byte per weight + one fp32 scale per row (K = 64 or 128 here) ~ 1/4 of fp32
     for scheme in ("int8_weight_only", "int8_dynamic"):
         assert 0.25 <= sizes[scheme] / dense_bytes < 0.28

@@ -13,17 +13,32 @@ CPU_NODES = [{"id": "head", "resources": {"CPU": 2}}, {"id": "w1", "resources": 
 GPU_NODES = [{"id": "head", "resources": {"CPU": 2}}, {"id": "w1", "resources": {"CPU": 3, "GPU": 4}}]
 
 
-@pytest.mark.parametrize("cls,data,old,new", [
-    (FinetuneConfig, {**FT, "scaling": {"use_gpu": True}}, "scaling.use_gpu", "resources.num_gpus"),
-    (FinetuneConfig, {**FT, "scaling": {"cpus_per_worker": 2}}, "scaling.cpus_per_worker", "resources.num_cpus"),
-    (SweepConfig, {"model": {"path": "tiny-random"}, "run": {"name": "s"}, "search": {"gpus_per_trial": 0.5}},
-     "search.gpus_per_trial", "resources.num_gpus"),
-    (SweepConfig, {"model": {"path": "tiny-random"}, "run": {"name": "s"}, "device": "cpu"}, "device",
-     "resources.device"),
-    (ServeConfig, {"artifact": "a", "resources": {"use_gpu": True}}, "resources.use_gpu", "resources.num_gpus"),
-    (GenerateConfig, {"model": {"path": "tiny-random"}, "prompts": {"path": "p.jsonl"}, "output": "o.jsonl",
-                      "use_gpu": False}, "use_gpu", "resources.num_gpus"),
-])
+@pytest.mark.parametrize(
+    "cls,data,old,new",
+    [
+        (FinetuneConfig, {**FT, "scaling": {"use_gpu": True}}, "scaling.use_gpu", "resources.num_gpus"),
+        (FinetuneConfig, {**FT, "scaling": {"cpus_per_worker": 2}}, "scaling.cpus_per_worker", "resources.num_cpus"),
+        (
+            SweepConfig,
+            {"model": {"path": "tiny-random"}, "run": {"name": "s"}, "search": {"gpus_per_trial": 0.5}},
+            "search.gpus_per_trial",
+            "resources.num_gpus",
+        ),
+        (
+            SweepConfig,
+            {"model": {"path": "tiny-random"}, "run": {"name": "s"}, "device": "cpu"},
+            "device",
+            "resources.device",
+        ),
+        (ServeConfig, {"artifact": "a", "resources": {"use_gpu": True}}, "resources.use_gpu", "resources.num_gpus"),
+        (
+            GenerateConfig,
+            {"model": {"path": "tiny-random"}, "prompts": {"path": "p.jsonl"}, "output": "o.jsonl", "use_gpu": False},
+            "use_gpu",
+            "resources.num_gpus",
+        ),
+    ],
+)
 def test_renamed_keys_name_the_new_spelling(cls, data, old, new):
     with pytest.raises(ConfigError) as e:
         config_from_dict(cls, data)
@@ -34,8 +49,10 @@ def test_every_stage_spells_resources_the_same_way():
     spec = {"num_cpus": 0.5, "num_gpus": 0.25, "device": "cpu"}
     sweep = config_from_dict(SweepConfig, {"model": {"path": "tiny-random"}, "run": {"name": "s"}, "resources": spec})
     serve = config_from_dict(ServeConfig, {"artifact": "a", "resources": {**spec, "torch_threads": 2}})
-    gen = config_from_dict(GenerateConfig, {"model": {"path": "tiny-random"}, "prompts": {"path": "p.jsonl"},
-                                            "output": "o.jsonl", "resources": spec})
+    gen = config_from_dict(
+        GenerateConfig,
+        {"model": {"path": "tiny-random"}, "prompts": {"path": "p.jsonl"}, "output": "o.jsonl", "resources": spec},
+    )
     for cfg in (sweep, serve, gen):
         assert (cfg.resources.num_cpus, cfg.resources.num_gpus, cfg.resources.device) == (0.5, 0.25, "cpu")
 

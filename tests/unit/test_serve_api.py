@@ -37,12 +37,21 @@ def engine(tiny_tokenizer):
 
 
 def _app(engine, backend=None, api_key=KEY, ready=lambda: True, **limits):
-    limits = LimitSettings(**{"max_prompt_tokens": 64, "max_tokens": 32, "default_chat_max_tokens": 8,
-                              "max_body_bytes": 4096, **limits})
+    limits = LimitSettings(
+        **{"max_prompt_tokens": 64, "max_tokens": 32, "default_chat_max_tokens": 8, "max_body_bytes": 4096, **limits}
+    )
     info = ModelInfo("tiny", engine.max_positions, engine.model.config.vocab_size, 1700000000)
     rec = _Recorder()
-    svc = OpenAIService(engine.tokenizer, backend or DirectBackend(engine), info, limits, api_key=api_key,
-                        observer=rec, ready=ready, stats=lambda: {"pid": 1})
+    svc = OpenAIService(
+        engine.tokenizer,
+        backend or DirectBackend(engine),
+        info,
+        limits,
+        api_key=api_key,
+        observer=rec,
+        ready=ready,
+        stats=lambda: {"pid": 1},
+    )
     return TestClient(build_fastapi_app(svc)), rec
 
 
@@ -60,17 +69,29 @@ def test_openai_client_completions_chat_streaming_and_models(client, engine):
     direct = engine.generate([engine_request(engine, "def main():", 6)])[0]
     assert done.choices[0].text == direct.text and done.choices[0].finish_reason == "length"
     assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (
-        direct.prompt_tokens, 6, direct.prompt_tokens + 6)
+        direct.prompt_tokens,
+        6,
+        direct.prompt_tokens + 6,
+    )
     streamed = list(c.completions.create(model="tiny", prompt="def main():", max_tokens=6, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in streamed) == direct.text
     assert streamed[-1].choices[0].finish_reason == "length"
 
-    chat = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
-                                                              {"role": "user", "content": "Hi"}], temperature=0)
+    chat = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        temperature=0,
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 8  # default_chat_max_tokens
-    chunks = list(c.chat.completions.create(
-        model="tiny", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-        temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
@@ -151,17 +172,33 @@ BAD_REQUESTS = [
     ("chat/completions", '{"messages": []}', 400, "messages"),
     ("chat/completions", '{"messages": [{"role": "tool", "content": "x"}]}', 400, "messages"),
     ("chat/completions", '{"messages": [{"role": "user"}]}', 400, "messages"),
-    ("chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
-     400, "messages"),
-    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
-     400, "tools"),
-    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, '
-     '"max_completion_tokens": 5}', 400, None),
+    (
+        "chat/completions",
+        '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+        400,
+        "messages",
+    ),
+    (
+        "chat/completions",
+        '{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+        400,
+        "tools",
+    ),
+    (
+        "chat/completions",
+        '{"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "max_completion_tokens": 5}',
+        400,
+        None,
+    ),
     ("chat/completions", '{"messages": "hello"}', 400, "messages"),
     ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "echo": true}', 400, "echo"),
     ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', 400, "top_logprobs"),
-    ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 30}',
-     400, "top_logprobs"),
+    (
+        "chat/completions",
+        '{"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 30}',
+        400,
+        "top_logprobs",
+    ),
     ("chat/completions", '{"messages": [{"role": "user", "content": "x"}], "n": 9}', 400, "n"),
 ]
 
@@ -240,14 +277,16 @@ def test_echo_logprobs_are_the_models_own_also_batched_with_left_padding(engine)
 
     tok = engine.tokenizer
     short, long = tok.encode("def main():"), tok.encode("import os\nimport sys\n\nclass Config:\n    pass")
-    reqs = [GenerationRequest(p, SamplingParams(max_tokens=3, temperature=0, logprobs=2), prompt_logprobs=3)
-            for p in (short, long)]
+    reqs = [
+        GenerationRequest(p, SamplingParams(max_tokens=3, temperature=0, logprobs=2), prompt_logprobs=3)
+        for p in (short, long)
+    ]
     for req, done in zip(reqs, engine.generate(reqs)):  # one left-padded batch: `short` is padded
         want, lp = _direct_logprobs(engine, req.prompt_ids + done.token_ids)
         n = len(req.prompt_ids)
         assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == n
-        assert [e.logprob for e in done.prompt_logprobs[1:]] == pytest.approx(want[:n - 1], abs=1e-4)
-        assert [e.logprob for e in done.logprobs] == pytest.approx(want[n - 1:], abs=1e-4)
+        assert [e.logprob for e in done.prompt_logprobs[1:]] == pytest.approx(want[: n - 1], abs=1e-4)
+        assert [e.logprob for e in done.logprobs] == pytest.approx(want[n - 1 :], abs=1e-4)
         top = done.prompt_logprobs[1].top
         assert len(top) == 3 and [t for t, _ in top] == lp[0].topk(3).indices.tolist()
         assert done.logprobs[0].token_id == done.token_ids[0] == top_of(lp[n - 1])  # greedy: the argmax
@@ -263,9 +302,19 @@ def test_lm_eval_loglikelihood_request_shape(client, engine):
     tok = engine.tokenizer
     context, continuation = tok.encode("The capital of France is"), tok.encode(" Paris")
     ids = context + continuation
-    r = http.post("/v1/completions", headers=AUTH, json={
-        "model": "tiny", "prompt": [ids, context], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
-        "echo": True})
+    r = http.post(
+        "/v1/completions",
+        headers=AUTH,
+        json={
+            "model": "tiny",
+            "prompt": [ids, context],
+            "temperature": 0,
+            "max_tokens": 1,
+            "logprobs": 1,
+            "seed": 1234,
+            "echo": True,
+        },
+    )
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]
     assert [c["index"] for c in choices] == [0, 1]
@@ -273,7 +322,7 @@ def test_lm_eval_loglikelihood_request_shape(client, engine):
     assert len(lp["tokens"]) == len(ids) + 1 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     want, _ = _direct_logprobs(engine, ids)
     ctxlen = len(context)
-    assert lp["token_logprobs"][ctxlen:-1] == pytest.approx(want[ctxlen - 1:], abs=1e-4)  # lm-eval's slice
+    assert lp["token_logprobs"][ctxlen:-1] == pytest.approx(want[ctxlen - 1 :], abs=1e-4)  # lm-eval's slice
     for value, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]):
         assert value in top.values() or max(top.values()) >= value  # the token itself or a likelier one
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
@@ -300,25 +349,40 @@ def test_logprobs_without_echo_and_streamed(client, engine):
 
 def test_n_best_of_and_prompt_arrays(client):
     http, _ = client
-    r = http.post("/v1/completions", headers=AUTH, json={
-        "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 4, "temperature": 1.0, "seed": 7})
+    r = http.post(
+        "/v1/completions",
+        headers=AUTH,
+        json={"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 4, "temperature": 1.0, "seed": 7},
+    )
     body = r.json()
     assert [c["index"] for c in body["choices"]] == list(range(6))
     assert body["choices"][0]["text"] != body["choices"][1]["text"]  # seeds 7 and 8
-    again = http.post("/v1/completions", headers=AUTH, json={
-        "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 4, "temperature": 1.0, "seed": 7}).json()
+    again = http.post(
+        "/v1/completions",
+        headers=AUTH,
+        json={"prompt": ["a", "b", "c"], "n": 2, "max_tokens": 4, "temperature": 1.0, "seed": 7},
+    ).json()
     assert [c["text"] for c in again["choices"]] == [c["text"] for c in body["choices"]]
     assert body["usage"]["completion_tokens"] == 24
-    best = http.post("/v1/completions", headers=AUTH, json={
-        "prompt": "x", "n": 1, "best_of": 4, "max_tokens": 4, "temperature": 1.0, "seed": 3, "logprobs": 0}).json()
+    best = http.post(
+        "/v1/completions",
+        headers=AUTH,
+        json={"prompt": "x", "n": 1, "best_of": 4, "max_tokens": 4, "temperature": 1.0, "seed": 3, "logprobs": 0},
+    ).json()
     assert len(best["choices"]) == 1 and best["usage"]["completion_tokens"] == 16
-    every = [http.post("/v1/completions", headers=AUTH, json={
-        "prompt": "x", "max_tokens": 4, "temperature": 1.0, "seed": 3 + j, "logprobs": 0}).json()["choices"][0]
-        for j in range(4)]
+    every = [
+        http.post(
+            "/v1/completions",
+            headers=AUTH,
+            json={"prompt": "x", "max_tokens": 4, "temperature": 1.0, "seed": 3 + j, "logprobs": 0},
+        ).json()["choices"][0]
+        for j in range(4)
+    ]
     score = [sum(c["logprobs"]["token_logprobs"]) for c in every]
     assert best["choices"][0]["text"] == every[score.index(max(score))]["text"]
-    streamed = http.post("/v1/completions", headers=AUTH, json={
-        "prompt": "x", "n": 2, "max_tokens": 3, "temperature": 0, "stream": True})
+    streamed = http.post(
+        "/v1/completions", headers=AUTH, json={"prompt": "x", "n": 2, "max_tokens": 3, "temperature": 0, "stream": True}
+    )
     events = [json.loads(e[6:]) for e in streamed.text.split("\n\n") if e.startswith("data: {")]
     assert {e["choices"][0]["index"] for e in events if e["choices"][0]["finish_reason"]} == {0, 1}
 
@@ -331,17 +395,27 @@ def test_penalties_and_logit_bias_change_the_greedy_choice(client, engine):
     assert set(biased["logprobs"]["tokens"]) == {engine.tokenizer.decode([7])}
     # logprobs stay the model's own: a +100 bias does not make the token certain
     assert max(biased["logprobs"]["token_logprobs"]) < -0.01
-    penalized = http.post("/v1/completions", headers=AUTH, json={**base, "frequency_penalty": 2.0,
-                                                                    "presence_penalty": 2.0}).json()["choices"][0]
+    penalized = http.post(
+        "/v1/completions", headers=AUTH, json={**base, "frequency_penalty": 2.0, "presence_penalty": 2.0}
+    ).json()["choices"][0]
     repeats = [len(c["logprobs"]["tokens"]) - len(set(c["logprobs"]["tokens"])) for c in (plain, penalized)]
     assert repeats[1] < repeats[0]
 
 
 def test_chat_logprobs_n_and_refusal_field(client):
     http, _ = client
-    r = http.post("/v1/chat/completions", headers=AUTH, json={
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0, "logprobs": True,
-        "top_logprobs": 2, "n": 2})
+    r = http.post(
+        "/v1/chat/completions",
+        headers=AUTH,
+        json={
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 4,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "n": 2,
+        },
+    )
     body = r.json()
     assert [c["index"] for c in body["choices"]] == [0, 1]
     c = body["choices"][0]
@@ -350,8 +424,9 @@ def test_chat_logprobs_n_and_refusal_field(client):
     assert len(content) == 4 and all(len(e["top_logprobs"]) == 2 for e in content)
     assert all(e["logprob"] == e["top_logprobs"][0]["logprob"] for e in content)  # greedy
     assert all(isinstance(e["bytes"], list) for e in content)
-    plain = http.post("/v1/chat/completions", headers=AUTH, json={
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}).json()["choices"][0]
+    plain = http.post(
+        "/v1/chat/completions", headers=AUTH, json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    ).json()["choices"][0]
     assert plain["logprobs"] is None
 
 
@@ -380,8 +455,16 @@ def test_beyond_the_admitted_requests_the_reply_is_openais_error_json(engine):
 
     async def flood():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=http.app), base_url="http://t") as c:
-            return await asyncio.gather(*[c.post("/v1/completions", headers=AUTH, json={
-                "prompt": f"p{i}", "max_tokens": 16, "stream": i % 2 == 1}) for i in range(6)])
+            return await asyncio.gather(
+                *[
+                    c.post(
+                        "/v1/completions",
+                        headers=AUTH,
+                        json={"prompt": f"p{i}", "max_tokens": 16, "stream": i % 2 == 1},
+                    )
+                    for i in range(6)
+                ]
+            )
 
     responses = asyncio.run(flood())
     assert [r.status_code for r in responses].count(200) == 2

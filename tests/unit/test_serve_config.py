@@ -33,8 +33,9 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"default_max_tokens \(64\) exceeds max_tokens \(32\)"):
         config_from_dict(ServeConfig, {"artifact": "x", "limits": {"max_tokens": 32, "default_max_tokens": 64}})
     with pytest.raises(ConfigError, match="a batch could never fill"):
-        config_from_dict(ServeConfig, {"artifact": "x", "batching": {"max_batch_size": 32},
-                                       "limits": {"max_ongoing_requests": 8}})
+        config_from_dict(
+            ServeConfig, {"artifact": "x", "batching": {"max_batch_size": 32}, "limits": {"max_ongoing_requests": 8}}
+        )
     with pytest.raises(ConfigError, match="queue_full_status"):
         config_from_dict(ServeConfig, {"artifact": "x", "limits": {"queue_full_status": 500}})
 
@@ -46,8 +47,14 @@ def test_example_jobs_load_as_serve_configs():
 
 
 def test_serve_run_arguments_and_deployment_options(tiny_dir, monkeypatch):
-    cfg = config_from_args({"artifact": str(tiny_dir), "limits.max_tokens": "64", "batching": {"max_batch_size": 4},
-                            "autoscaling.max_replicas": "3"})
+    cfg = config_from_args(
+        {
+            "artifact": str(tiny_dir),
+            "limits.max_tokens": "64",
+            "batching": {"max_batch_size": 4},
+            "autoscaling.max_replicas": "3",
+        }
+    )
     assert cfg.limits.max_tokens == 64 and cfg.batching.max_batch_size == 4 and cfg.autoscaling.max_replicas == 3
     opts = deployment_options(cfg, num_gpus=0.0)
     assert "num_replicas" not in opts and opts["autoscaling_config"].max_replicas == 3
@@ -62,8 +69,10 @@ def test_serve_run_arguments_and_deployment_options(tiny_dir, monkeypatch):
     assert actor["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
     # ... unless the spec's job.env says otherwise
     spinning = ServeConfig(artifact="x", job={"env": {"OMP_WAIT_POLICY": "ACTIVE"}})
-    assert deployment_options(spinning, num_gpus=0.0)["ray_actor_options"]["runtime_env"]["env_vars"][
-        "OMP_WAIT_POLICY"] == "ACTIVE"
+    assert (
+        deployment_options(spinning, num_gpus=0.0)["ray_actor_options"]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"]
+        == "ACTIVE"
+    )
     assert deployment_options(ServeConfig(artifact="x", num_replicas=2), num_gpus=1.0)["num_replicas"] == 2
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         config_from_args({"artifact": str(tiny_dir), "limits.max_tokens": "-1"})
@@ -107,8 +116,9 @@ def test_lora_adapter_is_merged_at_load(tiny_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = load_model(ModelConfig(path=str(tiny_dir)))
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False))  # non-zero B: the adapter changes outputs
+    lora = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )  # non-zero B: the adapter changes outputs
     lora.peft_config["default"].base_model_name_or_path = str(tiny_dir)
     lora.save_pretrained(tmp_path / "adapter")
     probe = torch.tensor([[5, 6, 7, 8]])

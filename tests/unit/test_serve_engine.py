@@ -14,7 +14,8 @@ def engine(tiny_tokenizer):
     # Tied random embeddings make greedy decoding repeat the last prompt token; an untied random head
     # gives varied continuations, so the comparisons below mean something.
     model.lm_head.weight = torch.nn.Parameter(
-        torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0))
+    )
     return BatchGenerator(model, tiny_tokenizer)
 
 
@@ -27,9 +28,14 @@ def test_batched_greedy_rows_match_hf_generate_one_by_one(engine):
     batch = engine.generate([_req(engine, t, temperature=0) for t in texts])
     for t, got in zip(texts, batch):
         ids = engine.tokenizer.encode(t)
-        ref = engine.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                    max_new_tokens=8, do_sample=False, pad_token_id=engine.pad_id)
-        ref_ids = [i for i in ref[0, len(ids):].tolist()]
+        ref = engine.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=engine.pad_id,
+        )
+        ref_ids = [i for i in ref[0, len(ids) :].tolist()]
         assert got.text == engine.tokenizer.decode(ref_ids, skip_special_tokens=True)
         assert got.finish_reason == "length" and got.completion_tokens == 8 and got.prompt_tokens == len(ids)
     assert len({c.text for c in batch}) == 3
@@ -37,11 +43,13 @@ def test_batched_greedy_rows_match_hf_generate_one_by_one(engine):
 
 def test_seeded_sampling_does_not_depend_on_batch_neighbours(engine):
     alone = engine.generate([_req(engine, "seeded", temperature=0.9, top_p=0.95, seed=11, max_tokens=10)])[0].text
-    mixed = engine.generate([
-        _req(engine, "another, longer request sharing the batch", temperature=1.3, seed=5, max_tokens=3),
-        _req(engine, "seeded", temperature=0.9, top_p=0.95, seed=11, max_tokens=10),
-        _req(engine, "greedy", temperature=0),
-    ])
+    mixed = engine.generate(
+        [
+            _req(engine, "another, longer request sharing the batch", temperature=1.3, seed=5, max_tokens=3),
+            _req(engine, "seeded", temperature=0.9, top_p=0.95, seed=11, max_tokens=10),
+            _req(engine, "greedy", temperature=0),
+        ]
+    )
     assert mixed[1].text == alone
     other_seed = engine.generate([_req(engine, "seeded", temperature=0.9, top_p=0.95, seed=12, max_tokens=10)])[0]
     assert other_seed.text != alone
@@ -56,9 +64,13 @@ def test_rows_finish_independently_with_their_own_limits_and_stops(engine):
     full = engine.generate([_req(engine, "stop here", temperature=0, max_tokens=12)])[0].text
     stop = full[4:7]
     assert stop and full.find(stop) == 4
-    state, first = engine.prefill([_req(engine, "stop here", temperature=0, max_tokens=12, stop=(stop,)),
-                                   _req(engine, "short", temperature=0, max_tokens=2),
-                                   _req(engine, "long one", temperature=0, max_tokens=12)])
+    state, first = engine.prefill(
+        [
+            _req(engine, "stop here", temperature=0, max_tokens=12, stop=(stop,)),
+            _req(engine, "short", temperature=0, max_tokens=2),
+            _req(engine, "long one", temperature=0, max_tokens=12),
+        ]
+    )
     texts, finals, steps = ["", "", ""], [None] * 3, 0
     outs = first
     while True:
@@ -126,15 +138,17 @@ def test_text_tracker_never_shows_part_of_a_stop_string_or_a_split_character():
 
 
 def test_a_request_merged_into_a_running_batch_decodes_as_if_alone(engine):
-    alone = engine.generate([_req(engine, "joins later, with a longer prompt than the first", temperature=0,
-                                  max_tokens=10)])[0].text
+    alone = engine.generate(
+        [_req(engine, "joins later, with a longer prompt than the first", temperature=0, max_tokens=10)]
+    )[0].text
     first = engine.generate([_req(engine, "first", temperature=0, max_tokens=12)])[0].text
     state, outs = engine.prefill([_req(engine, "first", temperature=0, max_tokens=12)])
     texts = [outs[0].text, ""]
     for _ in range(3):
         texts[0] += engine.step(state)[0].text
-    new, new_outs = engine.prefill([_req(engine, "joins later, with a longer prompt than the first", temperature=0,
-                                         max_tokens=10)])
+    new, new_outs = engine.prefill(
+        [_req(engine, "joins later, with a longer prompt than the first", temperature=0, max_tokens=10)]
+    )
     engine.merge(state, new)
     texts[1] += new_outs[0].text
     assert len(state.rows) == 2 and state.attention_mask.shape[0] == 2

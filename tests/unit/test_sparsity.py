@@ -211,20 +211,26 @@ def test_invalid_arguments_raise_before_touching_the_model(method, kwargs, match
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda m: magnitude_prune(m, 0.5, scope="per_row"), "scope must be one of"),
-    (lambda m: magnitude_prune(m, None, pattern="2:4", scope="global"), "cannot apply"),
-    (lambda m: wanda_prune(m, CALIB, 0.5, scope="global"), "per_layer' only"),
-    (lambda m: sparsegpt_prune(m, CALIB, None, pattern="2:4", blocksize=6), "multiple of M=4"),
-    (lambda m: sparsegpt_prune(m, CALIB, 0.5, blocksize=0), "blocksize"),
-    (lambda m: sparsegpt_prune(m, CALIB, 0.5, percdamp=-1.0), "percdamp"),
-    (lambda m: wanda_prune(m, CALIB.float(), 0.5), "integer tensor"),
-    (lambda m: wanda_prune(m, CALIB + 1000, 0.5), r"token ids must be in \[0, 512\)"),
-    (lambda m: wanda_prune(m, [{"input_ids": CALIB, "attention_mask": torch.ones(8, 5)}], 0.5), "does not match"),
-    (lambda m: wanda_prune(m, [{"input_ids": CALIB, "attention_mask": torch.zeros_like(CALIB)}], 0.5), "no .*tokens"),
-    (lambda m: wanda_prune(m, [{"ids": CALIB}], 0.5), "no 'input_ids'"),
-    (lambda m: sparsegpt_prune(m, 42, 0.5), "calibration must be"),
-])
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda m: magnitude_prune(m, 0.5, scope="per_row"), "scope must be one of"),
+        (lambda m: magnitude_prune(m, None, pattern="2:4", scope="global"), "cannot apply"),
+        (lambda m: wanda_prune(m, CALIB, 0.5, scope="global"), "per_layer' only"),
+        (lambda m: sparsegpt_prune(m, CALIB, None, pattern="2:4", blocksize=6), "multiple of M=4"),
+        (lambda m: sparsegpt_prune(m, CALIB, 0.5, blocksize=0), "blocksize"),
+        (lambda m: sparsegpt_prune(m, CALIB, 0.5, percdamp=-1.0), "percdamp"),
+        (lambda m: wanda_prune(m, CALIB.float(), 0.5), "integer tensor"),
+        (lambda m: wanda_prune(m, CALIB + 1000, 0.5), r"token ids must be in \[0, 512\)"),
+        (lambda m: wanda_prune(m, [{"input_ids": CALIB, "attention_mask": torch.ones(8, 5)}], 0.5), "does not match"),
+        (
+            lambda m: wanda_prune(m, [{"input_ids": CALIB, "attention_mask": torch.zeros_like(CALIB)}], 0.5),
+            "no .*tokens",
+        ),
+        (lambda m: wanda_prune(m, [{"ids": CALIB}], 0.5), "no 'input_ids'"),
+        (lambda m: sparsegpt_prune(m, 42, 0.5), "calibration must be"),
+    ],
+)
 def test_invalid_options_and_calibration_raise(call, match):
     model = tiny_model()
     before = state(model)
@@ -285,9 +291,11 @@ def _manual_sequential_wanda(model, calibration, sparsity):
         sumsq, hooks = {}, []
         for name, lin in prunable_linears(model).items():
             if name.startswith(f"model.layers.{i}."):
+
                 def hook(m, a, name=name):
                     x = a[0].reshape(-1, a[0].shape[-1]).float()
                     sumsq[name] = sumsq.get(name, 0) + (x * x).sum(0)
+
                 hooks.append(lin.register_forward_pre_hook(hook))
         model(input_ids=calibration)
         for h in hooks:

@@ -39,9 +39,12 @@ def plan_for(tmp_path, data, stage="finetune"):
 
 
 def finetune_spec(**sections):
-    data = {"stage": "finetune", "model": {"path": "tiny-random"},
-            "data": {"train": {"path": "data/train.jsonl"}, "seq_len": 32},
-            "run": {"name": "t", "output_dir": "/shared/runs"}}
+    data = {
+        "stage": "finetune",
+        "model": {"path": "tiny-random"},
+        "data": {"train": {"path": "data/train.jsonl"}, "seq_len": 32},
+        "run": {"name": "t", "output_dir": "/shared/runs"},
+    }
     data.update(sections)
     return data
 
@@ -109,8 +112,10 @@ def test_small_local_model_dir_is_shipped(tmp_path):
     (model / "config.json").write_text("{}")
     write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "hello"}])
     plan = plan_for(tmp_path, finetune_spec(model={"path": "models/small"}))
-    assert [(r.dotted, dest) for r, _, dest in plan.shipped] == [("model.path", "models/small"),
-                                                                  ("data.train.path", "data/train.jsonl")]
+    assert [(r.dotted, dest) for r, _, dest in plan.shipped] == [
+        ("model.path", "models/small"),
+        ("data.train.path", "data/train.jsonl"),
+    ]
 
 
 def test_missing_job_file_and_relative_output(tmp_path):
@@ -126,9 +131,13 @@ def test_missing_job_file_and_relative_output(tmp_path):
 def test_nested_paths_in_a_sweep_of_finetuning_configs(tmp_path):
     """The walk finds paths wherever a config class nests (here: sweep.finetune.data.train)."""
     write_jsonl(tmp_path / "ft.jsonl", [{"text": "hello"}])
-    data = {"stage": "sweep", "target": "finetune", "run": {"name": "s", "output_dir": "/shared"},
-            "finetune": finetune_spec(data={"train": {"path": "ft.jsonl"}, "seq_len": 32}),
-            "finetune_space": {"lr": [1e-3, 1e-4]}}
+    data = {
+        "stage": "sweep",
+        "target": "finetune",
+        "run": {"name": "s", "output_dir": "/shared"},
+        "finetune": finetune_spec(data={"train": {"path": "ft.jsonl"}, "seq_len": 32}),
+        "finetune_space": {"lr": [1e-3, 1e-4]},
+    }
     plan = plan_for(tmp_path, data, stage="sweep")
     assert [(r.dotted, dest) for r, _, dest in plan.shipped] == [("finetune.data.train.path", "ft.jsonl")]
 

@@ -23,8 +23,16 @@ def test_warmup_fraction_and_linear():
 
 def test_deepspeed_config_from_settings():
     ds = deepspeed_config(
-        DeepSpeedSettings(zero_stage=3, offload_optimizer=True, offload_params=True, extra={"zero_optimization": {"reduce_bucket_size": 7}}),
-        micro_batch_size=2, grad_accum_steps=4, grad_clip=0.5, bf16=False,
+        DeepSpeedSettings(
+            zero_stage=3,
+            offload_optimizer=True,
+            offload_params=True,
+            extra={"zero_optimization": {"reduce_bucket_size": 7}},
+        ),
+        micro_batch_size=2,
+        grad_accum_steps=4,
+        grad_clip=0.5,
+        bf16=False,
     )
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu" and z["offload_optimizer"]["device"] == "cpu"
@@ -40,7 +48,10 @@ def test_no_weight_decay_on_norms_and_biases():
 
 def test_history_keeps_the_redone_steps(tmp_path):
     p = tmp_path / "m.jsonl"
-    p.write_text('{"time": 1, "step": 1, "loss": 3.0, "tokens_per_s": 1}\n{"time": 2, "step": 2, "loss": 2.9, "tokens_per_s": 1}\n'
-                 '{"time": 3, "event": "resumed", "step": 1}\n{"time": 4, "step": 2, "loss": 2.8, "tokens_per_s": 1}\n')
+    p.write_text(
+        '{"time": 1, "step": 1, "loss": 3.0, "tokens_per_s": 1}\n'
+        '{"time": 2, "step": 2, "loss": 2.9, "tokens_per_s": 1}\n'
+        '{"time": 3, "event": "resumed", "step": 1}\n{"time": 4, "step": 2, "loss": 2.8, "tokens_per_s": 1}\n'
+    )
     h = read_history(p)
     assert [r.get("loss") for r in h if "loss" in r] == [3.0, 2.8]
