@@ -36,3 +36,30 @@ def test_smollm2_lora_finetune_lowers_perplexity(smollm2_dir, tmp_path):
     assert m["num_parameters"] == 134_515_008 and m["parent"]["kind"] == "hf_dir"
     assert m["metrics"]["export_max_abs_logit_diff"] < 1e-3
     assert m["lora"]["adapter_nonzero"] is True
+
+
+def test_smollm2_blocks_sit_on_the_q4_1_grid(smollm2_dir):
+    """What the README says about the weights: the GGUF's Q4_1 decoder blocks, dequantized, are reproduced by
+    int4 min/max at group size 32 (the same grid) to float rounding; the Q8_0 embedding is not a 4-bit grid."""
+    import torch
+
+    from raydist.components.models import load_model
+    from raydist.components.quantization import int4_minmax_qparams, int4_on_grid
+    from raydist.config import ModelConfig
+
+    model = load_model(ModelConfig(path=str(smollm2_dir)))
+    blocks = [
+        m.weight.detach().float()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")
+    ]
+    assert len(blocks) == 30 * 7
+    for w in blocks:
+        scale, zero = int4_minmax_qparams(w, 32)
+        err = (int4_on_grid(w, scale, zero) - w).abs()
+        step = scale.repeat_interleave(32, dim=1)  # each weight's own group step
+        assert (err <= 1e-3 * step + 1e-7).all(), err.max()  # float rounding, not rounding to a grid (0.5 step)
+    emb = model.get_input_embeddings().weight.detach().float()
+    scale, zero = int4_minmax_qparams(emb, 32)
+    err = (int4_on_grid(emb, scale, zero) - emb).abs().amax(dim=1)
+    assert (err > 0.1 * scale.amax(dim=1)).float().mean() > 0.5  # 8-bit values: int4 rounds them off
