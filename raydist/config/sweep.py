@@ -297,6 +297,12 @@ class SweepConfig(StageConfig):
                     f"{self.eval.data.max_tokens}"
                 )
         else:
+            ignored = [f for f in ("model", "search_space", "eval", "recovery", "policy") if f in self.model_fields_set]
+            if ignored:  # refused rather than silently dropped: the fine-tuning sweep never reads them
+                raise ValueError(
+                    f"target 'finetune' does not use {', '.join(ignored)} (they belong to target 'compress'); the "
+                    "swept config is `finetune`, the values tried `finetune_space`, the winner the lowest eval ppl"
+                )
             if self.finetune is None or self.finetune_space is None:
                 raise ValueError("target 'finetune' needs `finetune` (a fine-tuning config) and `finetune_space`")
             if not self.finetune_space.overrides():

@@ -72,6 +72,21 @@ def test_target_needs_its_fields():
         )
 
 
+def test_finetune_target_refuses_what_it_would_ignore():
+    ft = {
+        "model": {"path": "tiny-random"},
+        "data": {"train": {"builtin": "pydoc_topics"}},
+        "run": {"name": "f"},
+    }
+    base = {"target": "finetune", "run": {"name": "s"}, "finetune": ft, "finetune_space": {"lr": [1e-3]}}
+    assert config_from_dict(SweepConfig, base).target == "finetune"
+    for extra in ({"policy": {"max_quality_loss_pct": 5.0}}, {"eval": {}}, {"search_space": {"sparsity": [0.5]}}):
+        with pytest.raises(ConfigError, match=f"does not use {next(iter(extra))}"):
+            config_from_dict(SweepConfig, {**base, **extra})
+    with pytest.raises(ConfigError, match="does not use model, recovery"):
+        config_from_dict(SweepConfig, {**base, "model": {"path": "tiny-random"}, "recovery": {}})
+
+
 def test_candidates_collapse_knobs_that_do_not_apply():
     cfg = sweep_cfg(
         method=["none", "wanda"],
