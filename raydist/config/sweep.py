@@ -215,13 +215,11 @@ class RecoverySettings(StrictModel):
     steps: int = Field(
         40,
         gt=0,
-        description="Optimizer steps. SmolLM2-135M, 4 x 256 tokens per step, lr 1e-4: 40 steps "
-        "take 25 %-structured from ppl 50.6 (layers) / 25.9 (MLP) to 20.0 / 17.1, "
-        "and GPTQ int4 (QAT) from 16.13 to 15.29 (dense 14.70).",
+        description="Optimizer steps of the recovery (what they buy on SmolLM2-135M: BENCHMARKS.md, compression).",
     )
     batch_size: int = Field(4, gt=0, description="Sequences per step.")
     seq_len: int = Field(256, gt=1, description="Tokens per sequence.")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant); 2e-5 gave QAT 15.71 instead of 15.29.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate (constant).")
     temperature: float = Field(1.0, gt=0, description="KD temperature.")
 
 
