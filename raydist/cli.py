@@ -94,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print a stage's full default config as YAML, every field with its help")
     p.add_argument("stage", choices=["finetune", "distill", "generate", "sweep", "serve", "pipeline"])
 
-    p = sub.add_parser("validate", help="check a config (files, model, options) without starting Ray")
-    _add_config_args(p)
+    p = sub.add_parser(
+        "validate", help="check a config (files, model, options), or an artifact directory, without starting Ray"
+    )
+    p.add_argument("-c", "--config", required=True, help="YAML config file of any stage, or an artifact directory")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4 run.name=try2")
 
     p = sub.add_parser(
         "submit",
@@ -291,7 +294,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(describe(args.stage), end="")
         elif args.command == "validate":
-            for line in check_config(_load_stage_config(args), args.config):
+            is_artifact = "://" in args.config or Path(args.config).is_dir()  # validate what `raydist serve` would
+            cfg = _load_serve_config(args.config, args.overrides) if is_artifact else _load_stage_config(args)
+            for line in check_config(cfg, args.config):
                 print(line)
         elif args.command == "submit":
             return _submit(args)

@@ -101,6 +101,13 @@ def test_cli_refuses_bad_targets_with_exit_code_2(tiny_dir, tmp_path, capsys):
     yaml_cfg.write_text(f"stage: serve\nartifact: {tiny_dir}\n")
     assert main(["validate", "-c", str(yaml_cfg)]) == 0
     assert "OK (serve" in capsys.readouterr().out
+    # validate also takes an artifact directory (what `raydist serve DIR` would serve), with overrides
+    assert main(["validate", "-c", str(tiny_dir), "limits.max_n=2"]) == 0
+    assert f"OK (serve, artifact {tiny_dir}" in capsys.readouterr().out
+    assert main(["validate", "-c", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert main(["validate", "-c", str(tiny_dir), "limits.max_tokenz=3"]) == 2
+    assert "limits.max_tokenz: unknown field" in capsys.readouterr().err
 
 
 def test_model_id_and_artifact_checks(tiny_dir, tmp_path):
