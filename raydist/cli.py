@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p)
 
     p = sub.add_parser("serve", help="serve an artifact on Ray Serve behind an OpenAI-compatible API (Ctrl-C stops)")
-    p.add_argument("target", help="an artifact / model directory, or a serve config YAML (stage: serve)")
+    p.add_argument("-c", "--config", help="a serve config YAML (stage: serve) or an artifact directory, as every stage")
+    p.add_argument("target", nargs="?", help="the same without -c: an artifact / model directory or a serve YAML")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. http.port=8001 batching.max_batch_size=8")
     _add_run_flags(p)
 
@@ -288,7 +289,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "serve":
             from raydist.serve.app import run_serve
 
-            run_serve(_load_serve_config(args.target, args.overrides))
+            if args.config:  # with -c, what argparse took as the target is the first override
+                target, overrides = args.config, ([args.target] if args.target else []) + args.overrides
+            elif args.target:
+                target, overrides = args.target, args.overrides
+            else:
+                raise ConfigError("raydist serve needs -c FILE_OR_ARTIFACT_DIR (or the same as its first argument)")
+            run_serve(_load_serve_config(target, overrides))
         elif args.command == "config":
             from raydist.config.describe import describe
 

@@ -64,9 +64,8 @@ def describe(stage: str) -> str:
     from raydist.config import stage_config_class
 
     cls = stage_config_class(stage)
-    run = "raydist serve FILE" if stage == "serve" else f"raydist {stage} -c FILE"
     head = [
         f"# raydist {stage} config: every field with its default. Fill in the REQUIRED ones, delete what you",
-        f"# keep at its default, then: {run}",
+        f"# keep at its default, then: raydist {stage} -c FILE",
     ]
     return "\n".join(head + _lines(cls, None, 0)) + "\n"

@@ -92,6 +92,13 @@ def test_cli_refuses_bad_targets_with_exit_code_2(tiny_dir, tmp_path, capsys):
     assert "neither an artifact directory nor a serve config" in capsys.readouterr().err
     assert main(["serve", str(tiny_dir), "limits.max_tokenz=3"]) == 2
     assert "limits.max_tokenz: unknown field" in capsys.readouterr().err
+    # the same CLI shape as every stage: -c, then dotted overrides (all of them reach the config)
+    assert main(["serve", "-c", str(tiny_dir), "http.port=8123", "limits.max_tokenz=3"]) == 2
+    assert "limits.max_tokenz: unknown field" in capsys.readouterr().err
+    assert main(["serve", "-c", str(tmp_path / "missing")]) == 2
+    assert "neither an artifact directory nor a serve config" in capsys.readouterr().err
+    assert main(["serve"]) == 2
+    assert "needs -c" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2  # a directory without a model
     assert "no config.json" in capsys.readouterr().err
     finetune_cfg = REPO / "jobs" / "tiny_lora.yaml"
