@@ -11,26 +11,46 @@ import logging as _logging
 for _name in ("torch.utils._pytree", "torchao"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
-from raydist.components.artifact import read_manifest
-from raydist.components.models import ModelSourceError, convert_gguf, load_model, load_tokenizer
-from raydist.components.quantization import load_compressed
-from raydist.config import (
-    ConfigError,
-    DistillConfig,
-    FinetuneConfig,
-    GenerateConfig,
-    PipelineConfig,
-    ServeConfig,
-    SweepConfig,
-    load_config,
-    load_stage_config,
-)
-from raydist.jobs.pipeline import run_pipeline
-from raydist.stages.distill import run_distill
-from raydist.stages.finetune import run_finetune
-from raydist.stages.generate import run_generate
-from raydist.serve.app import run_serve
-from raydist.stages.sweep import run_sweep
+# Each public name is imported on first use (PEP 562), so `import raydist` and `raydist --help` load neither
+# torch nor Ray; `from raydist import run_finetune` works as before.
+_PUBLIC = {
+    "read_manifest": "raydist.components.artifact",
+    "ModelSourceError": "raydist.components.models",
+    "convert_gguf": "raydist.components.models",
+    "load_model": "raydist.components.models",
+    "load_tokenizer": "raydist.components.models",
+    "load_compressed": "raydist.components.quantization",
+    "ConfigError": "raydist.config",
+    "DistillConfig": "raydist.config",
+    "FinetuneConfig": "raydist.config",
+    "GenerateConfig": "raydist.config",
+    "PipelineConfig": "raydist.config",
+    "ServeConfig": "raydist.config",
+    "SweepConfig": "raydist.config",
+    "load_config": "raydist.config",
+    "load_stage_config": "raydist.config",
+    "run_pipeline": "raydist.jobs.pipeline",
+    "run_distill": "raydist.stages.distill",
+    "run_finetune": "raydist.stages.finetune",
+    "run_generate": "raydist.stages.generate",
+    "run_serve": "raydist.serve.app",
+    "run_sweep": "raydist.stages.sweep",
+}
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'raydist' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))
+
 
 __version__ = "0.1.0"
 

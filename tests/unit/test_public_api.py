@@ -31,6 +31,21 @@ def test_public_api_is_pinned():
     ]
     for name in raydist.__all__:
         assert getattr(raydist, name) is not None
+    assert set(raydist.__all__) <= set(dir(raydist))
+
+
+def test_import_and_help_load_neither_torch_nor_ray():
+    """`import raydist` and `raydist --help` stay fast: the public names are imported on first use."""
+    code = (
+        "import sys, contextlib, io, raydist, raydist.cli\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    raydist.cli.main(['--help'])\n"
+        "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))\n"
+        "from raydist import run_finetune, FinetuneConfig\n"
+        "print(run_finetune.__module__, FinetuneConfig.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "raydist.stages.finetune FinetuneConfig"]
 
 
 def test_components_never_import_ray():
