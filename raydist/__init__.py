@@ -6,6 +6,8 @@ The public API is exactly ``__all__`` below plus ``raydist.config``; everything 
 
 import logging as _logging
 
+from raydist._lazy import lazy_attributes
+
 # transformers imports torchao whenever it is installed; on torch 2.13 that import logs a deprecation per
 # enum it registers and, on CPU builds, a failed load per CUDA-only extension: noise, not actionable.
 for _name in ("torch.utils._pytree", "torchao"):
@@ -13,7 +15,7 @@ for _name in ("torch.utils._pytree", "torchao"):
 
 # Each public name is imported on first use (PEP 562), so `import raydist` and `raydist --help` load neither
 # torch nor Ray; `from raydist import run_finetune` works as before.
-_PUBLIC = {
+_PUBLIC = {  # name -> the module it is imported from
     "read_manifest": "raydist.components.artifact",
     "ModelSourceError": "raydist.components.models",
     "convert_gguf": "raydist.components.models",
@@ -36,45 +38,9 @@ _PUBLIC = {
     "run_serve": "raydist.serve.app",
     "run_sweep": "raydist.stages.sweep",
 }
-
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        import importlib
-
-        value = getattr(importlib.import_module(_PUBLIC[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'raydist' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC))
+__getattr__, __dir__ = lazy_attributes(globals(), _PUBLIC)
 
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError",
-    "DistillConfig",
-    "FinetuneConfig",
-    "GenerateConfig",
-    "ModelSourceError",
-    "PipelineConfig",
-    "ServeConfig",
-    "SweepConfig",
-    "__version__",
-    "convert_gguf",
-    "load_compressed",
-    "load_config",
-    "load_model",
-    "load_stage_config",
-    "load_tokenizer",
-    "read_manifest",
-    "run_distill",
-    "run_finetune",
-    "run_generate",
-    "run_pipeline",
-    "run_serve",
-    "run_sweep",
-]
+__all__ = sorted([*_PUBLIC, "__version__"])

@@ -156,12 +156,17 @@ def _load_stage_config(args):
     return load_stage_config(args.config, args.overrides, default_stage=default)
 
 
+def _is_artifact(target: str) -> bool:
+    """An artifact directory or URI (s3://..., gs://...), not a config file."""
+    return "://" in target or Path(target).is_dir()
+
+
 def _load_serve_config(target: str, overrides):
     """A ServeConfig from an artifact directory (plus overrides) or a serve YAML file."""
     from raydist.config import ServeConfig, load_stage_config
     from raydist.config.loading import config_from_dict
 
-    if "://" in target or Path(target).is_dir():  # an artifact directory or URI (s3://..., gs://...)
+    if _is_artifact(target):
         return config_from_dict(ServeConfig, apply_overrides({"artifact": target}, overrides), "command line")
     if not Path(target).is_file():
         raise ConfigError(f"{target} is neither an artifact directory nor a serve config file")
@@ -301,8 +306,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(describe(args.stage), end="")
         elif args.command == "validate":
-            is_artifact = "://" in args.config or Path(args.config).is_dir()  # validate what `raydist serve` would
-            cfg = _load_serve_config(args.config, args.overrides) if is_artifact else _load_stage_config(args)
+            # an artifact directory is validated as what `raydist serve` would serve
+            cfg = (
+                _load_serve_config(args.config, args.overrides)
+                if _is_artifact(args.config)
+                else _load_stage_config(args)
+            )
             for line in check_config(cfg, args.config):
                 print(line)
         elif args.command == "submit":

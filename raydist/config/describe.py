@@ -7,7 +7,7 @@ import typing
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 REQUIRED = "null  # REQUIRED"
 
@@ -25,7 +25,7 @@ def _model_class(annotation: Any) -> Optional[type[BaseModel]]:
 def _scalar(value: Any) -> str:
     """One value as inline YAML (flow style for lists and mappings)."""
     text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
-    return text[:-4].strip() if text.endswith("\n...") else text.removesuffix("...").strip()
+    return text.removesuffix("...").strip()  # a lone scalar ends with YAML's document-end marker
 
 
 def _lines(cls: type[BaseModel], values: Optional[dict[str, Any]], indent: int) -> list[str]:
@@ -54,8 +54,6 @@ def _lines(cls: type[BaseModel], values: Optional[dict[str, Any]], indent: int) 
 
 
 def _jsonable(value: Any) -> Any:
-    from pydantic import TypeAdapter
-
     return TypeAdapter(type(value)).dump_python(value, mode="json") if value is not None else None
 
 

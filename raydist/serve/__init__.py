@@ -8,9 +8,7 @@ Names are resolved lazily so that importing the schemas or the engine does not i
 
 from __future__ import annotations
 
-import importlib
-
-__all__ = ["app_builder", "build_app", "run_serve", "BatchGenerator", "OpenAIService", "build_fastapi_app"]
+from raydist._lazy import lazy_attributes
 
 _WHERE = {
     "app_builder": "raydist.serve.app",
@@ -20,9 +18,5 @@ _WHERE = {
     "OpenAIService": "raydist.serve.service",
     "build_fastapi_app": "raydist.serve.service",
 }
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'raydist.serve' has no attribute {name!r}")
+__all__ = list(_WHERE)
+__getattr__, __dir__ = lazy_attributes(globals(), _WHERE)
