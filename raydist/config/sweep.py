@@ -21,6 +21,20 @@ STRUCTURES = ("mlp", "layers", "mlp+heads")
 QUANT_SCHEMES = ("none", "int8_weight_only", "int8_dynamic", "int4_weight_only")
 RECOVERIES = ("none", "distill", "qat")
 INT4_ALGORITHMS = ("minmax", "hqq", "gptq")
+# The fields of SearchSpace a candidate is made of (every searcher samples all of them).
+KNOBS = (
+    "method",
+    "sparsity",
+    "pattern",
+    "structured",
+    "structure",
+    "quantization",
+    "quantize_lm_head",
+    "smoothing_alpha",
+    "group_size",
+    "int4_algorithm",
+    "recovery",
+)
 
 
 class SearchSpace(StrictModel):
@@ -69,19 +83,7 @@ class SearchSpace(StrictModel):
 
     @model_validator(mode="after")
     def _valid(self) -> "SearchSpace":
-        for name in (
-            "method",
-            "sparsity",
-            "pattern",
-            "structured",
-            "structure",
-            "quantization",
-            "quantize_lm_head",
-            "smoothing_alpha",
-            "group_size",
-            "int4_algorithm",
-            "recovery",
-        ):
+        for name in KNOBS:
             if not getattr(self, name):
                 raise ValueError(f"search_space.{name} is empty: give at least one value")
         if any(not (0.0 <= a <= 1.0) or math.isnan(a) for a in self.smoothing_alpha):
@@ -104,19 +106,7 @@ class SearchSpace(StrictModel):
         """Every distinct combination, with knobs that do not apply collapsed (e.g. sparsity when method is
         none, group_size unless int4), so the grid holds no duplicate models."""
         seen, out = set(), []
-        knobs = (
-            "method",
-            "sparsity",
-            "pattern",
-            "structured",
-            "structure",
-            "quantization",
-            "quantize_lm_head",
-            "smoothing_alpha",
-            "group_size",
-            "int4_algorithm",
-            "recovery",
-        )
+        knobs = KNOBS
         for values in itertools.product(*(getattr(self, k) for k in knobs)):
             c = normalize_candidate(dict(zip(knobs, values)))
             key = tuple(sorted((k, str(v)) for k, v in c.items()))

@@ -40,7 +40,7 @@ from raydist.components import storage
 from raydist.components.artifact import read_manifest, write_json_atomic
 from raydist.components.progress import console
 from raydist.components.storage import Mirror
-from raydist.config.sweep import SweepConfig
+from raydist.config.sweep import KNOBS, SweepConfig
 
 ARTIFACT_DIR = "artifact"
 REPORT = "sweep_report.json"
@@ -489,22 +489,7 @@ def _search(cfg: SweepConfig, candidates: list[dict[str, Any]]):
     from ray.tune.search.optuna import OptunaSearch
 
     sp = cfg.search_space
-    space = {
-        "candidate": {
-            k: tune.choice(list(getattr(sp, k)))
-            for k in (
-                "method",
-                "sparsity",
-                "pattern",
-                "structured",
-                "structure",
-                "quantization",
-                "group_size",
-                "int4_algorithm",
-                "recovery",
-            )
-        }
-    }
+    space = {"candidate": {k: tune.choice(list(getattr(sp, k))) for k in KNOBS}}
 
     class _Search(OptunaSearch):
         # A candidate ASHA stopped has no speed (measured at the full eval only): Optuna records it as pruned.

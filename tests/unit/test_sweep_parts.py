@@ -361,3 +361,24 @@ def test_asha_never_stops_a_candidate_that_still_meets_the_policy():
     ours = run(policy_aware_asha([10.5, 10.5, 10.5]))
     assert ours["int8-like"] == "CONTINUE" and ours["base-like"] == "CONTINUE"
     assert ours["bad"] == "STOP" and ours["worse"] == "STOP"
+
+
+def test_every_searcher_samples_every_knob():
+    """Optuna's space holds every knob of the search space (the int8 head and SmoothQuant alpha included), so
+    values a user lists are searched, not replaced by the defaults normalize_candidate fills in."""
+    from raydist.config.sweep import KNOBS
+    from raydist.stages.sweep import _search
+
+    cfg = config_from_dict(
+        SweepConfig,
+        {
+            "model": {"path": "tiny-random"},
+            "search_space": {"quantization": ["int8_dynamic"], "quantize_lm_head": [True], "smoothing_alpha": [0.3]},
+            "search": {"algorithm": "optuna", "num_samples": 2},
+            "run": {"name": "s"},
+        },
+    )
+    space, _, _, _ = _search(cfg, cfg.search_space.candidates())
+    assert set(space["candidate"]) == set(KNOBS) == set(cfg.search_space.candidates()[0])
+    assert space["candidate"]["quantize_lm_head"].categories == [True]
+    assert space["candidate"]["smoothing_alpha"].categories == [0.3]
