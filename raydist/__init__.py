@@ -16,12 +16,12 @@ for _name in ("torch.utils._pytree", "torchao"):
 # Each public name is imported on first use (PEP 562), so `import raydist` and `raydist --help` load neither
 # torch nor Ray; `from raydist import run_finetune` works as before.
 _PUBLIC = {  # name -> the module it is imported from
-    "read_manifest": "raydist.components.artifact",
-    "ModelSourceError": "raydist.components.models",
-    "convert_gguf": "raydist.components.models",
-    "load_model": "raydist.components.models",
-    "load_tokenizer": "raydist.components.models",
-    "load_compressed": "raydist.components.quantization",
+    "read_manifest": "raydist.core.artifact",
+    "ModelSourceError": "raydist.core.models",
+    "convert_gguf": "raydist.core.models",
+    "load_model": "raydist.core.models",
+    "load_tokenizer": "raydist.core.models",
+    "load_compressed": "raydist.compress.quant.quantization",
     "ConfigError": "raydist.config",
     "DistillConfig": "raydist.config",
     "FinetuneConfig": "raydist.config",
@@ -32,11 +32,11 @@ _PUBLIC = {  # name -> the module it is imported from
     "load_config": "raydist.config",
     "load_stage_config": "raydist.config",
     "run_pipeline": "raydist.jobs.pipeline",
-    "run_distill": "raydist.stages.distill",
-    "run_finetune": "raydist.stages.finetune",
-    "run_generate": "raydist.stages.generate",
+    "run_distill": "raydist.distill.distill",
+    "run_finetune": "raydist.train.finetune",
+    "run_generate": "raydist.distill.generate",
     "run_serve": "raydist.serve.app",
-    "run_sweep": "raydist.stages.sweep",
+    "run_sweep": "raydist.sweep.sweep",
 }
 __getattr__, __dir__ = lazy_attributes(globals(), _PUBLIC)
 

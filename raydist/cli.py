@@ -187,7 +187,7 @@ def check_config(cfg, source: str) -> list[str]:
     Raises:
         PreflightError, DataError, ModelSourceError, ArtifactError, ConfigError: naming the problem.
     """
-    from raydist.components.preflight import preflight
+    from raydist.core.preflight import preflight
 
     lines: list[str] = []
     if cfg.stage == "pipeline":
@@ -207,7 +207,7 @@ def check_config(cfg, source: str) -> list[str]:
         lines.append(f"{source}: OK (serve, artifact {artifact})")
         return lines
     if cfg.stage == "sweep":
-        from raydist.stages.sweep import preflight_sweep
+        from raydist.sweep.sweep import preflight_sweep
 
         if cfg.target == "compress":
             candidates = preflight_sweep(cfg)
@@ -252,10 +252,10 @@ def _submit(args) -> int:
 # The commands that run one stage config: ``-c FILE`` plus overrides, handed to the stage's driver function
 # (imported when run, so `raydist --help` stays fast).
 STAGE_DRIVERS = {
-    "finetune": "raydist.stages.finetune:run_finetune",
-    "distill": "raydist.stages.distill:run_distill",
-    "generate": "raydist.stages.generate:run_generate",
-    "sweep": "raydist.stages.sweep:run_sweep",
+    "finetune": "raydist.train.finetune:run_finetune",
+    "distill": "raydist.distill.distill:run_distill",
+    "generate": "raydist.distill.generate:run_generate",
+    "sweep": "raydist.sweep.sweep:run_sweep",
     "pipeline": "raydist.jobs.pipeline:run_pipeline",
 }
 
@@ -263,26 +263,26 @@ STAGE_DRIVERS = {
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # read by raydist.stages.common when Ray starts (driver) and passed on to the workers
+    # read by raydist.core.runs when Ray starts (driver) and passed on to the workers
     if getattr(args, "verbose", False):
         os.environ["RAYDIST_VERBOSE"] = "1"
     if getattr(args, "dashboard", False):
         os.environ["RAYDIST_DASHBOARD"] = "1"
-    from raydist.components.data import DataError
-    from raydist.components.models import ModelSourceError
-    from raydist.components.preflight import PreflightError
-    from raydist.components.teacher_cache import CacheMismatchError
-    from raydist.components.storage import StorageError
+    from raydist.core.data import DataError
+    from raydist.core.models import ModelSourceError
+    from raydist.core.preflight import PreflightError
+    from raydist.distill.teacher_cache import CacheMismatchError
+    from raydist.core.storage import StorageError
     from raydist.jobs.submit import SubmitError
     from raydist.serve.loading import ArtifactError
-    from raydist.stages.common import RunDirError, StageFailed
+    from raydist.core.runs import RunDirError, StageFailed
 
     try:
         if args.command in STAGE_DRIVERS:
             module, function = STAGE_DRIVERS[args.command].split(":")
             import importlib
 
-            from raydist.stages.sweep import NoCandidateMet
+            from raydist.sweep.sweep import NoCandidateMet
 
             cfg = _load_stage_config(args)
             _expect_stage(cfg, args.command, args.config)
@@ -327,11 +327,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return jobs.job_logs(args.job_id, args.address, follow=args.follow)
             return jobs.stop_job(args.job_id, args.address)
         elif args.command == "convert-gguf":
-            from raydist.components.models import convert_gguf
+            from raydist.core.models import convert_gguf
 
             print(f"wrote {convert_gguf(args.gguf, args.out)}")
         elif args.command == "fetch-smollm2":
-            from raydist.components.fetch import fetch_smollm2
+            from raydist.core.fetch import fetch_smollm2
 
             print(f"SmolLM2-135M-Instruct ready at {fetch_smollm2(Path(args.out))}")
     except (

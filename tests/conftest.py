@@ -27,6 +27,6 @@ SEED_TASKS = REPO.parent / "shared" / "data" / "seed_tasks.jsonl"
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from raydist.components.models import tiny_tokenizer as build
+    from raydist.core.models import tiny_tokenizer as build
 
     return build()

@@ -37,7 +37,7 @@ class TinyModelSpec(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """Which model to start from. One loader serves every stage (see ``raydist.components.models``)."""
+    """Which model to start from. One loader serves every stage (see ``raydist.core.models``)."""
 
     path: str = Field(
         ...,

@@ -44,7 +44,7 @@ def is_reference(value: Any) -> bool:
 
 def join_location(base: str, *parts: str) -> str:
     """``base/part/...`` for a local path or a URI; a URI keeps its query (``s3://b/p?endpoint_override=...``)."""
-    from raydist.components import storage
+    from raydist.core import storage
 
     return str(storage.join(base, *parts))
 

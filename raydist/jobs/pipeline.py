@@ -31,9 +31,9 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from raydist.components import storage
-from raydist.components.artifact import read_manifest
-from raydist.components.preflight import PreflightError
+from raydist.core import storage
+from raydist.core.artifact import read_manifest
+from raydist.core.preflight import PreflightError
 from raydist.config.base import ModelConfig
 from raydist.config.loading import config_from_dict
 from raydist.config.pipeline import (
@@ -82,7 +82,7 @@ def read_manifest_at(artifact: str) -> Optional[dict[str, Any]]:
 
 def run_location(stage_cfg) -> str:
     """Where a stage's run directory is, exactly as its driver puts it (local paths made absolute)."""
-    from raydist.stages.common import run_location as location_of
+    from raydist.core.runs import run_location as location_of
 
     return str(location_of(stage_cfg))
 
@@ -116,7 +116,7 @@ def resolve_stage(cfg: PipelineConfig, stage: str, locations: dict[str, str]):
 
 def _resolved_json(stage_cfg) -> dict[str, Any]:
     """The config as the stage's driver records it (local model paths absolute)."""
-    from raydist.stages.common import with_absolute_paths
+    from raydist.core.runs import with_absolute_paths
 
     return with_absolute_paths(stage_cfg).model_dump(mode="json")
 
@@ -127,7 +127,7 @@ def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
     Raises:
         RunDirError: a finished stage was made with a different config (its rerun would not be this spec).
     """
-    from raydist.stages.common import RunDirError, config_differences
+    from raydist.core.runs import RunDirError, config_differences
 
     run_dirs = {s: run_location(getattr(cfg, s)) for s in cfg.stages() if s in PRODUCERS}
     artifacts = {s: join_location(d, ARTIFACT_DIR) for s, d in run_dirs.items()}
@@ -181,7 +181,7 @@ def _stand_in(cfg: PipelineConfig, plan: PipelinePlan, ref: str) -> tuple[Option
 
 
 def _check_data(data_cfg) -> str:
-    from raydist.components.preflight import read_data
+    from raydist.core.preflight import read_data
 
     n, formats = read_data(data_cfg)
     return f"data: {n} records; formats {formats}"
@@ -189,7 +189,7 @@ def _check_data(data_cfg) -> str:
 
 def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pending: dict[str, str]) -> list[str]:
     """Checks of one stage; ``pending``: {field: reference} whose artifact does not exist yet."""
-    from raydist.components.preflight import preflight, preflight_distill
+    from raydist.core.preflight import preflight, preflight_distill
 
     stage_cfg = plan.configs[stage]
     if stage == "finetune":
@@ -205,7 +205,7 @@ def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pendin
         report = preflight_distill(stage_cfg.model_copy(update=update))[0]
         return report.lines() + [f"note: {n}" for n in notes]
     if stage == "sweep":
-        from raydist.stages.sweep import preflight_sweep
+        from raydist.sweep.sweep import preflight_sweep
 
         notes = []
         if "model.path" in pending:
@@ -291,9 +291,9 @@ def _cpus_needed(cfg: PipelineConfig) -> float:
 
 
 def _drivers() -> dict[str, Callable]:
-    from raydist.stages.distill import run_distill
-    from raydist.stages.finetune import run_finetune
-    from raydist.stages.sweep import run_sweep
+    from raydist.distill.distill import run_distill
+    from raydist.train.finetune import run_finetune
+    from raydist.sweep.sweep import run_sweep
 
     return {"finetune": run_finetune, "distill": run_distill, "sweep": run_sweep}
 
@@ -337,7 +337,7 @@ def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: b
         "stages": {s: {"status": PENDING} for s in cfg.stages()},
     }
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    from raydist.stages.common import init_ray
+    from raydist.core.runs import init_ray
 
     init_ray(_cpus_needed(cfg), metrics="serve" in cfg.stages())  # one Ray for every stage: each driver joins it
     drivers = _drivers()

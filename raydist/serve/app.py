@@ -43,7 +43,7 @@ def replica_gpus(cfg: ServeConfig) -> float:
     """
     import ray
 
-    from raydist.stages.resources import plan_units
+    from raydist.core.resources import plan_units
 
     if not ray.is_initialized():  # building the app offline (``serve build``): only explicit numbers count
         g = cfg.resources.num_gpus
@@ -77,7 +77,7 @@ def deployment_options(cfg: ServeConfig, num_gpus: float) -> dict[str, Any]:
         "health_check_timeout_s": cfg.health.check_timeout_s,
         "ray_actor_options": {"num_cpus": cfg.resources.num_cpus, "num_gpus": num_gpus},
     }
-    from raydist.components.storage import storage_env
+    from raydist.core.storage import storage_env
 
     # Replicas read an artifact URI with the driver's storage credentials / endpoint; REPLICA_ENV first, so
     # `job.env` can override it.
@@ -176,7 +176,7 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True, verbose: bool = True) 
     from ray import serve
 
     from raydist.serve.loading import check_artifact, default_model_id
-    from raydist.stages.common import StageFailed, init_ray
+    from raydist.core.runs import StageFailed, init_ray
 
     say = print if verbose else (lambda *a, **k: None)
     check_artifact(cfg.artifact, cfg.adapter)

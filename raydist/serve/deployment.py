@@ -104,7 +104,7 @@ class OpenAIServer:
     def __init__(self, config: dict[str, Any], api_key: Optional[str] = None):
         import torch
 
-        from raydist.stages.resources import unit_device
+        from raydist.core.resources import unit_device
 
         self.cfg = cfg = ServeConfig.model_validate(config)
         threads = cfg.resources.torch_threads or max(1, math.ceil(cfg.resources.num_cpus))

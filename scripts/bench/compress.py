@@ -5,7 +5,7 @@ Run from anywhere (it changes to the repository root)::
     .venv/bin/python scripts/bench/compress.py                        # all rows, ~15-30 min on 2 busy cores
     .venv/bin/python scripts/bench/compress.py --rows dense,int8 --n-tokens 1024 --no-write   # a smoke run
 
-Protocol (``raydist.components.evaluation``, the one the sweep uses): perplexity on the first
+Protocol (``raydist.core.evaluation``, the one the sweep uses): perplexity on the first
 ``--n-tokens`` (4,096) SmolLM2 tokens of the pydoc topics in 512-token windows; calibration for the methods
 that need it = 16 x 128 tokens from token 50,000 on; greedy generation of exactly ``--new-tokens`` tokens
 after a ``--prompt-len``-token random prompt with the KV cache, at batch 1 (latency) and batch 8
@@ -38,7 +38,7 @@ Rows:
   (pydoc topics from token 8,192, which the eval text does not reach; 4 x 256-token sequences per step,
   AdamW ``--recovery-lr``), through ``compression.apply_candidate`` as a sweep trial does.
   magnitude50 / wanda50 / sparsegpt50
-                   50 % unstructured sparsity (raydist.components.sparsity; skipped with a note if that
+                   50 % unstructured sparsity (raydist.compress.unstructured; skipped with a note if that
                    module is missing). Stored dense: bytes do not shrink, dense kernels do not speed up.
 
 Results: ``benchmarks/results/compress.json`` (``--results``) with the keys ``dense_ppl``,
@@ -108,14 +108,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydist.components.evaluation import (
+    from raydist.core.evaluation import (
         calibration_ids,
         eval_windows,
         generation_speed,
         model_size,
         perplexity_on,
     )
-    from raydist.components.quantization import load_compressed, quantize_model, save_compressed
+    from raydist.compress.quant.quantization import load_compressed, quantize_model, save_compressed
 
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ALL_ROWS)
@@ -159,7 +159,7 @@ def main() -> None:
         if name == "int4_g64_minmax":
             return model, quantize_model(model, "int4_weight_only", group_size=64)
         if name == "int4_g64_qat":
-            from raydist.components.compression import apply_candidate
+            from raydist.compress.candidate import apply_candidate
 
             rep = apply_candidate(
                 model,
@@ -185,9 +185,9 @@ def main() -> None:
             return build_structured(model, "mlp")
         method = name[: -len("50")]
         try:
-            from raydist.components import sparsity
+            from raydist.compress import unstructured as sparsity
         except ImportError as e:
-            print(f"[skip] {name}: raydist.components.sparsity is not available ({e})", flush=True)
+            print(f"[skip] {name}: raydist.compress.unstructured is not available ({e})", flush=True)
             return None
         if method == "magnitude":
             return model, sparsity.magnitude_prune(model, 0.5)
@@ -198,8 +198,8 @@ def main() -> None:
 
     def recovery_rows():
         """The sweep's default recovery text ([N, 256] ids), as ``raydist sweep`` prepares it (once)."""
-        from raydist.components.compression import token_rows
-        from raydist.components.data import text_source_ids
+        from raydist.compress.candidate import token_rows
+        from raydist.core.data import text_source_ids
         from raydist.config.sweep import RecoverySettings
 
         if not recovery_ids:
@@ -209,8 +209,8 @@ def main() -> None:
     importance = []
 
     def build_structured(model, structure):
-        from raydist.components.compression import apply_candidate
-        from raydist.components.pruning import collect_importance
+        from raydist.compress.candidate import apply_candidate
+        from raydist.compress.structured import collect_importance
 
         if not importance:
             importance.append(collect_importance(base, calib.split(4), what=("mlp", "heads", "layers")))

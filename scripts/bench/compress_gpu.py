@@ -38,8 +38,8 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from raydist.components.compression import apply_candidate
-    from raydist.components.evaluation import generation_speed, model_size
+    from raydist.compress.candidate import apply_candidate
+    from raydist.core.evaluation import generation_speed, model_size
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(args.shape)

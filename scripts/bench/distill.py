@@ -7,7 +7,7 @@ Run from anywhere (it changes to the repository root)::
     .venv/bin/python scripts/bench/distill.py --out /tmp/d --reuse-teacher /tmp/d/runs/teacher-XXXX/artifact
 
 Every model below is trained and evaluated by raydist's own public stage functions
-(``raydist.stages.finetune.run_finetune`` / ``raydist.stages.distill.run_distill``, configs validated by
+(``raydist.train.finetune.run_finetune`` / ``raydist.distill.distill.run_distill``, configs validated by
 ``config_from_dict``), 2 Ray Train CPU workers, DeepSpeed ZeRO-2, fp32. The perplexities are the ones the
 artifacts' ``raydist.json`` manifests record.
 
@@ -282,12 +282,12 @@ def config_hash(cfg: dict[str, Any]) -> str:
 
 def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str, Any]:
     """Run (or reuse) one raydist stage; return its manifest, timings and log."""
-    from raydist.components.artifact import read_manifest
+    from raydist.core.artifact import read_manifest
     from raydist.config.distill import DistillConfig
     from raydist.config.finetune import FinetuneConfig
     from raydist.config.loading import config_from_dict
-    from raydist.stages.distill import run_distill
-    from raydist.stages.finetune import run_finetune
+    from raydist.distill.distill import run_distill
+    from raydist.train.finetune import run_finetune
 
     name = f"{tag}-{config_hash(cfg)}"
     run_dir = runs / name
@@ -329,7 +329,7 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
 
 
 def step_times(run_dir: Path) -> dict[int, float]:
-    from raydist.components.progress import read_history
+    from raydist.core.progress import read_history
 
     return {int(h["step"]): float(h["time"]) for h in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in h}
 
@@ -461,8 +461,8 @@ def per_example_nll(artifacts: dict[str, str], eval_parquet: Path) -> dict[str, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raydist.components.data import collate
-    from raydist.components.training import sum_nll
+    from raydist.core.data import collate
+    from raydist.train.plumbing import sum_nll
 
     rows = pq.read_table(eval_parquet, columns=["input_ids", "labels"]).to_pylist()
     out = {}
@@ -784,7 +784,7 @@ def main() -> None:
         # 1. teacher correction
         if args.reuse_teacher:
             teacher = args.reuse_teacher.resolve()
-            from raydist.components.artifact import read_manifest
+            from raydist.core.artifact import read_manifest
 
             t_manifest = read_manifest(teacher)
             teacher_run = None
@@ -888,7 +888,7 @@ def main() -> None:
         "notes": notes,
     }
     # eval token count: the first eval record of any student run (the same eval file for all)
-    from raydist.components.progress import read_history
+    from raydist.core.progress import read_history
 
     ev = [h for h in read_history(Path(kd_run["run_dir"]) / "metrics.jsonl") if "eval_tokens" in h]
     r["eval_tokens"] = ev[0]["eval_tokens"] if ev else None

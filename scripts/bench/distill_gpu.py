@@ -7,7 +7,7 @@ do not fit what travels there, so the teacher is **SmolLM2-135M-shaped with rand
 is a directory holding SmolLM2's ``config.json`` and tokenizer files only). Throughput depends on shapes,
 not on weight values; the perplexities of this run mean nothing and are not reported.
 
-Both runs go through ``raydist.stages.distill.run_distill`` exactly as the CLI does: 1 Ray Train GPU
+Both runs go through ``raydist.distill.distill.run_distill`` exactly as the CLI does: 1 Ray Train GPU
 worker, DeepSpeed ZeRO-2, bf16 (teacher in bf16 inference mode), the student pruned from the teacher like
 scripts/bench/distill.py's (10 layers dropped, half the MLP channels: 54 % of the parameters), plain text
 (pydoc topics, every position a target), forward KL. Step time = gap between consecutive step records in
@@ -52,7 +52,7 @@ def build_teacher(shape: Path, out: Path) -> Path:
 
 
 def step_stats(run_dir: Path) -> dict:
-    from raydist.components.progress import read_history
+    from raydist.core.progress import read_history
 
     recs = [h for h in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in h]
     times = {int(h["step"]): float(h["time"]) for h in recs}
@@ -65,10 +65,10 @@ def step_stats(run_dir: Path) -> dict:
 
 
 def run(mode: str, teacher: Path, args, runs: Path) -> dict:
-    from raydist.components.artifact import read_manifest
+    from raydist.core.artifact import read_manifest
     from raydist.config.distill import DistillConfig
     from raydist.config.loading import config_from_dict
-    from raydist.stages.distill import run_distill
+    from raydist.distill.distill import run_distill
 
     cfg = {
         "stage": "distill",

@@ -166,7 +166,7 @@ def steady_median(gaps: dict[int, float], exclude: set[int] = frozenset()) -> fl
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
     """Train-step records of a raydist run's ``metrics.jsonl`` (they carry ``tokens_per_s``)."""
-    from raydist.components.progress import read_history
+    from raydist.core.progress import read_history
 
     return [r for r in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in r]
 
@@ -435,7 +435,7 @@ def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
 
 
 def run_raydist_overhead(cfg) -> dict[str, Any]:
-    from raydist.stages.finetune import run_finetune
+    from raydist.train.finetune import run_finetune
 
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if run_dir.exists():  # an earlier R in --overhead-order
@@ -619,7 +619,7 @@ def steps_after_pauses(cfg) -> set[int]:
 
 
 def part_lora(work: Path, args) -> dict[str, Any]:
-    from raydist.stages.finetune import run_finetune
+    from raydist.train.finetune import run_finetune
 
     cfg = quickstart_config(work)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -686,9 +686,9 @@ def part_peer(work: Path, args) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from raydist.components.data import build_datasets, collate
-    from raydist.components.export import peft_lora_config
-    from raydist.components.training import perplexity, sum_nll
+    from raydist.core.data import build_datasets, collate
+    from raydist.train.export import peft_lora_config
+    from raydist.train.plumbing import perplexity, sum_nll
 
     cfg = quickstart_config(work)
     torch.set_num_threads(2)  # the peer's setting: one process using both cores

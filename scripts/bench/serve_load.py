@@ -103,7 +103,7 @@ def _loadavg() -> float:
 
 def make_prompts(tokenizer, n: int) -> list[str]:
     """``n`` distinct prompts of 24-40 tokens cut from the pydoc corpus (deterministic)."""
-    from raydist.components.data import pydoc_topics_text
+    from raydist.core.data import pydoc_topics_text
 
     words = pydoc_topics_text().split()
     out, pos = [], 1000
@@ -309,10 +309,10 @@ def drive_c1_interleaved(url: str, prompts: list[str], max_tokens: int, local: I
 
 def winner_artifact(model_dir: Path, out: Path) -> Path:
     """The sweep's int8 candidate of ``model_dir``, built once with the sweep's own code (``apply_candidate``)."""
-    from raydist.components.compression import apply_candidate
-    from raydist.components.evaluation import calibration_ids
-    from raydist.components.models import load_model, load_tokenizer
-    from raydist.components.quantization import save_compressed
+    from raydist.compress.candidate import apply_candidate
+    from raydist.core.evaluation import calibration_ids
+    from raydist.core.models import load_model, load_tokenizer
+    from raydist.compress.quant.quantization import save_compressed
     from raydist.config import ModelConfig
     from raydist.config.sweep import SearchSpace
 
@@ -357,7 +357,7 @@ def engine_section(
     """Engine-level tokens/s at batch 1 and 16 and perplexity: raydist per artifact, and CTranslate2 int8."""
     import torch
 
-    from raydist.components.evaluation import eval_windows, perplexity_on
+    from raydist.core.evaluation import eval_windows, perplexity_on
     from raydist.serve.engine import BatchGenerator
     from raydist.serve.loading import load_served_model
 

@@ -1,7 +1,7 @@
 """Sweep benchmark: a 16-configuration compression sweep of SmolLM2-135M-Instruct by `raydist sweep`
 (Ray Tune: base model loaded once into the object store, 2 trials at a time, ASHA on growing eval budgets)
 against a naive loop that, for each configuration, reloads the model from disk, compresses it the same way
-(``raydist.components.compression.apply_candidate``), saves it and measures it in full.
+(``raydist.compress.candidate.apply_candidate``), saves it and measures it in full.
 
     .venv/bin/python scripts/bench/sweep.py [--out DIR] [--no-write]
 
@@ -63,12 +63,12 @@ def naive_loop(cfg, out: Path) -> dict:
     """What a user without raydist writes: for each configuration, load, compress, save, measure."""
     import torch
 
-    from raydist.components.compression import apply_candidate, token_rows
-    from raydist.components.evaluation import perplexity_on
-    from raydist.components.models import load_model, load_tokenizer
-    from raydist.components.quantization import save_compressed
-    from raydist.components.data import text_source_ids
-    from raydist.stages.sweep import measure
+    from raydist.compress.candidate import apply_candidate, token_rows
+    from raydist.core.evaluation import perplexity_on
+    from raydist.core.models import load_model, load_tokenizer
+    from raydist.compress.quant.quantization import save_compressed
+    from raydist.core.data import text_source_ids
+    from raydist.sweep.sweep import measure
 
     torch.set_num_threads(2)
     rows, t0 = [], time.time()
@@ -108,7 +108,7 @@ def main() -> None:
     os.chdir(ROOT)
     from raydist.config.loading import config_from_dict
     from raydist.config.sweep import SweepConfig
-    from raydist.stages.sweep import NoCandidateMet, run_sweep
+    from raydist.sweep.sweep import NoCandidateMet, run_sweep
 
     out = (args.out or Path(tempfile.mkdtemp(prefix="raydist-bench-sweep-"))).resolve()
     name = f"sweep-{int(time.time())}"

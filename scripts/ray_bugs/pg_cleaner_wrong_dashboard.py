@@ -12,7 +12,7 @@ Ray Train 2.60's PlacementGroupCleaner asks exactly that about the training cont
 worker ("Destroying worker since its placement group was removed"). We saw it kill a 2-worker fine-tune
 whenever another Ray with a dashboard ran on the machine (a test cluster, another user's Ray).
 
-Workaround in raydist (``raydist.stages.common.embedded_ray_options``): always give the embedded Ray a free
+Workaround in raydist (``raydist.core.runs.embedded_ray_options``): always give the embedded Ray a free
 ``dashboard_port`` of its own, dashboard or not; then the cleaner asks our own (minimal) API server.
 Prints what it found and exits 0 when the bug shows, 1 when it does not (e.g. fixed in a later Ray).
 """

@@ -14,7 +14,7 @@ def ray_session():
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Oversubscribe the 2-core box: two training workers plus Ray Data tasks and Serve/Tune actors.
-    from raydist.stages.common import embedded_ray_options
+    from raydist.core.runs import embedded_ray_options
 
     ray.init(
         **embedded_ray_options(4, metrics=True), log_to_driver=True
@@ -38,6 +38,6 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The real SmolLM2-135M-Instruct (models/smollm2-135m, or RAYDIST_SMOLLM2_DIR), fetched on first use."""
-    from raydist.components.fetch import fetch_smollm2
+    from raydist.core.fetch import fetch_smollm2
 
     return fetch_smollm2(Path(os.environ.get("RAYDIST_SMOLLM2_DIR", REPO / "models" / "smollm2-135m")))

@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 
-from raydist.components.artifact import read_manifest
-from raydist.components.data import IGNORE_INDEX, collate
-from raydist.components.models import load_model
-from raydist.components.progress import read_history
+from raydist.core.artifact import read_manifest
+from raydist.core.data import IGNORE_INDEX, collate
+from raydist.core.models import load_model
+from raydist.core.progress import read_history
 from raydist.config import FinetuneConfig
 from raydist.config.loading import config_from_dict
-from raydist.stages.common import RunDirError
-from raydist.stages.finetune import run_finetune
+from raydist.core.runs import RunDirError
+from raydist.train.finetune import run_finetune
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from raydist.cli import main
-from raydist.components.data import build_datasets
-from raydist.components.models import tiny_tokenizer
+from raydist.core.data import build_datasets
+from raydist.core.models import tiny_tokenizer
 from raydist.config import DataConfig, DataSourceConfig
 
 pytestmark = pytest.mark.integration

@@ -27,8 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from raydist.components.artifact import read_manifest
-from raydist.components.progress import read_history
+from raydist.core.artifact import read_manifest
+from raydist.core.progress import read_history
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ TINY_LORA = str(REPO / "jobs" / "tiny_lora.yaml")
 SWEEP_TINY = str(REPO / "jobs" / "sweep_tiny.yaml")
 
 # A short run that checkpoints, loses a worker and resumes: checkpoint at step 2, the last rank hard-exits at
-# step 4 (raydist.stages.worker._maybe_fault), Ray Train restarts the group from step 2. Why the eval report
+# step 4 (raydist.train.worker._maybe_fault), Ray Train restarts the group from step 2. Why the eval report
 # at step 3 (eval_every=1): Ray Train 2.60 registers a checkpoint only when its controller next polls the
 # workers (every 2 s); a rank that dies before that loses it (scripts/ray_bugs/
 # train_v2_checkpoint_lost_when_worker_dies.py). A worker's next report waits until its previous one was
@@ -357,9 +357,9 @@ def test_sweep_on_declared_gpus_without_cuda_fails_clearly_with_device_auto(ray_
 
 def test_finetune_asking_for_gpus_on_a_cluster_without_any_is_refused(tmp_path):
     """In-process, against the session's local CPU-only Ray (``ray_session``)."""
-    from raydist.components.preflight import PreflightError
+    from raydist.core.preflight import PreflightError
     from raydist.config import load_stage_config
-    from raydist.stages.finetune import run_finetune
+    from raydist.train.finetune import run_finetune
 
     cfg = load_stage_config(TINY_LORA, ["resources.num_gpus=1", f"run.output_dir={tmp_path}", "run.name=gpu"])
     t0 = time.monotonic()

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from raydist.components import storage
+from raydist.core import storage
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,7 +139,7 @@ def test_artifact_served_straight_from_the_bucket(trained):
 
     from raydist.config import ServeConfig
     from raydist.serve.app import run_serve
-    from raydist.stages.common import free_port
+    from raydist.core.runs import free_port
 
     port = free_port()
     cfg = ServeConfig(

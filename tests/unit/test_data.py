@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from raydist.components.data import (
+from raydist.core.data import (
     IGNORE_INDEX,
     DataError,
     build_datasets,

@@ -1,6 +1,6 @@
 import pytest
 
-from raydist.components.preflight import PreflightError, preflight_distill
+from raydist.core.preflight import PreflightError, preflight_distill
 from raydist.config import ConfigError, DistillConfig
 from raydist.config.loading import config_from_dict
 

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from raydist.components.data import pydoc_topics_text
-from raydist.components.evaluation import calibration_ids, eval_windows, generation_speed, model_size, perplexity_on
-from raydist.components.models import count_parameters, load_model
-from raydist.components.quantization import quantize_model, save_compressed
+from raydist.core.data import pydoc_topics_text
+from raydist.core.evaluation import calibration_ids, eval_windows, generation_speed, model_size, perplexity_on
+from raydist.core.models import count_parameters, load_model
+from raydist.compress.quant.quantization import quantize_model, save_compressed
 from raydist.config import ModelConfig
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
@@ -71,7 +71,7 @@ def test_perplexity_on_equals_a_hand_computation_and_honours_the_budget():
 
 
 def test_growing_budgets_score_each_window_once_and_match_separate_calls():
-    from raydist.components.evaluation import IncrementalPerplexity
+    from raydist.core.evaluation import IncrementalPerplexity
 
     model = tiny_model()
     windows = torch.randint(4, 512, (4, 10), generator=torch.Generator().manual_seed(4))
@@ -123,8 +123,8 @@ def test_model_size_counts_logical_parameters_nonzeros_and_disk_bytes(tmp_path, 
 
 
 def test_task_metrics_score_only_answer_tokens_whatever_the_batching(tiny_tokenizer):
-    from raydist.components.data import DataSourceConfig, tokenize_source
-    from raydist.components.evaluation import task_metrics
+    from raydist.core.data import DataSourceConfig, tokenize_source
+    from raydist.core.evaluation import task_metrics
 
     model = load_model(ModelConfig(path="tiny-random", tiny=TINY), seed=0).eval()
     records = [{"instruction": f"Add {i} and {i + 1}.", "output": f"The sum is {2 * i + 1}."} for i in range(5)]

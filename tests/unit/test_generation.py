@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from raydist.components.data import DataError
-from raydist.components.generation import generate_answers, prompt_records, render_prompt
-from raydist.components.models import load_model
+from raydist.core.data import DataError
+from raydist.distill.generation import generate_answers, prompt_records, render_prompt
+from raydist.core.models import load_model
 from raydist.config import ModelConfig
 
 

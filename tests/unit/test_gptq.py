@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from raydist.components.gptq import _gptq_weight
-from raydist.components.models import load_model
-from raydist.components.quantization import (
+from raydist.compress.quant.gptq import _gptq_weight
+from raydist.core.models import load_model
+from raydist.compress.quant.quantization import (
     int4_minmax_qparams,
     int4_round,
     load_compressed,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from raydist.components.kd_losses import (
+from raydist.distill.losses import (
     HiddenProjection,
     default_layer_mapping,
     hidden_state_loss,

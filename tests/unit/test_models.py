@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from raydist.components.models import (
+from raydist.core.models import (
     ModelSourceError,
     count_parameters,
     load_model,

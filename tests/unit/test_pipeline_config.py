@@ -11,7 +11,7 @@ from raydist.config import ConfigError, PipelineConfig, load_stage_config, stage
 from raydist.config.loading import config_from_dict
 from raydist.config.pipeline import join_location, references
 from raydist.jobs.pipeline import format_summary, plan_pipeline, preflight_pipeline, resolve_stage
-from raydist.stages.common import RunDirError
+from raydist.core.runs import RunDirError
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = {"train": {"builtin": "pydoc_topics", "max_tokens": 4000}, "seq_len": 64}
@@ -163,7 +163,7 @@ def test_references_resolve_to_the_planned_artifacts(tmp_path):
 def _finish(tmp_path, cfg, stage):
     """What a finished stage leaves: its run dir's config.yaml and an artifact with raydist.json."""
     from raydist.config.loading import dump_config
-    from raydist.stages.common import with_absolute_paths
+    from raydist.core.runs import with_absolute_paths
 
     run_dir = tmp_path / "chain" / stage
     (run_dir / "artifact").mkdir(parents=True)

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from raydist.cli import main
-from raydist.components.preflight import PreflightError, preflight_finetune
+from raydist.core.preflight import PreflightError, preflight_finetune
 from raydist.config import FinetuneConfig
 from raydist.config.loading import config_from_dict, dump_config
 

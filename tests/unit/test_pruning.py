@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydist.components.models import count_parameters, load_model
-from raydist.components.pruning import (
+from raydist.core.models import count_parameters, load_model
+from raydist.compress.structured import (
     Importance,
     collect_importance,
     drop_layers,
@@ -369,7 +369,7 @@ def test_missing_importance_fields_raise_before_any_cut():
 def test_smollm2_mlp_pruning_by_activation_keeps_perplexity_sane(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydist.components.data import pydoc_topics_text
+    from raydist.core.data import pydoc_topics_text
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(SMOLLM2)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from raydist.components.models import load_model
-from raydist.components.quantization import (
+from raydist.core.models import load_model
+from raydist.compress.quant.quantization import (
     SCHEMES,
     QuantizedLinear,
     check_scheme,

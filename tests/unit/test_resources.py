@@ -2,11 +2,11 @@
 
 import pytest
 
-from raydist.components.preflight import PreflightError
+from raydist.core.preflight import PreflightError
 from raydist.config import FinetuneConfig, GenerateConfig, ServeConfig, SweepConfig
 from raydist.config.base import ResourceSettings
 from raydist.config.loading import ConfigError, config_from_dict
-from raydist.stages.resources import SKIP_CHECK_ENV, plan_units
+from raydist.core.resources import SKIP_CHECK_ENV, plan_units
 
 FT = {"model": {"path": "tiny-random"}, "data": {"train": {"builtin": "pydoc_topics"}}, "run": {"name": "x"}}
 CPU_NODES = [{"id": "head", "resources": {"CPU": 2}}, {"id": "w1", "resources": {"CPU": 3}}]

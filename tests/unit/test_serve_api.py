@@ -10,7 +10,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from raydist.components.models import load_model
+from raydist.core.models import load_model
 from raydist.config import ModelConfig
 from raydist.config.serve import LimitSettings
 from raydist.serve.engine import BatchGenerator

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raydist.components.models import load_model
+from raydist.core.models import load_model
 from raydist.config import ModelConfig
 from raydist.serve.engine import BatchGenerator, GenerationRequest, SamplingParams, _TextTracker
 

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from raydist.components.models import load_model
-from raydist.components.sparsity import (
+from raydist.core.models import load_model
+from raydist.compress.unstructured import (
     check_nm,
     magnitude_prune,
     parse_pattern,
@@ -340,7 +340,7 @@ def test_true_sequential_measures_each_sublayer_after_the_earlier_ones_are_prune
 def test_sparsegpt_on_stacked_rows_equals_one_matrix_at_a_time():
     """q/k/v (and gate/up) share one Hessian and are swept together; rows never interact, so the result
     must equal pruning each matrix alone."""
-    from raydist.components.sparsity import _sparsegpt_weight
+    from raydist.compress.unstructured import _sparsegpt_weight
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(256, 16, generator=g) @ torch.randn(16, 16, generator=g)  # correlated inputs

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from raydist.components.compression import (
+from raydist.compress.candidate import (
     CandidateError,
     apply_candidate,
     block_parameter_split,
@@ -15,9 +15,9 @@ from raydist.components.compression import (
     structured_plan,
     token_rows,
 )
-from raydist.components.models import load_model
-from raydist.components.pareto import choose_winner, dominates, pareto_front
-from raydist.components.sparsity import check_nm, prunable_linears
+from raydist.core.models import load_model
+from raydist.compress.pareto import choose_winner, dominates, pareto_front
+from raydist.compress.unstructured import check_nm, prunable_linears
 from raydist.config import ModelConfig
 from raydist.config.loading import ConfigError, config_from_dict
 from raydist.config.sweep import SweepConfig
@@ -252,9 +252,9 @@ def test_int4_algorithm_and_qat_collapse_where_they_do_not_apply():
 
 
 def test_lm_head_and_smoothing_knobs_apply_to_the_int8_schemes_only(tiny_tokenizer):
-    from raydist.components.compression import apply_candidate
-    from raydist.components.models import load_model
-    from raydist.components.quantization import QuantizedLinear
+    from raydist.compress.candidate import apply_candidate
+    from raydist.core.models import load_model
+    from raydist.compress.quant.quantization import QuantizedLinear
     from raydist.config import ModelConfig
 
     cfg = sweep_cfg(
@@ -285,8 +285,8 @@ def test_lm_head_and_smoothing_knobs_apply_to_the_int8_schemes_only(tiny_tokeniz
 
 
 def test_qat_recovery_trains_against_the_grid_the_int4_model_is_stored_on():
-    from raydist.components.qat import fake_quantized, int4_grids
-    from raydist.components.quantization import quantize_model, quantized_layers
+    from raydist.compress.quant.qat import fake_quantized, int4_grids
+    from raydist.compress.quant.quantization import quantize_model, quantized_layers
 
     teacher = tiny_model()
     calib = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))
@@ -342,7 +342,7 @@ def test_asha_never_stops_a_candidate_that_still_meets_the_policy():
 
     from ray.tune.schedulers import ASHAScheduler
 
-    from raydist.stages.sweep import policy_aware_asha
+    from raydist.sweep.sweep import policy_aware_asha
 
     def run(scheduler):
         actions = {}
@@ -367,7 +367,7 @@ def test_every_searcher_samples_every_knob():
     """Optuna's space holds every knob of the search space (the int8 head and SmoothQuant alpha included), so
     values a user lists are searched, not replaced by the defaults normalize_candidate fills in."""
     from raydist.config.sweep import KNOBS
-    from raydist.stages.sweep import _search
+    from raydist.sweep.sweep import _search
 
     cfg = config_from_dict(
         SweepConfig,

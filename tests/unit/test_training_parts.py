@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from raydist.components.progress import read_history
-from raydist.components.training import deepspeed_config, lr_lambda, param_groups
+from raydist.core.progress import read_history
+from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups
 from raydist.config import DeepSpeedSettings, OptimConfig
 
 

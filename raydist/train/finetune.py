@@ -24,20 +24,20 @@ from typing import Any
 
 import torch
 
-from raydist.components.artifact import write_manifest
-from raydist.components.export import export_artifact, logits_of, peft_lora_config, probe_batch
-from raydist.components.models import (
+from raydist.core.artifact import write_manifest
+from raydist.train.export import export_artifact, logits_of, peft_lora_config, probe_batch
+from raydist.core.models import (
     hash_model_source,
     load_model,
     load_model_config,
     load_tokenizer,
     resolve_model_source,
 )
-from raydist.components.preflight import preflight_finetune
-from raydist.components.progress import console
-from raydist.components.training import apply_dropout, seed_everything
+from raydist.core.preflight import preflight_finetune
+from raydist.core.progress import console
+from raydist.train.plumbing import apply_dropout, seed_everything
 from raydist.config.finetune import FinetuneConfig
-from raydist.stages.common import (
+from raydist.core.runs import (
     finish_run,
     open_run_dir,
     plan_training,
@@ -45,7 +45,7 @@ from raydist.stages.common import (
     train_on_ray,
     with_absolute_paths,
 )
-from raydist.stages.worker import TrainingSession
+from raydist.train.worker import TrainingSession
 
 ARTIFACT_DIR = "artifact"
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydist.components.data import pydoc_topics_text, text_token_stream
-from raydist.components.training import perplexity, sum_nll
+from raydist.core.data import pydoc_topics_text, text_token_stream
+from raydist.train.plumbing import perplexity, sum_nll
 
 
 def _stream(tokenizer, start: int, n: int) -> list[int]:
@@ -152,7 +152,7 @@ def task_metrics(
     Raises:
         ValueError: no examples, or no answer token to score.
     """
-    from raydist.components.data import collate
+    from raydist.core.data import collate
 
     if not examples:
         raise ValueError("task_metrics needs at least one example")
@@ -308,7 +308,7 @@ def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[st
         (distinct parameters + persistent buffers), and with ``path`` ``disk_weight_bytes`` (the
         ``*.safetensors`` files) and ``disk_bytes`` (all files but the manifest).
     """
-    from raydist.components.quantization import QuantizedLinear
+    from raydist.compress.quant.quantization import QuantizedLinear
 
     tensors: dict[int, torch.Tensor] = {}
     for p in model.parameters():
@@ -329,7 +329,7 @@ def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[st
         "memory_bytes": sum(t.numel() * t.element_size() for t in seen.values()),
     }
     if path is not None:
-        from raydist.components.artifact import bytes_on_disk, weight_bytes
+        from raydist.core.artifact import bytes_on_disk, weight_bytes
 
         out["disk_weight_bytes"] = weight_bytes(path)
         out["disk_bytes"] = bytes_on_disk(path)

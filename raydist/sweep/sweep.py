@@ -36,10 +36,10 @@ from typing import Any, Optional
 
 import torch
 
-from raydist.components import storage
-from raydist.components.artifact import read_manifest, write_json_atomic
-from raydist.components.progress import console
-from raydist.components.storage import Mirror
+from raydist.core import storage
+from raydist.core.artifact import read_manifest, write_json_atomic
+from raydist.core.progress import console
+from raydist.core.storage import Mirror
 from raydist.config.sweep import KNOBS, SweepConfig
 
 ARTIFACT_DIR = "artifact"
@@ -61,7 +61,7 @@ def run_sweep(cfg: SweepConfig, *, verbose: bool = True) -> Path:
         PreflightError / ConfigError / RunDirError: before any trial starts.
         NoCandidateMet: after the sweep, when no candidate met the policy (``sweep_report.json`` says why).
     """
-    from raydist.stages.common import open_run_dir, with_absolute_paths
+    from raydist.core.runs import open_run_dir, with_absolute_paths
 
     say = print if verbose else (lambda *a, **k: None)
     cfg = with_absolute_paths(cfg)
@@ -71,8 +71,8 @@ def run_sweep(cfg: SweepConfig, *, verbose: bool = True) -> Path:
         say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new sweep'})")
         return _finetune_sweep(cfg, run_dir, resuming, say)
     candidates = preflight_sweep(cfg)
-    from raydist.stages.common import init_ray
-    from raydist.stages.resources import plan_units
+    from raydist.core.runs import init_ray
+    from raydist.core.resources import plan_units
 
     plans = []
 
@@ -95,10 +95,10 @@ def preflight_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
         PreflightError: unknown model, an unsupported scheme / group size, a structured request the model
             cannot meet.
     """
-    from raydist.components import quantization
-    from raydist.components.compression import CandidateError, structured_plan
-    from raydist.components.models import load_model_config, resolve_model_source
-    from raydist.components.preflight import PreflightError
+    from raydist.compress.quant import quantization
+    from raydist.compress.candidate import CandidateError, structured_plan
+    from raydist.core.models import load_model_config, resolve_model_source
+    from raydist.core.preflight import PreflightError
 
     resolve_model_source(cfg.model)  # ModelSourceError names the problem
     config = load_model_config(cfg.model)
@@ -125,9 +125,9 @@ def preflight_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
 
 def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[str, Any]:
     """Tensors every trial needs, prepared once (they travel through the object store)."""
-    from raydist.components.compression import token_rows
-    from raydist.components.data import text_source_ids
-    from raydist.components.preflight import PreflightError
+    from raydist.compress.candidate import token_rows
+    from raydist.core.data import text_source_ids
+    from raydist.core.preflight import PreflightError
 
     ev = cfg.eval
     eval_ids = text_source_ids(ev.data, tokenizer)
@@ -139,7 +139,7 @@ def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[s
     calibration = token_rows(calib_ids, ev.calibration_seq_len, ev.calibration_sequences)
     shared: dict[str, Any] = {"windows": windows, "calibration": calibration}
     if ev.task is not None:
-        from raydist.components.data import detect_format, load_records, tokenize_source
+        from raydist.core.data import detect_format, load_records, tokenize_source
 
         records = load_records(ev.task)
         fmt = detect_format(records, ev.task)
@@ -155,7 +155,7 @@ def _shared_inputs(cfg: SweepConfig, tokenizer, base, candidates, say) -> dict[s
         rc = cfg.recovery
         shared["recovery_ids"] = token_rows(text_source_ids(rc.data, tokenizer), rc.seq_len)
     if any(c["structured"] > 0 for c in candidates):
-        from raydist.components.pruning import collect_importance
+        from raydist.compress.structured import collect_importance
 
         t = time.time()
         shared["importance"] = collect_importance(base, [calibration])
@@ -198,7 +198,7 @@ def model_from_payload(payload: dict[str, Any], device: str = "cpu"):
 def measure(model, tokenizer, cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
     """Generation speed through the serving engine (what ``raydist serve`` runs, with the model's real kernels
     on its device) and, given an artifact, its sizes."""
-    from raydist.components.evaluation import generation_speed, model_size
+    from raydist.core.evaluation import generation_speed, model_size
 
     out = model_size(model, artifact_dir) if artifact_dir is not None else {}
     for b in cfg_eval.latency_batch_sizes:
@@ -220,11 +220,11 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     """One Tune trial: compress a copy of the base model as ``config["candidate"]`` says, save, measure."""
     import ray.tune
 
-    from raydist.components.compression import apply_candidate
-    from raydist.components.evaluation import IncrementalPerplexity
-    from raydist.components.quantization import save_compressed
+    from raydist.compress.candidate import apply_candidate
+    from raydist.core.evaluation import IncrementalPerplexity
+    from raydist.compress.quant.quantization import save_compressed
     from raydist.config.sweep import EvalSettings, RecoverySettings, normalize_candidate
-    from raydist.stages.resources import assigned_accelerators, unit_device
+    from raydist.core.resources import assigned_accelerators, unit_device
 
     started = time.time()
     torch.set_num_threads(max(1, int(config["threads"])))
@@ -272,7 +272,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
     (trial_dir / "compression.json").write_text(json.dumps(report, indent=2, default=str))
     trial.push("compression.json")
     trial.push(ARTIFACT_DIR)
-    from raydist.components.evaluation import model_size
+    from raydist.core.evaluation import model_size
 
     metrics = model_size(model, art)
     metrics.update(
@@ -318,7 +318,7 @@ def compress_trial(config: dict[str, Any], payload=None, shared=None) -> None:
 
 def _task(model, shared: dict[str, Any]) -> dict[str, Any]:
     """The optional task metric (``eval.task``) on the full-eval rung; {} when none is configured."""
-    from raydist.components.evaluation import task_metrics
+    from raydist.core.evaluation import task_metrics
 
     if not shared.get("task"):
         return {}
@@ -397,8 +397,8 @@ def _finetune_trials_that_fit(wanted: int, cpus_per_trial: float, say) -> int:
     """
     import ray
 
-    from raydist.components.preflight import PreflightError
-    from raydist.stages.resources import SKIP_CHECK_ENV
+    from raydist.core.preflight import PreflightError
+    from raydist.core.resources import SKIP_CHECK_ENV
 
     if os.environ.get(SKIP_CHECK_ENV) == "1":
         return wanted
@@ -506,8 +506,8 @@ def _compress_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, candidate
     import ray
     from ray import tune
 
-    from raydist.components.models import hash_model_source, load_model, load_tokenizer, resolve_model_source
-    from raydist.stages.common import StageFailed
+    from raydist.core.models import hash_model_source, load_model, load_tokenizer, resolve_model_source
+    from raydist.core.runs import StageFailed
 
     tokenizer = load_tokenizer(cfg.model)
     t0 = time.time()
@@ -613,10 +613,10 @@ def measure_base(payload, shared, eval_json, device_setting: str, threads: int, 
     """The base model measured as a trial measures a candidate (runs as a Ray task with a trial's resources)."""
     from transformers import AutoTokenizer
 
-    from raydist.components.evaluation import IncrementalPerplexity
-    from raydist.components.quantization import save_compressed
+    from raydist.core.evaluation import IncrementalPerplexity
+    from raydist.compress.quant.quantization import save_compressed
     from raydist.config.sweep import EvalSettings
-    from raydist.stages.resources import assigned_accelerators, unit_device
+    from raydist.core.resources import assigned_accelerators, unit_device
 
     ev = EvalSettings.model_validate(eval_json)
     device = unit_device(device_setting, "sweep base measurement").type
@@ -639,9 +639,9 @@ def measure_base(payload, shared, eval_json, device_setting: str, threads: int, 
 
 def remeasure_winner(artifact: str, windows, device_setting: str) -> float:
     """Perplexity of an exported artifact after a reload (a Ray task with a trial's resources)."""
-    from raydist.components.evaluation import perplexity_on
-    from raydist.components.quantization import load_compressed
-    from raydist.stages.resources import unit_device
+    from raydist.core.evaluation import perplexity_on
+    from raydist.compress.quant.quantization import load_compressed
+    from raydist.core.resources import unit_device
 
     device = unit_device(device_setting, "sweep winner check").type
     return perplexity_on(load_compressed(artifact, device=device), windows.to(device))
@@ -695,8 +695,8 @@ def _rows(grid, base_ppl: float, full_budget: int) -> list[dict[str, Any]]:
 def _finish(cfg, run_dir: Mirror, rows, base_m, wall, parent, shared, remeasure, say):
     import ray
 
-    from raydist.components.artifact import write_manifest
-    from raydist.components.pareto import choose_winner, pareto_front, plot_pareto
+    from raydist.core.artifact import write_manifest
+    from raydist.compress.pareto import choose_winner, pareto_front, plot_pareto
 
     done = [r for r in rows if r["status"] == "completed"]
     front = [done[i]["trial_id"] for i in pareto_front(done)]
@@ -833,7 +833,7 @@ def finetune_trial(config: dict[str, Any]) -> None:
 
     from raydist.config.finetune import FinetuneConfig
     from raydist.config.loading import apply_overrides, config_from_dict
-    from raydist.stages.finetune import run_finetune
+    from raydist.train.finetune import run_finetune
 
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = [f"{k}={v}" for k, v in sorted(config["overrides"].items())]
@@ -858,14 +858,14 @@ def _finetune_sweep(cfg: SweepConfig, run_dir: Mirror, resuming: bool, say):
 
     from ray import tune
 
-    from raydist.components.artifact import write_manifest
-    from raydist.components.preflight import preflight_finetune
-    from raydist.stages.common import init_ray
+    from raydist.core.artifact import write_manifest
+    from raydist.core.preflight import preflight_finetune
+    from raydist.core.runs import init_ray
 
     preflight_finetune(cfg.finetune)
     space = cfg.finetune_space.overrides()
     if any(k.startswith("lora.") for k in space) and not cfg.finetune.lora.enabled:
-        from raydist.components.preflight import PreflightError
+        from raydist.core.preflight import PreflightError
 
         raise PreflightError("finetune_space sweeps LoRA settings but finetune.lora.enabled is false")
     combos = [dict(zip(space, vals)) for vals in itertools.product(*space.values())]

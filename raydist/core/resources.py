@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from raydist.components.preflight import PreflightError
+from raydist.core.preflight import PreflightError
 
 # On an autoscaling cluster the GPU nodes a job needs may not be up yet when it starts: this switches the
 # placement check off (Ray then waits for the autoscaler instead of the check refusing the job).

@@ -103,7 +103,7 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: the directory is not a raydist artifact.
     """
-    from raydist.components import storage
+    from raydist.core import storage
 
     if storage.is_uri(artifact_dir):
         loc = storage.join(artifact_dir, MANIFEST)

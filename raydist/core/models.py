@@ -16,7 +16,7 @@ from typing import Literal, Optional
 
 import torch
 
-from raydist.components.storage import is_uri, local_copy, on_this_node
+from raydist.core.storage import is_uri, local_copy, on_this_node
 from raydist.config.base import ModelConfig, TinyModelSpec
 
 TINY_RANDOM = "tiny-random"
@@ -241,7 +241,7 @@ def _build_tiny_tokenizer(target: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from raydist.components.data import pydoc_topics_text
+    from raydist.core.data import pydoc_topics_text
 
     specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]  # ids 0..3: pad, bos, eos, chat start
     tok = Tokenizer(models.BPE())

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from raydist.components import storage
-from raydist.components.data import DataError, detect_format, load_records
-from raydist.components.preflight import preflight_generate
-from raydist.components.generation import generate_answers, prompt_records, render_prompt
-from raydist.components.models import load_model, load_tokenizer
+from raydist.core import storage
+from raydist.core.data import DataError, detect_format, load_records
+from raydist.core.preflight import preflight_generate
+from raydist.distill.generation import generate_answers, prompt_records, render_prompt
+from raydist.core.models import load_model, load_tokenizer
 from raydist.config.generate import GenerateConfig
-from raydist.stages.common import init_ray, with_absolute_paths
-from raydist.stages.resources import plan_units, unit_device
+from raydist.core.runs import init_ray, with_absolute_paths
+from raydist.core.resources import plan_units, unit_device
 
 
 class AnswerWriter:

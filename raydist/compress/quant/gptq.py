@@ -4,12 +4,12 @@ Round-to-nearest quantizes every weight on its own. GPTQ quantizes the columns o
 and spreads each column's rounding error over the columns not yet quantized, weighted by the inverse
 Hessian of the layer's reconstruction loss ``H = 2 X^T X / N`` (X = the layer's calibration inputs),
 so the layer's *output* on the calibration text is preserved rather than each weight. It is the same
-Optimal-Brain-Surgeon sweep as SparseGPT (``raydist.components.sparsity``), with "round to the grid"
+Optimal-Brain-Surgeon sweep as SparseGPT (``raydist.compress.unstructured``), with "round to the grid"
 in place of "set to zero", and it reuses that module's calibration machinery: block-by-block inputs
 through the already-quantized earlier blocks, one Hessian per group of linears reading the same input,
 the damped upper Cholesky factor of ``H^-1``, and the single-thread CPU sweep.
 
-The result is in the int4 format of ``raydist.components.quantization`` (PyTorch's tinygemm
+The result is in the int4 format of ``raydist.compress.quant.quantization`` (PyTorch's tinygemm
 convention, ``w ≈ (q - 8) * scale + zero`` per row and group of ``group_size`` input channels), so a
 GPTQ model is saved, reloaded and served like any other int4 model.
 
@@ -44,8 +44,8 @@ def _gptq_weight(
         ``codes`` [out, in] uint8 in [0, 15], ``scale`` / ``zero`` [out, in // group_size] float32 and the
         dequantized weight [out, in] (what the quantized layer computes with).
     """
-    from raydist.components.quantization import int4_dequant, int4_minmax_qparams, int4_round
-    from raydist.components.sparsity import _upper_cholesky_of_inverse
+    from raydist.compress.quant.quantization import int4_dequant, int4_minmax_qparams, int4_round
+    from raydist.compress.unstructured import _upper_cholesky_of_inverse
 
     out, cols = W.shape
     dead = torch.diagonal(H) == 0
@@ -123,8 +123,8 @@ def gptq_quantize_weights(
         ``{"codes": {name: (packed uint8 [N, K/2], scale [N, G], zero [N, G])}, "calibration_tokens",
         "seconds"}``: the canonical int4 data of every listed linear (``QuantizedLinear``'s buffers).
     """
-    from raydist.components.quantization import pack_int4
-    from raydist.components.sparsity import _Hessian, _one_cpu_thread, _prune_sequentially
+    from raydist.compress.quant.quantization import pack_int4
+    from raydist.compress.unstructured import _Hessian, _one_cpu_thread, _prune_sequentially
 
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from raydist.components.quantization import int4_on_grid, quantize_model, quantized_layers
+from raydist.compress.quant.quantization import int4_on_grid, quantize_model, quantized_layers
 
 Grids = dict[str, tuple[torch.Tensor, torch.Tensor]]
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydist.components.kd_losses import teacher_topk
+from raydist.distill.losses import teacher_topk
 
 CACHE_MANIFEST = "cache.json"
 CACHE_FORMAT = 1

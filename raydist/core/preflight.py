@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from raydist.components.data import DataError, detect_format, load_records
-from raydist.components.export import missing_lora_targets
-from raydist.components.models import load_model_config, load_tokenizer, resolve_model_source
+from raydist.core.data import DataError, detect_format, load_records
+from raydist.train.export import missing_lora_targets
+from raydist.core.models import load_model_config, load_tokenizer, resolve_model_source
 from raydist.config.finetune import FinetuneConfig
 
 
@@ -114,7 +114,7 @@ def preflight_generate(cfg) -> PreflightReport:
         raise PreflightError(f"prompts: {e}") from None
     if fmt == "text":
         raise PreflightError("prompts: text data has no prompts; use instruction or chat records")
-    from raydist.components import storage
+    from raydist.core import storage
 
     if storage.exists(cfg.output if storage.is_uri(cfg.output) else Path(cfg.output).expanduser()):
         raise PreflightError(f"output {cfg.output} exists; choose another path (nothing is overwritten)")

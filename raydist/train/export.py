@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from raydist.components.models import count_parameters, make_shareable, save_model_dir
+from raydist.core.models import count_parameters, make_shareable, save_model_dir
 from raydist.config.base import LoraSettings
 
 

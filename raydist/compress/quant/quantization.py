@@ -635,9 +635,9 @@ def quantize_model(
         smoothing_alpha: SmoothQuant's migration strength in [0, 1].
         int4_algorithm: ``int4_weight_only``: how scales/zeros are chosen, ``INT4_ALGORITHMS`` (see there:
             ``"hqq"`` is markedly better on SmolLM2 but takes seconds per layer on CPU; ``"gptq"``
-            compensates each column's rounding error on the calibration text, ``raydist.components.gptq``).
+            compensates each column's rounding error on the calibration text, ``raydist.compress.quant.gptq``).
         int4_grids: int4 only: a fixed ``(scale, zero)`` grid per layer name (what quantization-aware
-            training trained against, ``raydist.components.qat``): each weight is rounded to its layer's
+            training trained against, ``raydist.compress.quant.qat``): each weight is rounded to its layer's
             grid instead of choosing one. Every quantized layer must have one, with this group size.
         gptq: options for ``gptq.gptq_quantize_weights`` (``percdamp``, ``actorder``, ``blocksize``,
             ``true_sequential``).
@@ -702,7 +702,7 @@ def quantize_model(
     w_maxima = {n: model.get_submodule(n).weight.detach().float().abs().amax(dim=0).cpu() for n in act_max}
     gptq_report: dict[str, Any] = {}
     if use_gptq:
-        from raydist.components.gptq import gptq_quantize_weights
+        from raydist.compress.quant.gptq import gptq_quantize_weights
 
         # lm_head (include_lm_head) is outside the blocks GPTQ walks: it gets min/max rounding.
         sizes = {n: pick_group_size(model.get_submodule(n).in_features, group_size) for n in names if n != "lm_head"}
@@ -885,8 +885,8 @@ def save_compressed(
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
     """
-    from raydist.components.artifact import write_manifest
-    from raydist.components.models import make_shareable
+    from raydist.core.artifact import write_manifest
+    from raydist.core.models import make_shareable
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -921,7 +921,7 @@ def save_compressed(
         cfg["quantization_config"] = {
             "quant_method": "raydist",
             "scheme": quant_block["scheme"],
-            "load_with": "raydist.components.quantization.load_compressed",
+            "load_with": "raydist.compress.quant.quantization.load_compressed",
         }
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
         gen = getattr(model, "generation_config", None)
@@ -937,7 +937,7 @@ def save_compressed(
         extra["quantization"] = quant_block
     elif report and any(k in report for k in ("sparsity", "pattern")):
         extra["compression"]["bytes_shrink"] = False  # unstructured zeros are stored dense
-    from raydist.components.models import count_parameters
+    from raydist.core.models import count_parameters
 
     # Logical parameter count: a quantized layer's weight is a buffer, but it still stands for N*K weights.
     n_params = count_parameters(model) + sum(m.in_features * m.out_features for m in qlayers.values())

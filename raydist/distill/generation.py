@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from raydist.components.data import DataError, expand_instruction_records, instruction_to_messages
+from raydist.core.data import DataError, expand_instruction_records, instruction_to_messages
 
 
 def prompt_records(records: Sequence[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:

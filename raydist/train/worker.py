@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from raydist.components.data import IGNORE_INDEX, collate, iter_rows
-from raydist.components.progress import ProgressPrinter, append_jsonl, console
-from raydist.components.storage import Mirror
-from raydist.components.training import (
+from raydist.core.data import IGNORE_INDEX, collate, iter_rows
+from raydist.core.progress import ProgressPrinter, append_jsonl, console
+from raydist.core.storage import Mirror
+from raydist.train.plumbing import (
     deepspeed_config,
     lr_lambda,
     param_groups,
@@ -47,8 +47,8 @@ class TrainingSession:
     def __init__(self, config: dict[str, Any], cfg, pad_id: int):
         import ray.train
 
-        from raydist.stages.common import quiet_ray_worker_logs
-        from raydist.stages.resources import unit_device
+        from raydist.core.runs import quiet_ray_worker_logs
+        from raydist.core.resources import unit_device
 
         quiet_ray_worker_logs()  # Ray Train's "Reporting training result ..." only with --verbose
 
@@ -230,7 +230,7 @@ class TrainingSession:
         """Record where every rank runs (node, pid, device, GPU ids) in metrics.jsonl (a collective)."""
         import torch.distributed as dist
 
-        from raydist.stages.resources import assigned_accelerators
+        from raydist.core.resources import assigned_accelerators
 
         mine = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), **assigned_accelerators()}
         everyone: list[Any] = [None] * self.world
@@ -294,7 +294,7 @@ class TrainingSession:
 
     def summary_metrics(self) -> dict[str, Any]:
         """Before/after eval metrics and throughput from this run's history (rank 0)."""
-        from raydist.components.progress import read_history
+        from raydist.core.progress import read_history
 
         history = read_history(self.run_dir / "metrics.jsonl")
         evals = [h for h in history if "eval_loss" in h]

@@ -24,18 +24,18 @@ from typing import Any
 
 import torch
 
-from raydist.components import storage
-from raydist.components.artifact import write_manifest
-from raydist.components.storage import Mirror, local_copy
-from raydist.components.export import export_artifact, logits_of, probe_batch
-from raydist.components.kd_losses import (
+from raydist.core import storage
+from raydist.core.artifact import write_manifest
+from raydist.core.storage import Mirror, local_copy
+from raydist.train.export import export_artifact, logits_of, probe_batch
+from raydist.distill.losses import (
     HiddenProjection,
     default_layer_mapping,
     hidden_state_loss,
     kd_loss_on_rows,
     topk_kd_loss_on_rows,
 )
-from raydist.components.models import (
+from raydist.core.models import (
     hash_model_source,
     load_model,
     load_model_config,
@@ -45,13 +45,13 @@ from raydist.components.models import (
     save_model_dir,
     tiny_llama_config,
 )
-from raydist.components.preflight import preflight_distill
-from raydist.components.progress import console, read_history
-from raydist.components.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
-from raydist.components.training import perplexity, seed_everything
+from raydist.core.preflight import preflight_distill
+from raydist.core.progress import console, read_history
+from raydist.distill.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
+from raydist.train.plumbing import perplexity, seed_everything
 from raydist.config.base import ModelConfig
 from raydist.config.distill import DistillConfig
-from raydist.stages.common import (
+from raydist.core.runs import (
     finish_run,
     open_run_dir,
     plan_training,
@@ -59,7 +59,7 @@ from raydist.stages.common import (
     train_on_ray,
     with_absolute_paths,
 )
-from raydist.stages.worker import TrainingSession
+from raydist.train.worker import TrainingSession
 
 ARTIFACT_DIR = "artifact"
 STUDENT_INIT = "student_init"
@@ -118,7 +118,7 @@ def build_student(cfg: DistillConfig, run_dir: Mirror, tokenizer, say):
         torch.manual_seed(cfg.train.seed)
         student = AutoModelForCausalLM.from_config(tiny_llama_config(cfg.student.tiny, vocab_size=vocab))
     else:
-        from raydist.components.pruning import collect_importance, prune_model
+        from raydist.compress.structured import collect_importance, prune_model
 
         student = load_model(cfg.teacher).eval()
         batches = _calibration_batches(run_dir.local, cfg.student.prune.calibration_batches, tokenizer.pad_token_id)
@@ -149,7 +149,7 @@ class TeacherTopK:
     """A Ray Data actor holding one teacher replica; turns token rows into rows with top-k columns."""
 
     def __init__(self, cfg_json: dict[str, Any]):
-        from raydist.stages.resources import unit_device
+        from raydist.core.resources import unit_device
 
         cfg = DistillConfig.model_validate(cfg_json)
         self.k, self.temperature = cfg.kd.top_k, cfg.kd.temperature
@@ -188,8 +188,8 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
     import pyarrow.parquet as pq
     import ray
 
-    from raydist.stages.common import init_ray, read_parquet
-    from raydist.stages.resources import plan_units
+    from raydist.core.runs import init_ray, read_parquet
+    from raydist.core.resources import plan_units
 
     src = resolve_model_source(cfg.teacher)
     key = cache_key(

@@ -1,1 +1,0 @@
-"""Pure torch / transformers building blocks. Nothing under this package imports Ray (a test pins it)."""

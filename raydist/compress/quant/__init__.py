@@ -1,0 +1,1 @@
+"""Weight quantization: the int8/int4 layer and on-disk format, GPTQ, QAT."""
