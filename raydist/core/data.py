@@ -346,3 +346,12 @@ def iter_rows(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def count_target_tokens(labels: torch.Tensor) -> int:
     """Tokens that carry loss after the model's one-position shift (labels[:, 1:] != -100)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation followed by the assistant generation prompt."""
+    if tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -9,25 +9,21 @@ way, so their numbers compare:
              on 4,096 tokens / 512-token windows);
 * calibration — token windows taken far after the evaluation text (``start=50_000``), so no method sees
              the evaluation tokens;
-* speed    — greedy generation of exactly ``new_tokens`` tokens with ``model.generate`` on the model's own
-             device and kernels;
+* speed    — ``raydist.sweep.speed.generation_speed`` (it runs the serving engine, which lives above core/);
 * size     — parameters, non-zero parameters, bytes of the weights in memory and on disk.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raydist.core.data import pydoc_topics_text, text_token_stream
-from raydist.train.plumbing import perplexity, sum_nll
 
 
 def _stream(tokenizer, start: int, n: int) -> list[int]:
@@ -63,7 +59,36 @@ def calibration_ids(tokenizer, n: int = 16, seq: int = 128, start: int = 50_000)
     return torch.tensor(_stream(tokenizer, start, n * seq), dtype=torch.long).view(n, seq)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+@torch.no_grad()
+def sum_nll(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device) -> tuple[float, int]:
+    """Summed next-token NLL and target-token count over ``batches`` (labels -100 are skipped).
+
+    Each batch has ``input_ids``/``labels``/``attention_mask`` [B, T]; an optional ``weight`` scalar of 0
+    marks a dummy batch that only keeps ZeRO-3 collectives in step across ranks.
+    """
+    total, count = 0.0, 0
+    for b in batches:
+        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
+        shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+        shift_labels = b["labels"][:, 1:].to(device)  # [B, T-1]
+        nll = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        if b.get("weight", 1) == 0:
+            continue
+        total += float(nll)
+        count += int((shift_labels != -100).sum())
+    return total, count
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    return math.exp(nll_sum / tokens) if tokens else float("nan")
+
+
+def model_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -109,7 +134,7 @@ class IncrementalPerplexity:
         was_training = self.model.training
         self.model.eval()
         try:
-            return sum_nll(self.model, [batch], _model_device(self.model))
+            return sum_nll(self.model, [batch], model_device(self.model))
         finally:
             self.model.train(was_training)
 
@@ -156,7 +181,7 @@ def task_metrics(
 
     if not examples:
         raise ValueError("task_metrics needs at least one example")
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll, correct, count = 0.0, 0, 0
@@ -181,122 +206,6 @@ def task_metrics(
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def generation_speed(
-    model: nn.Module,
-    *,
-    batch_size: int = 1,
-    prompt_len: int = 64,
-    new_tokens: int = 64,
-    repeats: int = 3,
-    warmup: int = 1,
-    seed: int = 0,
-    tokenizer=None,
-    engine: str = "generate",
-) -> dict[str, Any]:
-    """Greedy generation speed on the model's device with its own kernels.
-
-    Prompts are random token ids (fixed by ``seed``, special ids avoided); generation is forced to exactly
-    ``new_tokens`` tokens (EOS is ignored), with the KV cache, so every method generates the same amount of
-    work. CUDA is synchronised around each timed call.
-
-    Args:
-        engine: ``"serve"``: raydist's serving engine (``raydist.serve.engine.BatchGenerator``, the decode loop
-            ``raydist serve`` runs; needs ``tokenizer``), so the speed is the served speed; ``"generate"``:
-            transformers' ``model.generate``.
-        batch_size: prompts generated together (1 = latency, 8 = throughput).
-        prompt_len / new_tokens: tokens in each prompt / generated per prompt.
-        repeats: timed runs (the median is reported); warmup: untimed runs before them.
-
-    Returns:
-        ``tokens_per_s`` (generated tokens of the whole batch per second, median run), ``seconds``
-        (median), ``seconds_all``, ``generated_tokens`` (per run, = batch_size * new_tokens, checked),
-        ``batch_size``, ``prompt_len``, ``new_tokens``, ``device``, ``engine`` (and for ``"serve"``
-        ``fast_path``: whether the engine's fast Llama forward ran).
-
-    Raises:
-        ValueError: a non-positive size or repeat count.
-        RuntimeError: the model generated a different number of tokens than asked.
-    """
-    for name, v in (
-        ("batch_size", batch_size),
-        ("prompt_len", prompt_len),
-        ("new_tokens", new_tokens),
-        ("repeats", repeats),
-    ):
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    device = _model_device(model)
-    vocab = model.config.vocab_size
-    low = min(16, vocab - 1)  # skip the special ids at the start of the vocabulary
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(low, vocab, (batch_size, prompt_len), generator=g).to(device)
-    mask = torch.ones_like(ids)
-    pad = model.generation_config.pad_token_id
-    if pad is None:
-        pad = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
-    kwargs = dict(
-        attention_mask=mask,
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        num_beams=1,
-        use_cache=True,
-        pad_token_id=pad,
-    )
-    if engine not in ("serve", "generate"):
-        raise ValueError(f"engine must be 'serve' or 'generate', got {engine!r}")
-    if engine == "serve" and tokenizer is None:
-        raise ValueError("engine='serve' needs the model's tokenizer")
-    was_training = model.training
-    model.eval()
-    times: list[float] = []
-    fast = None
-    try:
-        if engine == "serve":
-            from raydist.serve.engine import BatchGenerator, GenerationRequest, SamplingParams
-
-            gen = BatchGenerator(model, tokenizer)
-            fast = gen.fast is not None
-            params = SamplingParams(new_tokens, 0.0, ignore_eos=True)
-        for i in range(warmup + repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            if engine == "serve":
-                done = gen.generate([GenerationRequest(row.tolist(), params) for row in ids])
-                made = [c.completion_tokens for c in done]
-            else:
-                made = [model.generate(ids, **kwargs).shape[1] - prompt_len] * batch_size
-            _sync(device)
-            dt = time.perf_counter() - t0
-            if made != [new_tokens] * batch_size:
-                raise RuntimeError(f"{engine} generated {made} tokens per prompt, expected {new_tokens}")
-            if i >= warmup:
-                times.append(dt)
-    finally:
-        model.train(was_training)
-    med = statistics.median(times)
-    return {
-        "tokens_per_s": batch_size * new_tokens / med,
-        "seconds": med,
-        "seconds_all": times,
-        "generated_tokens": batch_size * new_tokens,
-        "batch_size": batch_size,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "device": str(device),
-        "engine": engine,
-        **({"fast_path": fast} if engine == "serve" else {}),
-    }
-
-
 def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[str, Any]:
     """Parameter counts and bytes of ``model`` (and of its artifact at ``path``).
 
@@ -308,15 +217,13 @@ def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[st
         (distinct parameters + persistent buffers), and with ``path`` ``disk_weight_bytes`` (the
         ``*.safetensors`` files) and ``disk_bytes`` (all files but the manifest).
     """
-    from raydist.compress.quant.quantization import QuantizedLinear
-
     tensors: dict[int, torch.Tensor] = {}
     for p in model.parameters():
         tensors.setdefault(id(p), p)
     params = sum(p.numel() for p in tensors.values())
     nonzero = sum(int(torch.count_nonzero(p.detach())) for p in tensors.values())
     for m in model.modules():
-        if isinstance(m, QuantizedLinear):
+        if callable(getattr(m, "dequantized_weight", None)):  # a quantized layer (compress.quant.QuantizedLinear)
             params += m.in_features * m.out_features
             nonzero += int(torch.count_nonzero(m.dequantized_weight()))
     seen: dict[int, torch.Tensor] = {}
@@ -336,4 +243,4 @@ def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[st
     return out
 
 
-__all__ = ["calibration_ids", "eval_windows", "generation_speed", "model_size", "perplexity_on"]
+__all__ = ["calibration_ids", "eval_windows", "model_size", "perplexity_on"]

@@ -294,3 +294,8 @@ def hash_model_source(src: ModelSource, cfg: ModelConfig) -> str:
 def count_parameters(model) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def missing_lora_targets(module_names: list[str], targets: list[str]) -> list[str]:
+    """Target names that match no module (peft matches a target as a name suffix on a ``.`` boundary)."""
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 
 from raydist.core.data import DataError, detect_format, load_records
-from raydist.train.export import missing_lora_targets
-from raydist.core.models import load_model_config, load_tokenizer, resolve_model_source
+from raydist.core.models import load_model_config, load_tokenizer, missing_lora_targets, resolve_model_source
 from raydist.config.finetune import FinetuneConfig
 
 

@@ -48,7 +48,8 @@ from raydist.core.models import (
 from raydist.core.preflight import preflight_distill
 from raydist.core.progress import console, read_history
 from raydist.distill.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
-from raydist.train.plumbing import perplexity, seed_everything
+from raydist.core.evaluation import perplexity
+from raydist.train.plumbing import seed_everything
 from raydist.config.base import ModelConfig
 from raydist.config.distill import DistillConfig
 from raydist.core.runs import (

@@ -33,15 +33,6 @@ def prompt_records(records: Sequence[dict[str, Any]], fmt: str) -> list[dict[str
     return out
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation followed by the assistant generation prompt."""
-    if tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
 @torch.no_grad()
 def generate_answers(
     model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float, seed: int

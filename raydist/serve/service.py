@@ -302,7 +302,7 @@ class OpenAIService:
         return ids
 
     async def render_chat(self, conversation: list[dict[str, str]]) -> list[int]:
-        from raydist.distill.generation import render_prompt
+        from raydist.core.data import render_prompt
 
         self._check_chars(sum(len(m["content"]) for m in conversation), "messages")
         try:

@@ -198,7 +198,8 @@ def model_from_payload(payload: dict[str, Any], device: str = "cpu"):
 def measure(model, tokenizer, cfg_eval, artifact_dir: Optional[Path]) -> dict[str, Any]:
     """Generation speed through the serving engine (what ``raydist serve`` runs, with the model's real kernels
     on its device) and, given an artifact, its sizes."""
-    from raydist.core.evaluation import generation_speed, model_size
+    from raydist.core.evaluation import model_size
+    from raydist.sweep.speed import generation_speed
 
     out = model_size(model, artifact_dir) if artifact_dir is not None else {}
     for b in cfg_eval.latency_batch_sizes:

@@ -36,11 +36,6 @@ def peft_lora_config(lora: LoraSettings):
     )
 
 
-def missing_lora_targets(module_names: list[str], targets: list[str]) -> list[str]:
-    """Target names that match no module (peft matches a target as a name suffix on a ``.`` boundary)."""
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in module_names)]
-
-
 def probe_batch(vocab_size: int, seq_len: int = 16, seed: int = 1234) -> torch.Tensor:
     """A fixed token batch [2, seq_len] used to compare logits before and after export."""
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -125,32 +125,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def sum_nll(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device) -> tuple[float, int]:
-    """Summed next-token NLL and target-token count over ``batches`` (labels -100 are skipped).
-
-    Each batch has ``input_ids``/``labels``/``attention_mask`` [B, T]; an optional ``weight`` scalar of 0
-    marks a dummy batch that only keeps ZeRO-3 collectives in step across ranks.
-    """
-    total, count = 0.0, 0
-    for b in batches:
-        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-        shift_logits = logits[:, :-1].float()  # [B, T-1, V]
-        shift_labels = b["labels"][:, 1:].to(device)  # [B, T-1]
-        nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        if b.get("weight", 1) == 0:
-            continue
-        total += float(nll)
-        count += int((shift_labels != -100).sum())
-    return total, count
-
-
-def perplexity(nll_sum: float, tokens: int) -> float:
-    return math.exp(nll_sum / tokens) if tokens else float("nan")

@@ -19,16 +19,9 @@ import torch
 
 from raydist.core.data import IGNORE_INDEX, collate, iter_rows
 from raydist.core.progress import ProgressPrinter, append_jsonl, console
+from raydist.core.evaluation import perplexity, sum_nll
 from raydist.core.storage import Mirror
-from raydist.train.plumbing import (
-    deepspeed_config,
-    lr_lambda,
-    param_groups,
-    perplexity,
-    rng_state,
-    set_rng_state,
-    sum_nll,
-)
+from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups, rng_state, set_rng_state
 
 _CKPT_TAG = "state"
 

@@ -111,10 +111,10 @@ def main() -> None:
     from raydist.core.evaluation import (
         calibration_ids,
         eval_windows,
-        generation_speed,
         model_size,
         perplexity_on,
     )
+    from raydist.sweep.speed import generation_speed
     from raydist.compress.quant.quantization import load_compressed, quantize_model, save_compressed
 
     rows = [r for r in args.rows.split(",") if r]

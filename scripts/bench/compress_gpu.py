@@ -39,7 +39,8 @@ def main() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from raydist.compress.candidate import apply_candidate
-    from raydist.core.evaluation import generation_speed, model_size
+    from raydist.core.evaluation import model_size
+    from raydist.sweep.speed import generation_speed
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(args.shape)

@@ -462,7 +462,7 @@ def per_example_nll(artifacts: dict[str, str], eval_parquet: Path) -> dict[str, 
     from transformers import AutoModelForCausalLM
 
     from raydist.core.data import collate
-    from raydist.train.plumbing import sum_nll
+    from raydist.core.evaluation import sum_nll
 
     rows = pq.read_table(eval_parquet, columns=["input_ids", "labels"]).to_pylist()
     out = {}

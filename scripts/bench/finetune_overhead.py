@@ -688,7 +688,7 @@ def part_peer(work: Path, args) -> dict[str, Any]:
 
     from raydist.core.data import build_datasets, collate
     from raydist.train.export import peft_lora_config
-    from raydist.train.plumbing import perplexity, sum_nll
+    from raydist.core.evaluation import perplexity, sum_nll
 
     cfg = quickstart_config(work)
     torch.set_num_threads(2)  # the peer's setting: one process using both cores

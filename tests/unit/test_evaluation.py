@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from raydist.core.data import pydoc_topics_text
-from raydist.core.evaluation import calibration_ids, eval_windows, generation_speed, model_size, perplexity_on
+from raydist.core.evaluation import calibration_ids, eval_windows, model_size, perplexity_on
+from raydist.sweep.speed import generation_speed
 from raydist.core.models import count_parameters, load_model
 from raydist.compress.quant.quantization import quantize_model, save_compressed
 from raydist.config import ModelConfig

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from raydist.core.data import DataError
-from raydist.distill.generation import generate_answers, prompt_records, render_prompt
+from raydist.core.data import render_prompt
+from raydist.distill.generation import generate_answers, prompt_records
 from raydist.core.models import load_model
 from raydist.config import ModelConfig
 
