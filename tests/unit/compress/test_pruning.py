@@ -26,7 +26,7 @@ from raydist.compress.structured import (
 from raydist.config import ModelConfig
 
 TINY = {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
-SMOLLM2 = Path(__file__).resolve().parents[2] / "models" / "smollm2-135m"
+SMOLLM2 = Path(__file__).resolve().parents[3] / "models" / "smollm2-135m"
 
 
 def tiny_model(**overrides):

@@ -13,7 +13,7 @@ from raydist.config.pipeline import join_location, references
 from raydist.jobs.pipeline import format_summary, plan_pipeline, preflight_pipeline, resolve_stage
 from raydist.core.runs import RunDirError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DATA = {"train": {"builtin": "pydoc_topics", "max_tokens": 4000}, "seq_len": 64}
 FINETUNE = {"model": {"path": "tiny-random"}, "data": DATA}
 DISTILL = {"data": DATA}

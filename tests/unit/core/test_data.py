@@ -20,7 +20,7 @@ from raydist.config import DataConfig, DataSourceConfig
 
 from pathlib import Path
 
-SEED_TASKS = Path(__file__).resolve().parents[3] / "shared" / "data" / "seed_tasks.jsonl"
+SEED_TASKS = Path(__file__).resolve().parents[4] / "shared" / "data" / "seed_tasks.jsonl"
 
 
 def _targets(ids, labels):

@@ -5,7 +5,7 @@ import pytest
 from raydist.config import ConfigError, FinetuneConfig, load_config
 from raydist.config.loading import apply_overrides, config_from_dict, dump_config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 BASE = {
     "model": {"path": "tiny-random"},
     "data": {"train": {"builtin": "pydoc_topics"}},

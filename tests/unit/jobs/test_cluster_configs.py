@@ -26,7 +26,7 @@ import pytest
 import ray
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CLUSTER = ROOT / "cluster"
 VENDORED = ROOT / "tests" / "data" / "kuberay"
 SHARED_CRDS = ROOT.parent / "shared" / "kuberay-crds"

@@ -13,7 +13,7 @@ from raydist.config.loading import config_from_dict
 from raydist.serve.app import app_builder, config_from_args, deployment_options, resolve_api_key
 from raydist.serve.loading import ArtifactError, check_artifact, default_model_id, load_served_model
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
