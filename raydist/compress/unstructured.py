@@ -46,49 +46,27 @@ from __future__ import annotations
 import math
 import re
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-SCOPES = ("per_layer", "global")
-_TARGETS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
-# Rows of a [n, seq] calibration tensor run through a block at once: bounds activation memory
-# (rows * seq * intermediate_size floats) without a Python loop per sequence.
-_CALIB_ROWS = 8
+from raydist.compress.calibration import (
+    Calibration,
+    Hessian,
+    one_cpu_thread,
+    run_block_sequential,
+    upper_cholesky_of_inverse,
+)
+from raydist.core.layout import decoder_layers, layer_linears
 
-Calibration = Union[torch.Tensor, Mapping[str, Any], Iterable[Union[torch.Tensor, Mapping[str, Any]]]]
+SCOPES = ("per_layer", "global")
 
 
 # --------------------------------------------------------------------------------------------------
 # Targets, validation, reporting
 # --------------------------------------------------------------------------------------------------
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or len(layers) == 0:
-        raise ValueError(
-            f"{type(model).__name__} does not have the Llama module layout (model.model.layers[i] with "
-            "self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj); sparsity pruning needs it"
-        )
-    return layers
-
-
-def _layer_linears(layer: nn.Module, index: int) -> dict[str, nn.Linear]:
-    """``{"self_attn.q_proj": Linear, ...}`` for one decoder layer, in execution order."""
-    out: dict[str, nn.Linear] = {}
-    for parent_name, names in _TARGETS:
-        parent = getattr(layer, parent_name, None)
-        for name in names:
-            lin = getattr(parent, name, None)
-            if not isinstance(lin, nn.Linear):
-                raise ValueError(f"decoder layer {index} has no nn.Linear {parent_name}.{name} (Llama layout expected)")
-            out[f"{parent_name}.{name}"] = lin
-    return out
 
 
 def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -105,11 +83,11 @@ def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     Raises:
         ValueError: the model does not have that layout.
     """
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, nn.Linear] = {}
     for i, layer in enumerate(layers):
-        for short, lin in _layer_linears(layer, i).items():
+        for short, lin in layer_linears(layer, i).items():
             out[names.get(id(lin), f"model.layers.{i}.{short}")] = lin
     return out
 
@@ -342,196 +320,6 @@ def magnitude_prune(
 # --------------------------------------------------------------------------------------------------
 
 
-def _calibration_batches(
-    model: nn.Module, calibration: Calibration, device: torch.device
-) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Normalise calibration input to ``[(input_ids [B, T], attention_mask [B, T] or None), ...]``."""
-    if isinstance(calibration, torch.Tensor):
-        ids = calibration if calibration.ndim != 1 else calibration[None]
-        items: list[Any] = list(ids.split(_CALIB_ROWS)) if ids.ndim == 2 else [ids]
-    elif isinstance(calibration, Mapping):
-        items = [calibration]
-    else:
-        try:
-            items = list(calibration)
-        except TypeError:
-            raise ValueError(
-                f"calibration must be a LongTensor [n, seq] or an iterable of dicts with input_ids, "
-                f"got {type(calibration).__name__}"
-            ) from None
-    vocab = model.get_input_embeddings().num_embeddings
-    batches = []
-    for j, item in enumerate(items):
-        if isinstance(item, Mapping):
-            if "input_ids" not in item:
-                raise ValueError(f"calibration batch {j} has no 'input_ids' (keys: {sorted(item)})")
-            ids, mask = torch.as_tensor(item["input_ids"]), item.get("attention_mask")
-        elif isinstance(item, torch.Tensor):
-            ids, mask = item, None
-        else:
-            raise ValueError(f"calibration batch {j} is a {type(item).__name__}; expected a tensor or a dict")
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
-            raise ValueError(
-                f"calibration batch {j}: input_ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}"
-            )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-            raise ValueError(
-                f"calibration batch {j}: token ids must be in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]"
-            )
-        if mask is not None:
-            mask = torch.as_tensor(mask)
-            if mask.ndim == 1:
-                mask = mask[None]
-            if mask.shape != ids.shape:
-                raise ValueError(
-                    f"calibration batch {j}: attention_mask {tuple(mask.shape)} does not match "
-                    f"input_ids {tuple(ids.shape)}"
-                )
-            mask = mask.to(device)
-        if ids.numel():
-            batches.append((ids.to(device), mask))
-    tokens = sum(ids.numel() if mask is None else int(mask.sum()) for ids, mask in batches)
-    if tokens == 0:
-        raise ValueError("calibration holds no (unmasked) tokens")
-    return batches
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once block 0's inputs are recorded: the rest of the forward is not needed."""
-
-
-@dataclass
-class _BlockInput:
-    hidden: torch.Tensor  # [B, T, hidden] hidden states entering the current block
-    args: tuple  # any further positional args the model passed to its blocks
-    kwargs: dict  # attention mask (4-D), position embeddings, position ids, ...
-    tokens: Optional[torch.Tensor]  # [B, T] bool, real (non-padding) tokens; None = all real
-
-
-def _capture_block_inputs(model: nn.Module, batches) -> list[_BlockInput]:
-    """Run the embedding part of the model and record what decoder block 0 receives, per batch.
-
-    Whatever the model passes to its blocks (the causal mask it built, rotary embeddings, ...) is kept
-    as is and replayed, so this does not depend on a transformers version's block signature.
-    """
-    layers = _decoder_layers(model)
-    captured: list[_BlockInput] = []
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(_BlockInput(hidden, tuple(args[1:]), kwargs, None))
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for ids, mask in batches:
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
-                pass
-            captured[-1].tokens = None if mask is None else mask.bool()
-    finally:
-        handle.remove()
-    return captured
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _real_tokens(x: torch.Tensor, tokens: Optional[torch.Tensor]) -> torch.Tensor:
-    """[B, T, C] activations -> [N, C] float32 rows of the real tokens."""
-    x = x[tokens] if tokens is not None else x.reshape(-1, x.shape[-1])
-    return x.float()
-
-
-# Linears of one block that read the same input tensor in the Llama layout (q/k/v read the attention
-# norm's output, gate/up the MLP norm's output), in execution order: one statistic (input norms or
-# Hessian) serves a whole group, and SparseGPT runs a group's stacked rows through one column sweep.
-_INPUT_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-
-
-@torch.no_grad()
-def _prune_sequentially(
-    model: nn.Module,
-    calibration: Calibration,
-    new_stat: Callable[[nn.Linear], Any],
-    prune_group: Callable[[list[str], list[nn.Linear], Any], None],
-    true_sequential: bool,
-) -> int:
-    """Block by block: collect statistics on each block's inputs, prune its linears, then recompute the
-    block's outputs with the pruned weights as the next block's inputs.
-
-    Args:
-        new_stat: makes an empty statistic for a group from its first linear; ``stat.add(x [N, in])``.
-        prune_group: prunes one ``_INPUT_GROUPS`` group given (qualified names, linears, statistic).
-        true_sequential: also go group by group inside a block (q/k/v, then o_proj measured with the
-            pruned q/k/v, then gate/up, then down_proj), as GPTQ's ``--true-sequential``; otherwise
-            every group of a block is measured in one pass over the block's (dense) computation, as the
-            Wanda and SparseGPT reference code does.
-
-    Returns:
-        the number of (unmasked) calibration tokens.
-    """
-    layers = _decoder_layers(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    device = next(model.parameters()).device
-    batches = _calibration_batches(model, calibration, device)
-    was_training = model.training
-    model.eval()
-    try:
-        inputs = _capture_block_inputs(model, batches)
-        tokens: list[Optional[torch.Tensor]] = [None]  # real-token mask of the batch being run
-
-        for i, layer in enumerate(layers):
-            linears = _layer_linears(layer, i)
-            groups = [[linears[short] for short in group] for group in _INPUT_GROUPS]
-            for pass_groups in ([g] for g in groups) if true_sequential else [groups]:
-                stats = [new_stat(group[0]) for group in pass_groups]
-                last = pass_groups[-1][0]
-
-                def hook(mod, args, st):
-                    st.add(_real_tokens(args[0], tokens[0]))
-                    if mod is last:  # the rest of the block is not needed for this pass
-                        raise _StopForward
-
-                handles = [
-                    group[0].register_forward_pre_hook(lambda mod, args, st=st: hook(mod, args, st))
-                    for group, st in zip(pass_groups, stats)
-                ]
-                try:
-                    for inp in inputs:
-                        tokens[0] = inp.tokens
-                        try:
-                            layer(inp.hidden, *inp.args, **inp.kwargs)
-                        except _StopForward:
-                            pass
-                finally:
-                    for h in handles:
-                        h.remove()
-                for group, st in zip(pass_groups, stats):
-                    prune_group([names[id(lin)] for lin in group], group, st)
-            if i + 1 < len(layers):  # the last block's outputs feed nothing we prune
-                for inp in inputs:
-                    inp.hidden = _first(layer(inp.hidden, *inp.args, **inp.kwargs))
-    finally:
-        model.train(was_training)
-    return sum(ids.numel() if mask is None else int(mask.sum()) for ids, mask in batches)
-
-
-# --------------------------------------------------------------------------------------------------
-# Wanda
-# --------------------------------------------------------------------------------------------------
-
-
 class _InputSquares:
     """Per input feature sum of squares over calibration tokens: ``||X_j||_2^2``, float32 [in]."""
 
@@ -594,7 +382,7 @@ def wanda_prune(
             mask = _nm_mask(score, *nm) if nm is not None else _smallest_per_row(score, _count(s, lin.in_features))
             lin.weight.masked_fill_(mask, 0)
 
-    tokens = _prune_sequentially(model, calibration, _InputSquares, prune, bool(true_sequential))
+    tokens = run_block_sequential(model, calibration, _InputSquares, prune, bool(true_sequential))
     return _report(
         "wanda", model, s, pattern, scope, started, calibration_tokens=tokens, true_sequential=bool(true_sequential)
     )
@@ -603,59 +391,6 @@ def wanda_prune(
 # --------------------------------------------------------------------------------------------------
 # SparseGPT
 # --------------------------------------------------------------------------------------------------
-
-
-class _Hessian:
-    """``X^T X`` over calibration tokens, float32 [in, in]."""
-
-    def __init__(self, lin: nn.Linear) -> None:
-        self.xtx = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:  # x: [N, in] float32
-        self.xtx.addmm_(x.T, x)
-        self.tokens += x.shape[0]
-
-
-def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
-    """``cholesky(inverse(H + damp * I), upper=True)`` with ``damp = percdamp * mean(diag H)``.
-
-    If H is still not positive definite (e.g. a huge outlier feature with few calibration tokens), the
-    dampening grows tenfold up to five times before giving up, instead of returning NaNs.
-    """
-    mean_diag = float(torch.diagonal(H).mean())
-    damp = percdamp * mean_diag
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
-                return U
-        damp = max(damp * 10, 1e-6 * mean_diag, 1e-8)
-    raise RuntimeError(
-        f"SparseGPT: the Hessian of {name} is not positive definite even with damping {damp:g}; "
-        "use more calibration tokens or a larger percdamp"
-    )
-
-
-@contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run torch single-threaded on CPU for a while (restored after; the setting is process-wide).
-
-    SparseGPT's column sweep is ~6 tiny ops per column (out x <=128 elements). Splitting such ops over
-    threads costs more in synchronisation than it gains, and on a shared, oversubscribed box it is
-    ruinous: a 1536x576 matrix took 22-39 s with 2 threads and 0.8-1 s with 1 on a 2-core machine.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _sparsegpt_weight(
@@ -687,7 +422,7 @@ def _sparsegpt_weight(
     dead = torch.diagonal(H) == 0  # input features that are always zero: their weights are irrelevant
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = _upper_cholesky_of_inverse(H, percdamp, name)  # [in, in] upper triangular
+    Hinv = upper_cholesky_of_inverse(H, percdamp, name)  # [in, in] upper triangular
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
@@ -776,17 +511,17 @@ def sparsegpt_prune(
         raise ValueError(f"percdamp must be a finite number >= 0, got {percdamp!r}")
     started = time.perf_counter()
 
-    def prune(names: list[str], group: list[nn.Linear], stat: _Hessian) -> None:
+    def prune(names: list[str], group: list[nn.Linear], stat: Hessian) -> None:
         H = stat.xtx.mul_(2.0 / max(stat.tokens, 1))  # [in, in], shared by the group (same input)
         W = torch.cat([lin.weight.detach().float() for lin in group])  # [sum(out), in], a fresh copy
-        with _one_cpu_thread(W.device):
+        with one_cpu_thread(W.device):
             W = _sparsegpt_weight(
                 W, H, s, nm, blocksize, float(percdamp), "/".join(names), rows=[lin.out_features for lin in group]
             )
         for lin, part in zip(group, W.split([lin.out_features for lin in group])):
             lin.weight.copy_(part.to(lin.weight.dtype))
 
-    tokens = _prune_sequentially(model, calibration, _Hessian, prune, bool(true_sequential))
+    tokens = run_block_sequential(model, calibration, Hessian, prune, bool(true_sequential))
     return _report(
         "sparsegpt",
         model,

@@ -29,6 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from raydist.compress.calibration import Hessian, one_cpu_thread, run_block_sequential, upper_cholesky_of_inverse
+from raydist.compress.quant.codes import int4_dequant, int4_minmax_qparams, int4_round, pack_int4
+
 
 def _gptq_weight(
     W: torch.Tensor, H: torch.Tensor, group_size: int, *, blocksize: int, percdamp: float, actorder: bool, name: str
@@ -44,8 +47,6 @@ def _gptq_weight(
         ``codes`` [out, in] uint8 in [0, 15], ``scale`` / ``zero`` [out, in // group_size] float32 and the
         dequantized weight [out, in] (what the quantized layer computes with).
     """
-    from raydist.compress.quant.quantization import int4_dequant, int4_minmax_qparams, int4_round
-    from raydist.compress.unstructured import _upper_cholesky_of_inverse
 
     out, cols = W.shape
     dead = torch.diagonal(H) == 0
@@ -59,7 +60,7 @@ def _gptq_weight(
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = None
-    Hinv = _upper_cholesky_of_inverse(H, percdamp, name)
+    Hinv = upper_cholesky_of_inverse(H, percdamp, name)
     codes = torch.zeros(out, cols, dtype=torch.float32, device=W.device)
     group_of = (perm if perm is not None else torch.arange(cols, device=W.device)) // group_size
     group_of = group_of.tolist()
@@ -123,8 +124,6 @@ def gptq_quantize_weights(
         ``{"codes": {name: (packed uint8 [N, K/2], scale [N, G], zero [N, G])}, "calibration_tokens",
         "seconds"}``: the canonical int4 data of every listed linear (``QuantizedLinear``'s buffers).
     """
-    from raydist.compress.quant.quantization import pack_int4
-    from raydist.compress.unstructured import _Hessian, _one_cpu_thread, _prune_sequentially
 
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
@@ -133,7 +132,7 @@ def gptq_quantize_weights(
     started = time.perf_counter()
     result: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
-    def quantize_group(names: list[str], group: list[nn.Linear], stat: _Hessian) -> None:
+    def quantize_group(names: list[str], group: list[nn.Linear], stat: Hessian) -> None:
         todo = [(n, lin) for n, lin in zip(names, group) if n in group_sizes]
         sizes = {group_sizes[n] for n, _ in todo}
         if not todo:
@@ -142,7 +141,7 @@ def gptq_quantize_weights(
         for g in sorted(sizes):  # linears sharing H and group size are swept together
             part = [(n, lin) for n, lin in todo if group_sizes[n] == g]
             W = torch.cat([lin.weight.detach().float() for _, lin in part])
-            with _one_cpu_thread(W.device):
+            with one_cpu_thread(W.device):
                 codes, scale, zero, deq = _gptq_weight(
                     W,
                     H.clone(),
@@ -159,7 +158,7 @@ def gptq_quantize_weights(
                 lin.weight.copy_(d.to(lin.weight.dtype))
                 result[n] = (pack_int4(c).cpu(), s.contiguous().cpu(), z.contiguous().cpu())
 
-    tokens = _prune_sequentially(model, calibration, _Hessian, quantize_group, bool(true_sequential))
+    tokens = run_block_sequential(model, calibration, Hessian, quantize_group, bool(true_sequential))
     missing = sorted(set(group_sizes) - set(result))
     if missing:
         raise ValueError(f"GPTQ: {missing[0]} is not a decoder-block Linear")

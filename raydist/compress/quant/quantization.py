@@ -58,8 +58,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydist.compress.quant.codes import (  # noqa: F401 - re-exported: the layer's public helpers
+    INT4_GROUP_SIZES,
+    quantize_int8_per_row,
+    quantize_int4_groupwise,
+    int4_minmax_qparams,
+    int4_round,
+    int4_dequant,
+    pack_int4,
+    int4_codes_on_grid,
+    int4_on_grid,
+    unpack_int4,
+    pick_group_size,
+)
+from raydist.compress.quant.gptq import gptq_quantize_weights
+from raydist.core.layout import decoder_layers
+
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
-INT4_GROUP_SIZES = (32, 64, 128)  # what PyTorch's tinygemm int4 kernels (CPU and CUDA) accept
 DEFAULT_INT4_GROUP_SIZE = 64
 # How int4 scales/zeros are chosen. "minmax": each group's range (tinygemm's default; instant). "hqq":
 # torchao's HQQ proximal solver, same storage format. SmolLM2-135M g64, 2 windows: dense 14.24, minmax
@@ -154,126 +169,6 @@ def check_scheme(scheme: str, group_size: Optional[int] = None, device: Device =
         raise ValueError(f"scheme {scheme!r} cannot run on device {str(dev)!r}: raydist quantizes for cpu and cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"scheme {scheme!r} was asked to run on {str(dev)!r} but CUDA is not available here")
-
-
-# --------------------------------------------------------------------------------------------------
-# Canonical quantization (what is stored)
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def quantize_int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-row int8: ``w ≈ qweight * scale[:, None]``.
-
-    Args:
-        w: [N, K] float weight.
-
-    Returns:
-        ``qweight`` [N, K] int8 in [-127, 127] and ``scale`` [N] fp32 (``max|w_row| / 127``).
-    """
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-@torch.no_grad()
-def quantize_int4_groupwise(
-    w: torch.Tensor, group_size: int, algorithm: str = "minmax"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric group-wise 4-bit in PyTorch's tinygemm convention: ``w ≈ (q - 8) * scale + zero``.
-
-    Uses torchao's tinygemm qparam/quantize primitives (or its HQQ solver, which returns the same
-    convention), so the values are exactly what the int4 kernels expect.
-
-    Args:
-        w: [N, K] float weight; ``K % group_size == 0``.
-        group_size: input channels sharing one (scale, zero).
-        algorithm: ``"minmax"`` (group range) or ``"hqq"`` (half-quadratic optimisation of scale/zero).
-
-    Returns:
-        ``qweight`` [N, K // 2] uint8 (column 2j in the low nibble, 2j+1 in the high nibble),
-        ``scale`` [N, K // group_size] fp32, ``zero`` [N, K // group_size] fp32.
-    """
-    from torchao.quantization.quant_primitives import _quantize_affine_tinygemm
-
-    w = w.detach().float()
-    n, k = w.shape
-    if algorithm == "hqq":
-        from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
-
-        q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
-            w, nbits=4, group_size=group_size, axis=1, compute_dtype=torch.float32, device=str(w.device)
-        )
-        packed = pack_int4(q.reshape(n, k))
-        return packed, scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
-    if algorithm != "minmax":
-        raise ValueError(f"unknown int4 algorithm {algorithm!r}; choose from {INT4_ALGORITHMS}")
-    scale, zero = int4_minmax_qparams(w, group_size)
-    q = _quantize_affine_tinygemm(w, [1, group_size], scale, zero, torch.int32, 0, 15)  # [N, K]
-    return pack_int4(q), scale, zero
-
-
-def int4_minmax_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max tinygemm qparams (torchao's primitive) of ``w`` [N, K]: ``scale``, ``zero`` [N, K // group_size]."""
-    from torchao.quantization.quant_primitives import MappingType, _choose_qparams_affine_tinygemm
-
-    n = w.shape[0]
-    scale, zero = _choose_qparams_affine_tinygemm(
-        w.detach().float(), MappingType.ASYMMETRIC, [1, group_size], torch.int32, 0, 15, 1e-6, None, torch.float32
-    )
-    return scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
-
-
-def int4_round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Codes in [0, 15] (float) of ``w`` on the grid ``(scale, zero)`` (broadcast elementwise): the rounding of
-    torchao's ``_quantize_affine_tinygemm``, ``round((w - (zero - 8 * scale)) / scale)`` clamped."""
-    return torch.clamp(torch.round((w - (zero - 8 * scale)) / scale), 0, 15)
-
-
-def int4_dequant(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The value codes ``q`` stand for on the grid ``(scale, zero)`` (broadcast elementwise)."""
-    return (q - 8) * scale + zero
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] integer codes in [0, 15] -> [N, K // 2] uint8, column 2j in the low nibble, 2j+1 in the high."""
-    codes = codes.to(torch.uint8)
-    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
-
-
-def int4_codes_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Round ``w`` [N, K] to a given group grid (``scale`` / ``zero`` [N, K // g]): codes [N, K] in [0, 15].
-
-    ``w ≈ (code - 8) * scale + zero``, the rounding of torchao's ``_quantize_affine_tinygemm``.
-    """
-    n, k = w.shape
-    g = k // scale.shape[1]
-    return int4_round(w.detach().float().reshape(n, -1, g), scale[..., None], zero[..., None]).reshape(n, k)
-
-
-def int4_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``w`` rounded to the grid and dequantized (same shape and dtype as ``w``): the fake-quantized weight."""
-    n, k = w.shape
-    g = k // scale.shape[1]
-    q = int4_codes_on_grid(w, scale, zero).reshape(n, -1, g)
-    return int4_dequant(q, scale[..., None], zero[..., None]).reshape(n, k).to(w.dtype)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[N, K // 2] uint8 -> [N, K] uint8 values in [0, 15] (inverse of the packing above)."""
-    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.uint8, device=packed.device)
-    out[:, 0::2] = packed & 0x0F
-    out[:, 1::2] = packed >> 4
-    return out
-
-
-def pick_group_size(in_features: int, requested: int) -> Optional[int]:
-    """The largest supported int4 group size <= ``requested`` that divides ``in_features``, else None."""
-    for g in sorted(INT4_GROUP_SIZES, reverse=True):
-        if g <= requested and in_features % g == 0:
-            return g
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,18 +460,10 @@ class QuantizedLinear(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no decoder blocks at model.model.layers; cannot choose targets")
-    return layers
-
-
 def target_linears(model: nn.Module, include_lm_head: bool = False) -> list[str]:
     """Qualified names of the Linears ``quantize_model`` targets: every ``nn.Linear`` in the decoder
     blocks (q/k/v/o, gate/up/down for Llama), plus ``lm_head`` when asked; already-quantized layers too."""
-    _decoder_layers(model)
+    decoder_layers(model)
     names = [
         n
         for n, m in model.named_modules()
@@ -702,8 +589,6 @@ def quantize_model(
     w_maxima = {n: model.get_submodule(n).weight.detach().float().abs().amax(dim=0).cpu() for n in act_max}
     gptq_report: dict[str, Any] = {}
     if use_gptq:
-        from raydist.compress.quant.gptq import gptq_quantize_weights
-
         # lm_head (include_lm_head) is outside the blocks GPTQ walks: it gets min/max rounding.
         sizes = {n: pick_group_size(model.get_submodule(n).in_features, group_size) for n in names if n != "lm_head"}
         gptq_report = gptq_quantize_weights(
