@@ -342,7 +342,7 @@ def test_asha_never_stops_a_candidate_that_still_meets_the_policy():
 
     from ray.tune.schedulers import ASHAScheduler
 
-    from raydist.sweep.sweep import policy_aware_asha
+    from raydist.sweep.tuning import policy_aware_asha
 
     def run(scheduler):
         actions = {}
@@ -367,7 +367,7 @@ def test_every_searcher_samples_every_knob():
     """Optuna's space holds every knob of the search space (the int8 head and SmoothQuant alpha included), so
     values a user lists are searched, not replaced by the defaults normalize_candidate fills in."""
     from raydist.config.sweep import KNOBS
-    from raydist.sweep.sweep import _search
+    from raydist.sweep.tuning import make_searcher as _search
 
     cfg = config_from_dict(
         SweepConfig,
