@@ -21,7 +21,7 @@ _PUBLIC = {  # name -> the module it is imported from
     "convert_gguf": "raydist.core.models",
     "load_model": "raydist.core.models",
     "load_tokenizer": "raydist.core.models",
-    "load_compressed": "raydist.compress.quant.quantization",
+    "load_compressed": "raydist.compress.quant.format",
     "ConfigError": "raydist.config",
     "DistillConfig": "raydist.config",
     "FinetuneConfig": "raydist.config",

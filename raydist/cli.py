@@ -271,11 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from raydist.core.data import DataError
     from raydist.core.models import ModelSourceError
     from raydist.core.preflight import PreflightError
-    from raydist.distill.teacher_cache import CacheMismatchError
+    from raydist.core.runs import RunDirError, StageFailed
     from raydist.core.storage import StorageError
+    from raydist.distill.teacher_cache import CacheMismatchError
     from raydist.jobs.submit import SubmitError
     from raydist.serve.loading import ArtifactError
-    from raydist.core.runs import RunDirError, StageFailed
 
     try:
         if args.command in STAGE_DRIVERS:

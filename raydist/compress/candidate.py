@@ -144,8 +144,8 @@ def distill_recover(
 
 
 def _kd_steps(model, teacher, token_ids, masks, latent, *, steps, batch_size, lr, temperature, seed) -> dict[str, Any]:
-    from raydist.distill.losses import kd_loss_on_rows
     from raydist.compress.unstructured import prunable_linears
+    from raydist.distill.losses import kd_loss_on_rows
 
     device = next(model.parameters()).device
     linears = prunable_linears(model)
@@ -196,7 +196,7 @@ def apply_candidate(
         model: float Llama-layout causal LM (modified in place).
         candidate: ``method`` (none|magnitude|wanda|sparsegpt), ``sparsity``, ``pattern`` ("N:M" or None),
             ``structured`` (fraction, 0 = none), ``structure``, ``quantization`` (none or a scheme of
-            ``quantization.SCHEMES``), ``group_size``, ``int4_algorithm`` (minmax|hqq|gptq; default
+            ``compress.quant.layer.SCHEMES``), ``group_size``, ``int4_algorithm`` (minmax|hqq|gptq; default
             minmax), ``recovery`` (none|distill|qat: distillation, or distillation against the int4 grids
             the candidate's quantization chose, before rounding to them) — see
             ``raydist.config.sweep.SearchSpace``.
@@ -216,7 +216,7 @@ def apply_candidate(
         the caller discards the model).
     """
     from raydist.compress import unstructured as sparsity
-    from raydist.compress.quant import quantization
+    from raydist.compress.quant.quantize import quantize_model
 
     report: dict[str, Any] = {"candidate": dict(candidate), "seconds": {}}
     t = time.time()
@@ -284,7 +284,7 @@ def apply_candidate(
             }
         else:
             extra = {}
-        rep = quantization.quantize_model(
+        rep = quantize_model(
             model,
             scheme,
             group_size=candidate.get("group_size"),

@@ -209,7 +209,7 @@ def task_metrics(
 def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[str, Any]:
     """Parameter counts and bytes of ``model`` (and of its artifact at ``path``).
 
-    Quantized layers (``quantization.QuantizedLinear``) count their logical weights (N*K) as parameters;
+    Quantized layers (``compress.quant.layer.QuantizedLinear``) count their logical weights (N*K) as parameters;
     their non-zeros are counted on the dequantized weight. Tied weights count once.
 
     Returns:

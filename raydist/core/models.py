@@ -16,8 +16,8 @@ from typing import Literal, Optional
 
 import torch
 
-from raydist.core.storage import is_uri, local_copy, on_this_node
 from raydist.config.base import ModelConfig, TinyModelSpec
+from raydist.core.storage import is_uri, local_copy, on_this_node
 
 TINY_RANDOM = "tiny-random"
 TINY_VOCAB_SIZE = 512

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
+from raydist.config.finetune import FinetuneConfig
 from raydist.core.data import DataError, detect_format, load_records
 from raydist.core.models import load_model_config, load_tokenizer, missing_lora_targets, resolve_model_source
-from raydist.config.finetune import FinetuneConfig
 
 
 class PreflightError(ValueError):

@@ -10,10 +10,10 @@ from typing import Any, Optional
 
 import yaml
 
+from raydist.config.loading import dump_config
 from raydist.core import storage
 from raydist.core.preflight import PreflightError
 from raydist.core.storage import Mirror
-from raydist.config.loading import dump_config
 
 
 class StageFailed(RuntimeError):

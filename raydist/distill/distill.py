@@ -24,17 +24,11 @@ from typing import Any
 
 import torch
 
+from raydist.config.base import ModelConfig
+from raydist.config.distill import DistillConfig
 from raydist.core import storage
 from raydist.core.artifact import write_manifest
-from raydist.core.storage import Mirror, local_copy
-from raydist.train.export import export_artifact, logits_of, probe_batch
-from raydist.distill.losses import (
-    HiddenProjection,
-    default_layer_mapping,
-    hidden_state_loss,
-    kd_loss_on_rows,
-    topk_kd_loss_on_rows,
-)
+from raydist.core.evaluation import perplexity
 from raydist.core.models import (
     hash_model_source,
     load_model,
@@ -47,11 +41,6 @@ from raydist.core.models import (
 )
 from raydist.core.preflight import preflight_distill
 from raydist.core.progress import console, read_history
-from raydist.distill.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
-from raydist.core.evaluation import perplexity
-from raydist.train.plumbing import seed_everything
-from raydist.config.base import ModelConfig
-from raydist.config.distill import DistillConfig
 from raydist.core.runs import (
     finish_run,
     open_run_dir,
@@ -60,6 +49,17 @@ from raydist.core.runs import (
     train_on_ray,
     with_absolute_paths,
 )
+from raydist.core.storage import Mirror, local_copy
+from raydist.distill.losses import (
+    HiddenProjection,
+    default_layer_mapping,
+    hidden_state_loss,
+    kd_loss_on_rows,
+    topk_kd_loss_on_rows,
+)
+from raydist.distill.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
+from raydist.train.export import export_artifact, logits_of, probe_batch
+from raydist.train.plumbing import seed_everything
 from raydist.train.worker import TrainingSession
 
 ARTIFACT_DIR = "artifact"
@@ -189,8 +189,8 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
     import pyarrow.parquet as pq
     import ray
 
-    from raydist.core.runs import init_ray, read_parquet
     from raydist.core.resources import plan_units
+    from raydist.core.runs import init_ray, read_parquet
 
     src = resolve_model_source(cfg.teacher)
     key = cache_key(

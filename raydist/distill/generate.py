@@ -19,15 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from raydist.core import storage
-from raydist.core.data import DataError, detect_format, load_records
-from raydist.core.preflight import preflight_generate
-from raydist.core.data import render_prompt
-from raydist.distill.generation import generate_answers, prompt_records
-from raydist.core.models import load_model, load_tokenizer
 from raydist.config.generate import GenerateConfig
-from raydist.core.runs import init_ray, with_absolute_paths
+from raydist.core import storage
+from raydist.core.data import DataError, detect_format, load_records, render_prompt
+from raydist.core.models import load_model, load_tokenizer
+from raydist.core.preflight import preflight_generate
 from raydist.core.resources import plan_units, unit_device
+from raydist.core.runs import init_ray, with_absolute_paths
+from raydist.distill.generation import generate_answers, prompt_records
 
 
 class AnswerWriter:

@@ -31,9 +31,6 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from raydist.core import storage
-from raydist.core.artifact import read_manifest
-from raydist.core.preflight import PreflightError
 from raydist.config.base import ModelConfig
 from raydist.config.loading import config_from_dict
 from raydist.config.pipeline import (
@@ -43,6 +40,9 @@ from raydist.config.pipeline import (
     join_location,
     references,
 )
+from raydist.core import storage
+from raydist.core.artifact import read_manifest
+from raydist.core.preflight import PreflightError
 
 LINEAGE = "lineage.json"
 ARTIFACT_DIR = "artifact"  # the artifact directory inside every training / sweep stage's run directory
@@ -292,8 +292,8 @@ def _cpus_needed(cfg: PipelineConfig) -> float:
 
 def _drivers() -> dict[str, Callable]:
     from raydist.distill.distill import run_distill
-    from raydist.train.finetune import run_finetune
     from raydist.sweep.sweep import run_sweep
+    from raydist.train.finetune import run_finetune
 
     return {"finetune": run_finetune, "distill": run_distill, "sweep": run_sweep}
 

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterator, Optional
 import yaml
 from pydantic import BaseModel
 
-from raydist.core.storage import is_uri
 from raydist.core.runs import RAY_DATA_ENV
+from raydist.core.storage import is_uri
 
 STAGES = ("finetune", "distill", "generate", "sweep", "serve", "pipeline")
 JOB_CONFIG = "raydist_job.yaml"  # the config file's name inside the working_dir

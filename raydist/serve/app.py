@@ -175,8 +175,8 @@ def run_serve(cfg: ServeConfig, *, blocking: bool = True, verbose: bool = True) 
     import ray
     from ray import serve
 
-    from raydist.serve.loading import check_artifact, default_model_id
     from raydist.core.runs import StageFailed, init_ray
+    from raydist.serve.loading import check_artifact, default_model_id
 
     say = print if verbose else (lambda *a, **k: None)
     check_artifact(cfg.artifact, cfg.adapter)

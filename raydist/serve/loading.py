@@ -23,11 +23,11 @@ class ArtifactError(ValueError):
 def _load_artifact(path: str, device: Optional[str] = None):
     """Load a model directory onto ``device`` (None = CPU).
 
-    Uses ``raydist.compress.quant.quantization.load_compressed`` (which reloads quantized artifacts with their
+    Uses ``raydist.load_compressed`` (which reloads quantized artifacts with their
     scheme and plain fp32 directories alike) when that module exists; otherwise plain transformers.
     """
     try:
-        from raydist.compress.quant.quantization import load_compressed
+        from raydist.compress.quant.format import load_compressed
     except ImportError:
         load_compressed = None
     if load_compressed is not None:

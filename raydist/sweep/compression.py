@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from raydist.compress.candidate import apply_candidate, token_rows
 from raydist.compress.pareto import choose_winner, pareto_front, plot_pareto
-from raydist.compress.quant.quantization import load_compressed, save_compressed
+from raydist.compress.quant.format import load_compressed, save_compressed
 from raydist.compress.structured import collect_importance
 from raydist.config.sweep import EvalSettings, RecoverySettings, SweepConfig, normalize_candidate
 from raydist.core import storage

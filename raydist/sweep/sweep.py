@@ -78,7 +78,7 @@ def preflight_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
             cannot meet.
     """
     from raydist.compress.candidate import CandidateError, structured_plan
-    from raydist.compress.quant import quantization
+    from raydist.compress.quant.layer import check_scheme
     from raydist.core.models import load_model_config, resolve_model_source
     from raydist.core.preflight import PreflightError
 
@@ -90,7 +90,7 @@ def preflight_sweep(cfg: SweepConfig) -> list[dict[str, Any]]:
             continue
         for g in cfg.search_space.group_size if scheme == "int4_weight_only" else [None]:
             try:
-                quantization.check_scheme(scheme, g)
+                check_scheme(scheme, g)
             except ValueError as e:
                 problems.append(f"search_space.quantization {scheme!r}: {e}")
     for fraction in cfg.search_space.structured:

@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from raydist.core.models import count_parameters, make_shareable, save_model_dir
 from raydist.config.base import LoraSettings
+from raydist.core.models import count_parameters, make_shareable, save_model_dir
 
 
 class ExportError(RuntimeError):

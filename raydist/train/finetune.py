@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from raydist.config.finetune import FinetuneConfig
 from raydist.core.artifact import write_manifest
-from raydist.train.export import export_artifact, logits_of, peft_lora_config, probe_batch
 from raydist.core.models import (
     hash_model_source,
     load_model,
@@ -35,8 +35,6 @@ from raydist.core.models import (
 )
 from raydist.core.preflight import preflight_finetune
 from raydist.core.progress import console
-from raydist.train.plumbing import apply_dropout, seed_everything
-from raydist.config.finetune import FinetuneConfig
 from raydist.core.runs import (
     finish_run,
     open_run_dir,
@@ -45,6 +43,8 @@ from raydist.core.runs import (
     train_on_ray,
     with_absolute_paths,
 )
+from raydist.train.export import export_artifact, logits_of, peft_lora_config, probe_batch
+from raydist.train.plumbing import apply_dropout, seed_everything
 from raydist.train.worker import TrainingSession
 
 ARTIFACT_DIR = "artifact"

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from raydist.core.data import IGNORE_INDEX, collate, iter_rows
-from raydist.core.progress import ProgressPrinter, append_jsonl, console
 from raydist.core.evaluation import perplexity, sum_nll
+from raydist.core.progress import ProgressPrinter, append_jsonl, console
 from raydist.core.storage import Mirror
 from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups, rng_state, set_rng_state
 
@@ -40,8 +40,8 @@ class TrainingSession:
     def __init__(self, config: dict[str, Any], cfg, pad_id: int):
         import ray.train
 
-        from raydist.core.runs import quiet_ray_worker_logs
         from raydist.core.resources import unit_device
+        from raydist.core.runs import quiet_ray_worker_logs
 
         quiet_ray_worker_logs()  # Ray Train's "Reporting training result ..." only with --verbose
 

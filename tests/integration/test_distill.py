@@ -7,14 +7,14 @@ import pytest
 import yaml
 
 from raydist.cli import main
-from raydist.core.artifact import read_manifest
-from raydist.core.preflight import PreflightError
-from raydist.core.progress import read_history
-from raydist.distill.teacher_cache import CacheMismatchError
 from raydist.config import FinetuneConfig
 from raydist.config.distill import DistillConfig
 from raydist.config.loading import config_from_dict
+from raydist.core.artifact import read_manifest
+from raydist.core.preflight import PreflightError
+from raydist.core.progress import read_history
 from raydist.distill.distill import run_distill
+from raydist.distill.teacher_cache import CacheMismatchError
 from raydist.train.finetune import run_finetune
 
 pytestmark = pytest.mark.integration
@@ -91,9 +91,10 @@ def test_online_kd_from_pruned_student(teacher, online_run):
 
 
 def test_mismatched_tokenizer_is_refused(teacher, tmp_path):
-    from raydist.core.models import load_model, save_model_dir
-    from raydist.config import ModelConfig
     from transformers import AutoTokenizer
+
+    from raydist.config import ModelConfig
+    from raydist.core.models import load_model, save_model_dir
 
     other = tmp_path / "other"
     tok = AutoTokenizer.from_pretrained(teacher)

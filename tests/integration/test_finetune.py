@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
+from raydist.config import FinetuneConfig
+from raydist.config.loading import config_from_dict
 from raydist.core.artifact import read_manifest
 from raydist.core.data import IGNORE_INDEX, collate
 from raydist.core.models import load_model
 from raydist.core.progress import read_history
-from raydist.config import FinetuneConfig
-from raydist.config.loading import config_from_dict
 from raydist.core.runs import RunDirError
 from raydist.train.finetune import run_finetune
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from raydist.cli import main
+from raydist.config import DataConfig, DataSourceConfig
 from raydist.core.data import build_datasets
 from raydist.core.models import tiny_tokenizer
-from raydist.config import DataConfig, DataSourceConfig
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

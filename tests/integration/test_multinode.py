@@ -357,8 +357,8 @@ def test_sweep_on_declared_gpus_without_cuda_fails_clearly_with_device_auto(ray_
 
 def test_finetune_asking_for_gpus_on_a_cluster_without_any_is_refused(tmp_path):
     """In-process, against the session's local CPU-only Ray (``ray_session``)."""
-    from raydist.core.preflight import PreflightError
     from raydist.config import load_stage_config
+    from raydist.core.preflight import PreflightError
     from raydist.train.finetune import run_finetune
 
     cfg = load_stage_config(TINY_LORA, ["resources.num_gpus=1", f"run.output_dir={tmp_path}", "run.name=gpu"])

@@ -13,9 +13,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from raydist.config import load_stage_config
 from raydist.core.artifact import read_manifest
 from raydist.core.progress import read_history
-from raydist.config import load_stage_config
 from raydist.jobs.pipeline import run_pipeline
 
 pytestmark = pytest.mark.integration

@@ -43,9 +43,9 @@ def _make_artifact(out: Path) -> Path:
     """A tiny random Llama with an untied head (varied greedy continuations) and the tiny tokenizer."""
     from transformers import AutoModelForCausalLM
 
+    from raydist.config import TinyModelSpec
     from raydist.core.artifact import write_manifest
     from raydist.core.models import save_model_dir, tiny_llama_config, tiny_tokenizer
-    from raydist.config import TinyModelSpec
 
     config = tiny_llama_config(TinyModelSpec())
     config.tie_word_embeddings = False

@@ -2,9 +2,9 @@
 
 import pytest
 
-from raydist.core.artifact import read_manifest
 from raydist.config import FinetuneConfig
 from raydist.config.loading import config_from_dict
+from raydist.core.artifact import read_manifest
 from raydist.train.finetune import run_finetune
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,9 +43,9 @@ def test_smollm2_blocks_sit_on_the_q4_1_grid(smollm2_dir):
     int4 min/max at group size 32 (the same grid) to float rounding; the Q8_0 embedding is not a 4-bit grid."""
     import torch
 
-    from raydist.core.models import load_model
-    from raydist.compress.quant.quantization import int4_minmax_qparams, int4_on_grid
+    from raydist.compress.quant.codes import int4_minmax_qparams, int4_on_grid
     from raydist.config import ModelConfig
+    from raydist.core.models import load_model
 
     model = load_model(ModelConfig(path=str(smollm2_dir)))
     blocks = [

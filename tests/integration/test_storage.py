@@ -138,8 +138,8 @@ def test_artifact_served_straight_from_the_bucket(trained):
     from ray import serve
 
     from raydist.config import ServeConfig
-    from raydist.serve.app import run_serve
     from raydist.core.runs import free_port
+    from raydist.serve.app import run_serve
 
     port = free_port()
     cfg = ServeConfig(

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 
 from raydist.cli import EXIT_NO_WINNER, main
-from raydist.core.artifact import read_manifest
 from raydist.compress.candidate import token_rows
+from raydist.compress.quant.format import load_compressed
+from raydist.compress.quant.quantize import quantized_layers
+from raydist.core.artifact import read_manifest
 from raydist.core.evaluation import perplexity_on
-from raydist.compress.quant.quantization import load_compressed, quantized_layers
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 
@@ -57,9 +58,9 @@ def test_compress_sweep_with_a_failing_trial(tmp_path, monkeypatch):
     model = load_compressed(run / "artifact")
     if w["candidate"]["quantization"] != "none":
         assert quantized_layers(model)
-    from raydist.core.models import load_tokenizer
     from raydist.config import ModelConfig
     from raydist.core.data import pydoc_topics_text, text_token_stream
+    from raydist.core.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(path="tiny-random"))
     windows = token_rows(text_token_stream([pydoc_topics_text()], tok, limit=2048), 256)

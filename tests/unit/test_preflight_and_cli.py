@@ -4,9 +4,9 @@ import sys
 import pytest
 
 from raydist.cli import main
-from raydist.core.preflight import PreflightError, preflight_finetune
 from raydist.config import FinetuneConfig
 from raydist.config.loading import config_from_dict, dump_config
+from raydist.core.preflight import PreflightError, preflight_finetune
 
 
 def cfg(**over):

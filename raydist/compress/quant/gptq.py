@@ -9,7 +9,7 @@ in place of "set to zero", and it reuses that module's calibration machinery: bl
 through the already-quantized earlier blocks, one Hessian per group of linears reading the same input,
 the damped upper Cholesky factor of ``H^-1``, and the single-thread CPU sweep.
 
-The result is in the int4 format of ``raydist.compress.quant.quantization`` (PyTorch's tinygemm
+The result is in the int4 format of ``raydist.compress.quant.codes`` (PyTorch's tinygemm
 convention, ``w ≈ (q - 8) * scale + zero`` per row and group of ``group_size`` input channels), so a
 GPTQ model is saved, reloaded and served like any other int4 model.
 
@@ -18,7 +18,7 @@ GPTQ model is saved, reloaded and served like any other int4 model.
 (the reference's ``--static-groups``, llm-compressor's ``actorder="static"``), so groups stay
 contiguous in the stored layout and no per-column group index is needed.
 
-Pure torch; used through ``quantization.quantize_model(..., int4_algorithm="gptq", calibration=...)``.
+Pure torch; used through ``quantize.quantize_model(..., int4_algorithm="gptq", calibration=...)``.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ Recipe (``apply_candidate`` with ``recovery: qat``):
    ``(scale, zero)`` becomes its *grid*, and the float model's weights start from the dequantized values
    (for GPTQ these carry its error compensation).
 2. ``fake_quantized``: while training, every block Linear computes with its weight rounded to the grid
-   (``quantization.int4_on_grid``); the gradient passes straight through the rounding (STE, Bengio et
+   (``codes.int4_on_grid``); the gradient passes straight through the rounding (STE, Bengio et
    al. 2013) to the float "latent" weight, so training learns which way each weight should round.
-3. ``quantization.quantize_model(..., int4_grids=grids)`` rounds the trained latent weights to the same
+3. ``quantize.quantize_model(..., int4_grids=grids)`` rounds the trained latent weights to the same
    grids: the quantized model computes exactly what the last training step's forward did.
 
 The grid is frozen rather than re-fit to the moving weights (as torchao's QAT does for its own layouts)
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from raydist.compress.quant.quantization import int4_on_grid, quantize_model, quantized_layers
+from raydist.compress.quant.codes import int4_on_grid
+from raydist.compress.quant.quantize import quantize_model, quantized_layers
 
 Grids = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -57,7 +58,7 @@ def int4_grids(
 
     Args:
         model: float Llama-layout LM; its quantized layers' weights are set to their dequantized values.
-        group_size, int4_algorithm, calibration, gptq: as ``quantization.quantize_model`` (int4).
+        group_size, int4_algorithm, calibration, gptq: as ``quantize.quantize_model`` (int4).
 
     Returns:
         ``(grids, report)``: {layer name: (scale, zero)} and the report of that quantization.

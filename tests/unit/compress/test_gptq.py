@@ -6,19 +6,12 @@ import copy
 import pytest
 import torch
 
+from raydist.compress.quant.codes import int4_minmax_qparams, int4_round, quantize_int4_groupwise, unpack_int4
+from raydist.compress.quant.format import load_compressed, save_compressed
 from raydist.compress.quant.gptq import _gptq_weight
-from raydist.core.models import load_model
-from raydist.compress.quant.quantization import (
-    int4_minmax_qparams,
-    int4_round,
-    load_compressed,
-    quantize_int4_groupwise,
-    quantize_model,
-    quantized_layers,
-    save_compressed,
-    unpack_int4,
-)
+from raydist.compress.quant.quantize import quantize_model, quantized_layers
 from raydist.config import ModelConfig
+from raydist.core.models import load_model
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 CAL = torch.randint(4, 512, (8, 32), generator=torch.Generator().manual_seed(3))

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydist.core.models import count_parameters, load_model
 from raydist.compress.structured import (
     Importance,
     collect_importance,
@@ -24,6 +23,7 @@ from raydist.compress.structured import (
     prune_model,
 )
 from raydist.config import ModelConfig
+from raydist.core.models import count_parameters, load_model
 
 TINY = {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 SMOLLM2 = Path(__file__).resolve().parents[3] / "models" / "smollm2-135m"

@@ -7,20 +7,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from raydist.core.models import load_model
-from raydist.compress.quant.quantization import (
-    SCHEMES,
-    QuantizedLinear,
-    check_scheme,
-    load_compressed,
-    pick_group_size,
-    quantize_int4_groupwise,
-    quantize_model,
-    quantized_layers,
-    save_compressed,
-    unpack_int4,
-)
+from raydist.compress.quant.codes import pick_group_size, quantize_int4_groupwise, unpack_int4
+from raydist.compress.quant.format import load_compressed, save_compressed
+from raydist.compress.quant.layer import SCHEMES, QuantizedLinear, check_scheme
+from raydist.compress.quant.quantize import quantize_model, quantized_layers
 from raydist.config import ModelConfig
+from raydist.core.models import load_model
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 IDS = torch.randint(4, 512, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 
-from raydist.core.models import load_model
 from raydist.compress.unstructured import (
     check_nm,
     magnitude_prune,
@@ -21,6 +20,7 @@ from raydist.compress.unstructured import (
     wanda_prune,
 )
 from raydist.config import ModelConfig
+from raydist.core.models import load_model
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 CALIB = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(1))

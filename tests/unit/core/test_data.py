@@ -1,7 +1,9 @@
 import json
+from pathlib import Path
 
 import pytest
 
+from raydist.config import DataConfig, DataSourceConfig
 from raydist.core.data import (
     IGNORE_INDEX,
     DataError,
@@ -16,9 +18,6 @@ from raydist.core.data import (
     split_records,
     tokenize_source,
 )
-from raydist.config import DataConfig, DataSourceConfig
-
-from pathlib import Path
 
 SEED_TASKS = Path(__file__).resolve().parents[4] / "shared" / "data" / "seed_tasks.jsonl"
 

@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
+from raydist.compress.quant.format import save_compressed
+from raydist.compress.quant.quantize import quantize_model
+from raydist.config import ModelConfig
 from raydist.core.data import pydoc_topics_text
 from raydist.core.evaluation import calibration_ids, eval_windows, model_size, perplexity_on
-from raydist.sweep.speed import generation_speed
 from raydist.core.models import count_parameters, load_model
-from raydist.compress.quant.quantization import quantize_model, save_compressed
-from raydist.config import ModelConfig
+from raydist.sweep.speed import generation_speed
 
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from raydist.config import ModelConfig
 from raydist.core.models import (
     ModelSourceError,
     count_parameters,
@@ -9,7 +10,6 @@ from raydist.core.models import (
     resolve_model_source,
     save_model_dir,
 )
-from raydist.config import ModelConfig
 
 
 def test_tiny_random_is_seeded_and_gqa():

@@ -2,10 +2,10 @@
 
 import pytest
 
-from raydist.core.preflight import PreflightError
 from raydist.config import FinetuneConfig, GenerateConfig, ServeConfig, SweepConfig
 from raydist.config.base import ResourceSettings
 from raydist.config.loading import ConfigError, config_from_dict
+from raydist.core.preflight import PreflightError
 from raydist.core.resources import SKIP_CHECK_ENV, plan_units
 
 FT = {"model": {"path": "tiny-random"}, "data": {"train": {"builtin": "pydoc_topics"}}, "run": {"name": "x"}}

@@ -1,8 +1,8 @@
 import pytest
 
-from raydist.core.preflight import PreflightError, preflight_distill
 from raydist.config import ConfigError, DistillConfig
 from raydist.config.loading import config_from_dict
+from raydist.core.preflight import PreflightError, preflight_distill
 
 
 def cfg(**over):

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from raydist.core.data import DataError
-from raydist.core.data import render_prompt
-from raydist.distill.generation import generate_answers, prompt_records
-from raydist.core.models import load_model
 from raydist.config import ModelConfig
+from raydist.core.data import DataError, render_prompt
+from raydist.core.models import load_model
+from raydist.distill.generation import generate_answers, prompt_records
 
 
 def test_instruction_and_chat_prompts():

@@ -10,8 +10,8 @@ from raydist.cli import main
 from raydist.config import ConfigError, PipelineConfig, load_stage_config, stage_config_class
 from raydist.config.loading import config_from_dict
 from raydist.config.pipeline import join_location, references
-from raydist.jobs.pipeline import format_summary, plan_pipeline, preflight_pipeline, resolve_stage
 from raydist.core.runs import RunDirError
+from raydist.jobs.pipeline import format_summary, plan_pipeline, preflight_pipeline, resolve_stage
 
 REPO = Path(__file__).resolve().parents[3]
 DATA = {"train": {"builtin": "pydoc_topics", "max_tokens": 4000}, "seq_len": 64}

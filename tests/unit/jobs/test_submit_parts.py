@@ -212,9 +212,9 @@ def test_submit_refuses_a_wrong_stage_and_an_invalid_spec_before_any_cluster(tmp
 def test_a_shipped_model_is_found_in_this_nodes_copy_of_the_working_dir(tmp_path, monkeypatch):
     """The job's driver (head) makes a shipped model's path absolute inside its own unpacked working_dir; a
     worker on another node finds the same file in its node's copy (same package name, on its PYTHONPATH)."""
+    from raydist.config.base import ModelConfig
     from raydist.core.models import resolve_model_source
     from raydist.core.storage import on_this_node
-    from raydist.config.base import ModelConfig
 
     pkg = "runtime_resources/working_dir_files/_ray_pkg_0123abcd"
     head_path = str(tmp_path / "head-session" / pkg / "models" / "small")  # not on this "node"

@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from raydist.core.models import load_model
-from raydist.compress.quant.quantization import quantize_model
+from raydist.compress.quant.quantize import quantize_model
 from raydist.config import ModelConfig
+from raydist.core.models import load_model
 from raydist.serve.engine import BatchGenerator, GenerationRequest, SamplingParams
 from raydist.serve.fast_llama import FastLlama, _Concat, _Dense, _Int8Dynamic
 

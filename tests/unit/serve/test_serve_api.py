@@ -10,9 +10,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from raydist.core.models import load_model
 from raydist.config import ModelConfig
 from raydist.config.serve import LimitSettings
+from raydist.core.models import load_model
 from raydist.serve.engine import BatchGenerator
 from raydist.serve.service import DirectBackend, ModelInfo, OpenAIService, build_fastapi_app
 

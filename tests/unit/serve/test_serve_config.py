@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from raydist.cli import main
-from raydist.core.models import load_model, save_model_dir
 from raydist.config import ConfigError, ModelConfig, ServeConfig, load_stage_config
 from raydist.config.loading import config_from_dict
+from raydist.core.models import load_model, save_model_dir
 from raydist.serve.app import app_builder, config_from_args, deployment_options, resolve_api_key
 from raydist.serve.loading import ArtifactError, check_artifact, default_model_id, load_served_model
 
@@ -148,7 +148,9 @@ def test_lora_adapter_is_merged_at_load(tiny_dir, tmp_path):
 
 
 def test_quantized_artifact_is_served_with_its_scheme(tiny_dir, tmp_path, tiny_tokenizer):
-    from raydist.compress.quant.quantization import QuantizedLinear, quantize_model, save_compressed
+    from raydist.compress.quant.format import save_compressed
+    from raydist.compress.quant.layer import QuantizedLinear
+    from raydist.compress.quant.quantize import quantize_model
     from raydist.serve.engine import BatchGenerator, GenerationRequest, SamplingParams
 
     model = load_model(ModelConfig(path=str(tiny_dir)))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from raydist.core.models import load_model
 from raydist.config import ModelConfig
+from raydist.core.models import load_model
 from raydist.serve.engine import BatchGenerator, GenerationRequest, SamplingParams, _TextTracker
 
 

@@ -15,12 +15,12 @@ from raydist.compress.candidate import (
     structured_plan,
     token_rows,
 )
-from raydist.core.models import load_model
 from raydist.compress.pareto import choose_winner, dominates, pareto_front
 from raydist.compress.unstructured import check_nm, prunable_linears
 from raydist.config import ModelConfig
 from raydist.config.loading import ConfigError, config_from_dict
 from raydist.config.sweep import SweepConfig
+from raydist.core.models import load_model
 
 TINY = {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
 
@@ -253,9 +253,9 @@ def test_int4_algorithm_and_qat_collapse_where_they_do_not_apply():
 
 def test_lm_head_and_smoothing_knobs_apply_to_the_int8_schemes_only(tiny_tokenizer):
     from raydist.compress.candidate import apply_candidate
-    from raydist.core.models import load_model
-    from raydist.compress.quant.quantization import QuantizedLinear
+    from raydist.compress.quant.layer import QuantizedLinear
     from raydist.config import ModelConfig
+    from raydist.core.models import load_model
 
     cfg = sweep_cfg(
         quantization=["none", "int8_weight_only", "int8_dynamic", "int4_weight_only"],
@@ -286,7 +286,7 @@ def test_lm_head_and_smoothing_knobs_apply_to_the_int8_schemes_only(tiny_tokeniz
 
 def test_qat_recovery_trains_against_the_grid_the_int4_model_is_stored_on():
     from raydist.compress.quant.qat import fake_quantized, int4_grids
-    from raydist.compress.quant.quantization import quantize_model, quantized_layers
+    from raydist.compress.quant.quantize import quantize_model, quantized_layers
 
     teacher = tiny_model()
     calib = torch.randint(0, 500, (4, 32), generator=torch.Generator().manual_seed(1))

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
+from raydist.config import DeepSpeedSettings, OptimConfig
 from raydist.core.progress import read_history
 from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups
-from raydist.config import DeepSpeedSettings, OptimConfig
 
 
 def test_warmup_then_cosine_to_floor():
