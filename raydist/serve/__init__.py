@@ -16,7 +16,7 @@ _WHERE = {
     "run_serve": "raydist.serve.app",
     "BatchGenerator": "raydist.serve.engine",
     "OpenAIService": "raydist.serve.service",
-    "build_fastapi_app": "raydist.serve.service",
+    "build_fastapi_app": "raydist.serve.http",
 }
 __all__ = list(_WHERE)
 __getattr__, __dir__ = lazy_attributes(globals(), _WHERE)

@@ -1,7 +1,7 @@
 """The Ray Serve replica: one model copy, dynamic batching, health probe, metrics, and the FastAPI app.
 
 Each replica loads the artifact once, then answers HTTP through the app built by
-:func:`raydist.serve.service.build_fastapi_app`. Concurrent requests meet in Ray Serve's ``@serve.batch``
+:func:`raydist.serve.http.build_fastapi_app`. Concurrent requests meet in Ray Serve's ``@serve.batch``
 queue and are decoded together by :class:`~raydist.serve.engine.BatchGenerator` (left-padded prefill, then
 one token per step for the whole batch); each step's new text flows back to its request as it is made,
 which is what streaming sends. A batch decodes in a worker thread (``stream_batch``) so the replica's
@@ -23,9 +23,11 @@ import ray
 from ray import serve
 
 from raydist.config.serve import ServeConfig
-from raydist.serve.engine import BatchGenerator, ContinuousBatcher, GenerationRequest, StepOutput
+from raydist.serve.batcher import ContinuousBatcher
+from raydist.serve.engine import BatchGenerator, GenerationRequest, StepOutput
+from raydist.serve.http import build_fastapi_app
 from raydist.serve.loading import default_model_id, load_served_model
-from raydist.serve.service import ModelInfo, OpenAIService, build_fastapi_app
+from raydist.serve.service import ModelInfo, OpenAIService
 
 logger = logging.getLogger("ray.serve")
 

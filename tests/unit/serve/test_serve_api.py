@@ -14,7 +14,8 @@ from raydist.config import ModelConfig
 from raydist.config.serve import LimitSettings
 from raydist.core.models import load_model
 from raydist.serve.engine import BatchGenerator
-from raydist.serve.service import DirectBackend, ModelInfo, OpenAIService, build_fastapi_app
+from raydist.serve.http import DirectBackend, build_fastapi_app
+from raydist.serve.service import ModelInfo, OpenAIService
 
 KEY = "sk-test-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

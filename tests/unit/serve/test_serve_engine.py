@@ -166,7 +166,7 @@ def test_a_request_merged_into_a_running_batch_decodes_as_if_alone(engine):
 def test_continuous_batcher_serves_concurrent_groups_in_shared_steps(engine):
     import asyncio
 
-    from raydist.serve.engine import ContinuousBatcher
+    from raydist.serve.batcher import ContinuousBatcher
 
     N = 48  # long enough that later requests arrive while earlier ones decode
     steps = []
