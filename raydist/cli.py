@@ -227,7 +227,8 @@ def _submit(args) -> int:
     """`raydist submit`: everything `raydist validate` checks is checked first, before the cluster is contacted."""
     from raydist.config import stage_config_class
     from raydist.config.loading import config_from_dict, read_yaml
-    from raydist.jobs.submit import plan_job, submit
+    from raydist.jobs.plan import plan_job
+    from raydist.jobs.submit import submit
 
     data = apply_overrides(read_yaml(args.config), args.overrides)
     stage = data.get("stage", args.stage)
@@ -274,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from raydist.core.runs import RunDirError, StageFailed
     from raydist.core.storage import StorageError
     from raydist.distill.teacher_cache import CacheMismatchError
-    from raydist.jobs.submit import SubmitError
+    from raydist.jobs.plan import SubmitError
     from raydist.serve.loading import ArtifactError
 
     try:

@@ -29,6 +29,10 @@ The module layout expected is LlamaForCausalLM's (shared by Mistral, Qwen2/3, Sm
 down}_proj``, norms as direct children of each layer, ``model.norm``, ``lm_head`` (possibly tied).
 No library does structured pruning of HF models with config updates that round-trip (torch's
 ``nn.utils.prune`` only masks), hence the hand-written slicing here.
+
+One file of ~850 lines on purpose: importance scoring, the four cuts (layers, MLP channels, heads, hidden
+channels) and the plan share the Llama-layout accessors and slicing primitives, and ``prune_model`` both scores
+and cuts; split, each half would import the other (tried: a cycle).
 """
 
 from __future__ import annotations

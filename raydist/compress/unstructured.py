@@ -39,6 +39,9 @@ reference code (github.com/locuslab/wanda, github.com/IST-DASLab/sparsegpt).
 
 Every function works in place on the model's device and dtype (statistics and the Hessian algebra run
 in float32) and returns a report dict (see ``sparsity_report``).
+
+~550 lines: three methods that share targets, validation and reporting; the calibration machinery they share
+with GPTQ is ``calibration.py``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Driver (``run_pipeline``):
 Pipeline directory (``<output_dir>/<name>``, a local path or a URI):
   lineage.json     the spec, and per stage: status, resolved config, artifact, metrics, wall time
   finetune/  distill/  sweep/     the stages' run directories (unless a section names another run.output_dir)
+
+~500 lines: the pipeline driver read top to bottom (plan, preflight of every stage, run, resume).
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Usage::
 
 :class:`~raydist.serve.batcher.ContinuousBatcher` runs that loop on a thread for a server: requests that arrive
 while a batch is decoding are prefilled and merged into it between two steps (continuous batching).
+
+~560 lines: the request/step types, sampling and the batch state's prefill/step/merge are one decode loop;
+continuous batching on a thread is ``batcher.py``.
 """
 
 from __future__ import annotations

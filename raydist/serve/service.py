@@ -6,6 +6,9 @@ batched generator as the :class:`GenerationBackend`; unit tests plug in :class:`
 Every client mistake ends as a 4xx with OpenAI's error envelope ``{"error": {message, type, param, code}}``:
 checks run in the order auth → body size → JSON → schema → model id → prompt/limits, all before the
 request reaches the model, so a bad request never joins (or breaks) a batch.
+
+~770 lines on purpose: the OpenAI API is one class whose handlers share request parsing, validation, sampling
+parameters and the logprob builders; the FastAPI app around it is ``http.py``.
 """
 
 from __future__ import annotations

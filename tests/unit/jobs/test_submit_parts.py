@@ -10,19 +10,17 @@ import yaml
 from raydist.cli import main
 from raydist.config import load_stage_config
 from raydist.config.loading import apply_overrides, read_yaml
-from raydist.jobs.submit import (
+from raydist.jobs.plan import (
     JOB_CONFIG,
     MAX_SHIPPED_MODEL_BYTES,
     SubmitError,
-    connect,
     entrypoint,
-    find_token,
     plan_job,
-    resolve_address,
     runtime_env,
     stage_working_dir,
     submission_id,
 )
+from raydist.jobs.submit import connect, find_token, resolve_address
 
 
 def write_jsonl(path, rows):
