@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from raydist.compress.structured import Importance, prune_model
+from raydist.config.sweep import DEFAULT_INT4_ALGORITHM
 
 
 class CandidateError(ValueError):
@@ -197,7 +198,8 @@ def apply_candidate(
         candidate: ``method`` (none|magnitude|wanda|sparsegpt), ``sparsity``, ``pattern`` ("N:M" or None),
             ``structured`` (fraction, 0 = none), ``structure``, ``quantization`` (none or a scheme of
             ``compress.quant.layer.SCHEMES``), ``group_size``, ``int4_algorithm`` (minmax|hqq|gptq; default
-            minmax), ``recovery`` (none|distill|qat: distillation, or distillation against the int4 grids
+            gptq, as the sweep's ``search_space.int4_algorithm``: it needs ``calibration``),
+            ``recovery`` (none|distill|qat: distillation, or distillation against the int4 grids
             the candidate's quantization chose, before rounding to them) — see
             ``raydist.config.sweep.SearchSpace``.
         calibration: [n, T] token ids for the data-aware methods.
@@ -244,7 +246,8 @@ def apply_candidate(
         report["sparsity"] = {k: v for k, v in rep.items() if k != "per_layer"}
         report["seconds"]["sparsity"] = time.time() - t
     scheme = candidate.get("quantization", "none")
-    int4_algorithm = candidate.get("int4_algorithm") or "minmax"
+    # the sweep's default (config.sweep.SearchSpace), so a candidate means the same from the CLI and from Python
+    int4_algorithm = candidate.get("int4_algorithm") or DEFAULT_INT4_ALGORITHM
     recovery_kind = candidate.get("recovery", "none")
     grids = None
     if recovery_kind in ("distill", "qat"):

@@ -21,6 +21,7 @@ STRUCTURES = ("mlp", "layers", "mlp+heads")
 QUANT_SCHEMES = ("none", "int8_weight_only", "int8_dynamic", "int4_weight_only")
 RECOVERIES = ("none", "distill", "qat")
 INT4_ALGORITHMS = ("minmax", "hqq", "gptq")
+DEFAULT_INT4_ALGORITHM = "gptq"  # also what compress.candidate.apply_candidate uses when a candidate omits it
 # The fields of SearchSpace a candidate is made of (every searcher samples all of them).
 KNOBS = (
     "method",
@@ -70,7 +71,7 @@ class SearchSpace(StrictModel):
         [64], description="int4 group sizes (a size that does not divide a layer is lowered)."
     )
     int4_algorithm: list[Literal["minmax", "hqq", "gptq"]] = Field(
-        ["gptq"],
+        [DEFAULT_INT4_ALGORITHM],
         description="How int4 weights are rounded: minmax (round to nearest), hqq (optimised scales) or "
         "gptq (second-order error compensation on the calibration text).",
     )
