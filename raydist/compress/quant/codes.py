@@ -34,8 +34,8 @@ def quantize_int4_groupwise(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise 4-bit in PyTorch's tinygemm convention: ``w ≈ (q - 8) * scale + zero``.
 
-    Uses torchao's tinygemm qparam/quantize primitives (or its HQQ solver, which returns the same
-    convention), so the values are exactly what the int4 kernels expect.
+    Min/max qparams and rounding as torchao's tinygemm primitives compute them (or torchao's HQQ solver, which
+    returns the same convention), so the values are exactly what the int4 kernels expect.
 
     Args:
         w: [N, K] float weight; ``K % group_size == 0``.
@@ -46,13 +46,10 @@ def quantize_int4_groupwise(
         ``qweight`` [N, K // 2] uint8 (column 2j in the low nibble, 2j+1 in the high nibble),
         ``scale`` [N, K // group_size] fp32, ``zero`` [N, K // group_size] fp32.
     """
-    from torchao.quantization.quant_primitives import _quantize_affine_tinygemm
-
     w = w.detach().float()
     n, k = w.shape
     if algorithm == "hqq":
-        from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
-
+        _choose_qparams_and_quantize_affine_hqq = _torchao_hqq_solver()
         q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
             w, nbits=4, group_size=group_size, axis=1, compute_dtype=torch.float32, device=str(w.device)
         )
@@ -63,19 +60,42 @@ def quantize_int4_groupwise(
             f"unknown int4 algorithm {algorithm!r}; choose from ('minmax', 'hqq') (GPTQ: compress.quant.gptq)"
         )
     scale, zero = int4_minmax_qparams(w, group_size)
-    q = _quantize_affine_tinygemm(w, [1, group_size], scale, zero, torch.int32, 0, 15)  # [N, K]
-    return pack_int4(q), scale, zero
+    return pack_int4(int4_codes_on_grid(w, scale, zero)), scale, zero
 
 
 def int4_minmax_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max tinygemm qparams (torchao's primitive) of ``w`` [N, K]: ``scale``, ``zero`` [N, K // group_size]."""
-    from torchao.quantization.quant_primitives import MappingType, _choose_qparams_affine_tinygemm
+    """Min/max tinygemm qparams of ``w`` [N, K]: ``scale``, ``zero`` [N, K // group_size].
 
-    n = w.shape[0]
-    scale, zero = _choose_qparams_affine_tinygemm(
-        w.detach().float(), MappingType.ASYMMETRIC, [1, group_size], torch.int32, 0, 15, 1e-6, None, torch.float32
-    )
-    return scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
+    Each group's range over the 16 codes, ``zero`` the value of code 8: the same values as torchao's private
+    ``_choose_qparams_affine_tinygemm`` (asymmetric, eps 1e-6; a unit test compares them), written here so the
+    default path needs no private API.
+    """
+    n, k = w.shape
+    groups = w.detach().float().reshape(n, k // group_size, group_size)  # [N, G, g]
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
+    scale = ((hi - lo) / 15.0).clamp(min=1e-6)
+    return scale.contiguous(), (lo + scale * 8).contiguous()
+
+
+# torchao has no public HQQ solver for the tinygemm layout; its private one is used only with the torchao versions it
+# was tested with (tests/unit/compress/test_quantization.py runs it); outside them ``hqq`` is refused with a message.
+HQQ_TORCHAO_VERSIONS = ("0.12", "0.19")  # [first tested, first untested)
+
+
+def _torchao_hqq_solver():
+    import torchao
+    from packaging.version import Version
+
+    v = Version(torchao.__version__.split("+")[0])
+    lo, hi = HQQ_TORCHAO_VERSIONS
+    if not Version(lo) <= v < Version(hi):
+        raise RuntimeError(
+            f"int4 algorithm 'hqq' uses a private torchao function tested with torchao >={lo},<{hi}; "
+            f"torchao {torchao.__version__} is installed: use int4_algorithm 'minmax' or 'gptq', or that torchao"
+        )
+    from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
+
+    return _choose_qparams_and_quantize_affine_hqq
 
 
 def int4_round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -267,3 +267,35 @@ def test_plain_transformers_refuses_a_quantized_artifact_instead_of_loading_rand
     with pytest.raises(OSError, match="model.safetensors"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "raydist"
+
+
+def test_minmax_qparams_and_codes_equal_torchaos_tinygemm_primitives():
+    # raydist computes min/max int4 itself (no private API on the default path); torchao's private primitives
+    # are the reference the int4 kernels were written against.
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+
+    from raydist.compress.quant.codes import int4_codes_on_grid, int4_minmax_qparams
+
+    w = torch.randn(48, 192) * torch.linspace(0.01, 3.0, 192)
+    w[3, :32] = 0.0  # a constant group: the scale floor
+    scale, zero = int4_minmax_qparams(w, 32)
+    ref_s, ref_z = _choose_qparams_affine_tinygemm(
+        w, MappingType.ASYMMETRIC, [1, 32], torch.int32, 0, 15, 1e-6, None, torch.float32
+    )
+    assert torch.equal(scale, ref_s.reshape(48, -1)) and torch.equal(zero, ref_z.reshape(48, -1))
+    ref_q = _quantize_affine_tinygemm(w, [1, 32], ref_s, ref_z, torch.int32, 0, 15)
+    assert torch.equal(int4_codes_on_grid(w, scale, zero), ref_q.float())
+
+
+def test_hqq_is_refused_outside_the_tested_torchao_versions(monkeypatch):
+    import torchao
+
+    from raydist.compress.quant.codes import HQQ_TORCHAO_VERSIONS, quantize_int4_groupwise
+
+    monkeypatch.setattr(torchao, "__version__", HQQ_TORCHAO_VERSIONS[1] + ".0")
+    with pytest.raises(RuntimeError, match="private torchao function tested with torchao"):
+        quantize_int4_groupwise(torch.randn(8, 64), 32, "hqq")
