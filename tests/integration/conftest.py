@@ -33,11 +33,3 @@ def ray_cluster():
     cluster = RayCluster().start()
     yield cluster
     cluster.stop()
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    """The real SmolLM2-135M-Instruct (models/smollm2-135m, or RAYDIST_SMOLLM2_DIR), fetched on first use."""
-    from raydist.core.fetch import fetch_smollm2
-
-    return fetch_smollm2(Path(os.environ.get("RAYDIST_SMOLLM2_DIR", REPO / "models" / "smollm2-135m")))

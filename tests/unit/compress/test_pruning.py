@@ -5,7 +5,6 @@ assert that (a) importance ranks them last and (b) removing them leaves the logi
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +25,6 @@ from raydist.config import ModelConfig
 from raydist.core.models import count_parameters, load_model
 
 TINY = {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}
-SMOLLM2 = Path(__file__).resolve().parents[3] / "models" / "smollm2-135m"
 
 
 def tiny_model(**overrides):
@@ -365,15 +363,14 @@ def test_missing_importance_fields_raise_before_any_cut():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(), reason="SmolLM2-135M not present")
-def test_smollm2_mlp_pruning_by_activation_keeps_perplexity_sane(tmp_path):
+def test_smollm2_mlp_pruning_by_activation_keeps_perplexity_sane(tmp_path, smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raydist.core.data import pydoc_topics_text
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(SMOLLM2)
-    model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     ids = torch.tensor(tok.encode(pydoc_topics_text()[:40_000], add_special_tokens=False))
     assert ids.numel() > 4096
     calib_batches = [ids[i * 256 : (i + 1) * 256].reshape(2, 128) for i in range(2)]  # 512 tokens
