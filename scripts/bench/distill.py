@@ -50,9 +50,10 @@ Data (``--seed-tasks``, default ``../shared/data/seed_tasks.jsonl``; CC BY-NC, n
 Runs are named by a hash of their config under ``<out>/runs``; a completed run found there is reused
 (so ``--out`` makes a partial rerun cheap), and reused runs are marked as such in the results.
 
-Results: ``benchmarks/results/distill.json`` and the "Distillation" section of ``BENCHMARKS.md`` (only
-that section is replaced; the file is re-read just before writing). A benchmark, not a test; never
-imported by raydist.
+Results: ``benchmarks/results/distill.json`` (with the run's ``provenance``: commit, command, machine,
+versions) and the "Distillation" section of ``BENCHMARKS.md`` (only that section is replaced; the file is
+re-read just before writing; ``--markdown-only`` rewrites it from the results file without measuring). A
+benchmark, not a test; never imported by raydist.
 """
 
 from __future__ import annotations
@@ -64,7 +65,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -74,14 +74,30 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (scripts/bench is not a package)
+    BENCHMARKS_MD,
+    RANKS,
+    REPO,
+    RESULTS_DIR,
+    CpuSampler,
+    loadavg,
+    machine_line,
+    machine_of,
+    md_table,
+    provenance,
+    provenance_line,
+    replace_section,
+    say,
+    versions_of,
+)
+
 os.chdir(REPO)
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RESULTS = REPO / "benchmarks" / "results" / "distill.json"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+RESULTS = RESULTS_DIR / "distill.json"
 SECTION = "## Distillation"
 MODEL_DIR = REPO / "models" / "smollm2-135m"
 SEED_TASKS = (REPO / ".." / "shared" / "data" / "seed_tasks.jsonl").resolve()
@@ -95,53 +111,6 @@ CACHE_ACTORS, CACHE_BATCH = 2, 1
 # Extra online KD runs beside the headline one (forward KL, T=1, no CE): a softer teacher, and a CE mix.
 DEFAULT_VARIANTS = ("temperature=2", "ce_weight=0.5")
 PEER = {"teacher_ppl_uncorrected": 12.73, "pruned_25pct_mlp_before": 19.33, "ce_30_steps": 11.65}
-
-
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------- machine
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    model, mem_kib = platform.processor() or "unknown", 0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        mem_kib = next(
-            int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
-        )
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("torch", "ray", "deepspeed", "transformers", "peft"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "mem_gib": round(mem_kib / 2**20, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
-def loadavg() -> Optional[float]:
-    """1-minute load average: the box is shared, so every phase records how busy it was."""
-    try:
-        return float(Path("/proc/loadavg").read_text().split()[0])
-    except OSError:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -351,103 +320,24 @@ def median_or_none(xs) -> Optional[float]:
 # ----------------------------------------------------------------------------------------------- CPU time
 
 
-class CpuSampler:
-    """Samples, once a second, the CPU seconds used by this benchmark's Ray Train ranks (processes that
-    descend from this one and call themselves ``ray::RayTrainWorker``), by this benchmark as a whole, and
-    by the whole box (``/proc/stat``).
+def cpu_per_step(sampler: CpuSampler, times: dict[int, float]) -> dict[int, dict[str, float]]:
+    """``{step: {"rank_cpu_s", "foreign_cores"}}`` for steps whose start and end the sampler covered.
 
     Why: the box is shared, and other people's jobs can multiply a step's wall time (the 1-min load average
-    went from ~3 to ~45 during one run here). The ranks' CPU seconds per step measure the work a step
-    costs, almost independently of that contention; "foreign" cores (box minus this benchmark) say how
-    contended each step was. Linux only; elsewhere it records nothing.
+    went from ~3 to ~45 during one run here). The training ranks' CPU seconds per step measure the work a
+    step costs, almost independently of that contention; "foreign" cores (the box's busy time minus this
+    benchmark's processes) say how contended each step was.
     """
-
-    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def __init__(self, period_s: float = 1.0):
-        import threading
-
-        self.period_s = period_s
-        self.samples: list[tuple[float, float, float, float]] = []  # (time, ranks, own tree, box busy) seconds
-        self._last: dict[int, float] = {}
-        self._ranks = self._own = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "CpuSampler":
-        if Path("/proc/stat").is_file():
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._sample()
-            except OSError:
-                pass
-            self._stop.wait(self.period_s)
-
-    def _sample(self) -> None:
-        root, procs = os.getpid(), {}
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-                fields = stat[stat.rindex(")") + 2 :].split()
-                cmd = Path(f"/proc/{d}/cmdline").read_bytes()[:40].decode(errors="replace")
-            except (OSError, ValueError):
-                continue
-            procs[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self.TICK, cmd)
-        mine = {root}
-        changed = True
-        while changed:  # descendants of this process (Ray's daemons, workers, actors)
-            changed = False
-            for pid, (ppid, _, _) in procs.items():
-                if ppid in mine and pid not in mine:
-                    mine.add(pid)
-                    changed = True
-        for pid in mine:  # per-process deltas, so processes that exit or start do not jump the sums
-            cpu, cmd = procs[pid][1], procs[pid][2]
-            delta = cpu - self._last.get(pid, cpu)
-            self._last[pid] = cpu
-            self._own += delta
-            if cmd.startswith("ray::RayTrainWorker"):
-                self._ranks += delta
-        cpu_line = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-        busy = sum(int(x) for i, x in enumerate(cpu_line[:8]) if i not in (3, 4)) / self.TICK  # all but idle, iowait
-        self.samples.append((time.time(), self._ranks, self._own, busy))
-
-    def at(self, t: float) -> Optional[tuple[float, float, float]]:
-        """(ranks, own, box busy) cumulative seconds at time ``t``, linearly interpolated."""
-        import bisect
-
-        times = [x[0] for x in self.samples]
-        i = bisect.bisect_left(times, t)
-        if i == 0 or i >= len(times):
-            return None
-        (t0, *a), (t1, *b) = self.samples[i - 1], self.samples[i]
-        w = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
-        return tuple(x + w * (y - x) for x, y in zip(a, b))
-
-
-def cpu_per_step(sampler: CpuSampler, times: dict[int, float]) -> dict[int, dict[str, float]]:
-    """``{step: {"rank_cpu_s", "foreign_cores"}}`` for steps whose start and end the sampler covered."""
     out = {}
     for s in sorted(times):
         if s - 1 not in times:
             continue
-        a, b = sampler.at(times[s - 1]), sampler.at(times[s])
-        if a is None or b is None:
+        w = sampler.window(times[s - 1], times[s], clamp=False)
+        if w is None:
             continue
         gap = times[s] - times[s - 1]
-        own, box = b[1] - a[1], b[2] - a[2]
-        out[s] = {"rank_cpu_s": b[0] - a[0], "foreign_cores": max(box - own, 0.0) / gap if gap > 0 else 0.0}
+        foreign = max(w.box_busy - w.own, 0.0) / gap if gap > 0 else 0.0
+        out[s] = {"rank_cpu_s": w.procs.get(RANKS, 0.0), "foreign_cores": foreign}
     return out
 
 
@@ -607,17 +497,17 @@ def print_table(rows) -> None:
 
 
 def markdown_section(r: dict[str, Any]) -> str:
-    s, mch = r["settings"], r["machine"]
+    s, v = r["settings"], versions_of(r)
     lines = [
         SECTION,
         "",
         f"Command: `{COMMAND}` (measured {r['measured_at']}, {r['runtime_s'] / 60:.1f} min wall in all; "
-        f"results in `benchmarks/results/distill.json`).",
+        f"results in `benchmarks/results/distill.json`). " + provenance_line(r.get("provenance")),
         "",
-        f"Machine: {mch['cpu']}, {mch['cores']} CPU cores, {mch['mem_gib']} GiB, no GPU; shared with other "
-        f"jobs (1-min load average {r['loadavg_range'][0]}–{r['loadavg_range'][1]} at phase starts). torch "
-        f"{mch['versions']['torch']}, ray {mch['versions']['ray']}, deepspeed {mch['versions']['deepspeed']}, "
-        f"transformers {mch['versions']['transformers']}.",
+        f"Machine: {machine_line(machine_of(r))}; shared with other jobs (1-min load average "
+        f"{r['loadavg_range'][0]}–{r['loadavg_range'][1]} at phase starts). "
+        + ", ".join(f"{k} {v.get(k) or 'not installed'}" for k in ("torch", "ray", "deepspeed", "transformers"))
+        + ".",
         "",
         "Protocol (issue 3): SmolLM2-135M-Instruct; `seed_tasks.jsonl` split into "
         f"{r['data']['train_tasks']} tasks ({r['data']['train_instances']} instances) for training and "
@@ -646,10 +536,8 @@ def markdown_section(r: dict[str, Any]) -> str:
         "time = gaps between consecutive step records in `metrics.jsonl`, "
         f"steps 1–{DROP_STEPS} dropped, median.",
         "",
-        "| model | eval ppl | notes |",
-        "|---|---:|---|",
+        *md_table(("model", "eval ppl", "notes"), table_rows(r), "lrl"),
     ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(r)]
     lines += [
         "",
         f"Peer reference on the same protocol (issue 3): uncorrected teacher {PEER['teacher_ppl_uncorrected']}, "
@@ -711,21 +599,6 @@ def markdown_section(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(section: str) -> None:
-    """Replace the '## Distillation' section of BENCHMARKS.md (up to the next '## ') or append it. The file
-    is re-read right before writing: another benchmark may have rewritten its own section meanwhile."""
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.is_file() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    new = section.rstrip("\n").splitlines()
-    if start is None:
-        lines = lines + ([""] if lines and lines[-1].strip() else []) + new
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines = lines[:start] + new + ([""] if end < len(lines) else []) + lines[end:]
-    BENCHMARKS_MD.write_text("\n".join(lines) + "\n")
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -767,11 +640,21 @@ def main() -> None:
     ap.add_argument("--ce-online", action="store_true", help="run the CE student with the online teacher")
     ap.add_argument("--skip-bootstrap", action="store_true", help="no per-sequence rescoring / intervals")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the results files alone")
+    ap.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help=f"rewrite the {SECTION[3:]} section of BENCHMARKS.md from {RESULTS.name} without measuring",
+    )
     args = ap.parse_args()
+    if args.markdown_only:
+        replace_section(markdown_section(json.loads(RESULTS.read_text())))
+        say(f"rewrote the {SECTION[3:]} section of {BENCHMARKS_MD.name} from {RESULTS.relative_to(REPO)}")
+        return
     args.teacher_steps = args.teacher_steps or args.steps
     args.kd_variant = [] if args.no_variants else (args.kd_variant or list(DEFAULT_VARIANTS))
 
     t_start = time.time()
+    measured = provenance()  # before the run: the code that is measured is the code at the start
     out = (args.out or Path(tempfile.mkdtemp(prefix="raydist-bench-distill-"))).resolve()
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -779,7 +662,7 @@ def main() -> None:
     train, evals, data_info = split_seed_tasks(args.seed_tasks.resolve(), out, args.split)
     notes: list[str] = []
 
-    sampler = CpuSampler().__enter__()
+    sampler = CpuSampler(period_s=1.0, thread_category=None).__enter__()
     try:
         # 1. teacher correction
         if args.reuse_teacher:
@@ -836,7 +719,7 @@ def main() -> None:
     r: dict[str, Any] = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M", time.localtime()),
         "command": COMMAND + ("" if len(sys.argv) == 1 else " " + " ".join(sys.argv[1:])),
-        "machine": machine(),
+        "provenance": measured,
         "data": data_info,
         "eval_tokens": None,
         "kd_student_ppl": kd_m["eval_ppl"],
@@ -985,8 +868,8 @@ def main() -> None:
     if not args.no_write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(r, indent=2, default=str) + "\n")
-        write_markdown(markdown_section(r))
-        say(f"wrote {RESULTS} and the Distillation section of {BENCHMARKS_MD}")
+        replace_section(markdown_section(r))
+        say(f"wrote {RESULTS} and the {SECTION[3:]} section of {BENCHMARKS_MD}")
     if args.out is None:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -22,7 +22,7 @@ Part 1 — overhead (``--skip-overhead`` skips it)
       overhead_ratio = raydist median step time / baseline median step time   (goal <= 1.05)
 
 Noise on a shared 2-core box
-    A background thread samples every process's CPU time from /proc (``CpuSampler``) and sorts it into
+    A background thread samples every process's CPU time (``_common.CpuSampler``, psutil) and sorts it into
     the benchmark's own processes (training ranks, Ray daemons and actors, torchrun) and "foreign" ones
     (other people's jobs). A steady step during which foreign processes used under 0.15 core is "quiet";
     when each side has at least 5 quiet steps the medians are taken over those (a few uncontended steps
@@ -45,8 +45,10 @@ Part 3 — the TRL peer (``--skip-peer``; skipped with a note when ``trl`` is no
     Its perplexities come from raydist's own ``sum_nll`` on the same eval windows, so the metric is shared.
 
 Results: ``benchmarks/results/finetune.json`` (parts that were skipped keep their previous values, with
-their own ``*_measured_at`` stamps) and the "Fine-tuning" section of ``BENCHMARKS.md``, both written from
-what this run measured. A benchmark, not a test; never imported by raydist.
+their own ``*_measured_at`` stamps and ``part_provenance`` entries; ``provenance`` is this run's) and the
+"Fine-tuning" section of ``BENCHMARKS.md``, both written from what this run measured. ``--markdown-only``
+rewrites that section from the results file without measuring. A benchmark, not a test; never imported by
+raydist.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -64,14 +65,30 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (scripts/bench is not a package)
+    BENCHMARKS_MD,
+    FOREIGN,
+    REPO,
+    RESULTS_DIR,
+    CpuSampler,
+    machine_line,
+    machine_of,
+    md_table,
+    provenance,
+    provenance_line,
+    replace_section,
+    say,
+    versions_of,
+)
+
 os.chdir(REPO)  # the quickstart's model path is relative to the repository root
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # CPU box: DeepSpeed's CPU accelerator, gloo
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-RESULTS = REPO / "benchmarks" / "results" / "finetune.json"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+RESULTS = RESULTS_DIR / "finetune.json"
+SECTION = "## Fine-tuning"
 MODEL_DIR = REPO / "models" / "smollm2-135m"
 COMMAND = ".venv/bin/python scripts/bench/finetune_overhead.py"
 WARMUP_STEPS = 3  # steps 1..3 carry kernel warm-up, data-pipeline start and allocator growth
@@ -82,59 +99,6 @@ PEER_REPORTED = {"tokens_per_s": 72.0, "ppl_before": 14.70, "ppl_after": 13.11} 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
-
-
-def provenance(argv: list[str]) -> dict[str, Any]:
-    """Which code this run measured: git commit, whether the tree had uncommitted changes, the exact command."""
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": " ".join([".venv/bin/python", *[os.path.relpath(argv[0], REPO)], *argv[1:]]),
-    }
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        mem_kib = next(
-            int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
-        )
-    except (OSError, StopIteration):
-        mem_kib = 0
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "mem_gib": round(mem_kib / 2**20, 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "versions": _versions(),
-    }
-
-
-def _versions() -> dict[str, Optional[str]]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "ray", "deepspeed", "transformers", "peft", "trl"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
     """On a shared box, wait (up to ``max_wait_s``, ``--wait-quiet-s``) until other jobs use under ``threshold``
     cores, measured over 5 s; returns the last measurement (recorded with each phase). With the default
@@ -143,8 +107,7 @@ def wait_for_quiet(max_wait_s: float, threshold: float) -> float:
     while True:
         with CpuSampler(period_s=5.0) as sampler:
             time.sleep(5.1)
-        t0, t1 = sampler.samples[0][0], sampler.samples[-1][0]
-        busy = foreign_mean(sampler, t0, t1)
+        busy = foreign_mean(sampler, sampler.samples[0].t, sampler.samples[-1].t) if sampler.samples else 0.0
         if busy < threshold or time.time() >= deadline:
             say(f"other jobs use {busy:.2f} cores at phase start")
             return busy
@@ -182,131 +145,6 @@ def shutdown_ray() -> None:
 # ----------------------------------------------------------------------------------------------- CPU profile
 
 
-class CpuSampler:
-    """Samples every process's CPU time (``/proc/<pid>/stat``) once a second in a background thread.
-
-    The box has 2 cores and is shared, so a step-time ratio alone cannot say *why* one side is slower.
-    With per-process CPU seconds over the steady-state window we can: the training ranks' own CPU, the
-    Ray daemons and actors this benchmark started (everything descending from this process), and
-    "foreign" CPU (other people's jobs on the box: the noise). Linux-only; a no-op elsewhere.
-    """
-
-    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def __init__(self, period_s: float = 0.5):
-        import threading
-
-        self.period = period_s
-        self.samples: list[tuple[float, dict[int, tuple[int, float, str]]]] = []  # (t, {pid: (ppid, cpu_s, name)})
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "CpuSampler":
-        if Path("/proc/self/stat").exists():
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while True:
-            self.samples.append((time.time(), self._snapshot()))
-            if self._stop.wait(self.period):
-                self.samples.append((time.time(), self._snapshot()))
-                return
-
-    def _snapshot(self) -> dict[int, tuple[int, float, str]]:
-        snap = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
-            # rest[1] = ppid, rest[11] = utime, rest[12] = stime (clock ticks)
-            snap[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / self.TICK, cmd.strip() or comm)
-            if _is_rank(cmd):
-                # Threads of a training rank, keyed by -tid: what besides the training thread runs in a rank.
-                for task in os.scandir(f"/proc/{entry.name}/task"):
-                    try:
-                        tstat = Path(f"/proc/{entry.name}/task/{task.name}/stat").read_text()
-                    except OSError:
-                        continue
-                    tcomm, trest = (
-                        tstat[tstat.index("(") + 1 : tstat.rindex(")")],
-                        tstat[tstat.rindex(")") + 2 :].split(),
-                    )
-                    name = "main thread" if task.name == entry.name else f"thread {tcomm}"
-                    snap[-int(task.name)] = (int(entry.name), (int(trest[11]) + int(trest[12])) / self.TICK, name)
-        return snap
-
-    def breakdown(self, t0: float, t1: float, root: int, threads: bool = False) -> dict[str, float]:
-        """CPU seconds used in ``[t0, t1]``, by category (see ``_category``); with ``threads``, the training
-        ranks' threads by name instead (summed over ranks)."""
-        inside = [(t, s) for t, s in self.samples if t0 - self.period <= t <= t1 + self.period]
-        if len(inside) < 2:
-            return {}
-        first = inside[0][1]
-        scale = (t1 - t0) / max(1e-9, inside[-1][0] - inside[0][0])  # samples bracket the window loosely
-        parents = {pid: ppid for _, s in inside for pid, (ppid, _, _) in s.items()}
-        out: dict[str, float] = {}
-        for pid in {p for _, s in inside for p in s}:
-            if (pid < 0) != threads:
-                continue
-            seen = [s[pid] for _, s in inside if pid in s]
-            used = seen[-1][1] - (first[pid][1] if pid in first else 0.0)
-            if used <= 0:
-                continue
-            if threads:
-                owner = seen[-1][0]  # a thread entry's "ppid" slot holds its process
-                owner_cmd = next((s[owner][2] for _, s in reversed(inside) if owner in s), "")
-                if self._category(owner, owner_cmd, parents, root) != "training ranks":
-                    continue  # another job's Ray Train worker
-                cat = seen[-1][2]
-            else:
-                cat = self._category(pid, seen[-1][2], parents, root)
-            out[cat] = out.get(cat, 0.0) + used * scale
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-
-    @staticmethod
-    def _category(pid: int, cmd: str, parents: dict[int, int], root: int) -> str:
-        if pid == root:
-            return "bench driver (Ray Train driver / Ray Data)"
-        p, ours = pid, False
-        for _ in range(64):  # walk up to see whether this process descends from the benchmark
-            p = parents.get(p, 0)
-            if p == root:
-                ours = True
-                break
-            if p <= 1:
-                break
-        if not ours:
-            return FOREIGN
-        if _is_rank(cmd):
-            return "training ranks"
-        if "torchrun" in cmd:
-            return "torchrun launcher"
-        for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
-            if key in cmd:
-                return f"Ray daemon ({key})"
-        if cmd.startswith("ray::"):
-            return "Ray actors/tasks (" + cmd.split()[0][5:] + ")"
-        return "other children"
-
-
-FOREIGN = "foreign (other jobs on the box, kernel)"
-
-
-def _is_rank(cmd: str) -> bool:
-    return cmd.startswith("ray::RayTrainWorker") or ("_ds_baseline_loop.py" in cmd and "torchrun" not in cmd)
-
-
 QUIET_SHARE = 0.15  # a step is "quiet" when other jobs used under 0.15 of a core during it
 MIN_QUIET_STEPS = 5  # medians over quiet steps need at least this many of them
 
@@ -316,8 +154,9 @@ def foreign_share(sampler: CpuSampler, times: dict[int, float]) -> dict[int, flo
     out = {}
     for k in sorted(times):
         if k - 1 in times:
-            t0, t1 = times[k - 1], times[k]
-            out[k] = sampler.breakdown(t0, t1, os.getpid()).get(FOREIGN, 0.0) / max(1e-9, t1 - t0)
+            w = sampler.window(times[k - 1], times[k])
+            if w is not None:  # an unsampled step is not known to be quiet
+                out[k] = w.cores(FOREIGN)
     return out
 
 
@@ -326,12 +165,13 @@ def cpu_per_step(sampler: CpuSampler, times: dict[int, float], first_step: int) 
     last = max(times)
     if first_step not in times or last <= first_step:
         return {}
-    t0, t1 = times[first_step], times[last]
+    w = sampler.window(times[first_step], times[last])
+    if w is None:
+        return {}
     n = last - first_step
-    out = {k: round(v / n, 3) for k, v in sampler.breakdown(t0, t1, os.getpid()).items()}
-    threads = sampler.breakdown(t0, t1, os.getpid(), threads=True)
-    if threads:
-        out["training-rank threads"] = {k: round(v / n, 3) for k, v in threads.items() if v / n >= 0.005}
+    out: dict[str, Any] = {k: round(v / n, 3) for k, v in w.procs.items()}
+    if w.threads:
+        out["training-rank threads"] = {k: round(v / n, 3) for k, v in w.threads.items() if v / n >= 0.005}
     return out
 
 
@@ -357,7 +197,8 @@ def steady_stats(gaps: dict[int, float], foreign: dict[int, float], exclude: set
 
 def foreign_mean(sampler: CpuSampler, t0: float, t1: float) -> float:
     """Cores other jobs used on average over ``[t0, t1]``."""
-    return sampler.breakdown(t0, t1, os.getpid()).get(FOREIGN, 0.0) / max(1e-9, t1 - t0)
+    w = sampler.window(t0, t1)
+    return w.cores(FOREIGN) if w is not None else 0.0
 
 
 # ----------------------------------------------------------------------------------------------- part 1
@@ -851,33 +692,37 @@ def print_table(rows) -> None:
     print()
 
 
+def _parts_note(r: dict[str, Any]) -> str:
+    """Which parts' figures come from earlier runs than the one ``provenance`` names (and whether theirs is known)."""
+    label = {"overhead": "overhead", "lora": "LoRA", "peer": "TRL peer"}
+    ran = r.get("script_parts_run") or []
+    older = [p for p in label if p not in ran and f"{p}_measured_at" in r]
+    if not older or not ran:
+        return ""
+    unknown = [p for p in older if p not in (r.get("part_provenance") or {})]
+    words = lambda ps: " and ".join(label[p] for p in ps)  # noqa: E731
+    return (
+        f" That run measured the {words(ran)} part; the {words(older)} figures come from earlier runs (dated below"
+        + (f"; the code the {words(unknown)} figures measured was not recorded" if unknown else "")
+        + ")."
+    )
+
+
 def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
-    mach = r["machine"]
-    gpu = mach["gpu"] or "no GPU"
-    v = mach["versions"]
+    v = versions_of(r)
+    tools = ", ".join(f"{k} {v.get(k) or 'not installed'}" for k in ("torch", "ray", "deepspeed", "transformers"))
+    tools += f", peft {v.get('peft') or 'not installed'}, trl {v.get('trl') or 'not installed'}"
     lines = [
-        "## Fine-tuning",
+        SECTION,
         "",
         f"Command: `{COMMAND}` (flags `--skip-overhead`, `--skip-lora`, `--skip-peer` rerun parts; "
         f"results in `benchmarks/results/finetune.json`). This section is written by the script.",
         "",
-        *(
-            [
-                f"Code measured: commit `{r['provenance']['git_commit'][:12]}`"
-                f"{' with uncommitted changes' if r['provenance']['git_dirty'] else ''}; this run's command: "
-                f"`{r['provenance']['command']}`.",
-                "",
-            ]
-            if r.get("provenance")
-            else []
-        ),
-        f"Machine: {mach['cores']}-core CPU ({mach['cpu']}), {mach['mem_gib']:.0f} GiB, {gpu}; shared with other "
-        f"work, so timings are noisy. torch {v['torch']}, ray {v['ray']}, deepspeed {v['deepspeed']}, "
-        f"transformers {v['transformers']}, peft {v['peft']}, trl {v['trl'] or 'not installed'}.",
+        provenance_line(r.get("provenance")) + _parts_note(r),
         "",
-        "| metric | raydist | reference | raydist / reference |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+        f"Machine: {machine_line(machine_of(r))}; shared with other work, so timings are noisy. {tools}.",
+        "",
+        *md_table(("metric", "raydist", "reference", "raydist / reference"), rows),
         "",
     ]
     if "overhead" in r:
@@ -947,20 +792,6 @@ def markdown_section(r: dict[str, Any], rows, wall_s: Optional[float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(section: str) -> None:
-    """Replace the '## Fine-tuning' section of BENCHMARKS.md (up to the next '## ') or append it."""
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.is_file() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == "## Fine-tuning"), None)
-    if start is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        text = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    BENCHMARKS_MD.write_text(text)
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -987,7 +818,17 @@ def main() -> None:
     ap.add_argument(
         "--no-write", action="store_true", help="print only; leave the results file and BENCHMARKS.md alone"
     )
+    ap.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help=f"rewrite the {SECTION[3:]} section of BENCHMARKS.md from {RESULTS.name} without measuring",
+    )
     args = ap.parse_args()
+    if args.markdown_only:
+        results = json.loads(RESULTS.read_text())
+        replace_section(markdown_section(results, ratio_rows(results), results.get("script_wall_s")))
+        say(f"rewrote the {SECTION[3:]} section of {BENCHMARKS_MD.name} from {RESULTS.relative_to(REPO)}")
+        return
     if set(args.overhead_order) - {"B", "R"} or "R" not in args.overhead_order or "B" not in args.overhead_order:
         ap.error("--overhead-order takes B and R letters with at least one of each")
 
@@ -995,10 +836,15 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="raydist-bench-ft-"))
     say(f"work dir {work}")
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results["machine"] = machine()
-    results["provenance"] = provenance(sys.argv)
+    results.pop("machine", None)  # older files kept it here; it is in provenance now
+    results["provenance"] = provenance(extra_versions=("trl",))
     parts = {"overhead": part_overhead, "lora": part_lora, "peer": part_peer}
     skip = {"overhead": args.skip_overhead, "lora": args.skip_lora, "peer": args.skip_peer}
+    # Parts that were skipped keep their figures from earlier runs: each part records the run it comes from.
+    part_provenance = results.setdefault("part_provenance", {})
+    for name in parts:
+        if not skip[name]:
+            part_provenance[name] = results["provenance"]
     try:
         for name, part in parts.items():
             if skip[name]:
@@ -1021,8 +867,8 @@ def main() -> None:
         return
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
-    write_markdown(markdown_section(results, rows, wall))
-    say(f"wrote {RESULTS.relative_to(REPO)} and the Fine-tuning section of {BENCHMARKS_MD.name}")
+    replace_section(markdown_section(results, rows, wall))
+    say(f"wrote {RESULTS.relative_to(REPO)} and the {SECTION[3:]} section of {BENCHMARKS_MD.name}")
 
 
 if __name__ == "__main__":

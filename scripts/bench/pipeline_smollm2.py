@@ -8,8 +8,9 @@ has served the sweep's winner, asks it one chat question through the unmodified 
 server with SIGINT as Ctrl-C would, and records what ``lineage.json`` says of every stage (status, wall time,
 quality, size) plus the served reply.
 
-Results: ``benchmarks/results/pipeline.json`` and the "Pipeline (SmolLM2)" section of ``BENCHMARKS.md``.
-A benchmark, not a test; never imported by raydist.
+Results: ``benchmarks/results/pipeline.json`` (with the run's ``provenance``: commit, command, machine,
+versions) and the "Pipeline (SmolLM2)" section of ``BENCHMARKS.md`` (``--markdown-only`` rewrites it from the
+results file without measuring). A benchmark, not a test; never imported by raydist.
 """
 
 from __future__ import annotations
@@ -25,15 +26,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_overhead import BENCHMARKS_MD, REPO, machine, provenance  # noqa: E402 - shared bench helpers
+from _common import (  # noqa: E402  (scripts/bench is not a package)
+    BENCHMARKS_MD,
+    REPO,
+    RESULTS_DIR,
+    machine_line,
+    machine_of,
+    provenance,
+    provenance_line,
+    replace_section,
+    say,
+)
 
-RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
+sys.path.insert(0, str(REPO))
+RESULTS = RESULTS_DIR / "pipeline.json"
 SPEC = "jobs/pipeline_smollm2.yaml"
 SECTION = "## Pipeline (SmolLM2)"
-
-
-def say(msg: str) -> None:
-    print(f"[bench] {msg}", flush=True)
 
 
 def free_port() -> int:
@@ -47,7 +55,7 @@ def free_port() -> int:
 def run(args) -> dict:
     from raydist.jobs.pipeline import format_summary
 
-    measured = provenance(sys.argv)  # before the run: the code that is measured is the code at the start
+    measured = provenance()  # before the run: the code that is measured is the code at the start
     work = Path(tempfile.mkdtemp(prefix="raydist-bench-pipeline-"))
     port = free_port()
     cmd = [sys.executable, "-m", "raydist", "pipeline", "-c", SPEC, f"output_dir={work}", f"serve.http.port={port}"]
@@ -105,8 +113,7 @@ def run(args) -> dict:
     }
     return {
         "provenance": measured,
-        "machine": machine(),
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "measured_at": measured["measured_at"],
         "spec": SPEC,
         "chain_to_served_s": chain_s,
         "stage_wall_s": {s: e["wall_s"] for s, e in stages.items()},
@@ -129,13 +136,9 @@ def markdown(r: dict) -> str:
             SECTION,
             "",
             f"Command: `{p['command']}` (results in `benchmarks/results/pipeline.json`). This section is written by "
-            "the "
-            "script.",
+            "the script.",
             "",
-            f"Code measured: commit `{p['git_commit'][:12]}`{' with uncommitted changes' if p['git_dirty'] else ''}. "
-            f"Machine: {r['machine']['cores']}-core CPU ({r['machine']['cpu']}), {r['machine']['mem_gib']} GiB, no "
-            "GPU. "
-            f"Measured {r['measured_at']}.",
+            f"{provenance_line(p, with_command=False)} Machine: {machine_line(machine_of(r))}. Measured {r['measured_at']}.",
             "",
             f"`raydist pipeline -c {r['spec']}` from nothing to the sweep's winner answering on Ray Serve: "
             f"**{r['chain_to_served_s'] / 60:.1f} min** ({walls}).",
@@ -151,27 +154,24 @@ def markdown(r: dict) -> str:
     )
 
 
-def write_markdown(section: str) -> None:
-    """Replace this script's section of BENCHMARKS.md (up to the next '## ') or append it."""
-    lines = BENCHMARKS_MD.read_text().splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        BENCHMARKS_MD.write_text("".join(lines).rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    BENCHMARKS_MD.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--timeout-s", type=float, default=3600, help="give up when the chain has not served by then")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the results file and BENCHMARKS.md")
+    ap.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help=f"rewrite the {SECTION[3:]} section of BENCHMARKS.md from {RESULTS.name} without measuring",
+    )
     args = ap.parse_args()
+    if args.markdown_only:
+        replace_section(markdown(json.loads(RESULTS.read_text())))
+        say(f"rewrote the '{SECTION[3:]}' section of {BENCHMARKS_MD.name} from {RESULTS.relative_to(REPO)}")
+        return
     r = run(args)
     if not args.no_write:
         RESULTS.write_text(json.dumps(r, indent=2) + "\n")
-        write_markdown(markdown(r))
+        replace_section(markdown(r))
         say(f"wrote {RESULTS.relative_to(REPO)} and the '{SECTION[3:]}' section of {BENCHMARKS_MD.name}")
 
 

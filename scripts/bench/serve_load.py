@@ -53,7 +53,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -63,16 +62,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import provenance, provenance_line  # noqa: E402  (scripts/bench is not a package)
+from _common import (  # noqa: E402  (scripts/bench is not a package)
+    REPO,
+    RESULTS_DIR,
+    loadavg,
+    machine_line,
+    machine_of,
+    md_table,
+    provenance,
+    provenance_line,
+    replace_section,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 os.chdir(REPO)
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_TMPDIR", "/tmp/r-serve")  # a private Ray: never touch other clusters' /tmp/ray
 
-RESULTS = REPO / "benchmarks" / "results" / "serve.json"
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+RESULTS = RESULTS_DIR / "serve.json"
 MODEL_DIR = REPO / "models" / "smollm2-135m"
 WINNER_DIR = REPO / "models" / "bench" / "smollm2-135m-int8-dynamic-head"
 # SmoothQuant alpha of the winner: the best of {0.3, 0.4, 0.5, 0.65, 0.8} on this very eval text (+2.25, +0.81,
@@ -95,10 +102,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _loadavg() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def make_prompts(tokenizer, n: int) -> list[str]:
@@ -160,7 +163,7 @@ async def drive(
         "gen_tokens": sum(tokens),
         "gen_tokens_per_s": round(sum(tokens) / wall, 2),
         "latencies_ms": [round(1000 * x, 1) for x in latencies],
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
     }
 
 
@@ -303,7 +306,7 @@ def drive_c1_interleaved(url: str, prompts: list[str], max_tokens: int, local: I
         "replica_decode_ms": [round(x, 1) for x in decode_ms],
         "in_process_engine_ms": [round(x, 1) for x in eng_ms],
         "in_process_hf_generate_ms": [round(x, 1) for x in hf_ms],
-        "loadavg_after": _loadavg(),
+        "loadavg_after": loadavg(),
     }
 
 
@@ -431,7 +434,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"Command: `{COMMAND}` (measured {res['measured_at']}, {res['wall_min']:.1f} min; results in "
         "`benchmarks/results/serve.json`). " + provenance_line(res["provenance"]),
         "",
-        f"Machine: {res['machine']}; 1-min load average {res['loadavg_start']} at start. "
+        f"Machine: {machine_line(machine_of(res))}; 1-min load average {res['loadavg_start']} at start. "
         f"{res['threads']} torch thread(s) everywhere, {res['device']}; {res['requests']} greedy requests of "
         f"{res['max_tokens']} new tokens per run ({res['c1_requests']} at concurrency / batch 1), prompts "
         "24-40 tokens; EOS banned so every engine generates the same number of tokens.",
@@ -443,37 +446,53 @@ def markdown(res: dict[str, Any]) -> str:
             "Engine level (no HTTP), median of "
             f"{res['engine_rounds']} interleaved rounds; perplexity on 4,096 tokens (8 windows of 512):",
             "",
-            "| engine | artifact | tok/s batch 1 | tok/s batch 16 | perplexity | vs dense |",
-            "|---|---|---:|---:|---:|---:|",
         ]
-        for name, v in eng.items():
-            label = (
-                ("CTranslate2 " + res["peers"]["ctranslate2"] + " int8")
-                if name == "ctranslate2_int8"
-                else ("raydist " + ("(fast path)" if v.get("fast_path") else "(transformers forward)"))
-            )
-            lines.append(
-                f"| {label} | {name} | {v['b1_tokens_per_s']:.1f} | {v['b16_tokens_per_s']:.1f} | "
-                f"{v['ppl']:.3f} | {100 * v['ppl_rel_vs_dense']:+.2f} % |"
-            )
+
+        def label(name: str, v: dict[str, Any]) -> str:
+            if name == "ctranslate2_int8":
+                return "CTranslate2 " + res["peers"]["ctranslate2"] + " int8"
+            return "raydist " + ("(fast path)" if v.get("fast_path") else "(transformers forward)")
+
+        lines += md_table(
+            ("engine", "artifact", "tok/s batch 1", "tok/s batch 16", "perplexity", "vs dense"),
+            [
+                (
+                    label(name, v),
+                    name,
+                    f"{v['b1_tokens_per_s']:.1f}",
+                    f"{v['b16_tokens_per_s']:.1f}",
+                    f"{v['ppl']:.3f}",
+                    f"{100 * v['ppl_rel_vs_dense']:+.2f} %",
+                )
+                for name, v in eng.items()
+            ],
+            "llrrrr",
+        )
         lines.append("")
-    lines += [
-        "Over HTTP (`/v1/completions`, generated tokens/s):",
-        "",
-        "| server | artifact | concurrency | batching | req/s | p50 ms | p99 ms | generated tok/s |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
-    ]
+    lines += ["Over HTTP (`/v1/completions`, generated tokens/s):", ""]
     rows = [("raydist serve", "dense", "on", on), ("raydist serve", "dense", "off", off)]
     if res.get("winner"):
         rows.append(("raydist serve", "winner", "on", res["winner"]["runs"]))
     if res.get("llamacpp"):
         rows.append((res["llamacpp"]["server"], "Q4_1 GGUF", "serial", res["llamacpp"]["runs"]))
-    for server, art, batching, runs in rows:
-        for r in runs.values():
-            lines.append(
-                f"| {server} | {art} | {r['concurrency']} | {batching} | {r['req_per_s']:.2f} | "
-                f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['gen_tokens_per_s']:.1f} |"
+    lines += md_table(
+        ("server", "artifact", "concurrency", "batching", "req/s", "p50 ms", "p99 ms", "generated tok/s"),
+        [
+            (
+                server,
+                art,
+                r["concurrency"],
+                batching,
+                f"{r['req_per_s']:.2f}",
+                f"{r['p50_ms']:.0f}",
+                f"{r['p99_ms']:.0f}",
+                f"{r['gen_tokens_per_s']:.1f}",
             )
+            for server, art, batching, runs in rows
+            for r in runs.values()
+        ],
+        "llrlrrrr",
+    )
     lines += [""]
 
     def goal(key: str, fmt: str = ".2f", le: bool = False) -> str:
@@ -518,14 +537,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def update_benchmarks_md(section: str) -> None:
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    start = text.find("## Serving")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    BENCHMARKS_MD.write_text(text)
+    """Rewrite the Serving section of BENCHMARKS.md (``_common.replace_section``)."""
+    replace_section(section)
 
 
 def main() -> int:
@@ -557,12 +570,12 @@ def main() -> int:
         return 0
 
     import ray
-    import torch
     from ray import serve
     from transformers import AutoTokenizer
 
     t_start = time.time()
-    load0 = _loadavg()
+    measured = provenance()  # before the run: the code that is measured is the code at the start
+    load0 = loadavg()
     args.model = args.model.resolve()
     tok = AutoTokenizer.from_pretrained(args.model)
     args.eos_id = int(tok.eos_token_id)
@@ -651,11 +664,8 @@ def main() -> int:
     res = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": COMMAND,
-        "provenance": provenance(),
+        "provenance": measured,  # commit, command, machine, versions
         "wall_min": (time.time() - t_start) / 60,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}",
-        "versions": {"torch": torch.__version__, "ray": ray.__version__},
         "peers": peers,
         "loadavg_start": load0,
         "threads": args.threads,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from raydist.compress.quant.layer import Device, QuantizedLinear, check_scheme
-from raydist.compress.quant.quantize import _set_module, quantized_layers
+from raydist.compress.quant.quantize import set_submodule, quantized_layers
 
 QUANT_FORMAT = 1  # version of the on-disk layout written by save_compressed
 # Not "model.safetensors": plain from_pretrained must fail loudly on a quantized artifact (transformers only
@@ -211,7 +211,7 @@ def load_compressed(
         # round fp32-only buffers such as the rotary inv_freq, and the logits would differ from the saved model.
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in quant["layers"].items():
-        _set_module(
+        set_submodule(
             model,
             name,
             QuantizedLinear(

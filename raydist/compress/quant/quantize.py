@@ -45,7 +45,8 @@ def target_linears(model: nn.Module, include_lm_head: bool = False) -> list[str]
     return names
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. ``model.layers.0.mlp.up_proj``) by ``new``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -193,7 +194,7 @@ def quantize_model(
             lin, scheme, g, smooth=smooth, int4_data=codes, int4_algorithm="minmax" if use_gptq else int4_algorithm
         )
         used = q.prepare(kernel)
-        _set_module(model, name, q)
+        set_submodule(model, name, q)
         entry.update(kernel=used, group_size=g)
         if q.note:
             entry["note"] = q.note
