@@ -260,14 +260,12 @@ def versions_line(v: dict[str, Optional[str]]) -> str:
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> list[str]:
     """A markdown table as lines. ``align`` has one letter per column: ``l`` (default) or ``r``."""
     align = align.ljust(len(header), "l")
-    lines = [
-        "| " + " | ".join(str(h) for h in header) + " |",
-        "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|",
-    ]
-    for row in rows:
-        cells = ["" if c is None else str(c) for c in row]
-        lines.append("|" + "|".join(f" {c} " if c else " " for c in cells) + "|")
-    return lines
+
+    def line(cells: Iterable[Any]) -> str:
+        cells = ["" if c is None else str(c) for c in cells]
+        return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+    return [line(header), "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|", *map(line, rows)]
 
 
 def fmt_sci(x: float) -> str:
@@ -276,9 +274,12 @@ def fmt_sci(x: float) -> str:
     return f"{mantissa}e{int(exp)}" if float(f"{mantissa}e{exp}") == x and abs(x) < 1e-3 else f"{x:g}"
 
 
-def _section_bounds(lines: list[str], heading: str) -> Optional[tuple[int, int]]:
-    """``[start, end)`` of the ``heading`` section: up to the next ``## `` heading outside a code fence."""
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == heading), None)
+def _section_bounds(lines: list[str], heading: str, prefix: bool = False) -> Optional[tuple[int, int]]:
+    """``[start, end)`` of the ``heading`` section (the first heading that starts with ``heading``, with
+    ``prefix``): up to the next ``## `` heading outside a code fence."""
+    start = next(
+        (i for i, ln in enumerate(lines) if (ln.startswith(heading) if prefix else ln.rstrip() == heading)), None
+    )
     if start is None:
         return None
     fenced = False
@@ -290,17 +291,20 @@ def _section_bounds(lines: list[str], heading: str) -> Optional[tuple[int, int]]
     return start, len(lines)
 
 
-def replace_section(section: str, path: Path = BENCHMARKS_MD, at_top: bool = False) -> None:
+def replace_section(
+    section: str, path: Path = BENCHMARKS_MD, at_top: bool = False, heading_prefix: Optional[str] = None
+) -> None:
     """Rewrite the section whose heading is ``section``'s first line (``## ...``) in ``path``, up to the next
     ``## `` heading; when it is not there, add it at the end (``at_top``: before the first section, i.e. after
-    the title and any intro). The file is re-read right before writing: another benchmark may have rewritten
-    its own section meanwhile. Sections are separated by exactly one blank line."""
+    the title and any intro). ``heading_prefix``: the old section is the first whose heading starts with it
+    (for headings that carry a figure, e.g. the GPU's name). The file is re-read right before writing: another
+    benchmark may have rewritten its own section meanwhile. Sections are separated by exactly one blank line."""
     new = section.rstrip("\n").splitlines()
     heading = new[0].rstrip()
     if not heading.startswith("## "):
         raise ValueError(f"a section starts with a '## ' heading, not {heading!r}")
     lines = (path.read_text() if path.is_file() else "# Benchmarks\n").rstrip("\n").splitlines()
-    bounds = _section_bounds(lines, heading)
+    bounds = _section_bounds(lines, heading_prefix or heading, prefix=heading_prefix is not None)
     if bounds is None:
         first = next((i for i, ln in enumerate(lines) if ln.startswith("## ")), len(lines))
         bounds = (first, first) if at_top else (len(lines), len(lines))

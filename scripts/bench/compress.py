@@ -31,12 +31,12 @@ Rows:
   int4_g128        int4 weight-only, requested group 128 (the 576-wide inputs fall back to 64 per layer,
                    the 1536-wide down_proj keeps 128), min/max scales (the fast default).
   structured25     25 % of the transformer-block parameters removed structurally with
-                   ``pruning.collect_importance`` + ``prune_model`` (``compression.structured_plan``):
+                   ``structured.collect_importance`` + ``prune_model`` (``candidate.structured_plan``):
                    structure "layers" (the 8 least important of 30 whole layers, 26.7 %), then the recovery.
   structured25_mlp the same share as MLP channels (intermediate 1536 -> 1024, 25.0 %), then the recovery.
   Recovery = ``--recovery-steps`` steps of KD from the dense model on the sweep's default recovery text
   (pydoc topics from token 8,192, which the eval text does not reach; 4 x 256-token sequences per step,
-  AdamW ``--recovery-lr``), through ``compression.apply_candidate`` as a sweep trial does.
+  AdamW ``--recovery-lr``), through ``candidate.apply_candidate`` as a sweep trial does.
   magnitude50 / wanda50 / sparsegpt50
                    50 % unstructured sparsity (raydist.compress.unstructured; skipped with a note if that
                    module is missing). Stored dense: bytes do not shrink, dense kernels do not speed up.
@@ -146,7 +146,8 @@ def main() -> None:
         perplexity_on,
     )
     from raydist.sweep.speed import generation_speed
-    from raydist.compress.quant.quantization import load_compressed, quantize_model, save_compressed
+    from raydist.compress.quant.format import load_compressed, save_compressed
+    from raydist.compress.quant.quantize import quantize_model
 
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ALL_ROWS)
@@ -436,7 +437,6 @@ def main() -> None:
             print(f"wrote the '{SECTION[3:]}' section of BENCHMARKS.md")
 
 
-
 # ----------------------------------------------------------------------------------------------- BENCHMARKS.md
 
 # Reference figures of the protocol: the peer tool (llm-compressor 0.14) on the same model, eval text and
@@ -648,8 +648,8 @@ def markdown(r: dict[str, Any]) -> str:
         size = rows["int4_g64"]["weight_bytes_ratio"] if "int4_g64" in rows else rows[int4[0]]["weight_bytes_ratio"]
         reading.append(
             "- **int4 has no CPU speedup**: the int4 rows run the dequantized kernel (torchao's CPU int4 kernel was "
-            f"~100x slower than dense, see `quantization.py`); int4 is for size ({size:.2f}x) here, and for the GPU "
-            "kernels."
+            "~100x slower than dense, see `raydist/compress/quant/layer.py`); int4 is for size "
+            f"({size:.2f}x) here, and for the GPU kernels."
         )
     if {"structured25", "structured25_mlp"} <= set(rows):
         lay, mlp = rows["structured25"], rows["structured25_mlp"]
@@ -662,8 +662,7 @@ def markdown(r: dict[str, Any]) -> str:
                 f" but costs more quality ({sig(lay['ppl'])} against {sig(mlp['ppl'])} after the same recovery"
                 f"{legacy.get('before_recovery', '')})"
                 if lay["ppl"] > mlp["ppl"]
-                else f" and costs no more quality ({sig(lay['ppl'])} against {sig(mlp['ppl'])} after the same "
-                "recovery)"
+                else f" and costs no more quality ({sig(lay['ppl'])} against {sig(mlp['ppl'])} after the same recovery)"
             )
             + ". The sweep offers both (`structure: [mlp, layers, mlp+heads]`) and puts each on the Pareto front "
             "it earns."

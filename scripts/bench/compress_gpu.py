@@ -5,13 +5,17 @@
 ``--shape`` holds SmolLM2-135M's config.json and tokenizer files only: the GPU machines cannot reach the
 hub and the real weights do not fit what travels there, so the weights are random. Speed depends on
 shapes and kernels, not on weight values (generation is forced to exactly ``--new-tokens`` tokens); no
-perplexity is reported. Each row builds the model fresh, compresses it with raydist's components (the
+perplexity is reported. Each row builds the model fresh, compresses it with raydist's own code (the
 same code the sweep's trials run) and measures greedy generation with the KV cache at batch 1 and 8.
 
 Rows: dense bf16; int8 weight-only, int8 dynamic, int4 weight-only (group 64) through
-``quantization.quantize_model`` with the device's kernels; structured25 (25 % of the block parameters
-removed as MLP channels, ``compression.structured_plan``); 2:4 Wanda (sparse values in dense kernels, so
+``quantize.quantize_model`` with the device's kernels; structured25 (25 % of the block parameters
+removed as MLP channels, ``candidate.structured_plan``); 2:4 Wanda (sparse values in dense kernels, so
 the same speed as dense is expected and reported honestly).
+
+Results: ``--results`` (default ``benchmarks/results/compress_gpu.json``) with the run's ``provenance`` (commit,
+command, machine, versions). The GPU machines get a copy of the tree without ``.git``: set
+``BENCH_GIT_COMMIT`` (and ``BENCH_GIT_DIRTY``) there so the results record the commit (``_common.provenance``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, RESULTS_DIR, provenance  # noqa: E402  (scripts/bench is not a package)
+
+ROOT = REPO
 
 
 def main() -> None:
@@ -32,8 +39,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "compress_gpu.json")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR / "compress_gpu.json")
     args = ap.parse_args()
+    measured = provenance()  # before the run: the code that is measured is the code at the start
     sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -71,9 +79,9 @@ def main() -> None:
     calib = torch.randint(0, config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(1)).to(device)
     result = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M"),
-        "command": "python scripts/bench/compress_gpu.py --shape <SmolLM2 config dir>",
+        "command": measured["command"],
+        "provenance": measured,  # commit, command, machine, versions
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-        "torch": torch.__version__,
         "weights": "SmolLM2-135M-shaped, random (speed only)",
         "settings": {"prompt_tokens": args.prompt, "new_tokens": args.new_tokens, "repeats": args.repeats},
         "rows": {},

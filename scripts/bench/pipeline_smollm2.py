@@ -138,7 +138,8 @@ def markdown(r: dict) -> str:
             f"Command: `{p['command']}` (results in `benchmarks/results/pipeline.json`). This section is written by "
             "the script.",
             "",
-            f"{provenance_line(p, with_command=False)} Machine: {machine_line(machine_of(r))}. Measured {r['measured_at']}.",
+            f"{provenance_line(p, with_command=False)} Machine: {machine_line(machine_of(r))}. "
+            f"Measured {r['measured_at']}.",
             "",
             f"`raydist pipeline -c {r['spec']}` from nothing to the sweep's winner answering on Ray Serve: "
             f"**{r['chain_to_served_s'] / 60:.1f} min** ({walls}).",

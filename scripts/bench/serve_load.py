@@ -315,7 +315,7 @@ def winner_artifact(model_dir: Path, out: Path) -> Path:
     from raydist.compress.candidate import apply_candidate
     from raydist.core.evaluation import calibration_ids
     from raydist.core.models import load_model, load_tokenizer
-    from raydist.compress.quant.quantization import save_compressed
+    from raydist.compress.quant.format import save_compressed
     from raydist.config import ModelConfig
     from raydist.config.sweep import SearchSpace
 
