@@ -43,8 +43,10 @@ Side by side with the best CPU engines, in the same run (``bash scripts/bench/se
       ``logit_bias`` so all generate ``--max-tokens`` tokens. ``http_c1_ratio_vs_llamacpp`` (goal >= 1) and
       ``http_c16_ratio_vs_llamacpp`` (goal >= 3): the winner's generated tokens/s over llama.cpp's.
 
-Results: ``benchmarks/results/serve.json``; a markdown section for BENCHMARKS.md is printed (and written
-into BENCHMARKS.md with ``--update-benchmarks-md``). A benchmark, not a test; never imported by raydist.
+Results: ``benchmarks/results/serve.json`` (with the run's ``provenance``: commit, command, machine, versions);
+a markdown section for BENCHMARKS.md is printed (and written into BENCHMARKS.md with ``--update-benchmarks-md``;
+``--markdown-only`` rewrites it from the results file without measuring). A benchmark, not a test; never
+imported by raydist.
 """
 
 from __future__ import annotations

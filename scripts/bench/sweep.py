@@ -209,7 +209,7 @@ STRUCTURES = {"mlp": "MLP channels", "layers": "whole layers", "mlp+heads": "MLP
 # Facts about the run that wrote a results file without provenance (2026-11-26 14:14) which that file does not
 # hold; they come from the section written by hand for it and are used for such a file only.
 LEGACY = {
-    "load": "on an otherwise idle box",
+    "load": " on an otherwise idle box",
     "machine": "2-core AMD EPYC, 24 GiB, no GPU",
     "first": " The first measurement of this session (before those last three changes) was 0.58.",
     "previous": "- The previous run of this benchmark (11:58, loaded box, naive loop stopped after 6 of 16) estimated "
@@ -258,8 +258,9 @@ def markdown(r: dict[str, Any]) -> str:
     if legacy:
         load, machine = legacy["load"], legacy["machine"]
     else:
-        load = f"1-min load average {r.get('loadavg_start')} at the start, {r.get('loadavg_end')} at the end"
+        load = f", 1-min load average {r.get('loadavg_start')} at the start, {r.get('loadavg_end')} at the end"
         machine = machine_line(machine_of(r))
+    end_format = "%H:%M" if end.date() == start.date() else "%Y-%m-%d %H:%M"
     rungs = sorted({t["eval_tokens"] for t in trials if t.get("eval_tokens")})
     stopped = [t for t in trials if t.get("status") == "stopped_early"]
     stopped_rungs = sorted({t["eval_tokens"] for t in stopped if t.get("eval_tokens")})
@@ -274,7 +275,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         SECTION,
         "",
-        f"Command: `{COMMAND}` (measured {start:%Y-%m-%d %H:%M}-{end:%H:%M} {load}; results in "
+        f"Command: `{COMMAND}` (measured {start:%Y-%m-%d %H:%M}-{end:{end_format}}{load}; results in "
         f"`benchmarks/results/sweep.json`). {provenance_line(p)} Machine: {machine}, torch "
         f"{versions_of(r).get('torch')}.",
         f"SmolLM2-135M-Instruct fp32; eval = the first {rungs[-1] if rungs else 4096:,} tokens of pydoc topics in "
