@@ -20,8 +20,13 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from raydist.compress.structured import Importance, prune_model
+from raydist.compress import unstructured as sparsity
+from raydist.compress.quant.qat import fake_quantized, int4_grids
+from raydist.compress.quant.quantize import quantize_model
+from raydist.compress.structured import Importance, collect_importance, prune_model
+from raydist.compress.unstructured import prunable_linears
 from raydist.config.sweep import DEFAULT_INT4_ALGORITHM
+from raydist.distill.losses import kd_loss_on_rows
 
 
 class CandidateError(ValueError):
@@ -83,7 +88,6 @@ def structured_plan(config, fraction: float, structure: str, *, multiple_of: int
 
 def _zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """Boolean masks of the exact zeros of every block Linear weight (what recovery must keep zero)."""
-    from raydist.compress.unstructured import prunable_linears
 
     return {
         name: lin.weight.detach() == 0 for name, lin in prunable_linears(model).items() if bool((lin.weight == 0).any())
@@ -121,8 +125,6 @@ def distill_recover(
     """
     from contextlib import nullcontext
 
-    from raydist.compress.quant.qat import fake_quantized
-
     if token_ids.dim() != 2 or token_ids.size(0) == 0:
         raise ValueError(f"token_ids must be a non-empty [N, T] tensor, got {list(token_ids.shape)}")
     masks = _zero_masks(model)
@@ -145,8 +147,6 @@ def distill_recover(
 
 
 def _kd_steps(model, teacher, token_ids, masks, latent, *, steps, batch_size, lr, temperature, seed) -> dict[str, Any]:
-    from raydist.compress.unstructured import prunable_linears
-    from raydist.distill.losses import kd_loss_on_rows
 
     device = next(model.parameters()).device
     linears = prunable_linears(model)
@@ -217,16 +217,12 @@ def apply_candidate(
         CandidateError / ValueError: the candidate cannot be applied (nothing is half-applied silently:
         the caller discards the model).
     """
-    from raydist.compress import unstructured as sparsity
-    from raydist.compress.quant.quantize import quantize_model
 
     report: dict[str, Any] = {"candidate": dict(candidate), "seconds": {}}
     t = time.time()
     if candidate.get("structured", 0.0) > 0:
         plan = structured_plan(model.config, candidate["structured"], candidate["structure"])
         if importance is None:
-            from raydist.compress.structured import collect_importance
-
             importance = collect_importance(model, [calibration])
         report["structured"] = {"plan": plan, **prune_model(model, importance, **plan)}
         report["seconds"]["structured"] = time.time() - t
@@ -259,8 +255,6 @@ def apply_candidate(
             raise CandidateError(f"recovery 'qat' trains against int4 grids; quantization is {scheme!r}")
         t = time.time()
         if recovery_kind == "qat":
-            from raydist.compress.quant.qat import int4_grids
-
             grids, report["qat_grid"] = int4_grids(
                 model,
                 group_size=candidate.get("group_size"),

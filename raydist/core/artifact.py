@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import torch
 
+from raydist.core import storage
+
 MANIFEST = "raydist.json"
 _LIBRARIES = ("raydist", "torch", "transformers", "deepspeed", "ray", "peft", "datasets", "pyarrow", "pydantic")
 
@@ -103,7 +105,6 @@ def read_manifest(artifact_dir: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: the directory is not a raydist artifact.
     """
-    from raydist.core import storage
 
     if storage.is_uri(artifact_dir):
         loc = storage.join(artifact_dir, MANIFEST)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydist.core.data import pydoc_topics_text, text_token_stream
+from raydist.core.artifact import bytes_on_disk, weight_bytes
+from raydist.core.data import collate, pydoc_topics_text, text_token_stream
 
 
 def _stream(tokenizer, start: int, n: int) -> list[int]:
@@ -177,7 +178,6 @@ def task_metrics(
     Raises:
         ValueError: no examples, or no answer token to score.
     """
-    from raydist.core.data import collate
 
     if not examples:
         raise ValueError("task_metrics needs at least one example")
@@ -236,8 +236,6 @@ def model_size(model: nn.Module, path: Union[str, Path, None] = None) -> dict[st
         "memory_bytes": sum(t.numel() * t.element_size() for t in seen.values()),
     }
     if path is not None:
-        from raydist.core.artifact import bytes_on_disk, weight_bytes
-
         out["disk_weight_bytes"] = weight_bytes(path)
         out["disk_bytes"] = bytes_on_disk(path)
     return out

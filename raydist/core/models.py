@@ -17,6 +17,7 @@ from typing import Literal, Optional
 import torch
 
 from raydist.config.base import ModelConfig, TinyModelSpec
+from raydist.core.data import pydoc_topics_text
 from raydist.core.storage import is_uri, local_copy, on_this_node
 
 TINY_RANDOM = "tiny-random"
@@ -240,8 +241,6 @@ _CHATML_TEMPLATE = (
 def _build_tiny_tokenizer(target: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from raydist.core.data import pydoc_topics_text
 
     specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>"]  # ids 0..3: pad, bos, eos, chat start
     tok = Tokenizer(models.BPE())

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
+from raydist.config.base import ModelConfig
 from raydist.config.finetune import FinetuneConfig
+from raydist.core import storage
 from raydist.core.data import DataError, detect_format, load_records
 from raydist.core.models import load_model_config, load_tokenizer, missing_lora_targets, resolve_model_source
 
@@ -113,7 +115,6 @@ def preflight_generate(cfg) -> PreflightReport:
         raise PreflightError(f"prompts: {e}") from None
     if fmt == "text":
         raise PreflightError("prompts: text data has no prompts; use instruction or chat records")
-    from raydist.core import storage
 
     if storage.exists(cfg.output if storage.is_uri(cfg.output) else Path(cfg.output).expanduser()):
         raise PreflightError(f"output {cfg.output} exists; choose another path (nothing is overwritten)")
@@ -161,8 +162,6 @@ def preflight_distill(cfg) -> tuple[PreflightReport, Any]:
     limits = [int(getattr(teacher_config, "max_position_embeddings", 0) or 0)]
     st = cfg.student
     if st.source == "pretrained":
-        from raydist.config.base import ModelConfig
-
         _, student_config, student_tok = _model_parts(ModelConfig(path=st.path), "student")
         check_shared_vocabulary(tokenizer, student_tok)
         limits.append(int(getattr(student_config, "max_position_embeddings", 0) or 0))

@@ -12,7 +12,10 @@ import yaml
 
 from raydist.config.loading import dump_config
 from raydist.core import storage
+from raydist.core.data import build_datasets
 from raydist.core.preflight import PreflightError
+from raydist.core.progress import plot_loss_curve, read_history
+from raydist.core.resources import plan_units
 from raydist.core.storage import Mirror
 
 
@@ -295,8 +298,6 @@ def tokenize_once(run_dir: Mirror, data_cfg, model_cfg, seed: int, tokenizer, sa
     resumed run reuses the same files, so its data order is identical). Returns the split sizes."""
     import time
 
-    from raydist.core.data import build_datasets
-
     data_dir = run_dir.local / "data"
     fp = data_fingerprint(data_cfg, model_cfg, seed)
     if run_dir.remote and run_dir.exists("data/fingerprint.txt"):
@@ -351,7 +352,6 @@ def fault_from_env() -> Optional[dict[str, Any]]:
 def plan_training(cfg):
     """Start / join Ray and resolve what each training worker reserves; refuses (PreflightError) what the
     cluster cannot place. Called before the run directory is opened, so a refused run writes nothing."""
-    from raydist.core.resources import plan_units
 
     init_ray(cfg.scaling.num_workers * cfg.resources.num_cpus)
     return plan_units(
@@ -435,7 +435,6 @@ def train_on_ray(
 def finish_run(run_dir: Mirror, artifact_name: str, stop_after: Optional[int], title: str, say):
     """Draw the loss curve; return the artifact's location (or the run dir's when the run stopped early on
     purpose): a ``Path`` for a local run, the URI string for remote storage."""
-    from raydist.core.progress import plot_loss_curve, read_history
 
     history = read_history(run_dir.pull("metrics.jsonl"))
     plot_loss_curve(history, run_dir.local / "loss_curve.png", title=title)

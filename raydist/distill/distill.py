@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from raydist.compress.structured import collect_importance, prune_model
 from raydist.config.base import ModelConfig
 from raydist.config.distill import DistillConfig
 from raydist.core import storage
@@ -41,10 +42,13 @@ from raydist.core.models import (
 )
 from raydist.core.preflight import preflight_distill
 from raydist.core.progress import console, read_history
+from raydist.core.resources import plan_units, unit_device
 from raydist.core.runs import (
     finish_run,
+    init_ray,
     open_run_dir,
     plan_training,
+    read_parquet,
     tokenize_once,
     train_on_ray,
     with_absolute_paths,
@@ -119,8 +123,6 @@ def build_student(cfg: DistillConfig, run_dir: Mirror, tokenizer, say):
         torch.manual_seed(cfg.train.seed)
         student = AutoModelForCausalLM.from_config(tiny_llama_config(cfg.student.tiny, vocab_size=vocab))
     else:
-        from raydist.compress.structured import collect_importance, prune_model
-
         student = load_model(cfg.teacher).eval()
         batches = _calibration_batches(run_dir.local, cfg.student.prune.calibration_batches, tokenizer.pad_token_id)
         importance = collect_importance(student, batches)
@@ -150,7 +152,6 @@ class TeacherTopK:
     """A Ray Data actor holding one teacher replica; turns token rows into rows with top-k columns."""
 
     def __init__(self, cfg_json: dict[str, Any]):
-        from raydist.core.resources import unit_device
 
         cfg = DistillConfig.model_validate(cfg_json)
         self.k, self.temperature = cfg.kd.top_k, cfg.kd.temperature
@@ -188,9 +189,6 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
-
-    from raydist.core.resources import plan_units
-    from raydist.core.runs import init_ray, read_parquet
 
     src = resolve_model_source(cfg.teacher)
     key = cache_key(

@@ -44,7 +44,14 @@ from raydist.config.pipeline import (
 )
 from raydist.core import storage
 from raydist.core.artifact import read_manifest
-from raydist.core.preflight import PreflightError
+from raydist.core.preflight import PreflightError, preflight, preflight_distill, read_data
+from raydist.core.runs import RunDirError, config_differences, init_ray, with_absolute_paths
+from raydist.core.runs import run_location as location_of
+from raydist.distill.distill import run_distill
+from raydist.serve.app import resolve_api_key, run_serve
+from raydist.serve.loading import ArtifactError, check_artifact
+from raydist.sweep.sweep import preflight_sweep, run_sweep
+from raydist.train.finetune import run_finetune
 
 LINEAGE = "lineage.json"
 ARTIFACT_DIR = "artifact"  # the artifact directory inside every training / sweep stage's run directory
@@ -84,7 +91,6 @@ def read_manifest_at(artifact: str) -> Optional[dict[str, Any]]:
 
 def run_location(stage_cfg) -> str:
     """Where a stage's run directory is, exactly as its driver puts it (local paths made absolute)."""
-    from raydist.core.runs import run_location as location_of
 
     return str(location_of(stage_cfg))
 
@@ -118,7 +124,6 @@ def resolve_stage(cfg: PipelineConfig, stage: str, locations: dict[str, str]):
 
 def _resolved_json(stage_cfg) -> dict[str, Any]:
     """The config as the stage's driver records it (local model paths absolute)."""
-    from raydist.core.runs import with_absolute_paths
 
     return with_absolute_paths(stage_cfg).model_dump(mode="json")
 
@@ -129,7 +134,6 @@ def plan_pipeline(cfg: PipelineConfig) -> PipelinePlan:
     Raises:
         RunDirError: a finished stage was made with a different config (its rerun would not be this spec).
     """
-    from raydist.core.runs import RunDirError, config_differences
 
     run_dirs = {s: run_location(getattr(cfg, s)) for s in cfg.stages() if s in PRODUCERS}
     artifacts = {s: join_location(d, ARTIFACT_DIR) for s, d in run_dirs.items()}
@@ -183,7 +187,6 @@ def _stand_in(cfg: PipelineConfig, plan: PipelinePlan, ref: str) -> tuple[Option
 
 
 def _check_data(data_cfg) -> str:
-    from raydist.core.preflight import read_data
 
     n, formats = read_data(data_cfg)
     return f"data: {n} records; formats {formats}"
@@ -191,7 +194,6 @@ def _check_data(data_cfg) -> str:
 
 def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pending: dict[str, str]) -> list[str]:
     """Checks of one stage; ``pending``: {field: reference} whose artifact does not exist yet."""
-    from raydist.core.preflight import preflight, preflight_distill
 
     stage_cfg = plan.configs[stage]
     if stage == "finetune":
@@ -207,8 +209,6 @@ def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pendin
         report = preflight_distill(stage_cfg.model_copy(update=update))[0]
         return report.lines() + [f"note: {n}" for n in notes]
     if stage == "sweep":
-        from raydist.sweep.sweep import preflight_sweep
-
         notes = []
         if "model.path" in pending:
             ref = pending["model.path"]
@@ -225,8 +225,6 @@ def _preflight_stage(cfg: PipelineConfig, plan: PipelinePlan, stage: str, pendin
         count = len(cfg.sweep.search_space.candidates())
         return [f"{count} distinct candidate(s)"] + [f"note: {n}" for n in notes]
     # serve
-    from raydist.serve.app import resolve_api_key
-    from raydist.serve.loading import ArtifactError, check_artifact
 
     resolve_api_key(stage_cfg)
     if "artifact" not in pending:
@@ -293,9 +291,6 @@ def _cpus_needed(cfg: PipelineConfig) -> float:
 
 
 def _drivers() -> dict[str, Callable]:
-    from raydist.distill.distill import run_distill
-    from raydist.sweep.sweep import run_sweep
-    from raydist.train.finetune import run_finetune
 
     return {"finetune": run_finetune, "distill": run_distill, "sweep": run_sweep}
 
@@ -339,7 +334,6 @@ def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: b
         "stages": {s: {"status": PENDING} for s in cfg.stages()},
     }
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    from raydist.core.runs import init_ray
 
     init_ray(_cpus_needed(cfg), metrics="serve" in cfg.stages())  # one Ray for every stage: each driver joins it
     drivers = _drivers()
@@ -370,8 +364,6 @@ def run_pipeline(cfg: PipelineConfig, *, serve_blocking: bool = True, verbose: b
         entry["started_unix"] = t0
         try:
             if stage == "serve":
-                from raydist.serve.app import run_serve
-
                 url = run_serve(stage_cfg, blocking=False, verbose=verbose)
                 entry.update(
                     status=DONE,

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Optional
 import yaml
 from pydantic import BaseModel
 
+from raydist.config import base, distill, generate, pipeline, serve, stage_config_class
+from raydist.config.loading import ConfigError, config_from_dict
 from raydist.core.runs import RAY_DATA_ENV
 from raydist.core.storage import is_uri
 
@@ -98,7 +100,6 @@ def _path_fields() -> dict[type, dict[str, str]]:
     """Which fields of which config classes hold paths, and of what kind. Walking the validated config by
     class (rather than listing dotted names per stage) finds them wherever they nest: a sweep's fine-tuning
     config, every section of a pipeline."""
-    from raydist.config import base, distill, generate, pipeline, serve
 
     return {
         base.DataSourceConfig: {"path": "data"},
@@ -255,8 +256,6 @@ def plan_job(stage: str, data: dict, cfg: BaseModel, base: Optional[Path] = None
 
 def _revalidate(plan: JobPlan) -> None:
     """The rewritten config must still be a valid config of the same stage (a wrong rewrite fails here)."""
-    from raydist.config import stage_config_class
-    from raydist.config.loading import ConfigError, config_from_dict
 
     try:
         config_from_dict(stage_config_class(plan.stage), plan.data, f"{JOB_CONFIG} (rewritten for the job)")

@@ -23,6 +23,7 @@ import ray
 from ray import serve
 
 from raydist.config.serve import ServeConfig
+from raydist.core.resources import unit_device
 from raydist.serve.batcher import ContinuousBatcher
 from raydist.serve.engine import BatchGenerator, GenerationRequest, StepOutput
 from raydist.serve.http import build_fastapi_app
@@ -105,8 +106,6 @@ class OpenAIServer:
 
     def __init__(self, config: dict[str, Any], api_key: Optional[str] = None):
         import torch
-
-        from raydist.core.resources import unit_device
 
         self.cfg = cfg = ServeConfig.model_validate(config)
         threads = cfg.resources.torch_threads or max(1, math.ceil(cfg.resources.num_cpus))

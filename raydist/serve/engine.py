@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from raydist.serve.fast_llama import FastLlama
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -229,7 +231,6 @@ class BatchGenerator:
     """
 
     def __init__(self, model, tokenizer, fast: bool = True):
-        from raydist.serve.fast_llama import FastLlama
 
         self.model = model.eval()
         self.fast = FastLlama.build(model) if fast else None

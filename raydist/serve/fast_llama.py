@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydist.compress.quant.layer import REDUCE_RANGE, QuantizedLinear
+
 SUPPORTED_TYPES = ("llama",)
 
 Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed int8 weight (TorchScript class)
@@ -139,7 +141,6 @@ class _Int8Dynamic:
     ``smooth``: the SmoothQuant divisor still to apply to the input (None when folded into the norm)."""
 
     def __init__(self, layers: list, smooth: Optional[torch.Tensor], last_rows_divisor: Optional[torch.Tensor] = None):
-        from raydist.compress.quant.layer import REDUCE_RANGE, QuantizedLinear
 
         self.reduce_range = REDUCE_RANGE
         if last_rows_divisor is not None:  # output rows of the last layer divided (exact: per-row weight scales)
@@ -174,7 +175,6 @@ class _Concat:
 
 
 def _kind(module: nn.Module) -> Optional[str]:
-    from raydist.compress.quant.layer import QuantizedLinear
 
     if isinstance(module, nn.Linear) and module.bias is None and module.weight.dtype == torch.float32:
         return "dense"
@@ -310,7 +310,6 @@ class FastLlama:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         ops = [op for la in layers for op in (la.qkv, la.o, la.gate_up, la.down)]
         self._script = _scripted_layers() if not any(isinstance(op, _Concat) for op in ops) else None
-        from raydist.compress.quant.layer import REDUCE_RANGE
 
         self._flat = dict(
             norms1=[la.norm1 for la in layers],

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from raydist.compress.quant.format import load_compressed
 from raydist.core import storage
 from raydist.core.artifact import MANIFEST
 
@@ -23,19 +24,9 @@ class ArtifactError(ValueError):
 def _load_artifact(path: str, device: Optional[str] = None):
     """Load a model directory onto ``device`` (None = CPU).
 
-    Uses ``raydist.load_compressed`` (which reloads quantized artifacts with their
-    scheme and plain fp32 directories alike) when that module exists; otherwise plain transformers.
+    ``raydist.load_compressed`` reloads quantized artifacts with their scheme and plain fp32 directories alike.
     """
-    try:
-        from raydist.compress.quant.format import load_compressed
-    except ImportError:
-        load_compressed = None
-    if load_compressed is not None:
-        return load_compressed(path, device=device)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model.to(device) if device else model
+    return load_compressed(path, device=device)
 
 
 def adapter_base(path: Path) -> Optional[str]:

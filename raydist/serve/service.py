@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from raydist.config.serve import LimitSettings
+from raydist.core.data import render_prompt
 from raydist.serve.engine import GenerationRequest, SamplingParams, StepOutput, TokenLogprob
 from raydist.serve.schemas import (
     APIError,
@@ -303,7 +304,6 @@ class OpenAIService:
         return ids
 
     async def render_chat(self, conversation: list[dict[str, str]]) -> list[int]:
-        from raydist.core.data import render_prompt
 
         self._check_chars(sum(len(m["content"]) for m in conversation), "messages")
         try:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from raydist.core.evaluation import model_device
+from raydist.serve.engine import BatchGenerator, GenerationRequest, SamplingParams
 
 
 def _sync(device: torch.device) -> None:
@@ -92,8 +93,6 @@ def generation_speed(
     fast = None
     try:
         if engine == "serve":
-            from raydist.serve.engine import BatchGenerator, GenerationRequest, SamplingParams
-
             gen = BatchGenerator(model, tokenizer)
             fast = gen.fast is not None
             params = SamplingParams(new_tokens, 0.0, ignore_eos=True)

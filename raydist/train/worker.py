@@ -19,7 +19,9 @@ import torch
 
 from raydist.core.data import IGNORE_INDEX, collate, iter_rows
 from raydist.core.evaluation import perplexity, sum_nll
-from raydist.core.progress import ProgressPrinter, append_jsonl, console
+from raydist.core.progress import ProgressPrinter, append_jsonl, console, read_history
+from raydist.core.resources import assigned_accelerators, unit_device
+from raydist.core.runs import quiet_ray_worker_logs
 from raydist.core.storage import Mirror
 from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups, rng_state, set_rng_state
 
@@ -39,9 +41,6 @@ class TrainingSession:
 
     def __init__(self, config: dict[str, Any], cfg, pad_id: int):
         import ray.train
-
-        from raydist.core.resources import unit_device
-        from raydist.core.runs import quiet_ray_worker_logs
 
         quiet_ray_worker_logs()  # Ray Train's "Reporting training result ..." only with --verbose
 
@@ -223,8 +222,6 @@ class TrainingSession:
         """Record where every rank runs (node, pid, device, GPU ids) in metrics.jsonl (a collective)."""
         import torch.distributed as dist
 
-        from raydist.core.resources import assigned_accelerators
-
         mine = {"rank": self.rank, "pid": os.getpid(), "device": str(self.device), **assigned_accelerators()}
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine)
@@ -287,7 +284,6 @@ class TrainingSession:
 
     def summary_metrics(self) -> dict[str, Any]:
         """Before/after eval metrics and throughput from this run's history (rank 0)."""
-        from raydist.core.progress import read_history
 
         history = read_history(self.run_dir / "metrics.jsonl")
         evals = [h for h in history if "eval_loss" in h]

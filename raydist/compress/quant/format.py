@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from raydist.compress.quant.layer import Device, QuantizedLinear, check_scheme
-from raydist.compress.quant.quantize import set_submodule, quantized_layers
+from raydist.compress.quant.quantize import quantized_layers, set_submodule
+from raydist.core.artifact import write_manifest
+from raydist.core.models import count_parameters, make_shareable
 
 QUANT_FORMAT = 1  # version of the on-disk layout written by save_compressed
 # Not "model.safetensors": plain from_pretrained must fail loudly on a quantized artifact (transformers only
@@ -81,8 +83,6 @@ def save_compressed(
     Raises:
         FileExistsError: ``out_dir`` exists and is not empty.
     """
-    from raydist.core.artifact import write_manifest
-    from raydist.core.models import make_shareable
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -133,7 +133,6 @@ def save_compressed(
         extra["quantization"] = quant_block
     elif report and any(k in report for k in ("sparsity", "pattern")):
         extra["compression"]["bytes_shrink"] = False  # unstructured zeros are stored dense
-    from raydist.core.models import count_parameters
 
     # Logical parameter count: a quantized layer's weight is a buffer, but it still stands for N*K weights.
     n_params = count_parameters(model) + sum(m.in_features * m.out_features for m in qlayers.values())
