@@ -44,9 +44,9 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from raydist.config.finetune import FinetuneConfig
     from raydist.core.data import build_datasets, collate
     from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups, seed_everything
-    from raydist.config.finetune import FinetuneConfig
 
     cfg = FinetuneConfig.model_validate_json(Path(args.config).read_text())
     assert not cfg.lora.enabled, "the overhead baseline is a full fine-tune"

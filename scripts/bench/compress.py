@@ -139,6 +139,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from raydist.compress.quant.format import load_compressed, save_compressed
+    from raydist.compress.quant.quantize import quantize_model
     from raydist.core.evaluation import (
         calibration_ids,
         eval_windows,
@@ -146,8 +148,6 @@ def main() -> None:
         perplexity_on,
     )
     from raydist.sweep.speed import generation_speed
-    from raydist.compress.quant.format import load_compressed, save_compressed
-    from raydist.compress.quant.quantize import quantize_model
 
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ALL_ROWS)
@@ -233,8 +233,8 @@ def main() -> None:
     def recovery_rows():
         """The sweep's default recovery text ([N, 256] ids), as ``raydist sweep`` prepares it (once)."""
         from raydist.compress.candidate import token_rows
-        from raydist.core.data import text_source_ids
         from raydist.config.sweep import RecoverySettings
+        from raydist.core.data import text_source_ids
 
         if not recovery_ids:
             recovery_ids.append(token_rows(text_source_ids(RecoverySettings().data, tok), 256))

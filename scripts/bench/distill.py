@@ -59,12 +59,12 @@ benchmark, not a test; never imported by raydist.
 from __future__ import annotations
 
 import argparse
-import random
 import contextlib
 import hashlib
 import io
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -251,10 +251,10 @@ def config_hash(cfg: dict[str, Any]) -> str:
 
 def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str, Any]:
     """Run (or reuse) one raydist stage; return its manifest, timings and log."""
-    from raydist.core.artifact import read_manifest
     from raydist.config.distill import DistillConfig
     from raydist.config.finetune import FinetuneConfig
     from raydist.config.loading import config_from_dict
+    from raydist.core.artifact import read_manifest
     from raydist.distill.distill import run_distill
     from raydist.train.finetune import run_finetune
 

@@ -85,9 +85,9 @@ def step_stats(run_dir: Path) -> dict:
 
 
 def run(mode: str, teacher: Path, args, runs: Path) -> dict:
-    from raydist.core.artifact import read_manifest
     from raydist.config.distill import DistillConfig
     from raydist.config.loading import config_from_dict
+    from raydist.core.artifact import read_manifest
     from raydist.distill.distill import run_distill
 
     cfg = {

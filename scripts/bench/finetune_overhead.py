@@ -528,8 +528,8 @@ def part_peer(work: Path, args) -> dict[str, Any]:
     from trl import SFTConfig, SFTTrainer
 
     from raydist.core.data import build_datasets, collate
-    from raydist.train.export import peft_lora_config
     from raydist.core.evaluation import perplexity, sum_nll
+    from raydist.train.export import peft_lora_config
 
     cfg = quickstart_config(work)
     torch.set_num_threads(2)  # the peer's setting: one process using both cores

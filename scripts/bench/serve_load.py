@@ -315,11 +315,11 @@ def drive_c1_interleaved(url: str, prompts: list[str], max_tokens: int, local: I
 def winner_artifact(model_dir: Path, out: Path) -> Path:
     """The sweep's int8 candidate of ``model_dir``, built once with the sweep's own code (``apply_candidate``)."""
     from raydist.compress.candidate import apply_candidate
-    from raydist.core.evaluation import calibration_ids
-    from raydist.core.models import load_model, load_tokenizer
     from raydist.compress.quant.format import save_compressed
     from raydist.config import ModelConfig
     from raydist.config.sweep import SearchSpace
+    from raydist.core.evaluation import calibration_ids
+    from raydist.core.models import load_model, load_tokenizer
 
     cand = SearchSpace(
         quantization=["int8_dynamic"], quantize_lm_head=[True], smoothing_alpha=[WINNER_ALPHA]
@@ -360,13 +360,12 @@ def engine_section(
     args, prompt_ids: list[list[int]], artifacts: dict[str, Path], ct2_dir: Optional[Path]
 ) -> dict[str, Any]:
     """Engine-level tokens/s at batch 1 and 16 and perplexity: raydist per artifact, and CTranslate2 int8."""
+    import _peers
     import torch
 
     from raydist.core.evaluation import eval_windows, perplexity_on
     from raydist.serve.engine import BatchGenerator
     from raydist.serve.loading import load_served_model
-
-    import _peers
 
     torch.set_num_threads(args.threads)
     engines, out = {}, {}

@@ -81,10 +81,10 @@ def naive_loop(cfg, out: Path) -> dict:
     import torch
 
     from raydist.compress.candidate import apply_candidate, token_rows
-    from raydist.core.evaluation import perplexity_on
-    from raydist.core.models import load_model, load_tokenizer
     from raydist.compress.quant.format import save_compressed
     from raydist.core.data import text_source_ids
+    from raydist.core.evaluation import perplexity_on
+    from raydist.core.models import load_model, load_tokenizer
     from raydist.sweep.compression import measure
 
     torch.set_num_threads(2)
