@@ -531,9 +531,17 @@ def markdown(res: dict[str, Any]) -> str:
             f"`smoothing_alpha: {WINNER_ALPHA}`, the best of 0.3 / 0.4 / 0.5 / 0.65 / 0.8 on this eval "
             "text (+2.25 / +0.81 / +1.14 / +1.44 / +3.18 % perplexity, measured once with "
             "`quantize_model` on these 4,096 tokens: chosen on the eval text, as a sweep over "
-            "`search_space.smoothing_alpha` would). CTranslate2's int8 quantizes its embeddings and "
-            "head too and sits further from dense."
+            "`search_space.smoothing_alpha` would), on 2026-12-03 on a CPU with AVX512-VNNI. CTranslate2's int8 "
+            "quantizes its embeddings and head too and sits further from dense."
         )
+        isa = ((res.get("provenance") or {}).get("machine") or {}).get("isa")
+        if isa is not None and not {"avx512_vnni", "avx_vnni"} & set(isa):
+            lines.append(
+                "- This run's CPU has no VNNI (ISA: " + (", ".join(isa) or "none recorded") + "): fbgemm then sums "
+                "u8 x s8 pairs in saturating int16, so raydist quantizes activations to 7 bits (`reduce_range`) and "
+                "int8_dynamic loses more perplexity than on a VNNI CPU (the winner's row above); when it is beyond 1 % of "
+                "dense, the engine ratios compare dense with CTranslate2."
+            )
     return "\n".join(lines) + "\n"
 
 
