@@ -539,8 +539,8 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(
                 "- This run's CPU has no VNNI (ISA: " + (", ".join(isa) or "none recorded") + "): fbgemm then sums "
                 "u8 x s8 pairs in saturating int16, so raydist quantizes activations to 7 bits (`reduce_range`) and "
-                "int8_dynamic loses more perplexity than on a VNNI CPU (the winner's row above); when it is beyond 1 % of "
-                "dense, the engine ratios compare dense with CTranslate2."
+                "int8_dynamic loses more perplexity than on a VNNI CPU (the winner's row above); when it is "
+                "beyond 1 % of dense, the engine ratios compare dense with CTranslate2."
             )
     return "\n".join(lines) + "\n"
 
