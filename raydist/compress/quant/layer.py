@@ -1,4 +1,4 @@
-"""Weight quantization of a causal LM's decoder blocks, and compressed artifacts that reload exactly.
+"""The quantized layer: schemes, the kernels each device has for them, and ``QuantizedLinear``.
 
 Schemes (``SCHEMES``):
 
@@ -10,29 +10,30 @@ Schemes (``SCHEMES``):
 
 Only the ``nn.Linear`` modules inside the decoder blocks (``model.model.layers``: q/k/v/o, gate/up/down)
 are quantized; embeddings and the (often tied) ``lm_head`` stay float unless ``include_lm_head=True``
-(measured on SmolLM2-135M: int8 on its tied lm_head triples perplexity).
+(int8 on SmolLM2's tied lm_head costs a lot of perplexity without SmoothQuant; DESIGN.md).
 
-How it works: a quantized layer becomes a ``QuantizedLinear`` that holds the *canonical* quantized data
-(``qweight`` int8, or two int4 values packed per uint8; ``scale`` and for int4 ``zero``, fp32). That data
-is what ``save_compressed`` writes, so the bytes on disk shrink with the scheme, and what
-``load_compressed`` reads back. From the canonical data each layer builds the fastest *kernel* the device
-has for its scheme (``KERNELS``, ``preferred_kernel``), chosen by measurement:
+A ``QuantizedLinear`` holds the *canonical* quantized data (``qweight`` int8, or two int4 values packed per
+uint8; ``scale`` and for int4 ``zero``, fp32): what ``format.save_compressed`` writes, so the bytes on disk
+shrink with the scheme, and what ``format.load_compressed`` reads back. From it each layer builds the fastest
+*kernel* the device has for its scheme (``KERNELS``, ``preferred_kernel``), chosen by measurement on the
+machines this project ran on (torch 2.13 CPU build on 2-core x86; torch 2.11 on an H200):
 
 ================  ===============================================  ======================================
-scheme            CPU (torch 2.13 CPU build, 2-core AVX512 x86)    CUDA (torch 2.11, H200, bf16, eager)
+scheme            CPU                                              CUDA (bf16, eager)
 ================  ===============================================  ======================================
 int8_dynamic      ``torch.ao`` dynamic quantized Linear (fbgemm/   ``dequantized``: torchao's
-                  x86 ``quantized::linear_dynamic``, what          ``Int8Tensor`` int8 x int8 path ran a
-                  ``quantize_dynamic`` installs) with per-token    SmolLM2-shaped forward in 335 ms vs
-                  activation scales: ~2x dense generation speed.   25 ms dense (selectable:
-                  torchao's CPU int8x8 path is extremely slow.     ``torchao.int8_dynamic``)
-int8_weight_only  ``dequantized`` — the fastest measured: torchao  torchao ``Int8Tensor`` (weight-only;
-                  ``Int8WeightOnlyConfig`` ran at 0.7x dense and   casts the int8 weight per call in
-                  ``aten._weight_int8pack_mm`` at ~0.01x (a        eager, no speedup expected)
-                  [1, 576] x [576, 1536] matmul: 3.6 ms vs 46 us)
-int4_weight_only  ``dequantized`` — torchao's CPU int4 layout      ``aten._weight_int4pack_mm`` (tinygemm,
-                  (``Int4OpaqueTensor``, tinygemm CPU kernel)      bf16): 1.1x dense generation at
-                  works but ran ~100x slower than dense            batch 1 (SmolLM2 shape)
+                  x86 ``quantized::linear_dynamic``, what          ``Int8Tensor`` int8 x int8 path was
+                  ``quantize_dynamic`` installs) with per-token    far slower than bf16 dense
+                  activation scales: faster than dense.            (selectable: ``torchao.int8_dynamic``)
+                  Without VNNI, activations use 7 bits
+                  (``REDUCE_RANGE``), which costs perplexity.
+int8_weight_only  ``dequantized``: torchao's                       torchao ``Int8Tensor`` (weight-only;
+                  ``Int8WeightOnlyConfig`` and                     casts the int8 weight per call in
+                  ``aten._weight_int8pack_mm`` with fp32           eager, no speedup expected)
+                  activations were slower than dense
+int4_weight_only  ``dequantized``: torchao's CPU int4 layout       ``aten._weight_int4pack_mm`` (tinygemm,
+                  (``Int4OpaqueTensor``) works but was far         bf16): a little faster than dense at
+                  slower than dense                                batch 1 (SmolLM2 shape)
 ================  ===============================================  ======================================
 
 The slow CPU kernels stay selectable (``quantize_model(..., kernel=...)``) for machines where they win.
@@ -66,18 +67,18 @@ from raydist.compress.quant.codes import (
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
 DEFAULT_INT4_GROUP_SIZE = 64
 # How int4 scales/zeros are chosen. "minmax": each group's range (tinygemm's default; instant). "hqq":
-# torchao's HQQ proximal solver, same storage format. SmolLM2-135M g64, 2 windows: dense 14.24, minmax
-# 18.92 (+33 %), hqq 16.80 (+18 %); hqq took ~400 s for the 210 block layers on a busy 2-core box.
+# torchao's HQQ proximal solver, same storage format (better than minmax, much slower). "gptq": second-order
+# error compensation on calibration text (compress.quant.gptq). Measured: BENCHMARKS.md, Compression.
 INT4_ALGORITHMS = ("minmax", "hqq", "gptq")
 
 # kernel name -> (device type, whether it is expected to be faster than the dense float matmul)
 KERNELS: dict[str, tuple[str, bool]] = {
     "torch.ao.dynamic_int8": ("cpu", True),
-    "aten.int8pack_mm": ("cpu", False),  # measured ~0.01x dense on the CPU build here
-    "torchao.int4_opaque_cpu": ("cpu", False),  # measured ~0.01x dense on the CPU build here
-    "torchao.int8_dynamic": ("cuda", False),  # measured 13x slower than bf16 dense in eager (H200)
+    "aten.int8pack_mm": ("cpu", False),  # with fp32 activations: slower than dense on the CPU build
+    "torchao.int4_opaque_cpu": ("cpu", False),  # slower than dense on the CPU build
+    "torchao.int8_dynamic": ("cuda", False),  # slower than bf16 dense in eager (H200)
     "torchao.int8_weight_only": ("cuda", False),  # eager: casts the int8 weight to float every call
-    "aten.int4pack_mm_cuda": ("cuda", True),  # measured 1.1x bf16 dense generation at batch 1 (H200)
+    "aten.int4pack_mm_cuda": ("cuda", True),  # a little faster than bf16 dense at batch 1 (H200)
     "dequantized": ("any", False),
 }
 
@@ -93,7 +94,7 @@ def _cpu_has_vnni() -> bool:
 
 
 # fbgemm without VNNI multiplies u8 x s8 pairs into saturating int16 sums; reduce_range (7-bit activations)
-# avoids that overflow at a measured cost (SmolLM2, per-token: ppl +4.6 % with it, +3.7 % without). With
+# avoids that overflow at a cost in perplexity (BENCHMARKS.md, Serving, shows it on a CPU without VNNI). With
 # VNNI the accumulation is int32 and the full 8-bit range is safe.
 REDUCE_RANGE = not _cpu_has_vnni()
 
@@ -112,10 +113,10 @@ def preferred_kernel(scheme: str, device: Device) -> str:
     dev = _device_type(device)
     table = {
         ("int8_dynamic", "cpu"): "torch.ao.dynamic_int8",
-        # measured slower than dense here: aten.int8pack_mm / torchao.int4_opaque_cpu (module doc)
+        # slower than dense on the CPU build: aten.int8pack_mm / torchao.int4_opaque_cpu (module doc)
         ("int8_weight_only", "cpu"): "dequantized",
         ("int4_weight_only", "cpu"): "dequantized",
-        # torchao's int8 x int8 path measured 13x slower than bf16 dense in eager on an H200 (module doc)
+        # torchao's int8 x int8 path was far slower than bf16 dense in eager on an H200 (module doc)
         ("int8_dynamic", "cuda"): "dequantized",
         ("int8_weight_only", "cuda"): "torchao.int8_weight_only",
         ("int4_weight_only", "cuda"): "aten.int4pack_mm_cuda",
@@ -352,8 +353,8 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if kernel == "torch.ao.dynamic_int8":
             # fbgemm quantizes the whole activation matrix with one scale; dividing each token (row) by its
-            # own max first makes that one scale a per-token scale (measured on SmolLM2, 2 windows: ppl
-            # 36.1 per-tensor vs 14.8 per-token, dense 14.2), and the row maxima are multiplied back.
+            # own max first makes that one scale a per-token scale (per-tensor scales were far worse on SmolLM2),
+            # and the row maxima are multiplied back.
             xf = x2.float() if self.smooth is None else x2.float() / self.smooth
             t = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # [M, 1]
             y = torch.ops.quantized.linear_dynamic(xf / t, impl, reduce_range=REDUCE_RANGE) * t
