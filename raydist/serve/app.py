@@ -102,8 +102,8 @@ def deployment_options(cfg: ServeConfig, num_gpus: float) -> dict[str, Any]:
 
 # OpenMP threads that sleep instead of spinning between parallel regions. A replica shares its cores with its
 # own event loop, Serve's proxy and the clients: spinning torch threads then wait on a descheduled sibling at
-# every barrier. Measured (SmolLM2-135M int8, 2 cores, 16 concurrent requests): 63 generated tok/s spinning,
-# 220 passive (scripts/bench/serve_load.py; in-process decoding alone, the same within noise).
+# every barrier: at 16 concurrent requests on 2 cores spinning threads cut throughput several-fold (in-process
+# decoding alone, where nothing else competes for the cores, spins faster at batch 1: the replica pays that).
 REPLICA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

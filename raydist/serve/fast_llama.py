@@ -1,12 +1,12 @@
 """A lean forward pass of Llama-layout decoders for the serving engine (CPU decode speed).
 
 Written by hand because transformers' forward spends more time in per-layer Python (hooks, cache and mask
-objects, dispatch) than in arithmetic at decode: on SmolLM2-135M (2-core AVX512 box, batch 1) its decode step
-took 43 ms of which the matmuls were 28 ms. This module runs the *same* weights with the same math and far
-fewer ops per layer:
+objects, dispatch) than in arithmetic at decode (profiled on SmolLM2-135M at batch 1, 2 cores: the matmuls were
+about two thirds of its step). This module runs the *same* weights with the same math and far fewer ops per
+layer:
 
 * q/k/v and gate/up are fused into one matmul each; dense weights are stored transposed (``x @ Wt``: MKL
-  ran a [16, 576] x [576, 3072] product 3.9x faster that way than ``F.linear``'s ``x @ W.T``);
+  ran SmolLM2-shaped products at 16 rows several times faster that way than ``F.linear``'s ``x @ W.T``);
 * int8-dynamic layers (``QuantizedLinear`` with the fbgemm kernel) are fused the same way when they share
   their input (and so their SmoothQuant vector); the smoothing of q/k/v and gate/up is folded into the
   RMSNorm weight in front of them and down_proj's into up_proj's row scales (exact: per-row int8 scales), so
@@ -110,8 +110,8 @@ _SCRIPTED: list = []
 def _scripted_layers():
     """``_layers`` compiled by TorchScript (once per process), or None where TorchScript cannot take it.
 
-    TorchScript runs the ~20 ops of a layer without a Python frame per op: on SmolLM2-135M int8 (2 cores) the
-    30 layers of one decode step took 12.5 ms scripted against 20.5 ms as the same Python loop.
+    TorchScript runs the ~20 ops of a layer without a Python frame per op, which made a SmolLM2-135M int8 decode
+    step markedly faster than the same Python loop (2 cores; the engine's speed is in BENCHMARKS.md, Serving).
     """
     if not _SCRIPTED:
         try:
