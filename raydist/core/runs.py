@@ -186,7 +186,8 @@ def free_port() -> int:
 
 def embedded_ray_options(num_cpus: int, *, dashboard: bool = False, metrics: bool = False) -> dict[str, Any]:
     """``ray.init`` options of the local Ray a stage starts on a laptop: no dashboard unless asked (it and its
-    agent cost ~0.17 CPU-s per training step on 2 cores), and always a port of its own for the API server.
+    agent cost CPU time on every training step of a 2-core laptop), and always a port of its own for the API
+    server.
 
     Why the port: even without the dashboard, Ray records ``127.0.0.1:8265`` as this cluster's API address
     when that port is already taken by another Ray's dashboard on the machine; Ray Train's
@@ -202,8 +203,8 @@ def embedded_ray_options(num_cpus: int, *, dashboard: bool = False, metrics: boo
         "dashboard_port": free_port(),
         "logging_config": ray_logging_config(),
         # Nothing reads Prometheus metrics of a training run without a dashboard (serve asks for them: its
-        # /metrics), and prestarted idle workers cost CPU on a laptop (scripts/bench/finetune_overhead.py:
-        # Ray's own processes took ~9 % of 2 cores).
+        # /metrics), and prestarted idle workers cost CPU on a laptop (BENCHMARKS.md, Fine-tuning: what Ray's
+        # own processes use per step).
         "_system_config": {"enable_metrics_collection": dashboard or metrics, "enable_worker_prestart": False},
     }
 
