@@ -1,7 +1,8 @@
 """Loading what a replica serves: the artifact's model (plain, pruned or quantized), an optional LoRA
 adapter, the tokenizer, and the model id. No Ray here.
 
-All weight loading goes through :func:`_load_artifact`, the one place that knows how artifacts are read.
+All weight loading goes through ``raydist.load_compressed`` (quantized artifacts with their scheme, plain fp32
+directories alike), the one place that knows how artifacts are read.
 """
 
 from __future__ import annotations
@@ -19,14 +20,6 @@ from raydist.core.artifact import MANIFEST
 
 class ArtifactError(ValueError):
     """The artifact directory cannot be served; the message says what is missing."""
-
-
-def _load_artifact(path: str, device: Optional[str] = None):
-    """Load a model directory onto ``device`` (None = CPU).
-
-    ``raydist.load_compressed`` reloads quantized artifacts with their scheme and plain fp32 directories alike.
-    """
-    return load_compressed(path, device=device)
 
 
 def adapter_base(path: Path) -> Optional[str]:
@@ -122,7 +115,7 @@ def load_served_model(artifact: str, adapter: Optional[str], device: str, dtype:
     if quantized and dtype != "auto":
         raise ArtifactError(f"{p} is quantized with its own scheme; resources.dtype must stay 'auto'")
     # Adapters merge on the CPU copy; the merged model then moves to the device once.
-    model = _load_artifact(base or str(p), device=None if adapters else device)
+    model = load_compressed(base or str(p), device=None if adapters else device)
     if adapters:
         from peft import PeftModel
 

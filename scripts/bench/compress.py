@@ -82,7 +82,6 @@ from _common import (  # noqa: E402  (scripts/bench is not a package)
     versions_of,
 )
 
-ROOT = REPO
 COMMAND = ".venv/bin/python scripts/bench/compress.py"
 SECTION = "## Compression methods (one at a time)"
 ALL_ROWS = (
@@ -104,7 +103,7 @@ ALL_ROWS = (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
+    ap.add_argument("--model", default=str(REPO / "models" / "smollm2-135m"))
     ap.add_argument("--rows", default=",".join(ALL_ROWS), help="comma-separated subset of " + ",".join(ALL_ROWS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--n-tokens", type=int, default=4096)
@@ -130,8 +129,8 @@ def main() -> None:
         print(f"rewrote the '{SECTION[3:]}' section of BENCHMARKS.md from {args.results}")
         return
     measured = provenance(extra_versions=("torchao",))  # before the run: the code measured is the code at the start
-    os.chdir(ROOT)
-    sys.path.insert(0, str(ROOT))
+    os.chdir(REPO)
+    sys.path.insert(0, str(REPO))
     warnings.filterwarnings("ignore")
 
     import torch

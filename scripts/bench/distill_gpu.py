@@ -48,7 +48,6 @@ from _common import (  # noqa: E402  (scripts/bench is not a package)
     versions_of,
 )
 
-ROOT = REPO
 DROP_STEPS = 3
 RESULTS = RESULTS_DIR / "distill_gpu.json"
 SECTION_PREFIX = "## Distillation on one GPU"
@@ -291,5 +290,5 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    os.chdir(ROOT)
+    os.chdir(REPO)
     main()

@@ -233,12 +233,12 @@ class InProcess:
         import torch
         from transformers import AutoTokenizer
 
+        from raydist.compress.quant.format import load_compressed
         from raydist.serve.engine import BatchGenerator
-        from raydist.serve.loading import _load_artifact
 
         torch.set_num_threads(args.threads)
         self.tok = AutoTokenizer.from_pretrained(args.model)
-        self.model = _load_artifact(str(args.model)).eval()
+        self.model = load_compressed(str(args.model)).eval()
         self.engine = BatchGenerator(self.model, self.tok)
         self.max_tokens = args.max_tokens
         self.eos_id = args.eos_id
@@ -545,11 +545,6 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(section: str) -> None:
-    """Rewrite the Serving section of BENCHMARKS.md (``_common.replace_section``)."""
-    replace_section(section)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=32, help="requests per run")
@@ -575,7 +570,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     if args.markdown_only:
-        update_benchmarks_md(markdown(json.loads(args.out.read_text())))
+        replace_section(markdown(json.loads(args.out.read_text())))
         return 0
 
     import ray
@@ -698,7 +693,7 @@ def main() -> int:
     section = markdown(res)
     print("\n" + section)
     if args.update_benchmarks_md:
-        update_benchmarks_md(section)
+        replace_section(section)
     print(json.dumps(metrics, indent=2))
     return 0
 

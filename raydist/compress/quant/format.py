@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from raydist.compress.quant.layer import Device, QuantizedLinear, check_scheme
-from raydist.compress.quant.quantize import quantized_layers, set_submodule
+from raydist.compress.quant.quantize import quantized_layers
 from raydist.core.artifact import write_manifest
 from raydist.core.models import count_parameters, make_shareable
 
@@ -210,8 +210,7 @@ def load_compressed(
         # round fp32-only buffers such as the rotary inv_freq, and the logits would differ from the saved model.
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in quant["layers"].items():
-        set_submodule(
-            model,
+        model.set_submodule(
             name,
             QuantizedLinear(
                 spec["in_features"],

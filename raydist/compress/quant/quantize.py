@@ -45,12 +45,6 @@ def target_linears(model: nn.Module, include_lm_head: bool = False) -> list[str]
     return names
 
 
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` (e.g. ``model.layers.0.mlp.up_proj``) by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _module_bytes(model: nn.Module) -> int:
     """Bytes of distinct parameters and persistent buffers (what a state dict would hold)."""
     seen: dict[int, torch.Tensor] = {}
@@ -194,7 +188,7 @@ def quantize_model(
             lin, scheme, g, smooth=smooth, int4_data=codes, int4_algorithm="minmax" if use_gptq else int4_algorithm
         )
         used = q.prepare(kernel)
-        set_submodule(model, name, q)
+        model.set_submodule(name, q)
         entry.update(kernel=used, group_size=g)
         if q.note:
             entry["note"] = q.note
