@@ -29,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydist.compress.quant.layer import REDUCE_RANGE, QuantizedLinear
+from raydist.compress.quant.layer import SPLIT_INT8, Packed, QuantizedLinear, int8_dynamic_linear
 
 SUPPORTED_TYPES = ("llama",)
-
-Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed int8 weight (TorchScript class)
 
 
 def _linear(
@@ -41,16 +39,13 @@ def _linear(
     packed: Optional[Packed],
     wt: Optional[torch.Tensor],
     smooth: Optional[torch.Tensor],
-    reduce_range: bool,
+    split: bool,
 ) -> torch.Tensor:
     """One fused op of :class:`_Dense` / :class:`_Int8Dynamic` (TorchScript-compatible twin of their call)."""
     if smooth is not None:
         x = x / smooth
     if packed is not None:
-        if x.shape[0] == 1:  # one row: fbgemm's per-tensor scale is already this token's own
-            return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
-        t = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)
-        return torch.ops.quantized.linear_dynamic(x / t, packed, reduce_range) * t
+        return int8_dynamic_linear(x, packed, split)
     assert wt is not None
     return x @ wt
 
@@ -73,7 +68,7 @@ def _layers(
     nq: int,
     nkv: int,
     d: int,
-    reduce_range: bool,
+    split: bool,
 ) -> torch.Tensor:
     """Every decoder layer on ``x`` [B, T, H]; linears 4 per layer (qkv, o, gate_up, down) in the flat lists.
     ``keys`` / ``values`` [B, kv_heads, capacity, d] hold ``past`` positions and get the T new ones."""
@@ -82,7 +77,7 @@ def _layers(
     for i in range(len(norms1)):
         j = 4 * i
         h = F.rms_norm(x, [x.shape[-1]], norms1[i], eps1[i]).view(b * t, -1)
-        qkv = _linear(h, packed[j], dense[j], smooth[j], reduce_range).view(b, t, nq + 2 * nkv, d)
+        qkv = _linear(h, packed[j], dense[j], smooth[j], split).view(b, t, nq + 2 * nkv, d)
         qk = qkv[:, :, : nq + nkv]
         qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
         keys[i][:, :, past : past + t] = qk[:, :, nq:].transpose(1, 2)
@@ -95,12 +90,12 @@ def _layers(
             enable_gqa=nq != nkv,
         )
         a = a.transpose(1, 2).reshape(b * t, nq * d)
-        x = x + _linear(a, packed[j + 1], dense[j + 1], smooth[j + 1], reduce_range).view(b, t, -1)
+        x = x + _linear(a, packed[j + 1], dense[j + 1], smooth[j + 1], split).view(b, t, -1)
         h = F.rms_norm(x, [x.shape[-1]], norms2[i], eps2[i]).view(b * t, -1)
-        gu = _linear(h, packed[j + 2], dense[j + 2], smooth[j + 2], reduce_range)
+        gu = _linear(h, packed[j + 2], dense[j + 2], smooth[j + 2], split)
         inter = gu.shape[-1] // 2
         act = F.silu(gu[:, :inter]) * gu[:, inter:]
-        x = x + _linear(act, packed[j + 3], dense[j + 3], smooth[j + 3], reduce_range).view(b, t, -1)
+        x = x + _linear(act, packed[j + 3], dense[j + 3], smooth[j + 3], split).view(b, t, -1)
     return x
 
 
@@ -142,26 +137,26 @@ class _Int8Dynamic:
 
     def __init__(self, layers: list, smooth: Optional[torch.Tensor], last_rows_divisor: Optional[torch.Tensor] = None):
 
-        self.reduce_range = REDUCE_RANGE
+        self.split = SPLIT_INT8
         if last_rows_divisor is not None:  # output rows of the last layer divided (exact: per-row weight scales)
             last = layers[-1]
             q = QuantizedLinear(last.in_features, last.out_features, "int8_dynamic")
             q.qweight, q.scale = last.qweight, last.scale / last_rows_divisor
             layers = layers[:-1] + [q]
         if len(layers) == 1 and last_rows_divisor is None:
-            layers[0]._ensure()
-            self.packed = layers[0].__dict__["_impl"]
+            q = layers[0]
+            q._ensure()
         else:
             q = QuantizedLinear(layers[0].in_features, sum(la.out_features for la in layers), "int8_dynamic")
             q.qweight = torch.cat([la.qweight for la in layers])
             q.scale = torch.cat([la.scale for la in layers])
             if q.prepare("torch.ao.dynamic_int8") != "torch.ao.dynamic_int8":
                 raise RuntimeError(q.note)
-            self.packed = q.__dict__["_impl"]
+        self.packed = q.__dict__["_impl"]
         self.smooth = smooth
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.packed, None, self.smooth, self.reduce_range)
+        return _linear(x, self.packed, None, self.smooth, self.split)
 
 
 class _Concat:
@@ -322,7 +317,7 @@ class FastLlama:
             nq=self.n_heads,
             nkv=self.n_kv,
             d=self.head_dim,
-            reduce_range=REDUCE_RANGE,
+            split=SPLIT_INT8,
         )
 
     @classmethod

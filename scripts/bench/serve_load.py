@@ -538,9 +538,10 @@ def markdown(res: dict[str, Any]) -> str:
         if isa is not None and not {"avx512_vnni", "avx_vnni"} & set(isa):
             lines.append(
                 "- This run's CPU has no VNNI (ISA: " + (", ".join(isa) or "none recorded") + "): fbgemm then sums "
-                "u8 x s8 pairs in saturating int16, so raydist quantizes activations to 7 bits (`reduce_range`) and "
-                "int8_dynamic loses more perplexity than on a VNNI CPU (the winner's row above); when it is "
-                "beyond 1 % of dense, the engine ratios compare dense with CTranslate2."
+                "u8 x s8 pairs in saturating int16; raydist packs each int8 weight as two codes there "
+                "(`SPLIT_INT8` in raydist/compress/quant/layer.py) so that 8-bit activations stay exact, at twice "
+                "the weight bytes of one code: int8_dynamic keeps its VNNI perplexity but runs slower than on a VNNI "
+                "CPU. When the winner is beyond 1 % of dense, the engine ratios compare dense with CTranslate2."
             )
     return "\n".join(lines) + "\n"
 

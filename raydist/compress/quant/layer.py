@@ -25,8 +25,9 @@ int8_dynamic      ``torch.ao`` dynamic quantized Linear (fbgemm/   ``dequantized
                   x86 ``quantized::linear_dynamic``, what          ``Int8Tensor`` int8 x int8 path was
                   ``quantize_dynamic`` installs) with per-token    far slower than bf16 dense
                   activation scales: faster than dense.            (selectable: ``torchao.int8_dynamic``)
-                  Without VNNI, activations use 7 bits
-                  (``REDUCE_RANGE``), which costs perplexity.
+                  Without VNNI each weight is packed as two
+                  codes (``SPLIT_INT8``) so that the product
+                  stays exact (see ``pack_int8_dynamic``).
 int8_weight_only  ``dequantized``: torchao's                       torchao ``Int8Tensor`` (weight-only;
                   ``Int8WeightOnlyConfig`` and                     casts the int8 weight per call in
                   ``aten._weight_int8pack_mm`` with fp32           eager, no speedup expected)
@@ -93,10 +94,61 @@ def _cpu_has_vnni() -> bool:
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
-# fbgemm without VNNI multiplies u8 x s8 pairs into saturating int16 sums; reduce_range (7-bit activations)
-# avoids that overflow at a cost in perplexity (BENCHMARKS.md, Serving, shows it on a CPU without VNNI). With
-# VNNI the accumulation is int32 and the full 8-bit range is safe.
-REDUCE_RANGE = not _cpu_has_vnni()
+# fbgemm without VNNI multiplies u8 x s8 pairs into saturating int16 sums: 8-bit activations (up to 255) times
+# 8-bit weights overflow there, and 7-bit activations (fbgemm's reduce_range) cost several percent perplexity
+# (BENCHMARKS.md, Serving). So on such CPUs each int8 weight q is packed as two codes, q = 2*h + l with h in
+# [-64, 63] and l in {0, 1}: 255*64*2 < 2**15, so no pair saturates, one fbgemm call over [h; l] (2N output
+# rows, twice the weight bytes of int8, half of fp32) gives y_h and y_l, and 2*y_h + y_l is the exact product of
+# the 8-bit activations and the 8-bit weights. With VNNI the accumulation is int32 and one code is exact.
+SPLIT_INT8 = not _cpu_has_vnni()
+
+Packed = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed int8 weight (TorchScript class)
+
+
+def pack_int8_dynamic(qweight: torch.Tensor, scale: torch.Tensor, split: bool = SPLIT_INT8) -> Packed:
+    """fbgemm's packed weight (``quantized::linear_dynamic``) for per-row int8 ``qweight`` [N, K] and ``scale`` [N].
+
+    ``split``: pack the two codes of ``SPLIT_INT8`` (2N rows); :func:`int8_dynamic_matmul` recombines them.
+    Uses PyTorch's dynamic quantized Linear (what ``torch.ao.quantization.quantize_dynamic`` installs), fed our
+    per-channel int8 weights instead of re-quantizing them. torch.ao's quantized tensors are deprecated upstream
+    (pytorch#184982); if they disappear, ``prepare`` falls back to the dequantized kernel and the report says so.
+    """
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
+
+    q, s = qweight.cpu(), scale.cpu()
+    if split:
+        high = torch.div(q, 2, rounding_mode="floor")
+        q, s = torch.cat([high, q - 2 * high]), torch.cat([s, s])
+    n, k = q.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(q, s.double(), torch.zeros(n, dtype=torch.long), 0)
+    mod = DynamicQuantLinear(k, n, bias_=False, dtype=torch.qint8)
+    mod.set_weight_bias(qw, None)
+    packed = mod._packed_params._packed_params
+    int8_dynamic_matmul(torch.zeros(1, k), packed, split)  # fail here if the kernel refuses the shape
+    return packed
+
+
+def int8_dynamic_linear(x: torch.Tensor, packed: Packed, split: bool) -> torch.Tensor:
+    """``x`` [M, K] float (already divided by any SmoothQuant vector) times the int8 weight: [M, N] fp32.
+
+    Activations are quantized per token: each row is divided by its own max before fbgemm's one scale and
+    multiplied back after (per-tensor scales were far worse on SmolLM2); at one row the two are the same.
+    """
+    if x.shape[0] == 1:
+        return int8_dynamic_matmul(x, packed, split)
+    t = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)
+    return int8_dynamic_matmul(x / t, packed, split) * t
+
+
+def int8_dynamic_matmul(x: torch.Tensor, packed: Packed, split: bool) -> torch.Tensor:
+    """``x`` [M, K] float times a :func:`pack_int8_dynamic` weight: [M, N] (one activation scale for all of x)."""
+    y = torch.ops.quantized.linear_dynamic(x, packed, False)
+    if split:
+        n = y.shape[-1] // 2
+        y = torch.add(y[:, n:], y[:, :n], alpha=2)
+    return y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,24 +343,8 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"kernel {kernel} runs on {KERNELS[kernel][0]}, the layer is on {dev.type}")
         if kernel == "dequantized":
             return self.dequantized_weight()
-        if kernel == "torch.ao.dynamic_int8":
-            # PyTorch's dynamic quantized Linear (what torch.ao.quantization.quantize_dynamic installs),
-            # fed our per-channel int8 weights instead of re-quantizing them.
-            from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                qw = torch._make_per_channel_quantized_tensor(
-                    self.qweight.cpu(), self.scale.double().cpu(), torch.zeros(self.out_features, dtype=torch.long), 0
-                )
-            # torch.ao's quantized tensors are deprecated upstream (pytorch#184982); if they disappear,
-            # prepare() falls back to the dequantized kernel and the report shows it.
-            # The bias is added outside the kernel, after the per-token rescaling in forward.
-            mod = DynamicQuantLinear(self.in_features, self.out_features, bias_=False, dtype=torch.qint8)
-            mod.set_weight_bias(qw, None)
-            packed = mod._packed_params._packed_params
-            torch.ops.quantized.linear_dynamic(torch.zeros(1, self.in_features), packed, reduce_range=REDUCE_RANGE)
-            return packed
+        if kernel == "torch.ao.dynamic_int8":  # the bias is added outside, after the per-token rescaling
+            return pack_int8_dynamic(self.qweight, self.scale)
         if (
             kernel in ("aten.int8pack_mm", "aten.int4pack_mm_cuda", "torchao.int4_opaque_cpu")
             and self.smooth is not None
@@ -352,12 +388,8 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if kernel == "torch.ao.dynamic_int8":
-            # fbgemm quantizes the whole activation matrix with one scale; dividing each token (row) by its
-            # own max first makes that one scale a per-token scale (per-tensor scales were far worse on SmolLM2),
-            # and the row maxima are multiplied back.
             xf = x2.float() if self.smooth is None else x2.float() / self.smooth
-            t = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # [M, 1]
-            y = torch.ops.quantized.linear_dynamic(xf / t, impl, reduce_range=REDUCE_RANGE) * t
+            y = int8_dynamic_linear(xf, impl, SPLIT_INT8)
         elif kernel == "aten.int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x.dtype))
         elif kernel == "torchao.int4_opaque_cpu":

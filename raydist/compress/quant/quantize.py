@@ -19,7 +19,7 @@ from raydist.compress.quant.layer import (
     DEFAULT_INT4_GROUP_SIZE,
     INT4_ALGORITHMS,
     KERNELS,
-    REDUCE_RANGE,
+    SPLIT_INT8,
     Device,
     QuantizedLinear,
     check_scheme,
@@ -204,7 +204,9 @@ def quantize_model(
             report["gptq"] = {k: v for k, v in gptq_report.items() if k != "codes"}
     if scheme == "int8_dynamic":
         if report["kernel"] == "torch.ao.dynamic_int8":
-            report["activations"] = "int8 per token" + (", 7-bit (reduce_range)" if REDUCE_RANGE else "")
+            report["activations"] = "int8 per token" + (
+                " (weights packed as two codes: CPU without VNNI)" if SPLIT_INT8 else ""
+            )
         elif report["kernel"] == "torchao.int8_dynamic":
             report["activations"] = "int8 per token"
         else:  # the dequantized kernel multiplies float activations by the int8 weights' float values

@@ -9,7 +9,13 @@ from safetensors import safe_open
 
 from raydist.compress.quant.codes import pick_group_size, quantize_int4_groupwise, unpack_int4
 from raydist.compress.quant.format import load_compressed, save_compressed
-from raydist.compress.quant.layer import SCHEMES, QuantizedLinear, check_scheme
+from raydist.compress.quant.layer import (
+    SCHEMES,
+    QuantizedLinear,
+    check_scheme,
+    int8_dynamic_matmul,
+    pack_int8_dynamic,
+)
 from raydist.compress.quant.quantize import quantize_model, quantized_layers
 from raydist.config import ModelConfig
 from raydist.core.models import load_model
@@ -75,6 +81,23 @@ def test_each_scheme_runs_on_cpu_close_to_dense(scheme, kernel, tol):
     assert report["bytes_after"] < report["bytes_before"]
     err = relative_error(logits(model), logits(dense))
     assert 0 < err < tol, err
+
+
+def test_two_code_int8_packing_is_the_exact_8bit_product_where_one_code_would_saturate():
+    # The worst case for fbgemm without VNNI: activations at the top of the 8-bit range times weights of +-127
+    # (pairs of u8 x s8 products overflow int16 there). Activations sit on fbgemm's grid (min 0, max 1: scale
+    # 1/255, zero point 0), so the exact result is known in integers, on any CPU.
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(200, 256, (5, 64), generator=g)
+    codes[0, 0], codes[1, 1] = 0, 255  # the range fbgemm derives: [0, 1]
+    x = codes.float() / 255
+    q = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=g)
+    q[:8] = 127
+    q[8:16] = -127
+    scale = torch.rand(48, generator=g) + 0.5
+    exact = (codes.double() @ q.double().t()) / 255 * scale.double()
+    y = int8_dynamic_matmul(x, pack_int8_dynamic(q, scale, split=True), split=True)
+    torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-3)
 
 
 def test_quantized_models_deepcopy_and_pickle_with_their_kernels_rebuilt():

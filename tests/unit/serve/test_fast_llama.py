@@ -97,6 +97,7 @@ def test_int8_dynamic_layers_are_fused_with_smoothing_folded_and_match_the_quant
     assert isinstance(layer.down, _Int8Dynamic) and layer.down.smooth is None  # folded into up_proj's rows
     assert isinstance(layer.o, _Int8Dynamic) and layer.o.smooth is not None  # GQA: cannot fold into v_proj
     assert isinstance(fast.fast.lm_head, _Int8Dynamic)
+    assert fast.fast._script is not None  # TorchScript compiled the fused int8 layers (else a slower Python loop)
     # int8 activations are rounded on slightly different floats (the folded smoothing): close, not bitwise
     assert _max_logprob_diff(fast.generate(_requests(tiny_tokenizer)), hf.generate(_requests(tiny_tokenizer))) < 2e-2
 
