@@ -270,8 +270,8 @@ def apply_candidate(
         if grids is not None:  # QAT: round the trained weights to the grids they were trained against
             extra: dict[str, Any] = {"int4_grids": grids}
         elif scheme == "int8_dynamic":
-            # calibrates the per-channel activation smoothing (SmoothQuant) on the same text: measured on
-            # SmolLM2, +0.67 % perplexity with it against +3.1 % without.
+            # calibrates the per-channel activation smoothing (SmoothQuant) on the same text: on SmolLM2 it cut
+            # int8_dynamic's perplexity cost several-fold (BENCHMARKS.md, Serving, has the winner's figure).
             alpha = candidate.get("smoothing_alpha")
             extra = {"calibration": calibration, "smoothing_alpha": 0.5 if alpha is None else alpha}
         elif scheme == "int4_weight_only":

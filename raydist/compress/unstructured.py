@@ -27,9 +27,9 @@ or GPU) do exactly the same work for zeros, so unstructured sparsity makes the m
 smaller on disk by itself; it only pays off with a sparse storage format / kernel, or as a step before
 compression. 2:4 is the one pattern with hardware support: on NVIDIA Ampere or newer GPUs, torchao's
 ``sparsify_(model, SemiSparseWeightConfig())`` (``torch.sparse.to_sparse_semi_structured``) turns a
-2:4 weight into a compressed tensor. It pays only for big matmuls: measured on an H200 (torch 2.11,
-bf16) a 4096x11008 linear over 16K tokens ran 1.25x faster, but SmolLM2's 576x1536 linears ran 7-25x
-*slower* (a ~300 us floor per call against 12-47 us dense). There is no such kernel on CPU.
+2:4 weight into a compressed tensor. It pays only for big matmuls: on an H200 (torch 2.11, bf16) a
+7B-sized linear over many tokens ran faster, but SmolLM2's small linears ran several times *slower* (the
+sparse kernel has a per-call floor far above their dense time). There is no such kernel on CPU.
 
 Why hand-written: torchao's ``WandaSparsifier`` compares scores across the whole layer (not per output
 row as in the paper), only does 50 % / fixed 2:4, and is one-shot over the dense model (no sequential
@@ -488,13 +488,13 @@ def sparsegpt_prune(
         blocksize: columns per lazy-update block (128 as in the paper); a multiple of M with a pattern.
         percdamp: dampening as a fraction of the Hessian's mean diagonal, >= 0. The reference uses 0.01
             with 128 x 2048 calibration tokens; with few tokens the Hessian is noisy and more dampening
-            regularises it: on SmolLM2-135M, 50 %, 16 x 128 tokens, perplexity was 25.0 / 23.6 / 23.3 /
-            24.1 for 0.01 / 0.03 / 0.1 / 0.3 (2:4: 42.6 at 0.01, 41.2 at 0.1), hence 0.1.
+            regularises it: on SmolLM2-135M with 16 x 128 tokens, 0.1 gave the lowest perplexity of
+            0.01 / 0.03 / 0.1 / 0.3 at 50 % and at 2:4, hence 0.1.
         true_sequential: also go sub-layer by sub-layer inside a block: o_proj's Hessian is measured
             after q/k/v are pruned, gate/up's after the attention, down_proj's after gate/up (GPTQ's
             ``--true-sequential``); False measures the whole block at once, as the reference code does.
-            On SmolLM2-135M it gave 42.6 instead of 44.0 perplexity at 2:4 and the same at 50 %
-            unstructured (25.01 vs 25.03), for ~10 % more time, hence the default.
+            On SmolLM2-135M it was better at 2:4 and the same at 50 % unstructured, for a little more
+            time, hence the default.
 
     Returns:
         Report as ``magnitude_prune``'s (scope ``"per_layer"``) plus ``calibration_tokens``,

@@ -35,8 +35,8 @@ def policy_aware_asha(protect: list[float]):
     """ASHA over the eval budgets (one rung each) that never stops a candidate whose perplexity at a rung is
     at most ``protect[rung]`` (the base model's perplexity at that budget times the policy's allowance).
 
-    With few trials plain ASHA's cut (the rung's median) can drop a candidate 0.7 % off the base only
-    because a base-like one reported first, and a candidate the policy would pick never completes.
+    With few trials plain ASHA's cut (the rung's median) can drop a candidate that is within the policy's
+    allowance only because a base-like one reported first, and a candidate the policy would pick never completes.
     """
     from ray.tune.schedulers import ASHAScheduler
 

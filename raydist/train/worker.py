@@ -331,8 +331,7 @@ def prefetched(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
     The training loop's host-side work between steps (reading Ray Data blocks, building and padding
     tensors, the teacher cache's [B, T, k] columns) then overlaps the device's compute instead of
-    leaving the GPU idle (on an H200, a SmolLM2-sized distillation step of 8K tokens took 0.15 s, an order
-    of magnitude more than its arithmetic needs).
+    leaving the GPU idle (on an H200, host work was most of a SmolLM2-sized distillation step; BENCHMARKS.md).
     An exception in the producer is raised in the consumer at the item where it happened.
     """
     import queue

@@ -115,8 +115,8 @@ def gptq_quantize_weights(
         group_sizes: {qualified linear name: group size}; linears not listed are left alone.
         blocksize: columns per lazy-update block (128, as the reference).
         percdamp: Hessian dampening as a fraction of its mean diagonal. The reference uses 0.01 with
-            128 x 2048 tokens; with 16 x 128 more regularises the noisy Hessian. SmolLM2-135M g64, 4,096 eval
-            tokens: 16.22 at 0.01, 16.13 at 0.1 (act-order); 17.06 without act-order (0.01); min/max 18.9.
+            128 x 2048 tokens; with 16 x 128 more regularises the noisy Hessian (0.1 measured better than
+            0.01 on SmolLM2-135M g64, as did act-order; BENCHMARKS.md, Compression, has the default's figure).
         actorder: columns in decreasing ``diag(H)`` order with static groups (see the module doc).
         true_sequential: o_proj's Hessian measured after q/k/v are quantized, and so on.
 
