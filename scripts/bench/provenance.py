@@ -11,7 +11,9 @@ paths each file's figures depend on. A file is
 * "stale: N later commits touch <paths>" otherwise (``git log <commit>..HEAD -- <paths>``). The paths include
   the names their files had when they were renamed after the recorded commit, and a pure move counts as a change:
   after the package reshape (``raydist/components`` and ``raydist/stages`` moved into core/ train/ distill/
-  compress/ sweep/) the code the figures measured exists only in another shape, so they are flagged,
+  compress/ sweep/) the code the figures measured exists only in another shape, so they are flagged. A commit
+  that changes only comments or docstrings of Python files (their AST without docstrings is unchanged) does not
+  count: it cannot change a figure,
 * "from a dirty tree" when the run had uncommitted changes to tracked files (the commit is then only close),
 * "no provenance recorded" when the file predates provenance (no commit recorded).
 
@@ -21,6 +23,7 @@ The table goes into the "Provenance of these figures" section at the top of BENC
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import sys
 from pathlib import Path
@@ -96,12 +99,51 @@ def renamed_from(commit: str, paths: list[str]) -> list[str]:
     return found
 
 
+def code_of(source: Optional[str]) -> Optional[str]:
+    """A Python source's AST without docstrings (comments are not in it): what the code does, not what it says."""
+    if source is None:
+        return None
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+def changes_code(commit: str, paths: list[str]) -> bool:
+    """Whether ``commit`` changes what the files under ``paths`` do. Only an in-place edit of a Python file that
+    leaves its AST without docstrings unchanged does not count; any other change (non-Python files, renames, added
+    or deleted files, strings that are not docstrings) does."""
+    out = git("diff-tree", "--no-commit-id", "-r", "-M", "--name-status", commit, "--", *paths) or ""
+    for line in out.splitlines():
+        kind, *names = line.split("\t")
+        if kind != "M" or not names[0].endswith(".py"):
+            return True
+        before = code_of(git("show", f"{commit}^:{names[0]}"))
+        if before is None or before != code_of(git("show", f"{commit}:{names[0]}")):
+            return True
+    return False
+
+
 def later_commits(commit: str, paths: list[str]) -> tuple[list[str], list[str]]:
-    """(the commits after ``commit`` that touch ``paths`` or their earlier names, the paths they touch)."""
+    """(the commits after ``commit`` that change the code under ``paths`` or their earlier names, the paths they
+    touch); commits that change only comments or docstrings there are left out (``changes_code``)."""
     commits: list[str] = []
     touched = []
     for p in paths:
-        hashes = (git("log", "--format=%h", f"{commit}..HEAD", "--", p, *renamed_from(commit, [p])) or "").split()
+        names = [p, *renamed_from(commit, [p])]
+        hashes = (git("log", "--format=%h", f"{commit}..HEAD", "--", *names) or "").split()
+        hashes = [h for h in hashes if changes_code(h, names)]
         if hashes:
             touched.append(p)
             commits += [h for h in hashes if h not in commits]
@@ -163,7 +205,7 @@ def section(results_dir: Path = RESULTS_DIR) -> str:
         f"--update-benchmarks-md`, here at HEAD `{head}`: the commit each file records and whether later commits "
         "touch the code its figures measured (`git log <commit>..HEAD -- <paths>`, the paths below; files renamed "
         "since count under their old names too, and a pure move counts as a change: figures measured before the "
-        "package reshape are flagged).",
+        "package reshape are flagged; a commit that changes only comments or docstrings does not count).",
         "",
         *md_table(("results file", "commit", "dirty", "measured_at", "machine", "status"), rows(results_dir)),
         "",
