@@ -32,15 +32,15 @@ def quantize_int8_per_row(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int4_groupwise(
     w: torch.Tensor, group_size: int, algorithm: str = "minmax"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric group-wise 4-bit in PyTorch's tinygemm convention: ``w ≈ (q - 8) * scale + zero``.
-
-    Min/max qparams and rounding as torchao's tinygemm primitives compute them (or torchao's HQQ solver, which
-    returns the same convention), so the values are exactly what the int4 kernels expect.
+    """Asymmetric group-wise 4-bit in PyTorch's tinygemm convention, ``w ≈ (q - 8) * scale + zero``, with the zero
+    point on the integer grid: ``zero = (8 - z) * scale`` for an integer ``z`` in [0, 15], so ``w ≈ (q - z) * scale``,
+    the convention of GPTQ and of compressed-tensors (which vLLM and transformers load; ``compress.quant.ct_format``).
 
     Args:
         w: [N, K] float weight; ``K % group_size == 0``.
         group_size: input channels sharing one (scale, zero).
-        algorithm: ``"minmax"`` (group range) or ``"hqq"`` (half-quadratic optimisation of scale/zero).
+        algorithm: ``"minmax"`` (group range) or ``"hqq"`` (torchao's half-quadratic optimisation of scale and zero;
+            its float zero is then moved to the nearest integer zero point and the codes re-rounded).
 
     Returns:
         ``qweight`` [N, K // 2] uint8 (column 2j in the low nibble, 2j+1 in the high nibble),
@@ -53,8 +53,9 @@ def quantize_int4_groupwise(
         q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
             w, nbits=4, group_size=group_size, axis=1, compute_dtype=torch.float32, device=str(w.device)
         )
-        packed = pack_int4(q.reshape(n, k))
-        return packed, scale.reshape(n, -1).float().contiguous(), zero.reshape(n, -1).float().contiguous()
+        scale = scale.reshape(n, -1).float().contiguous()
+        zero = integer_zero(scale, zero.reshape(n, -1).float())
+        return pack_int4(int4_codes_on_grid(w, scale, zero)), scale, zero
     if algorithm != "minmax":
         raise ValueError(
             f"unknown int4 algorithm {algorithm!r}; choose from ('minmax', 'hqq') (GPTQ: compress.quant.gptq)"
@@ -64,17 +65,28 @@ def quantize_int4_groupwise(
 
 
 def int4_minmax_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min/max tinygemm qparams of ``w`` [N, K]: ``scale``, ``zero`` [N, K // group_size].
+    """Min/max qparams of ``w`` [N, K]: ``scale``, ``zero`` [N, K // group_size], zero point on the integer grid.
 
-    Each group's range over the 16 codes, ``zero`` the value of code 8: the same values as torchao's private
-    ``_choose_qparams_affine_tinygemm`` (asymmetric, eps 1e-6; a unit test compares them), written here so the
-    default path needs no private API.
+    Each group's range, with 0 in it, over the 16 codes; the zero point ``z = round(-min / scale)``: what
+    compressed-tensors' ``calculate_qparams`` computes for asymmetric int4 groups (a unit test compares them).
     """
     n, k = w.shape
     groups = w.detach().float().reshape(n, k // group_size, group_size)  # [N, G, g]
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)  # [N, G]
+    lo, hi = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)  # [N, G]
     scale = ((hi - lo) / 15.0).clamp(min=1e-6)
-    return scale.contiguous(), (lo + scale * 8).contiguous()
+    z = torch.clamp(torch.round(-lo / scale), 0, 15)
+    return scale.contiguous(), ((8 - z) * scale).contiguous()
+
+
+def integer_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """A float ``zero`` (value of code 8) moved to the nearest integer zero point: ``(8 - z) * scale``."""
+    z = torch.clamp(torch.round(8 - zero / scale), 0, 15)
+    return ((8 - z) * scale).contiguous()
+
+
+def int4_zero_points(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The integer zero points ``z`` in [0, 15] of a grid with ``zero = (8 - z) * scale`` (int64)."""
+    return torch.round(8 - zero / scale).to(torch.int64)
 
 
 # torchao has no public HQQ solver for the tinygemm layout; its private one is used only with the torchao versions it

@@ -6,7 +6,9 @@ Schemes (``SCHEMES``):
 * ``int8_dynamic``     — int8 weights (as above) and int8 activations quantized per token at run time.
 * ``int4_weight_only`` — 4-bit weights in groups of ``group_size`` input channels, asymmetric (a float
                          scale and a float zero per group, the "tinygemm" convention of PyTorch's int4
-                         kernels): ``w ≈ (q - 8) * scale + zero`` with ``q`` in [0, 15].
+                         kernels): ``w ≈ (q - 8) * scale + zero`` with ``q`` in [0, 15]; ``zero`` is
+                         ``(8 - z) * scale`` for an integer zero point ``z``, so the grid is also
+                         compressed-tensors' (``ct_format``).
 
 Only the ``nn.Linear`` modules inside the decoder blocks (``model.model.layers``: q/k/v/o, gate/up/down)
 are quantized; embeddings and the (often tied) ``lm_head`` stay float unless ``include_lm_head=True``
@@ -67,8 +69,8 @@ from raydist.compress.quant.codes import (
 
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_weight_only")
 DEFAULT_INT4_GROUP_SIZE = 64
-# How int4 scales/zeros are chosen. "minmax": each group's range (tinygemm's default; instant). "hqq":
-# torchao's HQQ proximal solver, same storage format (better than minmax, much slower). "gptq": second-order
+# How int4 scales/zeros are chosen. "minmax": each group's range (instant). "hqq": torchao's HQQ proximal solver,
+# its zero moved to the integer grid (better than minmax, much slower). "gptq": second-order
 # error compensation on calibration text (compress.quant.gptq). Measured: BENCHMARKS.md, Compression.
 INT4_ALGORITHMS = ("minmax", "hqq", "gptq")
 

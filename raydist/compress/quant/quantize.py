@@ -178,8 +178,8 @@ def quantize_model(
             # Layers that read the same input (q/k/v, gate/up) share one vector, as in SmoothQuant, where it
             # is folded into the norm before them; so the serving engine can also fuse them into one matmul.
             w_max = torch.stack([w_maxima[n] for n in _same_input(name) if n in w_maxima]).amax(dim=0)
-            w_max = w_max.clamp(min=1e-5)  # [K]
-            smooth = (act_max[name].clamp(min=1e-5) ** smoothing_alpha / w_max ** (1 - smoothing_alpha)).clamp(min=1e-5)
+            w_max, a_max = _per_kv_group(model, name, w_max.clamp(min=1e-5)), _per_kv_group(model, name, act_max[name])
+            smooth = (a_max.clamp(min=1e-5) ** smoothing_alpha / w_max ** (1 - smoothing_alpha)).clamp(min=1e-5)
         codes = gptq_report.get("codes", {}).get(name)
         if int4_grids is not None:
             scale, zero = (t.detach().float().cpu() for t in int4_grids[name])
@@ -216,6 +216,21 @@ def quantize_model(
 
 
 _SAME_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def _per_kv_group(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """For o_proj of a grouped-query attention: ``t`` [heads * head_dim] maxed over the query heads that share a
+    key/value head, so its smoothing vector is one per value channel and folds exactly into v_proj's output rows
+    (what the compressed-tensors export does; ``compress.quant.ct_format``). Any other layer: ``t`` unchanged."""
+    cfg = getattr(model, "config", None)
+    if not name.endswith("self_attn.o_proj") or cfg is None:
+        return t
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    if kv == heads or heads % kv or t.numel() % heads:
+        return t
+    grouped = t.reshape(kv, heads // kv, t.numel() // heads)
+    return grouped.amax(dim=1, keepdim=True).expand_as(grouped).reshape(-1).contiguous()
 
 
 def _same_input(name: str) -> list[str]:
