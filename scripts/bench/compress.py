@@ -43,7 +43,9 @@ Rows:
 
 Results: ``benchmarks/results/compress.json`` (``--results``) with the keys ``dense_ppl``,
 ``magnitude50_ppl``, ``wanda50_ppl``, ``sparsegpt50_ppl``, ``int8_ppl``, ``int8_tokens_per_s_ratio``,
-``int4_g64_ppl``, ``structured25_ppl``, ``structured25_speedup`` (batch-1 tokens/s ratio), every row, the
+``int4_g64_ppl``, ``structured25_ppl``, ``structured25_speedup`` (batch-1 tokens/s ratio),
+``compressed_tensors_max_logit_diff`` (the largest over the quantized rows of max |logits of the artifact loaded by
+transformers with compressed-tensors - logits of raydist's loader| on a probe batch), every row, the
 run's load and threads (``machine``) and its ``provenance`` (commit, command, machine, versions). Goals: int8
 within 1 % of dense ppl and >= 1.5x dense batch-1 speed; structured25 speedup >= 1.25. With the results file
 written, the "Compression methods (one at a time)" section of BENCHMARKS.md is rewritten from it
@@ -99,6 +101,24 @@ ALL_ROWS = (
     "wanda50",
     "sparsegpt50",
 )
+
+
+def transformers_logit_diff(art: Path, probe, ours) -> Optional[float]:
+    """For a quantized (compressed-tensors) artifact: max |transformers' logits - ``ours``| on ``probe``; else None.
+
+    int4 loads with ``CompressedTensorsConfig(dequantize=True)``: compressed-tensors 0.20's compressed load path
+    mis-sizes packed asymmetric zero points (README, Sweep)."""
+    import torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    qc = json.loads((art / "config.json").read_text()).get("quantization_config") or {}
+    if qc.get("quant_method") != "compressed-tensors":
+        return None
+    int4 = any((g.get("weights") or {}).get("num_bits") == 4 for g in qc["config_groups"].values())
+    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if int4 else {}
+    model = AutoModelForCausalLM.from_pretrained(art, **kwargs).eval()
+    with torch.inference_mode():
+        return float((model(probe).logits - ours).abs().max())
 
 
 def main() -> None:
@@ -293,8 +313,11 @@ def main() -> None:
             size = model_size(model, art)
             again = load_compressed(art)
             with torch.inference_mode():
-                reload_exact = bool(torch.equal(again(probe).logits, model(probe).logits))
+                ours = again(probe).logits
+                reload_exact = bool(torch.equal(ours, model(probe).logits))
+                reload_diff = float((ours - model(probe).logits).abs().max())
                 probe_diff = float((model(probe).logits - probe_dense).abs().max())
+            ct_diff = transformers_logit_diff(art, probe, ours)
             del again
             shutil.rmtree(art)
             results[name] = {
@@ -304,6 +327,8 @@ def main() -> None:
                 "disk_weight_bytes": size["disk_weight_bytes"],
                 "memory_bytes": size["memory_bytes"],
                 "reload_exact": reload_exact,
+                "reload_max_logit_diff": reload_diff,
+                "transformers_max_logit_diff": ct_diff,
                 "max_logit_diff_vs_dense": probe_diff,
                 "build_s": t_build,
                 "kernel": report.get("kernel"),
@@ -317,7 +342,7 @@ def main() -> None:
             print(
                 f"{name:17s} ppl {ppl:8.3f}  params {size['parameters'] / 1e6:6.1f}M  nonzero "
                 f"{size['nonzero_parameters'] / 1e6:6.1f}M  weights {size['disk_weight_bytes'] / 2**20:6.1f} MiB  "
-                f"reload_exact={reload_exact}  ({time.time() - t0:.0f}s)",
+                f"reload_exact={reload_exact}  transformers diff {ct_diff}  ({time.time() - t0:.0f}s)",
                 flush=True,
             )
 
@@ -384,6 +409,15 @@ def main() -> None:
         "structured25_speedup": get("structured25", "speed_ratio_b1"),
         "structured25_mlp_ppl": get("structured25_mlp", "ppl"),
         "structured25_mlp_speedup": get("structured25_mlp", "speed_ratio_b1"),
+        # compressed-tensors artifacts: transformers' logits vs raydist's loader, the largest over quantized rows
+        "compressed_tensors_max_logit_diff": max(
+            (
+                r["transformers_max_logit_diff"]
+                for r in results.values()
+                if r.get("transformers_max_logit_diff") is not None
+            ),
+            default=None,
+        ),
         "goals": {
             "int8_ppl_within_1pct": None if "int8" not in results else results["int8"]["ppl_ratio"] <= 1.01,
             "int8_speed_ge_1.5x": None if "int8" not in results else results["int8"]["speed_ratio_b1"] >= 1.5,
@@ -605,6 +639,14 @@ def markdown(r: dict[str, Any]) -> str:
                 f"goal >= 1.25: {_met(goals.get('structured25_speedup_ge_1.25'))}" if goal else "",
             ),
         ]
+    if r.get("compressed_tensors_max_logit_diff") is not None:
+        keys.append(
+            (
+                "`compressed_tensors_max_logit_diff`",
+                f"{r['compressed_tensors_max_logit_diff']:.3g}",
+                "max over quantized rows: transformers + compressed-tensors vs raydist's loader, same files",
+            )
+        )
     lines += md_table(("key", "value", "reference / goal"), keys)
     lines += ["", "Every row, same run:", ""]
     lines += md_table(
