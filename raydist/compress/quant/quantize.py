@@ -219,9 +219,11 @@ _SAME_INPUT = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("m
 
 
 def _per_kv_group(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
-    """For o_proj of a grouped-query attention: ``t`` [heads * head_dim] maxed over the query heads that share a
+    """For o_proj of a grouped-query attention: ``t`` [heads * head_dim] averaged over the query heads that share a
     key/value head, so its smoothing vector is one per value channel and folds exactly into v_proj's output rows
-    (what the compressed-tensors export does; ``compress.quant.ct_format``). Any other layer: ``t`` unchanged."""
+    (what the compressed-tensors export does; ``compress.quant.ct_format``). The mean of the per-head maxima kept
+    SmolLM2's int8_dynamic perplexity closer to dense than their max (BENCHMARKS.md, Serving). Any other layer:
+    ``t`` unchanged."""
     cfg = getattr(model, "config", None)
     if not name.endswith("self_attn.o_proj") or cfg is None:
         return t
@@ -230,7 +232,7 @@ def _per_kv_group(model: nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     if kv == heads or heads % kv or t.numel() % heads:
         return t
     grouped = t.reshape(kv, heads // kv, t.numel() // heads)
-    return grouped.amax(dim=1, keepdim=True).expand_as(grouped).reshape(-1).contiguous()
+    return grouped.mean(dim=1, keepdim=True).expand_as(grouped).reshape(-1).contiguous()
 
 
 def _same_input(name: str) -> list[str]:
