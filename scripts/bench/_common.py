@@ -328,7 +328,8 @@ DRIVER = "bench driver (Ray Train driver / Ray Data)"
 
 def is_rank(cmd: str) -> bool:
     """A training rank: a Ray Train worker, or a rank of the hand-written DeepSpeed loop under torchrun."""
-    return cmd.startswith("ray::RayTrainWorker") or ("_ds_baseline_loop.py" in cmd and "torchrun" not in cmd)
+    launcher = "torchrun" in cmd or "torch.distributed.run" in cmd
+    return cmd.startswith("ray::RayTrainWorker") or ("_ds_baseline_loop.py" in cmd and not launcher)
 
 
 def cpu_category(pid: int, cmd: str, ours: bool, root: int) -> str:
@@ -340,7 +341,7 @@ def cpu_category(pid: int, cmd: str, ours: bool, root: int) -> str:
         return FOREIGN
     if is_rank(cmd):
         return RANKS
-    if "torchrun" in cmd:
+    if "torchrun" in cmd or "torch.distributed.run" in cmd:
         return "torchrun launcher"
     for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
         if key in cmd:

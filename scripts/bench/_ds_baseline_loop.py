@@ -5,13 +5,16 @@ Launched by ``finetune_overhead.py`` as::
     torchrun --nproc_per_node 2 scripts/bench/_ds_baseline_loop.py --config cfg.json --out times.json
 
 It reads the very FinetuneConfig the raydist run used (JSON), so model, data, batch shape, optimizer,
-schedule and DeepSpeed config cannot drift apart. It deliberately does what a person would write without
-raydist: ``transformers`` loads the model, the tokenized blocks live in a Python list, each rank slices its
-rows out of the global batch, and there is no Ray, no Ray Data, no progress printer, no checkpoint.
+schedule and DeepSpeed config cannot drift apart. ``DS_ACCELERATOR=cuda`` (``gpu.py``) runs it on the GPU
+with raydist's GPU choices (NCCL, bf16 under DeepSpeed); otherwise CPU, gloo, fp32. It deliberately does what a
+person would write without raydist: ``transformers`` loads the model, the tokenized blocks live in a Python list,
+each rank slices its rows out of the global batch, and there is no Ray, no Ray Data, no progress printer, no
+checkpoint.
 
 Timing mirrors what raydist logs in ``metrics.jsonl``: one ``time.time()`` per optimizer step, taken after
 the loss all-reduce (the point where raydist's rank 0 writes its record). Setup (model load, tokenization,
-``deepspeed.initialize``) happens before the clock starts.
+``deepspeed.initialize``) happens before the clock starts. On CUDA rank 0 also records
+``torch.cuda.max_memory_allocated``.
 
 Not a test, never imported by raydist.
 """
@@ -50,7 +53,13 @@ def main() -> None:
 
     cfg = FinetuneConfig.model_validate_json(Path(args.config).read_text())
     assert not cfg.lora.enabled, "the overhead baseline is a full fine-tune"
-    deepspeed.init_distributed(dist_backend="gloo")
+    cuda = os.environ["DS_ACCELERATOR"] == "cuda"  # raydist's worker: bf16 and NCCL exactly when on CUDA
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mb, gas, steps = cfg.train.micro_batch_size, cfg.train.grad_accum_steps, cfg.train.max_steps
 
@@ -78,7 +87,7 @@ def main() -> None:
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=deepspeed_config(
-            cfg.deepspeed, micro_batch_size=mb, grad_accum_steps=gas, grad_clip=cfg.optim.grad_clip, bf16=False
+            cfg.deepspeed, micro_batch_size=mb, grad_accum_steps=gas, grad_clip=cfg.optim.grad_clip, bf16=cuda
         ),
     )
     engine.train()
@@ -91,14 +100,14 @@ def main() -> None:
         rows = train[micro * global_rows : (micro + 1) * global_rows]  # the global micro-batch
         tokens += sum(len(r["input_ids"]) for r in rows)
         b = collate(rows[rank * mb : (rank + 1) * mb], tokenizer.pad_token_id)
-        out = engine(**b)
+        out = engine(**{k: v.to(device) for k, v in b.items()})
         engine.backward(out.loss)
         engine.step()
         step_loss += out.loss.item() / gas
         micro += 1
         if micro % gas:
             continue
-        loss_t = torch.tensor([step_loss], dtype=torch.float64)
+        loss_t = torch.tensor([step_loss], dtype=torch.float64, device=device)
         dist.all_reduce(loss_t)  # raydist does the same per step, for its logged loss
         times.append(time.time())
         losses.append(float(loss_t) / world)
@@ -114,6 +123,7 @@ def main() -> None:
                     "step_tokens": step_tokens,
                     "torch_threads": torch.get_num_threads(),
                     "world_size": world,
+                    "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
                 }
             )
         )

@@ -7,10 +7,11 @@
 #                                              # raydist (~10 min, it compiles llama.cpp); without them serve is skipped
 #   bash scripts/bench/all.sh                  # every benchmark
 #   bash scripts/bench/all.sh compress sweep   # only these (finetune distill compress sweep serve pipeline
-#                                              # compress_gpu distill_gpu)
+#                                              # compress_gpu distill_gpu gpu)
 #
-# The GPU benchmarks (compress_gpu, distill_gpu) run only where torch sees CUDA and SHAPE_DIR names a directory with
-# SmolLM2-135M's config.json and tokenizer files; elsewhere they are skipped. distill needs the seed tasks at
+# The GPU benchmarks (compress_gpu, distill_gpu, gpu) run only where torch sees CUDA; compress_gpu and distill_gpu
+# also need SHAPE_DIR, a directory with SmolLM2-135M's config.json and tokenizer files (gpu.py builds its own
+# shapes); elsewhere they are skipped. distill needs the seed tasks at
 # ../shared/data/seed_tasks.jsonl (skipped without them). Run it on an otherwise idle machine: the figures are
 # timings, and each benchmark records the machine's load beside them.
 #
@@ -20,12 +21,13 @@
 # took 6.9 min), distill 43.6 min (runtime_s), compress 26.3 min (seconds), sweep 10.3 min (sweep_wall_s +
 # naive_wall_s), serve 6.4 min (wall_min), pipeline 26.9 min (chain_to_served_s) = 130 min, plus start-up of
 # each; several of those runs shared the box with other jobs, so a quiet box may take less. The GPU benchmarks
-# add a few minutes each (distill_gpu: 79 + 81 s of runs in distill_gpu.json).
+# add a few minutes each (distill_gpu: 79 + 81 s of runs in distill_gpu.json; gpu: budgeted for under 9 min, its
+# wall_s in gpu.json once measured).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 PY=.venv/bin/python
-ALL=(finetune distill compress sweep serve pipeline compress_gpu distill_gpu)
+ALL=(finetune distill compress sweep serve pipeline compress_gpu distill_gpu gpu)
 WANT=("$@")
 [ ${#WANT[@]} -eq 0 ] && WANT=("${ALL[@]}")
 for name in "${WANT[@]}"; do
@@ -80,6 +82,13 @@ for name in "${WANT[@]}"; do
       fi
       ;;
     pipeline) run pipeline $PY scripts/bench/pipeline_smollm2.py ;;
+    gpu)
+      if [ "$HAS_CUDA" != 1 ]; then
+        skip gpu "no CUDA device"
+      else
+        run gpu $PY scripts/bench/gpu.py --update-benchmarks-md
+      fi
+      ;;
     compress_gpu | distill_gpu)
       if [ "$HAS_CUDA" != 1 ]; then
         skip "$name" "no CUDA device"

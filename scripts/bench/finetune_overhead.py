@@ -238,10 +238,16 @@ def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
     cfg_file.write_text(cfg.model_dump_json())
     out = work / f"baseline_{tag}.json"
     log = work / f"baseline_{tag}.log"
-    # OMP_NUM_THREADS=1: the same one thread per rank a 1-CPU Ray Train worker gets.
-    env = {**os.environ, "OMP_NUM_THREADS": str(int(cfg.resources.num_cpus)), "DS_ACCELERATOR": "cpu"}
+    # OMP_NUM_THREADS=1: the same one thread per rank a 1-CPU Ray Train worker gets. DS_ACCELERATOR: cpu here
+    # (set above), cuda when gpu.py runs this loop on a GPU.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(int(cfg.resources.num_cpus)),
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    }
+    torchrun = Path(sys.executable).parent / "torchrun"  # elsewhere (a system Python): the same module, run by -m
     cmd = [
-        str(Path(sys.executable).parent / "torchrun"),
+        *([str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]),
         "--standalone",
         "--nproc_per_node",
         str(cfg.scaling.num_workers),
@@ -272,6 +278,7 @@ def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
         "losses": res["losses"],
         "torch_threads": res["torch_threads"],
         "cpu_s_per_step": cpu,
+        "peak_memory_bytes": res.get("peak_memory_bytes"),
     }
 
 

@@ -55,6 +55,16 @@ MEASURES: dict[str, list[str]] = {
     "compress_gpu.json": ["raydist/compress", "raydist/core/evaluation.py", "raydist/sweep/speed.py"],
     "sweep.json": ["raydist/sweep", "raydist/compress"],
     "pipeline.json": ["raydist"],
+    # fine-tune and distillation loops, quantized artifacts and the serving engine's decode loop, on one GPU
+    "gpu.json": [
+        "raydist/train",
+        "raydist/distill",
+        "raydist/core",
+        "raydist/compress/quant",
+        "raydist/serve/engine.py",
+        "raydist/serve/fast_llama.py",
+        "raydist/sweep/speed.py",
+    ],
 }
 FINETUNE_PARTS = ("overhead", "lora", "peer")
 
