@@ -373,7 +373,9 @@ class QuantizedLinear(nn.Module):
             F.linear(torch.zeros(1, self.in_features), w)  # fail here if the kernel refuses the shape
             return w
         if kernel == "aten.int4pack_mm_cuda":
-            return {}  # packed lazily per activation dtype in forward
+            from torchao.quantization.utils import pack_tinygemm_scales_and_zeros  # noqa: F401  (fail here, not later)
+
+            return {}  # packed lazily in forward
         raise ValueError(f"unknown kernel {kernel!r}; choose from {sorted(KERNELS)}")
 
     def _ensure(self) -> None:
