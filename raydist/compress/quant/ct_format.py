@@ -6,9 +6,9 @@ raydist's schemes map onto compressed-tensors schemes exactly:
 =================  ==============================================================  =====================
 raydist            compressed-tensors (``weights`` / ``input_activations``)        on disk
 =================  ==============================================================  =====================
-int4_weight_only   int 4-bit, asymmetric, strategy ``group`` (the layer's group     ``pack-quantized``
-                   size)                                                            (int32-packed codes and
-                                                                                    zero points)
+int4_weight_only   int 4-bit, asymmetric, strategy ``group`` (the smallest group    ``pack-quantized``
+                   size of the model's int4 layers; larger ones repeat their        (int32-packed codes and
+                   scales: the same grid)                                           zero points)
 int8_weight_only   int 8-bit, symmetric, strategy ``channel``                       ``pack-quantized``
 int8_dynamic       as int8_weight_only / int 8-bit, symmetric, ``token``, dynamic   ``int-quantized``
 =================  ==============================================================  =====================
@@ -40,13 +40,11 @@ from raydist.compress.quant.layer import QuantizedLinear
 QUANT_METHOD = "compressed-tensors"
 
 
-def _scheme(layer: QuantizedLinear):
+def _scheme(layer: QuantizedLinear, group_size: Optional[int] = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     if layer.scheme == "int4_weight_only":
-        weights = QuantizationArgs(
-            num_bits=4, type="int", symmetric=False, strategy="group", group_size=layer.group_size
-        )
+        weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=group_size)
         return QuantizationScheme(targets=["Linear"], weights=weights)
     weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
     acts = None
@@ -191,8 +189,14 @@ def compressed_tensors_state(
 
     groups: dict[str, tuple[Any, list[str]]] = {}
     formats = set()
+    # One int4 group size for the whole artifact: a layer quantized with a larger one (SmolLM2's down_proj at 128
+    # where 128 does not divide the 576-wide layers, which took 64) is written at the smallest, its scale and zero
+    # point repeated per sub-group -- the same grid, exactly. transformers' dequantizing load applies one scheme to
+    # every dense layer, so mixed group sizes would not load there; vLLM takes either.
+    int4_sizes = [m.group_size for m in layers.values() if m.scheme == "int4_weight_only"]
+    g_out = min(int4_sizes) if int4_sizes else None
     for name, layer in layers.items():
-        scheme = _scheme(layer)
+        scheme = _scheme(layer, g_out)
         fmt = infer_module_format(nn.Linear, scheme)
         formats.add(fmt.value)
         groups.setdefault(_scheme_key(scheme), (scheme, []))[1].append(name)
@@ -204,8 +208,9 @@ def compressed_tensors_state(
             g = layer.group_size
             zero = layer.zero.detach().float().cpu()
             sd["weight"] = int4_dequant(q.reshape(n, -1, g), scale[..., None], zero[..., None]).reshape(n, k)
-            sd["weight_scale"] = scale.contiguous()
-            sd["weight_zero_point"] = (int4_zero_points(scale, zero) - 8).to(torch.int8)
+            rep = g // g_out
+            sd["weight_scale"] = scale.repeat_interleave(rep, dim=1).contiguous()
+            sd["weight_zero_point"] = (int4_zero_points(scale, zero) - 8).to(torch.int8).repeat_interleave(rep, dim=1)
         else:
             sd["weight"] = layer.qweight.cpu().float() * scale[:, None]
             sd["weight_scale"] = scale[:, None].contiguous()

@@ -65,22 +65,26 @@ def test_transformers_loads_each_scheme_with_raydists_logits(tmp_path, tiny_toke
     assert (theirs - ours).abs().max() <= tol * ours.abs().max()
 
 
-def test_bytes_are_the_schemes_and_group_sizes_are_per_layer(tmp_path, tiny_tokenizer):
-    # 128 divides the MLP's 128-wide down_proj but not the 64-wide inputs of the others: they take 64, and the
-    # config has one group per group size (what SmolLM2's 576-wide layers do at 128).
-    model = tiny_model()
+def test_bytes_are_the_schemes_and_mixed_group_sizes_are_written_at_the_smallest(tmp_path, tiny_tokenizer):
+    # SmolLM2 in miniature: hidden 96 (group 128 does not divide it, 32 does), MLP 256 (128 divides it). Asked for
+    # 128, raydist quantizes the 96-wide layers at 32 and down_proj at 128; the artifact has one group size, 32:
+    # down_proj's scales and zero points repeat 4 times (the same grid), so every loader takes it.
+    tiny = {"hidden_size": 96, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 256}
+    model = load_model(ModelConfig(path="tiny-random", tiny=tiny), seed=0).eval()
     quantize_model(model, "int4_weight_only", group_size=128)
     sizes = {n: m.group_size for n, m in quantized_layers(model).items()}
+    assert sorted(set(sizes.values())) == [32, 128]
     save_compressed(model, tiny_tokenizer, tmp_path / "q")
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert sorted(g["weights"]["group_size"] for g in qc["config_groups"].values()) == [64, 128]
+    assert [g["weights"]["group_size"] for g in qc["config_groups"].values()] == [32]
     assert qc["format"] == "pack-quantized" and "lm_head" in qc["ignore"]
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
-        for name, g in sizes.items():
+        for name in sizes:
             n, k = f.get_tensor(f"{name}.weight_shape").tolist()
             assert f.get_tensor(f"{name}.weight_packed").nbytes == n * k // 2  # 4 bits per weight
-            assert f.get_tensor(f"{name}.weight_scale").shape == (n, k // g)
-            assert f.get_tensor(f"{name}.weight_zero_point").nbytes == n * (k // g) // 2
+            assert f.get_tensor(f"{name}.weight_scale").shape == (n, k // 32)
+            assert f.get_tensor(f"{name}.weight_zero_point").nbytes == n * (k // 32) // 2
+    torch.testing.assert_close(logits(load_compressed(tmp_path / "q")), logits(model), rtol=0, atol=1e-5)
     got = logits(from_transformers(tmp_path / "q", "int4_weight_only"))
     torch.testing.assert_close(got, logits(model), rtol=0, atol=1e-5)
 
