@@ -45,7 +45,8 @@ Results: ``benchmarks/results/compress.json`` (``--results``) with the keys ``de
 ``magnitude50_ppl``, ``wanda50_ppl``, ``sparsegpt50_ppl``, ``int8_ppl``, ``int8_tokens_per_s_ratio``,
 ``int4_g64_ppl``, ``structured25_ppl``, ``structured25_speedup`` (batch-1 tokens/s ratio),
 ``compressed_tensors_max_logit_diff`` (the largest over the quantized rows of max |logits of the artifact loaded by
-transformers with compressed-tensors - logits of raydist's loader| on a probe batch), every row, the
+transformers with compressed-tensors - logits of raydist's loader| on a probe batch; each row also has
+``transformers_ppl``, that load's perplexity on the same windows), every row, the
 run's load and threads (``machine``) and its ``provenance`` (commit, command, machine, versions). Goals: int8
 within 1 % of dense ppl and >= 1.5x dense batch-1 speed; structured25 speedup >= 1.25. With the results file
 written, the "Compression methods (one at a time)" section of BENCHMARKS.md is rewritten from it
@@ -103,13 +104,16 @@ ALL_ROWS = (
 )
 
 
-def transformers_logit_diff(art: Path, probe, ours) -> Optional[float]:
-    """For a quantized (compressed-tensors) artifact: max |transformers' logits - ``ours``| on ``probe``; else None.
+def transformers_check(art: Path, probe, ours, windows) -> Optional[dict[str, float]]:
+    """For a quantized (compressed-tensors) artifact loaded by transformers: max |its logits - ``ours``| on
+    ``probe`` and its perplexity on ``windows``; None for a float artifact.
 
     int4 loads with ``CompressedTensorsConfig(dequantize=True)``: compressed-tensors 0.20's compressed load path
     mis-sizes packed asymmetric zero points (README, Sweep)."""
     import torch
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from raydist.core.evaluation import perplexity_on
 
     qc = json.loads((art / "config.json").read_text()).get("quantization_config") or {}
     if qc.get("quant_method") != "compressed-tensors":
@@ -118,7 +122,8 @@ def transformers_logit_diff(art: Path, probe, ours) -> Optional[float]:
     kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if int4 else {}
     model = AutoModelForCausalLM.from_pretrained(art, **kwargs).eval()
     with torch.inference_mode():
-        return float((model(probe).logits - ours).abs().max())
+        diff = float((model(probe).logits - ours).abs().max())
+    return {"max_logit_diff": diff, "ppl": perplexity_on(model, windows)}
 
 
 def main() -> None:
@@ -317,7 +322,7 @@ def main() -> None:
                 reload_exact = bool(torch.equal(ours, model(probe).logits))
                 reload_diff = float((ours - model(probe).logits).abs().max())
                 probe_diff = float((model(probe).logits - probe_dense).abs().max())
-            ct_diff = transformers_logit_diff(art, probe, ours)
+            ct = transformers_check(art, probe, ours, windows)
             del again
             shutil.rmtree(art)
             results[name] = {
@@ -328,7 +333,8 @@ def main() -> None:
                 "memory_bytes": size["memory_bytes"],
                 "reload_exact": reload_exact,
                 "reload_max_logit_diff": reload_diff,
-                "transformers_max_logit_diff": ct_diff,
+                "transformers_max_logit_diff": ct and ct["max_logit_diff"],
+                "transformers_ppl": ct and ct["ppl"],
                 "max_logit_diff_vs_dense": probe_diff,
                 "build_s": t_build,
                 "kernel": report.get("kernel"),
@@ -342,7 +348,7 @@ def main() -> None:
             print(
                 f"{name:17s} ppl {ppl:8.3f}  params {size['parameters'] / 1e6:6.1f}M  nonzero "
                 f"{size['nonzero_parameters'] / 1e6:6.1f}M  weights {size['disk_weight_bytes'] / 2**20:6.1f} MiB  "
-                f"reload_exact={reload_exact}  transformers diff {ct_diff}  ({time.time() - t0:.0f}s)",
+                f"reload_exact={reload_exact}  transformers {ct}  ({time.time() - t0:.0f}s)",
                 flush=True,
             )
 
@@ -647,6 +653,15 @@ def markdown(r: dict[str, Any]) -> str:
                 "max over quantized rows: transformers + compressed-tensors vs raydist's loader, same files",
             )
         )
+        for name, row in rows.items():
+            if row.get("transformers_ppl") is not None:
+                keys.append(
+                    (
+                        f"`{name}` through transformers",
+                        f"ppl {sig(row['transformers_ppl'])} (raydist {sig(row['ppl'])})",
+                        f"max logit diff {row['transformers_max_logit_diff']:.3g}",
+                    )
+                )
     lines += md_table(("key", "value", "reference / goal"), keys)
     lines += ["", "Every row, same run:", ""]
     lines += md_table(
