@@ -137,7 +137,6 @@ class _Int8Dynamic:
 
     def __init__(self, layers: list, smooth: Optional[torch.Tensor], last_rows_divisor: Optional[torch.Tensor] = None):
 
-        self.split = SPLIT_INT8
         if last_rows_divisor is not None:  # output rows of the last layer divided (exact: per-row weight scales)
             last = layers[-1]
             q = QuantizedLinear(last.in_features, last.out_features, "int8_dynamic")
@@ -156,7 +155,7 @@ class _Int8Dynamic:
         self.smooth = smooth
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.packed, None, self.smooth, self.split)
+        return _linear(x, self.packed, None, self.smooth, SPLIT_INT8)
 
 
 class _Concat:

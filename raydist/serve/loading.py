@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from raydist.compress.quant.ct_format import checkpoint_config
 from raydist.compress.quant.format import load_compressed
 from raydist.core import storage
 from raydist.core.artifact import MANIFEST
@@ -104,10 +105,8 @@ def load_served_model(artifact: str, adapter: Optional[str], device: str, dtype:
     base = adapter_base(p)
     manifest_file = p / MANIFEST
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else None
-    config_file = p / "config.json"
-    qconfig = (json.loads(config_file.read_text()).get("quantization_config") or {}) if config_file.is_file() else {}
     # raydist's manifest, or a compressed-tensors checkpoint from another tool
-    quantized = bool((manifest or {}).get("quantization")) or qconfig.get("quant_method") == "compressed-tensors"
+    quantized = bool((manifest or {}).get("quantization")) or checkpoint_config(p) is not None
     adapters = [str(p)] if base is not None else []
     if adapter is not None:
         adapters.append(str(Path(adapter).expanduser().resolve()))

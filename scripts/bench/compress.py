@@ -111,16 +111,15 @@ def transformers_check(art: Path, probe, ours, windows) -> Optional[dict[str, fl
     int4 loads with ``CompressedTensorsConfig(dequantize=True)``: compressed-tensors 0.20's compressed load path
     mis-sizes packed asymmetric zero points (README, Sweep)."""
     import torch
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM
 
+    from raydist.compress.quant.ct_format import checkpoint_config, transformers_load_kwargs
     from raydist.core.evaluation import perplexity_on
 
-    qc = json.loads((art / "config.json").read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") != "compressed-tensors":
+    qc = checkpoint_config(art)
+    if qc is None:
         return None
-    int4 = any((g.get("weights") or {}).get("num_bits") == 4 for g in qc["config_groups"].values())
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if int4 else {}
-    model = AutoModelForCausalLM.from_pretrained(art, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(art, **transformers_load_kwargs(qc)).eval()
     with torch.inference_mode():
         diff = float((model(probe).logits - ours).abs().max())
     return {"max_logit_diff": diff, "ppl": perplexity_on(model, windows)}

@@ -75,18 +75,23 @@ def int4_minmax_qparams(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor,
     lo, hi = groups.amin(dim=-1).clamp(max=0), groups.amax(dim=-1).clamp(min=0)  # [N, G]
     scale = ((hi - lo) / 15.0).clamp(min=1e-6)
     z = torch.clamp(torch.round(-lo / scale), 0, 15)
-    return scale.contiguous(), ((8 - z) * scale).contiguous()
+    return scale.contiguous(), int4_zero(scale, z)
 
 
-def integer_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """A float ``zero`` (value of code 8) moved to the nearest integer zero point: ``(8 - z) * scale``."""
-    z = torch.clamp(torch.round(8 - zero / scale), 0, 15)
+def int4_zero(scale: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``zero`` (the value of code 8) of the grid whose integer zero point is ``z``: ``(8 - z) * scale``."""
     return ((8 - z) * scale).contiguous()
 
 
 def int4_zero_points(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """The integer zero points ``z`` in [0, 15] of a grid with ``zero = (8 - z) * scale`` (int64)."""
+    """The integer zero points ``z`` (int64) of a grid with ``zero = (8 - z) * scale``; the nearest one for a
+    float ``zero``."""
     return torch.round(8 - zero / scale).to(torch.int64)
+
+
+def integer_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """A float ``zero`` moved to the nearest integer zero point in [0, 15]."""
+    return int4_zero(scale, int4_zero_points(scale, zero).clamp(0, 15).to(scale.dtype))
 
 
 # torchao has no public HQQ solver for the tinygemm layout; its private one is used only with the torchao versions it

@@ -28,16 +28,40 @@ weight-only schemes to float rounding (tests/unit/compress/test_ct_format.py sta
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from raydist.compress.quant.codes import int4_dequant, int4_zero_points, pack_int4, unpack_int4
+from raydist.compress.quant.codes import int4_zero, int4_zero_points, pack_int4
 from raydist.compress.quant.layer import QuantizedLinear
 
 QUANT_METHOD = "compressed-tensors"
+
+
+def checkpoint_config(path: Union[str, Path]) -> Optional[dict[str, Any]]:
+    """The ``quantization_config`` of the compressed-tensors checkpoint at ``path``; None for anything else."""
+    config = Path(path) / "config.json"
+    qconfig = (json.loads(config.read_text()).get("quantization_config") or {}) if config.is_file() else {}
+    return qconfig if qconfig.get("quant_method") == QUANT_METHOD else None
+
+
+def transformers_load_kwargs(qconfig: dict[str, Any]) -> dict[str, Any]:
+    """What ``AutoModelForCausalLM.from_pretrained`` needs beside the path to load a checkpoint with this config.
+
+    int4: ``CompressedTensorsConfig(dequantize=True)``. compressed-tensors 0.20 builds a checkpoint's packed
+    asymmetric zero points unpacked on the meta device, so transformers' default (compressed) load of any asymmetric
+    pack-quantized checkpoint fails on their shape (vllm-project/llm-compressor#1618); dequantizing at load reads
+    them right. vLLM loads the files as they are.
+    """
+    if any((g.get("weights") or {}).get("num_bits") == 4 for g in qconfig.get("config_groups", {}).values()):
+        from transformers import CompressedTensorsConfig
+
+        return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+    return {}
 
 
 def _scheme(layer: QuantizedLinear, group_size: Optional[int] = None):
@@ -202,13 +226,10 @@ def compressed_tensors_state(
         groups.setdefault(_scheme_key(scheme), (scheme, []))[1].append(name)
         scale = row_scales.get(name, layer.scale.detach().float().cpu())
         sd: dict[str, torch.Tensor] = {}
-        if layer.scheme == "int4_weight_only":
-            q = unpack_int4(layer.qweight.cpu()).float()
-            n, k = q.shape
-            g = layer.group_size
+        if layer.scheme == "int4_weight_only":  # (no row fold reaches an int4 layer: fold_smoothing refuses it)
             zero = layer.zero.detach().float().cpu()
-            sd["weight"] = int4_dequant(q.reshape(n, -1, g), scale[..., None], zero[..., None]).reshape(n, k)
-            rep = g // g_out
+            sd["weight"] = layer.dequantized_weight().cpu()
+            rep = layer.group_size // g_out
             sd["weight_scale"] = scale.repeat_interleave(rep, dim=1).contiguous()
             sd["weight_zero_point"] = (int4_zero_points(scale, zero) - 8).to(torch.int8).repeat_interleave(rep, dim=1)
         else:
@@ -314,7 +335,7 @@ def layer_from_tensors(
         # no zero point: symmetric int4 (e.g. llm-compressor's W4A16), code 8 is 0
         z = torch.full_like(scale, 8.0) if zp is None else zp.float() + 8
         layer.qweight = pack_int4(codes)
-        layer.scale, layer.zero = scale.contiguous(), ((8 - z) * scale).contiguous()
+        layer.scale, layer.zero = scale.contiguous(), int4_zero(scale, z)
     else:
         if get("weight_packed") is not None:
             shape = torch.Size(get("weight_shape").tolist())

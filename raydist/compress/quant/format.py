@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from raydist.compress.quant.ct_format import QUANT_METHOD
+from raydist.compress.quant.ct_format import checkpoint_config
 from raydist.compress.quant.layer import Device, QuantizedLinear, check_scheme
 from raydist.compress.quant.quantize import quantized_layers
 from raydist.core.artifact import write_manifest
@@ -174,8 +174,8 @@ def load_compressed(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     quant = manifest.get("quantization")
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    qconfig = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    if qconfig.get("quant_method") == QUANT_METHOD:
+    qconfig = checkpoint_config(path)
+    if qconfig is not None:
         model = _load_compressed_tensors(path, qconfig, dev, dtype)
     elif not quant:
         from transformers import AutoModelForCausalLM

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from raydist.compress.quant.ct_format import checkpoint_config, transformers_load_kwargs
 from raydist.compress.quant.format import LEGACY_WEIGHTS_FILE, load_compressed, save_compressed
 from raydist.compress.quant.quantize import quantize_model, quantized_layers
 from raydist.config import ModelConfig
@@ -40,14 +41,11 @@ def logits(model):
 
 
 def from_transformers(path, scheme):
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM
 
-    kwargs = {}
-    if scheme == "int4_weight_only":
-        # compressed-tensors 0.20 builds a checkpoint's packed asymmetric zero points unpacked on the meta device, so
-        # transformers' default (compressed) load of any asymmetric pack-quantized checkpoint fails on their shape
-        # (vllm-project/llm-compressor#1618); dequantizing at load reads them right. vLLM loads the files as they are.
-        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    kwargs = transformers_load_kwargs(checkpoint_config(path))
+    # int4 needs dequantize=True (compressed-tensors 0.20's compressed load mis-sizes asymmetric zero points)
+    assert ("quantization_config" in kwargs) == (scheme == "int4_weight_only")
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
