@@ -32,6 +32,7 @@ from torch import nn
 from raydist.compress.quant.layer import SPLIT_INT8, Packed, QuantizedLinear, int8_dynamic_linear
 
 SUPPORTED_TYPES = ("llama",)
+INT8_KERNELS = ("raydist.int8_avx2", "torch.ao.dynamic_int8")  # int8_dynamic layers this module fuses
 
 
 def _linear(
@@ -40,10 +41,15 @@ def _linear(
     wt: Optional[torch.Tensor],
     smooth: Optional[torch.Tensor],
     split: bool,
+    qw: Optional[torch.Tensor] = None,
+    qs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """One fused op of :class:`_Dense` / :class:`_Int8Dynamic` (TorchScript-compatible twin of their call)."""
+    """One fused op of :class:`_Dense` / :class:`_Int8Dynamic` (TorchScript-compatible twin of their call).
+    ``qw`` / ``qs``: the packed weight and scales of raydist's int8 AVX2 kernel (``native.py``)."""
     if smooth is not None:
         x = x / smooth
+    if qw is not None and qs is not None:
+        return torch.ops.raydist.int8_linear(x, qw, qs)
     if packed is not None:
         return int8_dynamic_linear(x, packed, split)
     assert wt is not None
@@ -63,6 +69,8 @@ def _layers(
     packed: List[Optional[Packed]],
     dense: List[Optional[torch.Tensor]],
     smooth: List[Optional[torch.Tensor]],
+    qw: List[Optional[torch.Tensor]],
+    qs: List[Optional[torch.Tensor]],
     keys: List[torch.Tensor],
     values: List[torch.Tensor],
     nq: int,
@@ -77,7 +85,7 @@ def _layers(
     for i in range(len(norms1)):
         j = 4 * i
         h = F.rms_norm(x, [x.shape[-1]], norms1[i], eps1[i]).view(b * t, -1)
-        qkv = _linear(h, packed[j], dense[j], smooth[j], split).view(b, t, nq + 2 * nkv, d)
+        qkv = _linear(h, packed[j], dense[j], smooth[j], split, qw[j], qs[j]).view(b, t, nq + 2 * nkv, d)
         qk = qkv[:, :, : nq + nkv]
         qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
         keys[i][:, :, past : past + t] = qk[:, :, nq:].transpose(1, 2)
@@ -90,12 +98,12 @@ def _layers(
             enable_gqa=nq != nkv,
         )
         a = a.transpose(1, 2).reshape(b * t, nq * d)
-        x = x + _linear(a, packed[j + 1], dense[j + 1], smooth[j + 1], split).view(b, t, -1)
+        x = x + _linear(a, packed[j + 1], dense[j + 1], smooth[j + 1], split, qw[j + 1], qs[j + 1]).view(b, t, -1)
         h = F.rms_norm(x, [x.shape[-1]], norms2[i], eps2[i]).view(b * t, -1)
-        gu = _linear(h, packed[j + 2], dense[j + 2], smooth[j + 2], split)
+        gu = _linear(h, packed[j + 2], dense[j + 2], smooth[j + 2], split, qw[j + 2], qs[j + 2])
         inter = gu.shape[-1] // 2
         act = F.silu(gu[:, :inter]) * gu[:, inter:]
-        x = x + _linear(act, packed[j + 3], dense[j + 3], smooth[j + 3], split).view(b, t, -1)
+        x = x + _linear(act, packed[j + 3], dense[j + 3], smooth[j + 3], split, qw[j + 3], qs[j + 3]).view(b, t, -1)
     return x
 
 
@@ -149,13 +157,17 @@ class _Int8Dynamic:
             q = QuantizedLinear(layers[0].in_features, sum(la.out_features for la in layers), "int8_dynamic")
             q.qweight = torch.cat([la.qweight for la in layers])
             q.scale = torch.cat([la.scale for la in layers])
-            if q.prepare("torch.ao.dynamic_int8") != "torch.ao.dynamic_int8":
+            if q.prepare(layers[0].kernel) != layers[0].kernel:
                 raise RuntimeError(q.note)
-        self.packed = q.__dict__["_impl"]
+        impl = q.__dict__["_impl"]
+        if q.kernel == "raydist.int8_avx2":
+            self.packed, (self.qw, self.qs) = None, impl
+        else:
+            self.packed, self.qw, self.qs = impl, None, None
         self.smooth = smooth
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.packed, None, self.smooth, SPLIT_INT8)
+        return _linear(x, self.packed, None, self.smooth, SPLIT_INT8, self.qw, self.qs)
 
 
 class _Concat:
@@ -174,7 +186,7 @@ def _kind(module: nn.Module) -> Optional[str]:
         return "dense"
     if isinstance(module, QuantizedLinear) and module.scheme == "int8_dynamic" and module.bias is None:
         module._ensure()
-        return "int8" if module.kernel == "torch.ao.dynamic_int8" else None
+        return module.kernel if module.kernel in INT8_KERNELS else None
     return None
 
 
@@ -193,7 +205,7 @@ def _fused(
     kinds = {_kind(m) for m in modules}
     if kinds == {"dense"}:
         return _Dense([m.weight for m in modules]), norm_weight
-    if kinds != {"int8"}:
+    if len(kinds) != 1 or not kinds <= set(INT8_KERNELS):  # fused layers share one int8 kernel
         return None, None
     smooths = [m.smooth if smoothed else None for m in modules]
     if any(s is None for s in smooths):
@@ -313,6 +325,8 @@ class FastLlama:
             packed=[getattr(op, "packed", None) for op in ops],
             dense=[getattr(op, "wt", None) for op in ops],
             smooth=[getattr(op, "smooth", None) for op in ops],
+            qw=[getattr(op, "qw", None) for op in ops],
+            qs=[getattr(op, "qs", None) for op in ops],
             nq=self.n_heads,
             nkv=self.n_kv,
             d=self.head_dim,
@@ -355,7 +369,7 @@ class FastLlama:
                 la.qkv, la.norm1 = _fused([att.q_proj, att.k_proj, att.v_proj], blk.input_layernorm.weight.detach())
                 la.o, _ = _fused([att.o_proj], None)
                 # down_proj's input is silu(gate) * up: its smoothing divisor folds exactly into up's row scales.
-                down_smooth = getattr(mlp.down_proj, "smooth", None) if _kind(mlp.down_proj) == "int8" else None
+                down_smooth = getattr(mlp.down_proj, "smooth", None) if _kind(mlp.down_proj) in INT8_KERNELS else None
                 la.gate_up, la.norm2 = _fused(
                     [mlp.gate_proj, mlp.up_proj],
                     blk.post_attention_layernorm.weight.detach(),

@@ -27,9 +27,11 @@ int8_dynamic      ``torch.ao`` dynamic quantized Linear (fbgemm/   ``dequantized
                   x86 ``quantized::linear_dynamic``, what          ``Int8Tensor`` int8 x int8 path was
                   ``quantize_dynamic`` installs) with per-token    far slower than bf16 dense
                   activation scales: faster than dense.            (selectable: ``torchao.int8_dynamic``)
-                  Without VNNI each weight is packed as two
-                  codes (``SPLIT_INT8``) so that the product
-                  stays exact (see ``pack_int8_dynamic``).
+                  Without VNNI: raydist's own AVX2 kernel
+                  (``raydist.int8_avx2``, ``native.py``), exact
+                  int32 sums, one byte per weight; where it
+                  cannot be built, fbgemm with each weight
+                  packed as two codes (``SPLIT_INT8``).
 int8_weight_only  ``dequantized``: torchao's                       torchao ``Int8Tensor`` (weight-only;
                   ``Int8WeightOnlyConfig`` and                     casts the int8 weight per call in
                   ``aten._weight_int8pack_mm`` with fp32           eager, no speedup expected)
@@ -59,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydist.compress.quant import native
 from raydist.compress.quant.codes import (
     INT4_GROUP_SIZES,
     int4_dequant,
@@ -76,6 +79,7 @@ INT4_ALGORITHMS = ("minmax", "hqq", "gptq")
 
 # kernel name -> (device type, whether it is expected to be faster than the dense float matmul)
 KERNELS: dict[str, tuple[str, bool]] = {
+    "raydist.int8_avx2": ("cpu", True),  # raydist's own kernel (native.py): AVX2 CPUs without VNNI
     "torch.ao.dynamic_int8": ("cpu", True),
     "aten.int8pack_mm": ("cpu", False),  # with fp32 activations: slower than dense on the CPU build
     "torchao.int4_opaque_cpu": ("cpu", False),  # slower than dense on the CPU build
@@ -166,7 +170,7 @@ def preferred_kernel(scheme: str, device: Device) -> str:
     """The kernel a layer of ``scheme`` uses on ``device`` when its shape allows it (see module doc)."""
     dev = _device_type(device)
     table = {
-        ("int8_dynamic", "cpu"): "torch.ao.dynamic_int8",
+        ("int8_dynamic", "cpu"): "raydist.int8_avx2" if SPLIT_INT8 else "torch.ao.dynamic_int8",
         # slower than dense on the CPU build: aten.int8pack_mm / torchao.int4_opaque_cpu (module doc)
         ("int8_weight_only", "cpu"): "dequantized",
         ("int4_weight_only", "cpu"): "dequantized",
@@ -335,8 +339,12 @@ class QuantizedLinear(nn.Module):
             if kernel is not None:
                 raise
             self.note = f"{want} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
-            self.__dict__["_impl"] = self._build("dequantized")
-            self.kernel = "dequantized"
+            # raydist's AVX2 kernel not built here: fbgemm's (its weights as two codes), else the float matrix
+            fallback = "torch.ao.dynamic_int8" if want == "raydist.int8_avx2" else "dequantized"
+            try:
+                self.__dict__["_impl"], self.kernel = self._build(fallback), fallback
+            except Exception:  # noqa: BLE001 - fbgemm missing too
+                self.__dict__["_impl"], self.kernel = self._build("dequantized"), "dequantized"
         return self.kernel
 
     def _build(self, kernel: str) -> Any:
@@ -347,6 +355,10 @@ class QuantizedLinear(nn.Module):
             return self.dequantized_weight()
         if kernel == "torch.ao.dynamic_int8":  # the bias is added outside, after the per-token rescaling
             return pack_int8_dynamic(self.qweight, self.scale)
+        if kernel == "raydist.int8_avx2":
+            if not native.int8_kernel_available():
+                raise RuntimeError(f"raydist's int8 AVX2 kernel: {native.int8_kernel_note()}")
+            return native.pack_int8(self.qweight), self.scale.float().contiguous()
         if (
             kernel in ("aten.int8pack_mm", "aten.int4pack_mm_cuda", "torchao.int4_opaque_cpu")
             and self.smooth is not None
@@ -394,6 +406,9 @@ class QuantizedLinear(nn.Module):
         if kernel == "torch.ao.dynamic_int8":
             xf = x2.float() if self.smooth is None else x2.float() / self.smooth
             y = int8_dynamic_linear(xf, impl, SPLIT_INT8)
+        elif kernel == "raydist.int8_avx2":  # per-token activation codes are made inside the op
+            xf = x2.float() if self.smooth is None else x2.float() / self.smooth
+            y = torch.ops.raydist.int8_linear(xf, *impl)
         elif kernel == "aten.int8pack_mm":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x.dtype))
         elif kernel == "torchao.int4_opaque_cpu":

@@ -207,7 +207,7 @@ def quantize_model(
             report["activations"] = "int8 per token" + (
                 " (weights packed as two codes: CPU without VNNI)" if SPLIT_INT8 else ""
             )
-        elif report["kernel"] == "torchao.int8_dynamic":
+        elif report["kernel"] in ("raydist.int8_avx2", "torchao.int8_dynamic"):
             report["activations"] = "int8 per token"
         else:  # the dequantized kernel multiplies float activations by the int8 weights' float values
             report["activations"] = "not quantized (kernel " + str(report["kernel"]) + ")"

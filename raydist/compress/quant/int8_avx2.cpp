@@ -1,0 +1,123 @@
+// int8 x int8 linear for x86 CPUs with AVX2 but without VNNI (raydist::int8_linear).
+// Written by hand because fbgemm, PyTorch's int8 CPU path, sums u8 x s8 products in saturating int16 on such
+// CPUs (8-bit activations overflow there; raydist then packed each weight as two codes, twice the bytes), and
+// no library on PyPI offers an exact int8 GEMM with per-token activation scales for a handful of rows.
+//
+// y[m, n] = (amax_m / 127) * scale[n] * sum_k qa[m, k] * w[n, k]
+// where qa = round(x * 127 / amax_m) in [-127, 127] (symmetric, per row), w is the int8 weight [N, K] (per output
+// row scale). Products are widened to int16 and summed in int32 with vpmaddwd: exact for any int8 values.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// The weight is packed once (raydist.compress.quant.native.pack_int8): rows padded to a multiple of 4, K to a
+// multiple of 16, laid out [N/4, K/16, 4, 16] so that a block of 4 output rows is one contiguous stream.
+constexpr int64_t NB = 4;
+
+// MB activation rows (int16, row stride lda) x one packed block of NB weight rows: y[i, j] for j < nb.
+template <int MB>
+inline void tile(const int16_t* a, int64_t lda, const int8_t* wb, int64_t kp, const float* ascale,
+                 const float* wscale, float* y, int64_t ldy, int64_t nb) {
+  __m256i s[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) s[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kp; k += 16, wb += 16 * NB) {
+    for (int j = 0; j < NB; ++j) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * j)));
+      for (int i = 0; i < MB; ++i) {
+        const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
+        s[i][j] = _mm256_add_epi32(s[i][j], _mm256_madd_epi16(av, w));
+      }
+    }
+  }
+  int32_t r[MB][NB];  // constant bounds here keep s in registers (a runtime bound made GCC spill it every step)
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) r[i][j] = hsum(s[i][j]);
+  for (int i = 0; i < MB; ++i)
+    for (int64_t j = 0; j < nb; ++j) y[i * ldy + j] = float(r[i][j]) * ascale[i] * wscale[j];
+}
+
+at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& s_in) {
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 4 && s_in.dim() == 1,
+              "int8_linear: x [M, K], packed w [N/4, K/16, 4, 16], scale [N]");
+  TORCH_CHECK(w_in.scalar_type() == at::kChar && w_in.size(2) == NB && w_in.size(3) == 16,
+              "int8_linear: the weight must be int8 packed by pack_int8");
+  TORCH_CHECK(w_in.size(1) * 16 >= x_in.size(1) && w_in.size(1) * 16 < x_in.size(1) + 16 &&
+                  w_in.size(0) * NB >= s_in.size(0) && w_in.size(0) * NB < s_in.size(0) + NB,
+              "int8_linear: shapes do not match");
+  TORCH_CHECK(x_in.device().is_cpu() && w_in.device().is_cpu(), "int8_linear: CPU tensors only");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor w = w_in.contiguous();
+  const at::Tensor s = s_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = s.size(0), kp = w.size(1) * 16;
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+
+  // Activations: per-row symmetric int8 codes, widened to int16 once (every weight row reuses them).
+  std::vector<int16_t> qa(static_cast<size_t>(M * kp), 0);  // K padded with zeros
+  std::vector<float> ascale(static_cast<size_t>(M));
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+    __m256 mx = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+    float buf[8];
+    _mm256_storeu_ps(buf, mx);
+    float amax = 0.f;
+    for (float v : buf) amax = std::max(amax, v);
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+    amax = std::max(amax, 1e-12f);
+    ascale[m] = amax / 127.f;
+    const float inv = 127.f / amax;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    int16_t* q = qa.data() + m * kp;
+    k = 0;
+    for (; k + 16 <= K; k += 16) {  // round half to even (the default MXCSR mode), like torch.round
+      __m256i lo = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv));
+      __m256i hi = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8), vinv));
+      __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xd8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), packed);
+    }
+    for (; k < K; ++k) q[k] = static_cast<int16_t>(std::nearbyint(xr[k] * inv));
+  }
+
+  const int16_t* a = qa.data();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t nblocks = w.size(0);
+  // Each task is a run of weight blocks against every activation row (each weight byte is read once).
+  at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
+      const int8_t* wb = wp + b * kp * NB;
+      int64_t m = 0;
+      // 3 rows x 4 weight rows: 12 accumulators and the widened weight (activations are memory operands)
+      for (; m + 3 <= M; m += 3) tile<3>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
+      if (M - m == 2) tile<2>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
+      if (M - m == 1) tile<1>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+// The schema is defined in native.py (so TorchScript can name the op where this library is not built).
+TORCH_LIBRARY_IMPL(raydist, CPU, m) { m.impl("int8_linear", &int8_linear); }

@@ -1,0 +1,82 @@
+"""raydist's int8 AVX2 kernel (raydist.compress.quant.native): exact integer products, the layer and the fallback."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from raydist.compress.quant import native
+from raydist.compress.quant.layer import QuantizedLinear
+
+needs_kernel = pytest.mark.skipif(
+    not native.int8_kernel_available(),
+    reason=f"raydist's int8 AVX2 kernel is not used here: {native.int8_kernel_note()}",
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 7, 100), (3, 960, 576), (4, 4, 16), (5, 13, 33), (16, 96, 1536), (2, 3, 1)])
+def test_kernel_equals_the_reference_bit_for_bit_on_any_shape(m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g) * 5
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g) + 0.1
+    y = torch.ops.raydist.int8_linear(x, native.pack_int8(w), s)
+    assert y.shape == (m, n) and torch.equal(y, native.int8_linear_reference(x, w, s))
+
+
+@needs_kernel
+def test_kernel_sums_do_not_saturate_at_the_extremes():
+    # Every activation code 127 and every weight -128 over K = 4096: pair sums far beyond int16, exact in int32.
+    k = 4096
+    x = torch.ones(2, k)
+    w = torch.full((5, k), -128, dtype=torch.int8)
+    y = torch.ops.raydist.int8_linear(x, native.pack_int8(w), torch.ones(5))
+    assert torch.equal(y, torch.full((2, 5), -128.0 * k))  # 127 * -128 * k * (1 / 127)
+
+
+@needs_kernel
+def test_kernel_refuses_a_weight_it_did_not_pack():
+    w = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="packed"):
+        torch.ops.raydist.int8_linear(torch.randn(1, 32), w, torch.ones(8))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.raydist.int8_linear(torch.randn(1, 64), native.pack_int8(w), torch.ones(8))
+
+
+@needs_kernel
+def test_layer_on_the_kernel_matches_fbgemm_within_activation_rounding():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(576, 192, bias=True)
+    x = torch.randn(6, 576)
+    ours = QuantizedLinear.from_linear(lin, "int8_dynamic")
+    assert ours.prepare("raydist.int8_avx2") == "raydist.int8_avx2"
+    fb = copy.deepcopy(ours)
+    assert fb.prepare("torch.ao.dynamic_int8") == "torch.ao.dynamic_int8"
+    y, y_fb, y_float = ours(x), fb(x), lin(x).detach()
+    err = float((y - y_float).norm() / y_float.norm())
+    assert err < 0.02
+    assert float((y - y_fb).norm() / y_float.norm()) < 0.01  # both exact 8x8 products; activation grids differ
+    expected = native.int8_linear_reference(x, ours.qweight, ours.scale) + lin.bias.detach()
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
+
+
+def test_turned_off_it_falls_back_to_fbgemm_and_says_so():
+    code = (
+        "from raydist.compress.quant import native\n"
+        "from raydist.compress.quant.layer import QuantizedLinear\n"
+        "import torch\n"
+        "q = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), 'int8_dynamic')\n"
+        "print(native.int8_kernel_available(), q.prepare())\n"
+        "print(native.int8_kernel_note())\n"
+    )
+    env = dict(os.environ, RAYDIST_NATIVE_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    first, note = out.splitlines()
+    assert first.split()[0] == "False" and "RAYDIST_NATIVE_KERNELS=0" in note
+    assert first.split()[1] in ("torch.ao.dynamic_int8", "dequantized")  # fbgemm where the torch build has it
