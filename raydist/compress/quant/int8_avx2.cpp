@@ -12,10 +12,102 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cctype>
+#include <string>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
+
+// Whether OpenMP's threads sleep between parallel regions (OMP_WAIT_POLICY=PASSIVE), read once.
+bool omp_threads_sleep() {
+  static const bool passive = [] {
+    const char* v = std::getenv("OMP_WAIT_POLICY");
+    std::string s = v ? v : "";
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
+    return s == "PASSIVE";
+  }();
+  return passive;
+}
+
+// The kernel's own threads, used where OpenMP's sleep. At batch 1 a decode step runs ~120 of these products, each a few tens of
+// microseconds; OpenMP teams with OMP_WAIT_POLICY=PASSIVE (what Ray Serve replicas need, see serve/) put their
+// threads to sleep between them and pay a wake-up per product. These workers spin for a short while after
+// each product (SPIN), long enough to catch the next one of the same step, then sleep, so an idle server
+// leaves the cores alone.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: its threads live as long as the process
+    return *pool;
+  }
+
+  // Run fn(t, n) for t in [0, n) on the caller (t = 0) and n - 1 workers; serial when another caller holds it.
+  // spin: the workers wait for the next job for SPIN before they sleep (else they sleep at once).
+  void run(int n, bool spin, const std::function<void(int, int)>& fn) {
+    std::unique_lock<std::mutex> busy(run_lock_, std::try_to_lock);
+    if (n <= 1 || !busy.owns_lock()) {
+      fn(0, 1);
+      return;
+    }
+    while (static_cast<int>(workers_.size()) < n - 1) {
+      const int id = static_cast<int>(workers_.size()) + 1;
+      const uint64_t now = gen_.load(std::memory_order_acquire);  // before the next job is posted
+      workers_.emplace_back([this, id, now] { loop(id, now); });
+      workers_.back().detach();
+    }
+    job_ = &fn;
+    size_ = n;
+    spin_ = spin;
+    pending_.store(n - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      gen_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    fn(0, n);
+    while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+  }
+
+ private:
+  static constexpr auto SPIN = std::chrono::microseconds(200);
+
+  void loop(int id, uint64_t seen) {
+    for (;;) {
+      auto t0 = std::chrono::steady_clock::now();
+      int spins = 0;
+      const bool spin = spin_.load(std::memory_order_relaxed);
+      while (gen_.load(std::memory_order_acquire) == seen) {
+        _mm_pause();
+        if (!spin || (++spins % 64 == 0 && std::chrono::steady_clock::now() - t0 > SPIN)) {
+          std::unique_lock<std::mutex> lk(m_);
+          cv_.wait(lk, [&] { return gen_.load(std::memory_order_acquire) != seen; });
+        }
+      }
+      seen = gen_.load(std::memory_order_acquire);
+      if (id < size_) {
+        (*job_)(id, size_);
+        pending_.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::mutex run_lock_, m_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> pending_{0};
+  const std::function<void(int, int)>* job_ = nullptr;
+  int size_ = 1;
+  std::atomic<bool> spin_{false};
+  std::vector<std::thread> workers_;
+};
 
 inline int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -103,7 +195,10 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at:
   float* yp = y.data_ptr<float>();
   const int64_t nblocks = w.size(0);
   // Each task is a run of weight blocks against every activation row (each weight byte is read once).
-  at::parallel_for(0, nblocks, 8, [&](int64_t b0, int64_t b1) {
+  // Threads as torch.set_num_threads says; products too small to share run on the caller alone.
+  const int threads = (M * N * kp < (1 << 16)) ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), nblocks));
+  const auto part = [&](int t, int n) {
+    const int64_t b0 = nblocks * t / n, b1 = nblocks * (t + 1) / n;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
       const int8_t* wb = wp + b * kp * NB;
@@ -113,7 +208,14 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at:
       if (M - m == 2) tile<2>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
       if (M - m == 1) tile<1>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
     }
-  });
+  };
+  if (omp_threads_sleep()) {
+    Pool::get().run(threads, M <= 4, part);  // spin after small products only (decode at small batches)
+  } else {  // OpenMP's threads spin between regions: they are the ones to use (a second team would fight them)
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) part(static_cast<int>(t), threads);
+    });
+  }
   return y;
 }
 

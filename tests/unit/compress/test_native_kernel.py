@@ -80,3 +80,33 @@ def test_turned_off_it_falls_back_to_fbgemm_and_says_so():
     first, note = out.splitlines()
     assert first.split()[0] == "False" and "RAYDIST_NATIVE_KERNELS=0" in note
     assert first.split()[1] in ("torch.ao.dynamic_int8", "dequantized")  # fbgemm where the torch build has it
+
+
+@needs_kernel
+def test_own_threads_under_passive_openmp_are_exact_also_from_two_callers_at_once():
+    # With OMP_WAIT_POLICY=PASSIVE (Ray Serve replicas) the kernel runs on its own spinning workers; a second
+    # caller while they are busy computes on its own thread. Both must give the reference, every time.
+    code = (
+        "import threading, torch\n"
+        "from raydist.compress.quant import native\n"
+        "assert native.int8_kernel_available(), native.int8_kernel_note()\n"
+        "torch.set_num_threads(2)\n"
+        "bad = []\n"
+        "def work(seed):\n"
+        "    g = torch.Generator().manual_seed(seed)\n"
+        "    for i in range(60):\n"
+        "        m = (1, 3, 16)[i % 3]\n"
+        "        x = torch.randn(m, 576, generator=g)\n"
+        "        w = torch.randint(-128, 128, (200, 576), dtype=torch.int8, generator=g)\n"
+        "        s = torch.rand(200, generator=g)\n"
+        "        y = torch.ops.raydist.int8_linear(x, native.pack_int8(w), s)\n"
+        "        bad.append(not torch.equal(y, native.int8_linear_reference(x, w, s)))\n"
+        "ts = [threading.Thread(target=work, args=(k,)) for k in range(2)]\n"
+        "[t.start() for t in ts]\n"
+        "[t.join() for t in ts]\n"
+        "print(len(bad), sum(bad))\n"
+    )
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["120", "0"]
