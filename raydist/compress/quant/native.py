@@ -118,7 +118,8 @@ def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 codes of ``x`` [M, K] (as float) and their scales [M, 1]: the kernel's activations."""
     amax = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    return torch.round(x * (127.0 / amax)), amax / 127.0
+    inv = torch.full_like(amax, 127.0) / amax  # a true division, as the kernel (127.0 / t is 127 * (1 / t))
+    return torch.round(x * inv), amax / 127.0
 
 
 def int8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

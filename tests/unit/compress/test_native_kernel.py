@@ -20,7 +20,9 @@ needs_kernel = pytest.mark.skipif(
 
 
 @needs_kernel
-@pytest.mark.parametrize("m,n,k", [(1, 7, 100), (3, 960, 576), (4, 4, 16), (5, 13, 33), (16, 96, 1536), (2, 3, 1)])
+@pytest.mark.parametrize(
+    "m,n,k", [(1, 7, 100), (3, 960, 576), (4, 4, 16), (5, 13, 33), (16, 96, 1536), (2, 3, 1), (512, 64, 576)]
+)
 def test_kernel_equals_the_reference_bit_for_bit_on_any_shape(m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=g) * 5
