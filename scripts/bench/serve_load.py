@@ -536,11 +536,11 @@ def markdown(res: dict[str, Any]) -> str:
         isa = ((res.get("provenance") or {}).get("machine") or {}).get("isa")
         if isa is not None and not {"avx512_vnni", "avx_vnni"} & set(isa):
             lines.append(
-                "- This run's CPU has no VNNI (ISA: " + (", ".join(isa) or "none recorded") + "): fbgemm then sums "
-                "u8 x s8 pairs in saturating int16; raydist packs each int8 weight as two codes there "
-                "(`SPLIT_INT8` in raydist/compress/quant/layer.py) so that 8-bit activations stay exact, at twice "
-                "the weight bytes of one code: int8_dynamic keeps its VNNI perplexity but runs slower than on a VNNI "
-                "CPU. When the winner is beyond 1 % of dense, the engine ratios compare dense with CTranslate2."
+                "- This run's CPU has no VNNI (ISA: " + (", ".join(isa) or "none recorded") + "): fbgemm would sum "
+                "u8 x s8 pairs in saturating int16 there, so int8_dynamic layers run raydist's own AVX2 kernel "
+                "(`raydist.int8_avx2`, raydist/compress/quant/native.py: int16 products summed in int32, exact, one "
+                "byte per weight; where it cannot be built, fbgemm with each weight packed as two codes). When the "
+                "winner is beyond 1 % of dense, the engine ratios compare dense with CTranslate2."
             )
     return "\n".join(lines) + "\n"
 
