@@ -65,6 +65,20 @@ class HiddenLossSettings(StrictModel):
     )
 
 
+class OnPolicySettings(StrictModel):
+    """On-policy distillation (GKD): the student samples completions of the data's prompts, the teacher scores them."""
+
+    lmbda: float = Field(
+        0.0, ge=0, le=1, description="Fraction of micro-batches whose completions the student generates (0 = off)."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Longest completion the student samples.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of the student's completions (0 = greedy).")
+    loss: Literal["reverse_kl", "jsd", "forward_kl"] = Field(
+        "reverse_kl", description="Divergence on the student's own tokens (jsd uses `beta`)."
+    )
+    beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD mixture weight for loss 'jsd'.")
+
+
 class KDSettings(StrictModel):
     """The distillation objective."""
 
@@ -82,11 +96,21 @@ class KDSettings(StrictModel):
     top_k: int = Field(64, gt=0, description="Teacher log-probabilities kept per token in the cache.")
     cache_actors: int = Field(1, gt=0, description="Teacher replicas (Ray Data actors) building the cache.")
     cache_batch_size: int = Field(8, gt=0, description="Sequences per teacher forward while building the cache.")
+    on_policy: OnPolicySettings = Field(
+        default_factory=OnPolicySettings,
+        description="Student-generated completions for a fraction of the batches (their loss: on_policy.loss; "
+        "ce_weight applies to the dataset's responses only).",
+    )
 
     @model_validator(mode="after")
     def _cache_compatible(self) -> "KDSettings":
         if self.teacher_mode == "cache" and self.hidden.weight > 0:
             raise ValueError("the hidden-state loss needs the online teacher (the cache stores logits only)")
+        if self.teacher_mode == "cache" and self.on_policy.lmbda > 0:
+            raise ValueError(
+                "kd.on_policy needs the online teacher (teacher_mode: online): a cache cannot score tokens the "
+                "student writes during training"
+            )
         return self
 
 
@@ -111,4 +135,10 @@ class DistillConfig(StageConfig):
     def _compatible(self) -> "DistillConfig":
         check_step_settings(self.optim, self.train, self.run)
         check_worker_gpus(self.resources)
+        train = self.data.train
+        if self.kd.on_policy.lmbda > 0 and (train.format == "text" or train.builtin or self.data.packing):
+            raise ValueError(
+                "kd.on_policy needs prompts to complete: use instruction or chat data (data.train.format) "
+                "without packing"
+            )
         return self

@@ -61,6 +61,7 @@ from raydist.distill.losses import (
     kd_loss_on_rows,
     topk_kd_loss_on_rows,
 )
+from raydist.distill.on_policy import is_on_policy, on_policy_batch, prompt_lengths
 from raydist.distill.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
 from raydist.train.export import export_artifact, logits_of, probe_batch
 from raydist.train.plumbing import seed_everything
@@ -86,6 +87,8 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
     run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR, prepare=lambda: plan_training(cfg))
     say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new run'})")
     counts = tokenize_once(run_dir, cfg.data, cfg.teacher, cfg.train.seed, tokenizer, say)
+    if cfg.kd.on_policy.lmbda > 0:
+        _check_prompts(run_dir.local)
     student_dir = build_student(cfg, run_dir, tokenizer, say)  # a path or, for remote storage, a URI
     teacher_src = resolve_model_source(cfg.teacher)
     extra = {
@@ -98,8 +101,24 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
         train_files = [str(storage.join(cache_dir, shard_name(i))) for i in range(n_shards)]
         extra["teacher_cache"] = str(cache_dir)
     what = f"distilling ({cfg.kd.loss}, {cfg.kd.teacher_mode} teacher)"
+    if cfg.kd.on_policy.lmbda > 0:
+        op = cfg.kd.on_policy
+        what += f", on-policy {op.loss} on {op.lmbda:g} of the batches"
     train_on_ray(distill_loop_per_worker, cfg, run_dir, counts, extra, say, what, train_files=train_files)
     return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} (distill)", say)
+
+
+def _check_prompts(run_dir: Path) -> None:
+    """On-policy KD completes each training row's prompt: refuse data whose rows have none, before the workers."""
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(run_dir / "data" / "train.parquet", columns=["labels"]).column("labels").to_pylist()
+    bad = sum(1 for row in labels if prompt_lengths(torch.tensor([row]))[0] == 0)
+    if bad:
+        raise ValueError(
+            f"kd.on_policy: {bad} of {len(labels)} training rows have no prompt (no label -100 before their first "
+            "target); on-policy distillation needs instruction or chat data"
+        )
 
 
 def shard_name(i: int) -> str:
@@ -332,12 +351,43 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     scale = session.world * cfg.train.grad_accum_steps
     want_hidden = mapping is not None
 
+    op = kd.on_policy
+    zero_stage = engine.zero_optimization_stage()
+
     def loss_fn(b: dict[str, torch.Tensor], step_targets: int) -> torch.Tensor:
+        on_policy = is_on_policy(cfg.train.seed, session.micro, op.lmbda)
+        if on_policy:  # the student completes the prompts; the teacher scores the student's tokens
+            b = on_policy_batch(
+                engine.module.student,
+                b,
+                max_new_tokens=op.max_new_tokens,
+                temperature=op.temperature,
+                pad_id=tokenizer.pad_token_id,
+                eos_id=tokenizer.eos_token_id,
+                seed=cfg.train.seed * 1_000_003 + session.micro,
+                zero_stage=zero_stage,
+            )
+            completion_tokens = int((b["labels"] != -100).sum())
+            session.log(
+                {
+                    "event": "on_policy",
+                    "step": session.step + 1,
+                    "micro": session.micro,
+                    "completion_tokens": completion_tokens,
+                }
+            )
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
         targets = b["labels"][:, 1:] != -100  # [B, T-1]: logits at t predict token t+1
         s_logits, s_hidden = engine(target_mask=targets, output_hidden_states=want_hidden, **inputs)  # [N, V]
         t_hidden = None
-        if w == 1 and not want_hidden:  # pure cross-entropy: the teacher is not needed at all
+        if on_policy:
+            with torch.no_grad():
+                t_logits, t_hidden = logits_at_targets(teacher, targets, output_hidden_states=want_hidden, **inputs)
+            kd_sum = kd_loss_on_rows(s_logits, t_logits, kind=op.loss, temperature=kd.temperature, beta=op.beta)
+            # The step's target count is the dataset's; these are the student's tokens: a per-token mean of this
+            # micro-batch, which DeepSpeed's mean over micro-batches and ranks weighs like the others.
+            loss = kd_sum / max(int(targets.sum()), 1)
+        elif w == 1 and not want_hidden:  # pure cross-entropy: the teacher is not needed at all
             kd_sum = s_logits.new_zeros(())
         elif cached:  # the teacher's stored top-k, with the missing mass as one extra bucket
             kd_sum = topk_kd_loss_on_rows(
@@ -353,13 +403,14 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             with torch.no_grad():
                 t_logits, t_hidden = logits_at_targets(teacher, targets, output_hidden_states=want_hidden, **inputs)
             kd_sum = kd_loss_on_rows(s_logits, t_logits, kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
-        total = (1 - w) * kd_sum
-        if w > 0:
-            total = total + w * torch.nn.functional.cross_entropy(
-                s_logits.float(), b["labels"][:, 1:][targets], reduction="sum"
-            )
-        # Summed over tokens, scaled so DeepSpeed's mean over ranks and micro-batches is a per-token mean.
-        loss = total * scale / max(step_targets, 1)
+        if not on_policy:
+            total = (1 - w) * kd_sum
+            if w > 0:
+                total = total + w * torch.nn.functional.cross_entropy(
+                    s_logits.float(), b["labels"][:, 1:][targets], reduction="sum"
+                )
+            # Summed over tokens, scaled so DeepSpeed's mean over ranks and micro-batches is a per-token mean.
+            loss = total * scale / max(step_targets, 1)
         if want_hidden:
             proj = engine.module.projection
             loss = loss + hidden.weight * hidden_state_loss(

@@ -182,3 +182,36 @@ def test_hidden_state_loss_under_zero3(teacher, tmp_path):
     assert not any("projection" in k or k.startswith("student.") for k in weights)
     m = read_manifest(art)
     assert m["metrics"]["export_max_abs_logit_diff"] < 1e-3 and m["config"]["kd"]["hidden"]["weight"] == 1.0
+
+
+def test_on_policy_kd_through_the_cli_under_zero3(teacher, tmp_path):
+    """kd.on_policy: for about half of the micro-batches (a seeded coin per micro-batch) the student, sharded
+    by ZeRO-3 over two workers (ranks kept in step while decoding), completes the instruction prompts and
+    learns the teacher's distribution on its own tokens (reverse KL); the rest train on the dataset's
+    responses."""
+    from raydist.core.data import pydoc_topics_text
+    from raydist.distill.on_policy import is_on_policy
+
+    words = pydoc_topics_text().split()
+    records = [
+        {"instruction": "Continue: " + " ".join(words[i : i + 12]), "output": " ".join(words[i + 12 : i + 24])}
+        for i in range(0, 24 * 80, 24)
+    ]
+    data_file = tmp_path / "tasks.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = distill_cfg(teacher, tmp_path, on_policy={"lmbda": 0.5, "max_new_tokens": 8, "temperature": 1.0})
+    cfg["data"] = {"train": {"path": str(data_file), "format": "instruction"}, "seq_len": 64, "max_eval_sequences": 8}
+    cfg["deepspeed"]["zero_stage"] = 3
+    cfg["train"].update(max_steps=6, eval_every=None, checkpoint_every=None)
+    cfg_file = tmp_path / "distill.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "-c", str(cfg_file)]) == 0
+    run_dir = tmp_path / "kd"
+    history = read_history(run_dir / "metrics.jsonl")
+    on = [h for h in history if h.get("event") == "on_policy"]
+    assert [h["micro"] for h in on] == [m for m in range(6) if is_on_policy(0, m, 0.5)]
+    assert 0 < len(on) < 6 and all(0 < h["completion_tokens"] <= 4 * 8 for h in on)
+    losses = train_losses(run_dir)
+    assert len(losses) == 6 and all(v == v and v < 1e6 for v in losses.values())
+    m = read_manifest(run_dir / "artifact")
+    assert m["config"]["kd"]["on_policy"]["lmbda"] == 0.5 and m["metrics"]["export_max_abs_logit_diff"] < 1e-3
