@@ -67,20 +67,30 @@ def command_line(argv: Optional[Sequence[str]] = None) -> str:
     return " ".join([*env, python, shlex.join([script, *argv[1:]])])
 
 
+def _is_results_path(path: str) -> bool:
+    return path == "BENCHMARKS.md" or path.startswith("benchmarks/results/")
+
+
 def provenance(argv: Optional[Sequence[str]] = None, extra_versions: Sequence[str] = ()) -> dict[str, Any]:
     """What a results file records about the run that wrote it; take it when the run starts (the code that is
     measured is the code at the start).
 
-    ``git_commit`` / ``git_dirty``: HEAD and whether tracked files had uncommitted changes. On a machine that
+    ``git_commit`` / ``git_dirty``: HEAD and whether tracked files other than results (``benchmarks/results/``,
+    ``BENCHMARKS.md``: what benchmarks run before this one wrote) had uncommitted changes; ``git_dirty_paths``
+    lists every uncommitted tracked path. On a machine that
     got a copy of the tree without ``.git`` (the GPU machines), set ``BENCH_GIT_COMMIT`` (and ``BENCH_GIT_DIRTY``
     = 1/0) to the values of the checkout the copy came from; otherwise both are None (unknown provenance).
     ``command``: ``command_line(argv)``. ``measured_at``: local time now. ``machine``: ``machine()``.
     ``versions``: ``versions(extra_versions)``.
     """
     commit = git("rev-parse", "HEAD")
+    dirty_paths: Optional[list[str]] = None
     if commit:
-        status = git("status", "--porcelain", "--untracked-files=no")
-        dirty: Optional[bool] = None if status is None else bool(status)
+        status = git("diff", "--name-only", "HEAD")  # tracked files with uncommitted changes, staged or not
+        # Results files and BENCHMARKS.md are what benchmarks write (all.sh runs them back to back), not code.
+        dirty_paths = None if status is None else [ln.strip() for ln in status.splitlines() if ln.strip()]
+        code = None if dirty_paths is None else [x for x in dirty_paths if not _is_results_path(x)]
+        dirty: Optional[bool] = None if code is None else bool(code)
     else:
         commit = os.environ.get("BENCH_GIT_COMMIT") or None
         flag = os.environ.get("BENCH_GIT_DIRTY")
@@ -88,6 +98,7 @@ def provenance(argv: Optional[Sequence[str]] = None, extra_versions: Sequence[st
     return {
         "git_commit": commit,
         "git_dirty": dirty,
+        "git_dirty_paths": dirty_paths,
         "command": command_line(argv),
         "measured_at": time.strftime(TIME_FORMAT),
         "machine": machine(),
