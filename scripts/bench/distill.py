@@ -2,7 +2,7 @@
 
 Run from anywhere (it changes to the repository root)::
 
-    .venv/bin/python scripts/bench/distill.py                     # everything, ~25-35 min on 2 CPU cores
+    .venv/bin/python scripts/bench/distill.py                     # everything, ~1 h on 2 CPU cores (estimate)
     .venv/bin/python scripts/bench/distill.py --steps 3 --no-write # a smoke run to size the full one
     .venv/bin/python scripts/bench/distill.py --out /tmp/d --reuse-teacher /tmp/d/runs/teacher-XXXX/artifact
 
@@ -38,6 +38,17 @@ Data (``--seed-tasks``, default ``../shared/data/seed_tasks.jsonl``; CC BY-NC, n
         substituted for it: by default T=2 and a 50 % CE mix (``--kd-variant temperature=2,ce_weight=0.5
         [,lr=...]`` repeatable replaces them, ``--no-variants`` drops them).
 
+   On-policy KD (``--skip-on-policy`` skips it): the headline KD run with ``kd.on_policy`` at λ = 1 and at
+   λ = 0.5 (``--on-policy-lmbda``, repeatable): for those micro-batches the student samples
+   ``--op-max-new-tokens`` tokens of each prompt at ``--op-temperature`` and learns the teacher's
+   distribution on them (``--op-loss``, reverse KL by default); the rest train on the responses.
+
+   Generation metric (``--skip-generation`` skips it): every student (and the teacher) answers each held-out
+   instance greedily (``--gen-max-new-tokens``, the prompt rendered as in training); score = ROUGE-L F1 against
+   the reference answer (Google's ``rouge-score``, stemmed), mean over instances with a 95 % bootstrap interval
+   and paired differences (on-policy − off-policy, on-policy − CE). On-policy KD's gain is expected to show in
+   generations more than in teacher-forced perplexity.
+
 3. Cache vs. online (``--skip-cache`` skips it)
     The headline KD run again with ``kd.teacher_mode: cache`` (top-64 log-probabilities + the missing mass,
     built once by a Ray Data batch-inference job on 2 actors into ``<out>/teacher_cache``; the build time is
@@ -51,7 +62,8 @@ Runs are named by a hash of their config under ``<out>/runs``; a completed run f
 (so ``--out`` makes a partial rerun cheap), and reused runs are marked as such in the results.
 
 Results: ``benchmarks/results/distill.json`` (with the run's ``provenance``: commit, command, machine,
-versions) and the "Distillation" section of ``BENCHMARKS.md`` (only that section is replaced; the file is
+versions; the generation metric as ``ce_gen_score``, ``offpolicy_gen_score``, ``onpolicy_gen_score`` with
+``*_ci95`` and the paired ``onpolicy_vs_offpolicy_gen`` / ``onpolicy_vs_ce_gen``) and the "Distillation" section of ``BENCHMARKS.md`` (only that section is replaced; the file is
 re-read just before writing; ``--markdown-only`` rewrites it from the results file without measuring). A
 benchmark, not a test; never imported by raydist.
 """
@@ -216,14 +228,22 @@ def student_config(
     }
 
 
+VARIANT_KEYS = ("temperature", "ce_weight", "lr", "loss", "beta", "lmbda", "op_loss", "op_temperature")
+
+
 def parse_variant(text: str) -> dict[str, Any]:
-    """``temperature=2,ce_weight=0.5,lr=3e-4`` -> kd overrides (+ ``lr``)."""
+    """``temperature=2,ce_weight=0.5,lr=3e-4`` -> kd overrides (+ ``lr``); ``lmbda``, ``op_loss`` and
+    ``op_temperature`` go to ``kd.on_policy`` (its ``lmbda``, ``loss``, ``temperature``)."""
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, _, value = part.partition("=")
-        if key not in ("temperature", "ce_weight", "lr", "loss", "beta"):
-            raise SystemExit(f"--kd-variant: unknown key {key!r} (temperature, ce_weight, lr, loss, beta)")
-        out[key] = value if key == "loss" else float(value)
+        if key not in VARIANT_KEYS:
+            raise SystemExit(f"--kd-variant: unknown key {key!r} ({', '.join(VARIANT_KEYS)})")
+        if key in ("lmbda", "op_loss", "op_temperature"):
+            field = {"lmbda": "lmbda", "op_loss": "loss", "op_temperature": "temperature"}[key]
+            out.setdefault("on_policy", {})[field] = value if key == "op_loss" else float(value)
+        else:
+            out[key] = value if key == "loss" else float(value)
     return out
 
 
@@ -389,6 +409,87 @@ def paired_bootstrap(
     }
 
 
+def generation_scores(
+    artifacts: dict[str, str], eval_jsonl: Path, max_new_tokens: int, batch: int = 8
+) -> dict[str, list[float]]:
+    """``{name: [ROUGE-L F1 of the greedy answer against the reference, per held-out instance]}``: the prompt is
+    rendered as raydist renders it in training (chat template of the artifact's tokenizer), the answer is
+    raydist's ``generate_answers`` (left-padded batches, greedy), the score Google's ``rouge-score`` (stemmed)."""
+    import torch
+    from rouge_score import rouge_scorer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydist.core.data import expand_instruction_records, instruction_to_messages, render_prompt
+    from raydist.distill.generation import generate_answers
+
+    records = expand_instruction_records(json.loads(x) for x in eval_jsonl.read_text().splitlines() if x.strip())
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    out = {}
+    for name, path in artifacts.items():
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        prompts = [render_prompt(tok, instruction_to_messages(r)[:1]) for r in records]
+        answers: list[str] = []
+        for i in range(0, len(prompts), batch):
+            answers += generate_answers(
+                model, tok, prompts[i : i + batch], max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, seed=0
+            )
+        out[name] = [scorer.score(r["output"], a)["rougeL"].fmeasure for r, a in zip(records, answers)]
+        del model
+    return out
+
+
+def bootstrap_mean(xs: list[float], n: int = 4000, seed: int = 0) -> dict[str, float]:
+    """Mean of per-instance scores with a 95 % interval from resampling the instances."""
+    rng = random.Random(seed)
+    k = len(xs)
+    draws = sorted(sum(xs[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
+    return {"mean": sum(xs) / k, "ci95_low": draws[int(0.025 * n)], "ci95_high": draws[int(0.975 * n) - 1]}
+
+
+def paired_difference(a: list[float], b: list[float], n: int = 4000, seed: int = 0) -> dict[str, float]:
+    """mean(a) - mean(b) over the same instances, with a 95 % paired-bootstrap interval."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores of different lengths: {len(a)} vs {len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    m = bootstrap_mean(d, n, seed)
+    return {"diff": m["mean"], "ci95_low": m["ci95_low"], "ci95_high": m["ci95_high"], "above_zero": m["ci95_low"] > 0}
+
+
+def generation_results(scores: dict[str, list[float]], args) -> dict[str, Any]:
+    """The results keys of the generation metric: each model's mean score and interval, and the paired
+    differences that decide the on-policy goal (beat both CE and off-policy KD)."""
+    means = {k: bootstrap_mean(v) for k, v in scores.items()}
+    out: dict[str, Any] = {
+        "generation": {
+            "metric": "ROUGE-L F1 (rouge-score, stemmed) of the greedy answer vs the reference, mean over instances",
+            "instances": len(scores["ce"]),
+            "max_new_tokens": args.gen_max_new_tokens,
+            "scores": means,
+            "per_instance": scores,
+        },
+        "ce_gen_score": means["ce"]["mean"],
+        "ce_gen_score_ci95": [means["ce"]["ci95_low"], means["ce"]["ci95_high"]],
+        "offpolicy_gen_score": means["offpolicy"]["mean"],
+        "offpolicy_gen_score_ci95": [means["offpolicy"]["ci95_low"], means["offpolicy"]["ci95_high"]],
+    }
+    full = "onpolicy1" if "onpolicy1" in scores else next((k for k in scores if k.startswith("onpolicy")), None)
+    if full is not None:
+        out.update(
+            {
+                "onpolicy_gen_run": full,
+                "onpolicy_gen_score": means[full]["mean"],
+                "onpolicy_gen_score_ci95": [means[full]["ci95_low"], means[full]["ci95_high"]],
+                "onpolicy_vs_offpolicy_gen": paired_difference(scores[full], scores["offpolicy"]),
+                "onpolicy_vs_ce_gen": paired_difference(scores[full], scores["ce"]),
+            }
+        )
+        out["onpolicy_gen_goal_met"] = (
+            out["onpolicy_vs_offpolicy_gen"]["diff"] > 0 and out["onpolicy_vs_ce_gen"]["diff"] > 0
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -458,6 +559,14 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         rows.append(
             (
                 f"student, KD variant ({v['label']})",
+                fmt(v["eval_ppl"]),
+                f"KD/CE ppl = {fmt(v['eval_ppl'] / r['ce_student_ppl'], 3)}{ci(v.get('vs_ce'))}",
+            )
+        )
+    for v in r.get("on_policy_runs", []):
+        rows.append(
+            (
+                f"student, on-policy KD (λ = {v['lmbda']:g}, {v['kd']['on_policy']['loss']})",
                 fmt(v["eval_ppl"]),
                 f"KD/CE ppl = {fmt(v['eval_ppl'] / r['ce_student_ppl'], 3)}{ci(v.get('vs_ce'))}",
             )
@@ -594,9 +703,39 @@ def markdown_section(r: dict[str, Any]) -> str:
             "The cache trains on a different objective (top-k plus one bucket for the missing mass, a lower "
             "bound of the full KL), so the two students differ by more than float noise.",
         ]
+    if r.get("generation"):
+        lines += ["", *generation_markdown(r)]
     if r.get("notes"):
         lines += [""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def generation_markdown(r: dict[str, Any]) -> list[str]:
+    """The generation-metric table and its verdict (on-policy KD against off-policy KD and CE)."""
+    g = r["generation"]
+    names = {"teacher": "teacher, corrected", "ce": "student, CE only", "offpolicy": f"student, KD ({r['kd_label']})"}
+    rows = []
+    for k, m in g["scores"].items():
+        label = names.get(k) or f"student, on-policy KD (λ = {k[len('onpolicy') :]})"
+        rows.append((label, f"{m['mean']:.3f}", f"95 % CI {m['ci95_low']:.3f}–{m['ci95_high']:.3f}"))
+    lines = [
+        f"Generation metric: {g['metric']}, {g['instances']} held-out instances, greedy, up to "
+        f"{g['max_new_tokens']} new tokens (higher is better).",
+        "",
+        *md_table(("model", "ROUGE-L F1", "interval over instances"), rows, "lrl"),
+    ]
+    if r.get("onpolicy_gen_score") is not None:
+        a, b = r["onpolicy_vs_offpolicy_gen"], r["onpolicy_vs_ce_gen"]
+        lines += [
+            "",
+            f"On-policy KD ({r['onpolicy_gen_run']}) − off-policy KD: {a['diff']:+.3f} (95 % CI "
+            f"{a['ci95_low']:+.3f} to {a['ci95_high']:+.3f}); − CE: {b['diff']:+.3f} ({b['ci95_low']:+.3f} to "
+            f"{b['ci95_high']:+.3f}). Goal (beat both on this metric): "
+            + ("met" if r["onpolicy_gen_goal_met"] else "**not met**")
+            + ("" if a["above_zero"] and b["above_zero"] else " (not beyond the eval's noise)")
+            + ".",
+        ]
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -631,6 +770,18 @@ def main() -> None:
         f"loss, beta); repeatable; default: {' and '.join(DEFAULT_VARIANTS)}",
     )
     ap.add_argument("--no-variants", action="store_true", help="no extra KD runs")
+    ap.add_argument("--skip-on-policy", action="store_true", help="no on-policy KD runs")
+    ap.add_argument(
+        "--on-policy-lmbda",
+        type=float,
+        action="append",
+        help="on-policy fraction of one on-policy KD run; repeatable; default: 1 and 0.5",
+    )
+    ap.add_argument("--op-max-new-tokens", type=int, default=64, help="tokens the student samples per prompt")
+    ap.add_argument("--op-temperature", type=float, default=1.0, help="the student's sampling temperature")
+    ap.add_argument("--op-loss", default="reverse_kl", choices=("reverse_kl", "jsd", "forward_kl"))
+    ap.add_argument("--skip-generation", action="store_true", help="no generation metric (greedy answers, ROUGE-L)")
+    ap.add_argument("--gen-max-new-tokens", type=int, default=64, help="tokens per greedy answer")
     ap.add_argument("--reuse-teacher", type=Path, help="a corrected-teacher artifact dir from an earlier run")
     ap.add_argument(
         "--skip-cache",
@@ -652,6 +803,7 @@ def main() -> None:
         return
     args.teacher_steps = args.teacher_steps or args.steps
     args.kd_variant = [] if args.no_variants else (args.kd_variant or list(DEFAULT_VARIANTS))
+    args.on_policy_lmbda = [] if args.skip_on_policy else (args.on_policy_lmbda or [1.0, 0.5])
 
     t_start = time.time()
     measured = provenance()  # before the run: the code that is measured is the code at the start
@@ -704,6 +856,22 @@ def main() -> None:
                 "distill", f"kd-var{i}", student_config(args, teacher, train, evals, out, kd=kd, lr=lr), runs
             )
             variants.append({"label": text, **student_summary(run, kd, lr, sampler)})
+        on_policy = []  # the headline KD run with kd.on_policy at each --on-policy-lmbda
+        for lmbda in args.on_policy_lmbda:
+            op = {
+                "lmbda": lmbda,
+                "max_new_tokens": args.op_max_new_tokens,
+                "temperature": args.op_temperature,
+                "loss": args.op_loss,
+            }
+            kd = {**kd_main, "on_policy": op}
+            run = run_stage(
+                "distill",
+                f"kd-onpolicy{lmbda:g}",
+                student_config(args, teacher, train, evals, out, kd=kd, lr=args.lr),
+                runs,
+            )
+            on_policy.append({"lmbda": lmbda, **student_summary(run, kd, args.lr, sampler)})
     finally:
         sampler.__exit__()
         import ray
@@ -740,6 +908,7 @@ def main() -> None:
         "kd": student_summary(kd_run, kd_main, args.lr, sampler),
         "ce": student_summary(ce_run, ce_kd, args.lr, sampler),
         "kd_variants": variants,
+        "on_policy_runs": on_policy,
         "teacher": None
         if teacher_run is None
         else {
@@ -827,6 +996,7 @@ def main() -> None:
         if cache_run is not None:
             arts["cache"] = cache_run["artifact"]
         arts.update({f"var{i}": v["run_dir"] + "/artifact" for i, v in enumerate(variants)})
+        arts.update({f"op{i}": v["run_dir"] + "/artifact" for i, v in enumerate(on_policy)})
         nll = per_example_nll(arts, Path(kd_run["run_dir"]) / "data" / "eval.parquet")
         ppl = {k: math.exp(sum(x for x, _ in v) / sum(n for _, n in v)) for k, v in nll.items()}
         manifest_ppl = {
@@ -835,6 +1005,7 @@ def main() -> None:
             "ce": r["ce_student_ppl"],
             **({"cache": r["cache_eval_ppl"]} if cache_run is not None else {}),
             **{f"var{i}": v["eval_ppl"] for i, v in enumerate(variants)},
+            **{f"op{i}": v["eval_ppl"] for i, v in enumerate(on_policy)},
         }
         r["rescored_ppl"] = ppl
         r["rescored_max_rel_diff"] = max(abs(ppl[k] / manifest_ppl[k] - 1) for k in ppl)
@@ -843,6 +1014,13 @@ def main() -> None:
             r["cache_vs_online"] = paired_bootstrap(nll["cache"], nll["kd"])
         for i, v in enumerate(variants):
             v["vs_ce"] = paired_bootstrap(nll[f"var{i}"], nll["ce"])
+        for i, v in enumerate(on_policy):
+            v["vs_ce"] = paired_bootstrap(nll[f"op{i}"], nll["ce"])
+    if not args.skip_generation:
+        say("greedy answers of every model on the held-out instances (generation metric)")
+        gen_arts = {"teacher": str(teacher), "ce": ce_run["artifact"], "offpolicy": kd_run["artifact"]}
+        gen_arts.update({f"onpolicy{v['lmbda']:g}": v["run_dir"] + "/artifact" for v in on_policy})
+        r.update(generation_results(generation_scores(gen_arts, evals, args.gen_max_new_tokens), args))
     loads = [
         x
         for x in [
@@ -851,6 +1029,7 @@ def main() -> None:
             cache_run and cache_run["loadavg_at_start"],
             ce_run["loadavg_at_start"],
             *[v["loadavg_at_start"] for v in variants],
+            *[v["loadavg_at_start"] for v in on_policy],
         ]
         if x is not None
     ]
