@@ -82,7 +82,10 @@ class OnPolicySettings(StrictModel):
 class KDSettings(StrictModel):
     """The distillation objective."""
 
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field("forward_kl", description="Logit divergence.")
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "uld"] = Field(
+        "forward_kl",
+        description="Logit divergence; uld (universal logit distillation) also works across tokenizers.",
+    )
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of both models (loss scaled by T²).")
     beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD mixture weight (0 = forward KL, 1 = reverse KL).")
     ce_weight: float = Field(0.0, ge=0, le=1, description="Loss = (1 - w)·KD + w·cross-entropy on the labels.")
@@ -106,6 +109,11 @@ class KDSettings(StrictModel):
     def _cache_compatible(self) -> "KDSettings":
         if self.teacher_mode == "cache" and self.hidden.weight > 0:
             raise ValueError("the hidden-state loss needs the online teacher (the cache stores logits only)")
+        if self.loss == "uld" and (self.teacher_mode == "cache" or self.hidden.weight > 0 or self.on_policy.lmbda > 0):
+            raise ValueError(
+                "kd.loss uld runs with the online teacher, without the hidden-state loss and off-policy "
+                "(teacher_mode: online, hidden.weight: 0, on_policy.lmbda: 0)"
+            )
         if self.teacher_mode == "cache" and self.on_policy.lmbda > 0:
             raise ValueError(
                 "kd.on_policy needs the online teacher (teacher_mode: online): a cache cannot score tokens the "

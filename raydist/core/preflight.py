@@ -136,6 +136,13 @@ def preflight(cfg) -> PreflightReport:
     return preflight_finetune(cfg)[0]
 
 
+def shares_vocabulary(teacher_tok, student_tok) -> bool:
+    """Whether both tokenizers give every token the same id (up to the smaller vocabulary's size)."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    common = min(len(tv), len(sv))
+    return {t: i for t, i in tv.items() if i < common} == {t: i for t, i in sv.items() if i < common}
+
+
 def check_shared_vocabulary(teacher_tok, student_tok) -> None:
     """Logit KD compares distributions token by token, so both models must index the same vocabulary.
 
@@ -150,7 +157,8 @@ def check_shared_vocabulary(teacher_tok, student_tok) -> None:
         differing = sorted(set(t_items.items()) ^ set(s_items.items()), key=lambda x: x[1])[:3]
         raise PreflightError(
             "student and teacher tokenizers differ (e.g. " + ", ".join(f"{t!r}->{i}" for t, i in differing) + "); "
-            "logit distillation needs a shared vocabulary. Options: a student of the teacher's family, "
+            "logit distillation needs a shared vocabulary. Options: kd.loss: uld (universal logit distillation, "
+            "compares sorted distributions across tokenizers), a student of the teacher's family, "
             "student.source: pruned (derived from the teacher), or sequence-level KD "
             "(`raydist generate` with the teacher, then `raydist finetune` the student on its answers)"
         )
@@ -163,7 +171,8 @@ def preflight_distill(cfg) -> tuple[PreflightReport, Any]:
     st = cfg.student
     if st.source == "pretrained":
         _, student_config, student_tok = _model_parts(ModelConfig(path=st.path), "student")
-        check_shared_vocabulary(tokenizer, student_tok)
+        if cfg.kd.loss != "uld":
+            check_shared_vocabulary(tokenizer, student_tok)
         limits.append(int(getattr(student_config, "max_position_embeddings", 0) or 0))
     elif st.source == "pruned":
         p = st.prune

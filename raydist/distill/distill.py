@@ -10,6 +10,9 @@ Each micro-batch costs ``(1 - w)·KD + w·CE`` summed over the real target token
 whole optimizer step's token count, plus the optional hidden-state loss. Evaluations report the student's
 and the teacher's perplexity on the same held-out text and the fraction of the gap recovered. Resume,
 failure recovery and export are the fine-tuning stage's (``TrainingSession``).
+
+Over ~500 lines because the stage's driver and worker read top to bottom in one place; the parts that stand
+alone live beside it (losses, on_policy, cross_tokenizer, teacher_cache).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from raydist.core.models import (
     save_model_dir,
     tiny_llama_config,
 )
-from raydist.core.preflight import preflight_distill
+from raydist.core.preflight import preflight_distill, shares_vocabulary
 from raydist.core.progress import console, read_history
 from raydist.core.resources import plan_units, unit_device
 from raydist.core.runs import (
@@ -54,6 +57,7 @@ from raydist.core.runs import (
     with_absolute_paths,
 )
 from raydist.core.storage import Mirror, local_copy
+from raydist.distill.cross_tokenizer import aligned_rows, retokenize, uld_loss_on_rows
 from raydist.distill.losses import (
     HiddenProjection,
     default_layer_mapping,
@@ -86,12 +90,19 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
     # what the cluster cannot place is refused before anything is written
     run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR, prepare=lambda: plan_training(cfg))
     say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new run'})")
-    counts = tokenize_once(run_dir, cfg.data, cfg.teacher, cfg.train.seed, tokenizer, say)
+    cross = _cross_tokenizer(cfg, tokenizer)
+    if cross:  # the student learns on its own tokens; the teacher gets its own in every step (cross_tokenizer.py)
+        student_cfg = ModelConfig(path=cfg.student.path)
+        tokenizer = load_tokenizer(student_cfg)
+        say("[raydist] student and teacher tokenizers differ: universal logit distillation on aligned tokens")
+    data_model = ModelConfig(path=cfg.student.path) if cross else cfg.teacher
+    counts = tokenize_once(run_dir, cfg.data, data_model, cfg.train.seed, tokenizer, say)
     if cfg.kd.on_policy.lmbda > 0:
         _check_prompts(run_dir.local)
     student_dir = build_student(cfg, run_dir, tokenizer, say)  # a path or, for remote storage, a URI
     teacher_src = resolve_model_source(cfg.teacher)
     extra = {
+        "cross_tokenizer": cross,
         "student_dir": str(student_dir),
         "parent": {"kind": report.model_kind, "path": teacher_src.describe(), "role": "teacher"},
     }
@@ -106,6 +117,13 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
         what += f", on-policy {op.loss} on {op.lmbda:g} of the batches"
     train_on_ray(distill_loop_per_worker, cfg, run_dir, counts, extra, say, what, train_files=train_files)
     return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} (distill)", say)
+
+
+def _cross_tokenizer(cfg: DistillConfig, teacher_tok) -> bool:
+    """Whether the (pretrained) student's tokenizer differs from the teacher's (only kd.loss uld gets here then)."""
+    if cfg.student.source != "pretrained" or cfg.kd.loss != "uld":
+        return False
+    return not shares_vocabulary(teacher_tok, load_tokenizer(ModelConfig(path=cfg.student.path)))
 
 
 def _check_prompts(run_dir: Path) -> None:
@@ -320,7 +338,10 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     """One data-parallel rank: frozen teacher, DeepSpeed-wrapped student, KD loss, eval with gap recovered."""
     cfg = DistillConfig.model_validate(config["cfg"])
     seed_everything(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.teacher)
+    cross = bool(config.get("cross_tokenizer"))
+    # the data's tokenizer: the student's own when the two differ (the teacher re-tokenizes every batch)
+    tokenizer = load_tokenizer(ModelConfig(path=cfg.student.path) if cross else cfg.teacher)
+    teacher_tok = load_tokenizer(cfg.teacher) if cross else None
     session = TrainingSession(config, cfg, pad_id=tokenizer.pad_token_id)
     device = session.device
 
@@ -353,6 +374,9 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
 
     op = kd.on_policy
     zero_stage = engine.zero_optimization_stage()
+    teacher_pad = None
+    if cross:
+        teacher_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
 
     def loss_fn(b: dict[str, torch.Tensor], step_targets: int) -> torch.Tensor:
         on_policy = is_on_policy(cfg.train.seed, session.micro, op.lmbda)
@@ -387,6 +411,14 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             # The step's target count is the dataset's; these are the student's tokens: a per-token mean of this
             # micro-batch, which DeepSpeed's mean over micro-batches and ranks weighs like the others.
             loss = kd_sum / max(int(targets.sum()), 1)
+        elif kd.loss == "uld":  # sorted distributions, aligned target tokens (cross_tokenizer.py)
+            tb = retokenize(b, tokenizer, teacher_tok, teacher_pad) if cross else b
+            t_targets = tb["labels"][:, 1:] != -100
+            with torch.no_grad():
+                t_inputs = {"input_ids": tb["input_ids"], "attention_mask": tb["attention_mask"]}
+                t_logits, _ = logits_at_targets(teacher, t_targets, **t_inputs)
+            si, ti = aligned_rows(targets, t_targets)
+            kd_sum = uld_loss_on_rows(s_logits[si.to(device)], t_logits[ti.to(device)], temperature=kd.temperature)
         elif w == 1 and not want_hidden:  # pure cross-entropy: the teacher is not needed at all
             kd_sum = s_logits.new_zeros(())
         elif cached:  # the teacher's stored top-k, with the missing mass as one extra bucket
@@ -422,6 +454,8 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
 
     def eval_fn() -> dict[str, float]:
         m = session.model_eval()
+        if not teacher_metrics and cross:  # per-token figures of two tokenizations do not compare
+            teacher_metrics.update(teacher_loss=float("nan"), teacher_ppl=float("nan"))
         if not teacher_metrics:  # the teacher is frozen: measure it once
             nll, n = session.nll_of(teacher if teacher is not None else load_teacher())
             teacher_metrics.update(teacher_loss=nll / n, teacher_ppl=perplexity(nll, n))
@@ -485,6 +519,7 @@ def _export(session: TrainingSession, cfg: DistillConfig, config: dict[str, Any]
                 if summary_file.is_file()
                 else {"source": "pretrained", "path": str(student_dir)},
                 "teacher_mode": cfg.kd.teacher_mode,
+                **({"cross_tokenizer": True} if config.get("cross_tokenizer") else {}),
                 **({"teacher_cache": config["teacher_cache"]} if "teacher_cache" in config else {}),
             },
         )

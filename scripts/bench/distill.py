@@ -63,8 +63,9 @@ Runs are named by a hash of their config under ``<out>/runs``; a completed run f
 
 Results: ``benchmarks/results/distill.json`` (with the run's ``provenance``: commit, command, machine,
 versions; the generation metric as ``ce_gen_score``, ``offpolicy_gen_score``, ``onpolicy_gen_score`` with
-``*_ci95`` and the paired ``onpolicy_vs_offpolicy_gen`` / ``onpolicy_vs_ce_gen``) and the "Distillation" section of ``BENCHMARKS.md`` (only that section is replaced; the file is
-re-read just before writing; ``--markdown-only`` rewrites it from the results file without measuring). A
+``*_ci95`` and the paired ``onpolicy_vs_offpolicy_gen`` / ``onpolicy_vs_ce_gen``) and the "Distillation"
+section of ``BENCHMARKS.md`` (only that section is replaced; the file is re-read just before writing;
+``--markdown-only`` rewrites it from the results file without measuring). A
 benchmark, not a test; never imported by raydist.
 """
 

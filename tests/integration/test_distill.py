@@ -215,3 +215,36 @@ def test_on_policy_kd_through_the_cli_under_zero3(teacher, tmp_path):
     assert len(losses) == 6 and all(v == v and v < 1e6 for v in losses.values())
     m = read_manifest(run_dir / "artifact")
     assert m["config"]["kd"]["on_policy"]["lmbda"] == 0.5 and m["metrics"]["export_max_abs_logit_diff"] < 1e-3
+
+
+def test_uld_across_tokenizers_through_the_cli(teacher, smollm2_dir, tmp_path):
+    """kd.loss uld: a student with SmolLM2's tokenizer (49152 tokens) learns from the tiny teacher (a 512-token
+    BPE trained on the fly). The data is tokenized with the student's tokenizer, the teacher re-tokenizes each
+    batch, the loss compares sorted distributions on aligned tokens; the artifact carries the student's
+    tokenizer. Without uld the same student is refused before anything starts."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydist.config import TinyModelSpec
+    from raydist.core.models import save_model_dir, tiny_llama_config
+
+    student_tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    spec = TinyModelSpec(num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
+    student = AutoModelForCausalLM.from_config(tiny_llama_config(spec, vocab_size=len(student_tok)))
+    student_dir = tmp_path / "student"
+    save_model_dir(student, student_tok, student_dir)
+    cfg = distill_cfg(teacher, tmp_path, loss="uld")
+    cfg["student"] = {"source": "pretrained", "path": str(student_dir)}
+    cfg["train"].update(max_steps=6, eval_every=None, checkpoint_every=None)
+    with pytest.raises(PreflightError, match="kd.loss: uld"):
+        run_distill(config_from_dict(DistillConfig, {**cfg, "kd": {"loss": "forward_kl"}}))
+    cfg_file = tmp_path / "distill.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "-c", str(cfg_file)]) == 0
+    run_dir = tmp_path / "kd"
+    losses = train_losses(run_dir)
+    assert len(losses) == 6 and losses[6] < losses[1]
+    m = read_manifest(run_dir / "artifact")
+    assert math.isfinite(m["metrics"]["eval_ppl"]) and math.isnan(m["metrics"]["teacher_ppl"])
+    assert len(AutoTokenizer.from_pretrained(run_dir / "artifact")) == len(student_tok)
