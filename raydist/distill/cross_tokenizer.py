@@ -15,6 +15,8 @@ the same response text). Pure torch + tokenizers; no Ray here.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from raydist.core.data import IGNORE_INDEX, collate
@@ -67,9 +69,12 @@ def aligned_rows(student_targets: torch.Tensor, teacher_targets: torch.Tensor) -
     return cat(s_idx), cat(t_idx)
 
 
-def retokenize(batch: dict[str, torch.Tensor], student_tok, teacher_tok, pad_id: int) -> dict[str, torch.Tensor]:
+def retokenize(
+    batch: dict[str, torch.Tensor], student_tok, teacher_tok, pad_id: int, max_len: Optional[int] = None
+) -> dict[str, torch.Tensor]:
     """The teacher's tokenization of a student-tokenized batch: per row, the prompt (tokens before the first
-    target) and the targets are decoded to text and encoded with ``teacher_tok``; labels -100 on the prompt.
+    target) and the targets are decoded to text and encoded with ``teacher_tok``; labels -100 on the prompt;
+    rows cut to ``max_len`` tokens (the teacher's context; the alignment then pairs fewer tokens).
     Returns right-padded ``input_ids`` / ``labels`` / ``attention_mask`` on the batch's device."""
     rows = []
     ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
@@ -85,6 +90,7 @@ def retokenize(batch: dict[str, torch.Tensor], student_tok, teacher_tok, pad_id:
         t_response = teacher_tok.encode(student_tok.decode(response), add_special_tokens=False) if response else []
         if not t_prompt and not t_response:
             t_prompt = [pad_id]
-        rows.append({"input_ids": t_prompt + t_response, "labels": [IGNORE_INDEX] * len(t_prompt) + t_response})
+        row_ids, row_labels = t_prompt + t_response, [IGNORE_INDEX] * len(t_prompt) + t_response
+        rows.append({"input_ids": row_ids[:max_len], "labels": row_labels[:max_len]})
     device = batch["input_ids"].device
     return {k: v.to(device) for k, v in collate(rows, pad_id).items()}

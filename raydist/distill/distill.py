@@ -374,8 +374,9 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
 
     op = kd.on_policy
     zero_stage = engine.zero_optimization_stage()
-    teacher_pad = None
+    teacher_pad, teacher_ctx = None, None
     if cross:
+        teacher_ctx = int(getattr(teacher_config, "max_position_embeddings", 0) or 0) or None
         teacher_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
 
     def loss_fn(b: dict[str, torch.Tensor], step_targets: int) -> torch.Tensor:
@@ -412,7 +413,7 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             # micro-batch, which DeepSpeed's mean over micro-batches and ranks weighs like the others.
             loss = kd_sum / max(int(targets.sum()), 1)
         elif kd.loss == "uld":  # sorted distributions, aligned target tokens (cross_tokenizer.py)
-            tb = retokenize(b, tokenizer, teacher_tok, teacher_pad) if cross else b
+            tb = retokenize(b, tokenizer, teacher_tok, teacher_pad, teacher_ctx) if cross else b
             t_targets = tb["labels"][:, 1:] != -100
             with torch.no_grad():
                 t_inputs = {"input_ids": tb["input_ids"], "attention_mask": tb["attention_mask"]}

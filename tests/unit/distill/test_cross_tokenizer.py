@@ -92,3 +92,10 @@ def test_uld_settings_it_does_not_run_with_are_refused(kd):
                 "run": {"name": "d"},
             },
         )
+
+
+def test_retokenize_cuts_rows_to_the_teachers_context(tiny_tokenizer, smollm2_tokenizer):
+    ids = smollm2_tokenizer.encode("a fairly long piece of text that the tiny tokenizer splits into many pieces")
+    batch = collate([{"input_ids": ids, "labels": ids}], smollm2_tokenizer.pad_token_id)
+    out = retokenize(batch, smollm2_tokenizer, tiny_tokenizer, pad_id=0, max_len=8)
+    assert out["input_ids"].shape == (1, 8) and out["attention_mask"].sum() == 8
