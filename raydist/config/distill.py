@@ -97,6 +97,11 @@ class KDSettings(StrictModel):
         None, description="Teacher cache directory; default <output_dir>/teacher_cache/<name>."
     )
     top_k: int = Field(64, gt=0, description="Teacher log-probabilities kept per token in the cache.")
+    cache_precision: Literal["float16", "float32"] = Field(
+        "float16",
+        description="How the cache stores log-probabilities (float16 halves them; ids take 2 bytes "
+        "when the vocabulary fits).",
+    )
     cache_actors: int = Field(1, gt=0, description="Teacher replicas (Ray Data actors) building the cache.")
     cache_batch_size: int = Field(8, gt=0, description="Sequences per teacher forward while building the cache.")
     on_policy: OnPolicySettings = Field(

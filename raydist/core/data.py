@@ -330,8 +330,8 @@ def _collate_teacher_cache(rows, width: int) -> dict[str, torch.Tensor]:
     rest = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        logp[i, :n] = torch.as_tensor(np.stack(list(r["topk_logprobs"])), dtype=torch.float32)
-        idx[i, :n] = torch.as_tensor(np.stack(list(r["topk_indices"])), dtype=torch.long)
+        logp[i, :n] = torch.from_numpy(np.stack(list(r["topk_logprobs"])).astype(np.float32))  # float16 stored
+        idx[i, :n] = torch.from_numpy(np.stack(list(r["topk_indices"])).astype(np.int64))  # uint16 / int32 stored
         rest[i, :n] = torch.as_tensor(np.asarray(r["rest_mass"], dtype=np.float32))
     return {"topk_logprobs": logp, "topk_indices": idx, "rest_mass": rest}
 

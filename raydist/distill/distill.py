@@ -66,7 +66,15 @@ from raydist.distill.losses import (
     topk_kd_loss_on_rows,
 )
 from raydist.distill.on_policy import is_on_policy, on_policy_batch, prompt_lengths
-from raydist.distill.teacher_cache import CACHE_MANIFEST, cache_key, check_cache, tokenizer_hash, topk_rows
+from raydist.distill.teacher_cache import (
+    CACHE_MANIFEST,
+    cache_key,
+    cache_table,
+    check_cache,
+    payload_bytes_per_token,
+    tokenizer_hash,
+    topk_rows,
+)
 from raydist.train.export import export_artifact, logits_of, probe_batch
 from raydist.train.plumbing import seed_everything
 from raydist.train.worker import TrainingSession
@@ -223,7 +231,6 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
     Raises:
         CacheMismatchError: the directory holds a cache for another teacher / data / tokenizer / k / T.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
 
@@ -234,6 +241,7 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         tokenizer_hash=tokenizer_hash(tokenizer),
         top_k=cfg.kd.top_k,
         temperature=cfg.kd.temperature,
+        precision=cfg.kd.cache_precision,
     )
     cache = Mirror(cfg.kd.cache_dir or storage.join(cfg.run.output_dir, "teacher_cache", cfg.run.name))
     cache_dir = cache.local
@@ -260,24 +268,23 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     n_rows = n_shards = 0
     k = cfg.kd.top_k
+    vocab = load_model_config(cfg.teacher).vocab_size
+    n_tokens = 0
     for batch in ds.iter_batches(batch_size=rows_per_shard, batch_format="numpy"):
-        table = pa.table(
-            {
-                "input_ids": pa.array([list(x) for x in batch["input_ids"]], type=pa.list_(pa.int32())),
-                "labels": pa.array([list(x) for x in batch["labels"]], type=pa.list_(pa.int32())),
-                "topk_logprobs": pa.array(
-                    [[list(t) for t in x] for x in batch["topk_logprobs"]], type=pa.list_(pa.list_(pa.float32(), k))
-                ),
-                "topk_indices": pa.array(
-                    [[list(t) for t in x] for x in batch["topk_indices"]], type=pa.list_(pa.list_(pa.int32(), k))
-                ),
-                "rest_mass": pa.array([list(x) for x in batch["rest_mass"]], type=pa.list_(pa.float32())),
-            }
-        )
+        table = cache_table(batch, k, cfg.kd.cache_precision, vocab)
         pq.write_table(table, tmp / shard_name(n_shards))
         n_rows += len(table)
+        n_tokens += sum(len(x) for x in batch["input_ids"])
         n_shards += 1
-    (tmp / CACHE_MANIFEST).write_text(json.dumps({"key": key, "rows": n_rows, "shards": n_shards}, indent=2))
+    disk = sum(f.stat().st_size for f in tmp.glob("part-*.parquet"))
+    sizes = {
+        "tokens": n_tokens,
+        "payload_bytes_per_token": payload_bytes_per_token(k, cfg.kd.cache_precision, vocab),
+        "disk_bytes": disk,
+        "disk_bytes_per_token": disk / max(n_tokens, 1),
+    }
+    manifest = {"key": key, "rows": n_rows, "shards": n_shards, **sizes}
+    (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2))
     make_shareable(tmp)
     if cache.remote:
         storage.upload(tmp, cache.location, last=CACHE_MANIFEST)
@@ -286,7 +293,11 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         if cache_dir.exists():
             cache_dir.rmdir()  # empty: check_cache refuses a non-empty directory without a manifest
         os.replace(tmp, cache_dir)  # the cache appears complete or not at all
-    say(f"[raydist] teacher cache: {n_rows} sequences, top-{k}, in {time.time() - t0:.0f}s -> {cache.location}")
+    say(
+        f"[raydist] teacher cache: {n_rows} sequences, top-{k} ({cfg.kd.cache_precision} log-probabilities, "
+        f"{sizes['payload_bytes_per_token']} bytes per token, {sizes['disk_bytes_per_token']:.0f} on disk), in "
+        f"{time.time() - t0:.0f}s -> {cache.location}"
+    )
     return cache.location, n_shards
 
 

@@ -3,9 +3,14 @@
 Layout of a cache directory (written to a temporary sibling and renamed into place, so a half-written
 cache is never read):
 
-  cache.json           the key (teacher, data, tokenizer, k, temperature) and row/shard counts
-  part-*.parquet       rows in training order: input_ids, labels (as tokenized), topk_logprobs [T][k],
-                       topk_indices [T][k], rest_mass [T]
+  cache.json           the key (teacher, data, tokenizer, k, temperature, precision), row/shard/token counts and
+                       bytes per token (the payload, and on disk)
+  part-*.parquet       rows in training order: input_ids, labels (as tokenized), topk_logprobs [T][k] (float16 by
+                       default, ``kd.cache_precision``), topk_indices [T][k] (uint16 when the vocabulary fits,
+                       else int32), rest_mass [T] (float32: the leftover mass is often tiny)
+
+With k = 64, float16 log-probabilities and 2-byte ids a token costs 260 bytes of payload (516 with float32 and
+int32), in DistillKit's range (~300 bytes per token).
 
 Entry ``t`` of a row is the teacher's distribution computed from ``logits[:, t]`` (it predicts token
 ``t + 1``), the alignment ``kd_losses.topk_kd_loss`` expects.
@@ -24,7 +29,8 @@ import torch
 from raydist.distill.losses import teacher_topk
 
 CACHE_MANIFEST = "cache.json"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+PRECISIONS = {"float16": np.float16, "float32": np.float32}  # of the stored log-probabilities
 
 
 class CacheMismatchError(ValueError):
@@ -38,7 +44,13 @@ def tokenizer_hash(tokenizer) -> str:
 
 
 def cache_key(
-    *, teacher_hash: str, data_fingerprint: str, tokenizer_hash: str, top_k: int, temperature: float
+    *,
+    teacher_hash: str,
+    data_fingerprint: str,
+    tokenizer_hash: str,
+    top_k: int,
+    temperature: float,
+    precision: str = "float16",
 ) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
@@ -47,7 +59,49 @@ def cache_key(
         "tokenizer": tokenizer_hash,
         "top_k": top_k,
         "temperature": float(temperature),
+        "precision": precision,
     }
+
+
+def index_dtype(vocab_size: int) -> type:
+    """The narrowest integer type that holds every token id of the vocabulary."""
+    return np.uint16 if vocab_size <= 1 << 16 else np.int32
+
+
+def payload_bytes_per_token(top_k: int, precision: str, vocab_size: int) -> int:
+    """Bytes a cached token costs before Parquet's compression: k log-probabilities, k ids, the leftover mass."""
+    return top_k * (np.dtype(PRECISIONS[precision]).itemsize + np.dtype(index_dtype(vocab_size)).itemsize) + 4
+
+
+def cache_table(batch: dict[str, Any], top_k: int, precision: str, vocab_size: int):
+    """One Parquet shard's table from a batch of cache rows (``input_ids``, ``labels``, ``topk_logprobs`` [T, k],
+    ``topk_indices`` [T, k], ``rest_mass`` [T] per row), built from flat numpy arrays and row offsets (no Python
+    loop over tokens)."""
+    import pyarrow as pa
+
+    lengths = [len(x) for x in batch["input_ids"]]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+    def flat(col: str, dtype) -> np.ndarray:
+        parts = []
+        for x in batch[col]:
+            a = np.asarray(x)
+            parts.append((np.stack(list(a)) if a.dtype == object else a).astype(dtype, copy=False).reshape(-1))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    def listed(values):
+        return pa.ListArray.from_arrays(offsets, values)
+
+    topk = lambda col, dtype: listed(pa.FixedSizeListArray.from_arrays(pa.array(flat(col, dtype)), top_k))  # noqa: E731
+    return pa.table(
+        {
+            "input_ids": listed(pa.array(flat("input_ids", np.int32))),
+            "labels": listed(pa.array(flat("labels", np.int32))),
+            "topk_logprobs": topk("topk_logprobs", PRECISIONS[precision]),
+            "topk_indices": topk("topk_indices", index_dtype(vocab_size)),
+            "rest_mass": listed(pa.array(flat("rest_mass", np.float32))),
+        }
+    )
 
 
 def check_cache(cache_dir: Path, key: dict[str, Any]) -> bool:

@@ -115,14 +115,26 @@ def test_mismatched_tokenizer_is_refused(teacher, tmp_path):
 
 
 def test_cache_with_full_vocab_reproduces_online_training(teacher, online_run, tmp_path):
-    """k = vocab size: the cached top-k loss is the full loss, so training matches the online run."""
+    """k = vocab size with float32 storage: the cached top-k loss is the full loss, so training matches the online
+    run; the default float16 storage reads back through Ray Data and trains within half precision of it."""
     cache = tmp_path / "cache"
-    cfg = distill_cfg(teacher, tmp_path, teacher_mode="cache", top_k=512, cache_dir=str(cache))
+    cfg = distill_cfg(
+        teacher, tmp_path, teacher_mode="cache", top_k=512, cache_dir=str(cache), cache_precision="float32"
+    )
     art = run_distill(config_from_dict(DistillConfig, cfg))
-    assert json.loads((cache / "cache.json").read_text())["key"]["top_k"] == 512
+    manifest = json.loads((cache / "cache.json").read_text())
+    assert manifest["key"]["top_k"] == 512 and manifest["payload_bytes_per_token"] == 512 * 4 + 512 * 2 + 4
+    assert 0 < manifest["disk_bytes_per_token"] and manifest["tokens"] > 0
     online, cached = train_losses(online_run), train_losses(art.parent)
     for step in range(1, 9):
         assert cached[step] == pytest.approx(online[step], rel=1e-3), step
+    half = {**cfg, "kd": {**cfg["kd"], "cache_dir": str(tmp_path / "cache16"), "cache_precision": "float16"}}
+    half["run"] = {**cfg["run"], "name": "kd-fp16"}
+    half["train"] = {**cfg["train"], "max_steps": 2, "eval_every": None, "checkpoint_every": None}
+    run_distill(config_from_dict(DistillConfig, half))
+    assert json.loads((tmp_path / "cache16" / "cache.json").read_text())["payload_bytes_per_token"] == 512 * 4 + 4
+    fp16 = train_losses(tmp_path / "kd-fp16")
+    assert fp16[1] == pytest.approx(online[1], rel=1e-2)
     m = read_manifest(art)
     assert m["teacher_mode"] == "cache" and m["metrics"]["eval_ppl"] < m["metrics"]["pruned_before_training_ppl"]
     # A second run with the same teacher/data/tokenizer/k reuses the cache untouched ...

@@ -1,0 +1,49 @@
+"""The teacher cache's on-disk format: compact columns that read back into the tensors the loss expects."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raydist.config import ModelConfig
+from raydist.core.data import collate, iter_rows
+from raydist.core.models import load_model
+from raydist.distill.teacher_cache import cache_table, index_dtype, payload_bytes_per_token, topk_rows
+
+
+def test_bytes_per_token():
+    assert payload_bytes_per_token(64, "float16", 49152) == 64 * 2 + 64 * 2 + 4 == 260  # SmolLM2's vocabulary
+    assert payload_bytes_per_token(64, "float32", 49152) == 64 * 4 + 64 * 2 + 4
+    assert payload_bytes_per_token(64, "float32", 151_936) == 516  # ids need int32 beyond 65536 tokens
+    assert index_dtype(65536) is np.uint16 and index_dtype(65537) is np.int32
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_cache_rows_round_trip_through_parquet(tmp_path, precision):
+    model = load_model(ModelConfig(path="tiny-random"), seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(4, 512, (n,), generator=g).numpy() for n in (7, 12, 3)]
+    cols = topk_rows(model, rows, k=8, temperature=1.0, pad_id=0)
+    batch = {"input_ids": np.array(rows, dtype=object), "labels": np.array(rows, dtype=object)}
+    # as Ray Data hands them over: per row an object array of per-token arrays
+    for name, values in cols.items():
+        out = np.empty(len(values), dtype=object)
+        out[:] = [np.array(list(v), dtype=object) if v.ndim == 2 else v for v in values]
+        batch[name] = out
+    table = cache_table(batch, 8, precision, vocab_size=512)
+    expected = {"float16": "halffloat", "float32": "float"}[precision]
+    assert str(table.schema.field("topk_logprobs").type.value_type.value_type) == expected
+    assert str(table.schema.field("topk_indices").type.value_type.value_type) == "uint16"
+    pq.write_table(table, tmp_path / "part.parquet")
+    back = pq.read_table(tmp_path / "part.parquet").to_pydict()
+    read = {k: np.array([np.array(x) for x in v], dtype=object) for k, v in back.items()}
+    got = collate(list(iter_rows(read)), pad_id=0)
+    for i, n in enumerate(len(r) for r in rows):
+        want = torch.from_numpy(cols["topk_logprobs"][i].astype(np.dtype(precision)).astype(np.float32))
+        assert torch.equal(got["topk_logprobs"][i, :n], want)
+        assert torch.equal(got["topk_indices"][i, :n], torch.from_numpy(cols["topk_indices"][i].astype(np.int64)))
+        assert torch.equal(got["rest_mass"][i, :n], torch.from_numpy(cols["rest_mass"][i]))
+        assert got["input_ids"][i, :n].tolist() == rows[i].tolist()
+    if precision == "float16":  # what half precision costs the log-probabilities: ~1e-3 relative
+        err = (got["topk_logprobs"][0, :7] - torch.from_numpy(cols["topk_logprobs"][0])).abs()
+        assert float(err.max()) < 1e-2
