@@ -3,22 +3,17 @@ parsing, the bootstrap intervals, the results keys, the BENCHMARKS.md section, a
 model (the benchmark's full run takes about an hour and is not a test)."""
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-SCRIPT = REPO / "scripts" / "bench" / "distill.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_distill", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_bench):
+    return load_bench("distill")
 
 
 def test_variants_take_on_policy_keys(bench):

@@ -1,20 +1,12 @@
 """The pure parts of ``scripts/bench/gpu.py`` (its CPU-mode run end to end is
 ``tests/integration/test_gpu_bench_cpu_mode.py``): the FLOP count behind its MFU, and its BENCHMARKS.md section."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "bench" / "gpu.py"
 
 
 @pytest.fixture(scope="module")
-def gpu_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_bench(load_bench):
+    return load_bench("gpu")
 
 
 def test_flops_per_token_of_the_smollm2_360m_shape(gpu_bench, tmp_path):
