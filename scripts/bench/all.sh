@@ -15,14 +15,13 @@
 # ../shared/data/seed_tasks.jsonl (skipped without them). Run it on an otherwise idle machine: the figures are
 # timings, and each benchmark records the machine's load beside them.
 #
-# Expected duration: about 2 h 10 min on the 2-core CPU box the current results were measured on. This is an
-# estimate from the wall times those results files record, not a measurement of this script: finetune 17 min
-# (overhead part 7.1 min and LoRA part 2.8 min by their *_wall_s; the TRL peer records no wall time, its 20 steps
-# took 6.9 min), distill 43.6 min (runtime_s), compress 26.3 min (seconds), sweep 10.3 min (sweep_wall_s +
-# naive_wall_s), serve 6.4 min (wall_min), pipeline 26.9 min (chain_to_served_s) = 130 min, plus start-up of
-# each; several of those runs shared the box with other jobs, so a quiet box may take less. The GPU benchmarks
-# add a few minutes each (distill_gpu: 79 + 81 s of runs in distill_gpu.json; gpu: budgeted for under 9 min, its
-# wall_s in gpu.json once measured).
+# Expected duration: about 2 h 15 min on a quiet 2-core AMD EPYC (the box the current results were measured on).
+# Measured by this script there: `all.sh finetune distill pipeline` took 62.5 min (finetune 15.8, distill 26.6,
+# pipeline 20.0). From the wall times the other results files record: compress 32 min, sweep 10.3 min
+# (sweep_wall_s + naive_wall_s), serve 7 min (wall_min). distill has since gained two on-policy runs and the
+# generation metric (not measured yet; roughly +20 min by the other runs' times). The GPU benchmarks add a few
+# minutes each (distill_gpu: 79 + 81 s of runs in distill_gpu.json; gpu: budgeted for under 9 min, its wall_s in
+# gpu.json once measured).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
