@@ -323,6 +323,18 @@ def collate(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str, 
     return out
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation, so every row continues at the last column: ``input_ids`` and
+    ``attention_mask`` [B, T] long."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def _collate_teacher_cache(rows, width: int) -> dict[str, torch.Tensor]:
     k = len(np.stack(list(rows[0]["topk_indices"]))[0])
     logp = torch.zeros((len(rows), width, k), dtype=torch.float32)

@@ -32,6 +32,7 @@ from raydist.config.base import ModelConfig
 from raydist.config.distill import DistillConfig
 from raydist.core import storage
 from raydist.core.artifact import write_manifest
+from raydist.core.data import IGNORE_INDEX
 from raydist.core.evaluation import perplexity
 from raydist.core.models import (
     hash_model_source,
@@ -65,7 +66,7 @@ from raydist.distill.losses import (
     kd_loss_on_rows,
     topk_kd_loss_on_rows,
 )
-from raydist.distill.on_policy import is_on_policy, on_policy_batch, prompt_lengths
+from raydist.distill.on_policy import is_on_policy, on_policy_batch
 from raydist.distill.teacher_cache import (
     CACHE_MANIFEST,
     cache_key,
@@ -98,12 +99,12 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
     # what the cluster cannot place is refused before anything is written
     run_dir, resuming = open_run_dir(cfg, ARTIFACT_DIR, prepare=lambda: plan_training(cfg))
     say(f"[raydist] run dir: {run_dir.location} ({'resuming' if resuming else 'new run'})")
-    cross = _cross_tokenizer(cfg, tokenizer)
+    student_tok = _own_student_tokenizer(cfg, tokenizer)
+    cross = student_tok is not None
+    data_model = cfg.teacher
     if cross:  # the student learns on its own tokens; the teacher gets its own in every step (cross_tokenizer.py)
-        student_cfg = ModelConfig(path=cfg.student.path)
-        tokenizer = load_tokenizer(student_cfg)
+        tokenizer, data_model = student_tok, ModelConfig(path=cfg.student.path)
         say("[raydist] student and teacher tokenizers differ: universal logit distillation on aligned tokens")
-    data_model = ModelConfig(path=cfg.student.path) if cross else cfg.teacher
     counts = tokenize_once(run_dir, cfg.data, data_model, cfg.train.seed, tokenizer, say)
     if cfg.kd.on_policy.lmbda > 0:
         _check_prompts(run_dir.local)
@@ -127,11 +128,13 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
     return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} (distill)", say)
 
 
-def _cross_tokenizer(cfg: DistillConfig, teacher_tok) -> bool:
-    """Whether the (pretrained) student's tokenizer differs from the teacher's (only kd.loss uld gets here then)."""
+def _own_student_tokenizer(cfg: DistillConfig, teacher_tok):
+    """The (pretrained) student's tokenizer when it differs from the teacher's (only kd.loss uld gets here then),
+    else None."""
     if cfg.student.source != "pretrained" or cfg.kd.loss != "uld":
-        return False
-    return not shares_vocabulary(teacher_tok, load_tokenizer(ModelConfig(path=cfg.student.path)))
+        return None
+    student_tok = load_tokenizer(ModelConfig(path=cfg.student.path))
+    return None if shares_vocabulary(teacher_tok, student_tok) else student_tok
 
 
 def _check_prompts(run_dir: Path) -> None:
@@ -139,7 +142,7 @@ def _check_prompts(run_dir: Path) -> None:
     import pyarrow.parquet as pq
 
     labels = pq.read_table(run_dir / "data" / "train.parquet", columns=["labels"]).column("labels").to_pylist()
-    bad = sum(1 for row in labels if prompt_lengths(torch.tensor([row]))[0] == 0)
+    bad = sum(1 for row in labels if row and row[0] != IGNORE_INDEX)  # a target from the first token: no prompt
     if bad:
         raise ValueError(
             f"kd.on_policy: {bad} of {len(labels)} training rows have no prompt (no label -100 before their first "

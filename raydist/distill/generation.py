@@ -6,7 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
-from raydist.core.data import DataError, expand_instruction_records, instruction_to_messages
+from raydist.core.data import DataError, expand_instruction_records, instruction_to_messages, left_pad
 
 
 def prompt_records(records: Sequence[dict[str, Any]], fmt: str) -> list[dict[str, Any]]:
@@ -39,13 +39,9 @@ def generate_answers(
 ) -> list[str]:
     """Generate one answer per prompt (left-padded batch). Returns the decoded new text, special tokens removed."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
+    ids, mask = left_pad(prompts, pad)
+    width = ids.shape[1]
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(

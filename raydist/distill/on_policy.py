@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from raydist.core.data import IGNORE_INDEX, collate
+from raydist.core.data import IGNORE_INDEX, collate, left_pad
 
 
 def is_on_policy(seed: int, micro: int, lmbda: float) -> bool:
@@ -61,12 +61,8 @@ def sample_completions(
     """The student's completion of each prompt (up to and including its first EOS), sampled at
     ``temperature`` (0 = greedy) with an RNG seeded by ``seed`` (global RNG state untouched)."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):  # left padding: generation continues every row at its last column
-        ids[i, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, width - len(p) :] = 1
+    ids, mask = left_pad(prompts, pad_id)
+    width = ids.shape[1]
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
