@@ -2,7 +2,8 @@
 
 Why it exists: on x86 CPUs with AVX2 but without VNNI, fbgemm (PyTorch's int8 path) sums u8 x s8 products in
 saturating int16, so exact 8-bit activations needed each weight packed as two codes (twice the bytes and the
-work); this kernel widens to int16 and sums in int32 (exact), reading each int8 weight byte once. It is built
+work); this kernel multiplies |w| by the activation carrying w's sign, whose pair sums cannot saturate int16, and
+sums those in int32 (exact), reading each int8 weight byte once. It is built
 with PyTorch's C++ extension builder (ninja and a C++ compiler, as DeepSpeed's CPU ops need) into
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) once per machine; each process then loads
 the built library. Where it cannot be built or the CPU lacks AVX2, ``int8_kernel_available()`` is False with
@@ -30,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("int8_avx2.cpp")
-ROWS_PER_BLOCK = 4  # the kernel's packed layout: [N / 4, K / 16, 4, 16]
-K_STEP = 16
+ROWS_PER_BLOCK = 4  # the kernel's packed layout: [N / 4, K / 32, 4, 32]
+K_STEP = 32
 
 # The schema is defined here (not in the C++ file) so TorchScript code can name the op in every process, also
 # where the library is not built (it then never calls it).
@@ -108,7 +109,7 @@ def int8_kernel_note() -> Optional[str]:
 
 
 def pack_int8(qweight: torch.Tensor) -> torch.Tensor:
-    """The kernel's layout of an int8 weight [N, K]: [ceil(N/4), ceil(K/16), 4, 16], zero-padded, contiguous."""
+    """The kernel's layout of an int8 weight [N, K]: [ceil(N/4), ceil(K/32), 4, 32], zero-padded, contiguous."""
     n, k = qweight.shape
     np_, kp = -(-n // ROWS_PER_BLOCK) * ROWS_PER_BLOCK, -(-k // K_STEP) * K_STEP
     w = F.pad(qweight.detach().cpu().to(torch.int8), (0, kp - k, 0, np_ - n))
