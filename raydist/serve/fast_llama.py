@@ -56,6 +56,23 @@ def _linear(
     return x @ wt
 
 
+def _normed_linear(
+    x: torch.Tensor,
+    norm: torch.Tensor,
+    eps: float,
+    packed: Optional[Packed],
+    wt: Optional[torch.Tensor],
+    smooth: Optional[torch.Tensor],
+    split: bool,
+    qw: Optional[torch.Tensor] = None,
+    qs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``_linear(rms_norm(x))`` for ``x`` [M, H]; one op on raydist's int8 kernel (the norm fused into it)."""
+    if qw is not None and qs is not None and smooth is None:
+        return torch.ops.raydist.int8_linear_rms(x, norm, eps, qw, qs)
+    return _linear(F.rms_norm(x, [x.shape[-1]], norm, eps), packed, wt, smooth, split, qw, qs)
+
+
 def _layers(
     x: torch.Tensor,
     cos: torch.Tensor,
@@ -84,8 +101,9 @@ def _layers(
     half = d // 2
     for i in range(len(norms1)):
         j = 4 * i
-        h = F.rms_norm(x, [x.shape[-1]], norms1[i], eps1[i]).view(b * t, -1)
-        qkv = _linear(h, packed[j], dense[j], smooth[j], split, qw[j], qs[j]).view(b, t, nq + 2 * nkv, d)
+        h = x.reshape(b * t, -1)
+        qkv = _normed_linear(h, norms1[i], eps1[i], packed[j], dense[j], smooth[j], split, qw[j], qs[j])
+        qkv = qkv.view(b, t, nq + 2 * nkv, d)
         qk = qkv[:, :, : nq + nkv]
         qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
         keys[i][:, :, past : past + t] = qk[:, :, nq:].transpose(1, 2)
@@ -99,8 +117,10 @@ def _layers(
         )
         a = a.transpose(1, 2).reshape(b * t, nq * d)
         x = x + _linear(a, packed[j + 1], dense[j + 1], smooth[j + 1], split, qw[j + 1], qs[j + 1]).view(b, t, -1)
-        h = F.rms_norm(x, [x.shape[-1]], norms2[i], eps2[i]).view(b * t, -1)
-        gu = _linear(h, packed[j + 2], dense[j + 2], smooth[j + 2], split, qw[j + 2], qs[j + 2])
+        h = x.reshape(b * t, -1)
+        gu = _normed_linear(
+            h, norms2[i], eps2[i], packed[j + 2], dense[j + 2], smooth[j + 2], split, qw[j + 2], qs[j + 2]
+        )
         inter = gu.shape[-1] // 2
         act = F.silu(gu[:, :inter]) * gu[:, inter:]
         x = x + _linear(act, packed[j + 3], dense[j + 3], smooth[j + 3], split, qw[j + 3], qs[j + 3]).view(b, t, -1)
@@ -448,5 +468,12 @@ class FastLlama:
             x = x + la.down(F.silu(gu[:, :inter]) * gu[:, inter:]).view(b, t, -1)
         if not all_positions:
             x = x[:, -1:]
-        h = F.rms_norm(x, (x.shape[-1],), self.final_norm, self.final_eps)
-        return self.lm_head(h.reshape(-1, h.shape[-1])).view(b, h.shape[1], -1)
+        head = self.lm_head
+        h = x.reshape(-1, x.shape[-1])
+        if isinstance(head, _Int8Dynamic):
+            y = _normed_linear(
+                h, self.final_norm, self.final_eps, head.packed, None, head.smooth, SPLIT_INT8, head.qw, head.qs
+            )
+        else:
+            y = head(F.rms_norm(h, (h.shape[-1],), self.final_norm, self.final_eps))
+        return y.view(b, x.shape[1], -1)

@@ -151,7 +151,85 @@ inline void tile(const int8_t* a, int64_t lda, const int8_t* wb, int64_t kp, con
     for (int64_t j = 0; j < nb; ++j) y[i * ldy + j] = float(r[i][j]) * ascale[i] * wscale[j];
 }
 
-at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& s_in) {
+inline float hmax(__m256 v) {
+  float buf[8];
+  _mm256_storeu_ps(buf, v);
+  float m = 0.f;
+  for (float x : buf) m = std::max(m, x);
+  return m;
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Activations: per-row symmetric int8 codes in [-127, 127] (K padded with zeros) and their scales. With a norm
+// weight g, each row is first RMS-normalized as torch's rms_norm does (x * rsqrt(mean(x^2) + eps), then * g):
+// fusing the norm into the product saves a separate op per linear (a large share of a batch-1 decode step).
+void quantize_rows(const float* xp, int64_t M, int64_t K, int64_t kp, const float* g, float eps, int8_t* qa,
+                   float* ascale) {
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the lane interleaving of the packs
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  std::vector<float> normed(g ? static_cast<size_t>(K) : 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+    if (g) {
+      __m256 ss = _mm256_setzero_ps();
+      int64_t k = 0;
+      for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(xr + k);
+        ss = _mm256_fmadd_ps(v, v, ss);
+      }
+      float sum = hsum(ss);
+      for (; k < K; ++k) sum += xr[k] * xr[k];
+      const float r = 1.f / std::sqrt(sum / float(K) + eps);
+      const __m256 vr = _mm256_set1_ps(r);
+      k = 0;
+      for (; k + 8 <= K; k += 8)
+        _mm256_storeu_ps(normed.data() + k,
+                         _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vr), _mm256_loadu_ps(g + k)));
+      for (; k < K; ++k) normed[k] = (xr[k] * r) * g[k];
+      xr = normed.data();
+    }
+    __m256 mx = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+    float amax = hmax(mx);
+    for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+    amax = std::max(amax, 1e-12f);
+    ascale[m] = amax / 127.f;
+    const float inv = 127.f / amax;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    int8_t* q = qa + m * kp;
+    k = 0;
+    for (; k + KS <= K; k += KS) {  // round half to even (the default MXCSR mode), like torch.round
+      __m256i c[4];
+      for (int h = 0; h < 4; ++h) c[h] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * h), vinv));
+      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(b, order));
+    }
+    for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(xr[k] * inv));
+  }
+}
+
+// fn(t, n) for t in [0, n): on the kernel's own workers where OpenMP's sleep (spin: they wait a while for the next
+// job first), else on OpenMP's team (its threads spin between regions; a second team would fight them).
+void run_parallel(int n, bool spin, const std::function<void(int, int)>& fn) {
+  if (n <= 1) {
+    fn(0, 1);
+  } else if (omp_threads_sleep()) {
+    Pool::get().run(n, spin, fn);
+  } else {
+    at::parallel_for(0, n, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) fn(static_cast<int>(t), n);
+    });
+  }
+}
+
+at::Tensor product(const at::Tensor& x_in, const float* g, double eps, const at::Tensor& w_in, const at::Tensor& s_in) {
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 4 && s_in.dim() == 1,
               "int8_linear: x [M, K], packed w [N/4, K/32, 4, 32], scale [N]");
   TORCH_CHECK(w_in.scalar_type() == at::kChar && w_in.size(2) == NB && w_in.size(3) == KS,
@@ -166,37 +244,14 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at:
   const int64_t M = x.size(0), K = x.size(1), N = s.size(0), kp = w.size(1) * KS;
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-
-  // Activations: per-row symmetric int8 codes in [-127, 127], K padded with zeros.
   std::vector<int8_t> qa(static_cast<size_t>(M * kp), 0);
   std::vector<float> ascale(static_cast<size_t>(M));
   const float* xp = x.data_ptr<float>();
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the lane interleaving of the packs
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xp + m * K;
-    __m256 mx = _mm256_setzero_ps();
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
-    float buf[8];
-    _mm256_storeu_ps(buf, mx);
-    float amax = 0.f;
-    for (float v : buf) amax = std::max(amax, v);
-    for (; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-    amax = std::max(amax, 1e-12f);
-    ascale[m] = amax / 127.f;
-    const float inv = 127.f / amax;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    int8_t* q = qa.data() + m * kp;
-    k = 0;
-    for (; k + KS <= K; k += KS) {  // round half to even (the default MXCSR mode), like torch.round
-      __m256i c[4];
-      for (int h = 0; h < 4; ++h) c[h] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xr + k + 8 * h), vinv));
-      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), _mm256_permutevar8x32_epi32(b, order));
-    }
-    for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(xr[k] * inv));
-  }
+  const int qthreads = M >= 16 ? std::min<int>(at::get_num_threads(), static_cast<int>(M / 8)) : 1;  // prefill
+  run_parallel(qthreads, false, [&](int t, int n) {
+    const int64_t m0 = M * t / n, m1 = M * (t + 1) / n;
+    quantize_rows(xp + m0 * K, m1 - m0, K, kp, g, static_cast<float>(eps), qa.data() + m0 * kp, ascale.data() + m0);
+  });
 
   const int8_t* a = qa.data();
   const int8_t* wp = w.data_ptr<int8_t>();
@@ -212,23 +267,32 @@ at::Tensor int8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at:
       const int64_t n0 = b * NB, nb = std::min<int64_t>(NB, N - n0);
       const int8_t* wb = wp + b * kp * NB;
       int64_t m = 0;
-      // 3 rows x 4 weight rows: 12 accumulators and the widened weight (activations are memory operands)
+      // 3 rows x 4 weight rows: 12 accumulators, the weight and |weight|, one temporary
       for (; m + 3 <= M; m += 3) tile<3>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
       if (M - m == 2) tile<2>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
       if (M - m == 1) tile<1>(a + m * kp, kp, wb, kp, ascale.data() + m, sp + n0, yp + m * N + n0, N, nb);
     }
   };
-  if (omp_threads_sleep()) {
-    Pool::get().run(threads, M <= 4, part);  // spin after small products only (decode at small batches)
-  } else {  // OpenMP's threads spin between regions: they are the ones to use (a second team would fight them)
-    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) part(static_cast<int>(t), threads);
-    });
-  }
+  run_parallel(threads, M <= 4, part);  // spin after small products only (decode at small batches)
   return y;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s) {
+  return product(x, nullptr, 0.0, w, s);
+}
+
+// rms_norm(x, g, eps) then int8_linear, in one op.
+at::Tensor int8_linear_rms(const at::Tensor& x, const at::Tensor& g_in, double eps, const at::Tensor& w,
+                           const at::Tensor& s) {
+  TORCH_CHECK(g_in.dim() == 1 && x.dim() == 2 && g_in.size(0) == x.size(1), "int8_linear_rms: norm weight [K]");
+  const at::Tensor g = g_in.to(at::kFloat).contiguous();
+  return product(x, g.data_ptr<float>(), eps, w, s);
 }
 
 }  // namespace
 
 // The schema is defined in native.py (so TorchScript can name the op where this library is not built).
-TORCH_LIBRARY_IMPL(raydist, CPU, m) { m.impl("int8_linear", &int8_linear); }
+TORCH_LIBRARY_IMPL(raydist, CPU, m) {
+  m.impl("int8_linear", &int8_linear);
+  m.impl("int8_linear_rms", &int8_linear_rms);
+}

@@ -38,6 +38,8 @@ K_STEP = 32
 # where the library is not built (it then never calls it).
 _LIB = torch.library.Library("raydist", "FRAGMENT")
 _LIB.define("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor")
+# rms_norm(x, g, eps) then int8_linear in one op (the norm before a decoder layer's first linears).
+_LIB.define("int8_linear_rms(Tensor x, Tensor g, float eps, Tensor w, Tensor scale) -> Tensor")
 
 _LOCK = threading.Lock()
 _STATE: dict[str, Optional[str]] = {}  # "note": None when loaded, else why not
@@ -128,3 +130,11 @@ def int8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.T
     qa, sa = quantize_rows(x.float())
     acc = (qa.double() @ qweight.double().T).float()
     return acc * sa * scale.float()
+
+
+def int8_linear_rms_reference(
+    x: torch.Tensor, g: torch.Tensor, eps: float, qweight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """What ``raydist::int8_linear_rms`` computes: torch's rms_norm, then :func:`int8_linear_reference` (the
+    kernel sums the squares in another order, so an activation code may differ by one where it rounds at .5)."""
+    return int8_linear_reference(F.rms_norm(x.float(), (x.shape[-1],), g.float(), eps), qweight, scale)
