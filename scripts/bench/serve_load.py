@@ -538,8 +538,10 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(
                 "- This run's CPU has no VNNI (ISA: " + (", ".join(isa) or "none recorded") + "): fbgemm would sum "
                 "u8 x s8 pairs in saturating int16 there, so int8_dynamic layers run raydist's own AVX2 kernel "
-                "(`raydist.int8_avx2`, raydist/compress/quant/native.py: int16 products summed in int32, exact, one "
-                "byte per weight; where it cannot be built, fbgemm with each weight packed as two codes). When the "
+                "(`raydist.int8_avx2`, raydist/compress/quant/native.py: |w| times the activation with w's sign, pair "
+                "sums that cannot saturate int16, summed in int32, exact, one byte per weight; the decoder's RMS "
+                "norms fused into the products that read them; where it cannot be built, fbgemm with each weight "
+                "packed as two codes). When the "
                 "winner is beyond 1 % of dense, the engine ratios compare dense with CTranslate2."
             )
     return "\n".join(lines) + "\n"
