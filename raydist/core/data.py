@@ -336,15 +336,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 def _collate_teacher_cache(rows, width: int) -> dict[str, torch.Tensor]:
-    k = len(np.stack(list(rows[0]["topk_indices"]))[0])
+    """The cache's columns of each row (``topk_*`` flat [T * k], as the cache stores them) into padded tensors:
+    one copy per row and column."""
+    n0 = len(rows[0]["input_ids"])
+    k = len(rows[0]["topk_indices"]) // max(n0, 1)
     logp = torch.zeros((len(rows), width, k), dtype=torch.float32)
     idx = torch.zeros((len(rows), width, k), dtype=torch.long)
     rest = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        logp[i, :n] = torch.from_numpy(np.stack(list(r["topk_logprobs"])).astype(np.float32))  # float16 stored
-        idx[i, :n] = torch.from_numpy(np.stack(list(r["topk_indices"])).astype(np.int64))  # uint16 / int32 stored
-        rest[i, :n] = torch.as_tensor(np.asarray(r["rest_mass"], dtype=np.float32))
+        logp[i, :n] = torch.from_numpy(np.asarray(r["topk_logprobs"]).reshape(n, k).astype(np.float32))
+        idx[i, :n] = torch.from_numpy(np.asarray(r["topk_indices"]).reshape(n, k).astype(np.int64))
+        rest[i, :n] = torch.from_numpy(np.asarray(r["rest_mass"], dtype=np.float32))
     return {"topk_logprobs": logp, "topk_indices": idx, "rest_mass": rest}
 
 

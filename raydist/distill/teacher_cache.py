@@ -5,9 +5,9 @@ cache is never read):
 
   cache.json           the key (teacher, data, tokenizer, k, temperature, precision), row/shard/token counts and
                        bytes per token (the payload, and on disk)
-  part-*.parquet       rows in training order: input_ids, labels (as tokenized), topk_logprobs [T][k] (float16 by
-                       default, ``kd.cache_precision``), topk_indices [T][k] (uint16 when the vocabulary fits,
-                       else int32), rest_mass [T] (float32: the leftover mass is often tiny)
+  part-*.parquet       rows in training order: input_ids, labels (as tokenized), topk_logprobs [T * k] (row-major
+                       [T, k], float16 by default, ``kd.cache_precision``), topk_indices [T * k] (uint16 when the
+                       vocabulary fits, else int32), rest_mass [T] (float32: the leftover mass is often tiny)
 
 With k = 64, float16 log-probabilities and 2-byte ids a token costs 260 bytes of payload (516 with float32 and
 int32), in DistillKit's range (~300 bytes per token).
@@ -29,7 +29,7 @@ import torch
 from raydist.distill.losses import teacher_topk
 
 CACHE_MANIFEST = "cache.json"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: the top-k columns flat per row
 PRECISIONS = {"float16": np.float16, "float32": np.float32}  # of the stored log-probabilities
 
 
@@ -92,7 +92,10 @@ def cache_table(batch: dict[str, Any], top_k: int, precision: str, vocab_size: i
     def listed(values):
         return pa.ListArray.from_arrays(offsets, values)
 
-    topk = lambda col, dtype: listed(pa.FixedSizeListArray.from_arrays(pa.array(flat(col, dtype)), top_k))  # noqa: E731
+    # The [T, k] columns are stored flat per row (T * k values): a reader gets one contiguous array per row
+    # (a reshape away from [T, k]) instead of T small arrays, which nested lists become in numpy.
+    k_offsets = pa.array((np.concatenate([[0], np.cumsum(lengths)]) * top_k).astype(np.int32))
+    topk = lambda col, dtype: pa.ListArray.from_arrays(k_offsets, pa.array(flat(col, dtype)))  # noqa: E731
     return pa.table(
         {
             "input_ids": listed(pa.array(flat("input_ids", np.int32))),

@@ -58,6 +58,12 @@ Data (``--seed-tasks``, default ``../shared/data/seed_tasks.jsonl``; CC BY-NC, n
     Both runs see the same batches in the same order, so the median of the per-step ratios is also given
     (less sensitive to a long batch landing in one side's window). Eval perplexities of both: goal within 1 %.
 
+   With a teacher >= 4x the student (``--skip-big-teacher`` skips it): the same pair of KD runs, online and
+   from the same cache, with a much smaller student (``--small-drop-layers`` 28, ``--small-mlp-keep`` 0.5:
+   ~33M parameters, most of them the tied embedding, against the teacher's 135M): ``cache_speedup_big_teacher``
+   (goal >= 2), ``cache_ppl_rel_diff`` (cache / online eval ppl - 1, goal within 1 %), and the cache's
+   ``cache_bytes_per_token`` (payload; ``cache_disk_bytes_per_token`` after Parquet's compression).
+
 Runs are named by a hash of their config under ``<out>/runs``; a completed run found there is reused
 (so ``--out`` makes a partial rerun cheap), and reused runs are marked as such in the results.
 
@@ -199,13 +205,23 @@ def teacher_config(args, train: Path, evals: Path) -> dict[str, Any]:
 
 
 def student_config(
-    args, teacher: Path, train: Path, evals: Path, out: Path, *, kd: dict[str, Any], lr: float
+    args,
+    teacher: Path,
+    train: Path,
+    evals: Path,
+    out: Path,
+    *,
+    kd: dict[str, Any],
+    lr: float,
+    small: bool = False,
 ) -> dict[str, Any]:
+    """A student run's config; ``small``: the much smaller student of the cache-speed comparison."""
+    drop, keep = (args.small_drop_layers, args.small_mlp_keep) if small else (args.drop_layers, args.mlp_keep)
     return {
         "teacher": {"path": str(teacher)},
         "student": {
             "source": "pruned",
-            "prune": {"drop_layers": args.drop_layers, "mlp_keep_ratio": args.mlp_keep, "calibration_batches": 8},
+            "prune": {"drop_layers": drop, "mlp_keep_ratio": keep, "calibration_batches": 8},
         },
         "data": data_section(args, train, evals),
         "kd": {
@@ -360,6 +376,37 @@ def cpu_per_step(sampler: CpuSampler, times: dict[int, float]) -> dict[int, dict
         foreign = max(w.box_busy - w.own, 0.0) / gap if gap > 0 else 0.0
         out[s] = {"rank_cpu_s": w.procs.get(RANKS, 0.0), "foreign_cores": foreign}
     return out
+
+
+def cache_comparison(online: dict[str, Any], cache: dict[str, Any], sampler: CpuSampler) -> dict[str, Any]:
+    """Step time and work per step of a cache run against its online twin (same init, batches and order)."""
+    on, ca = steady(step_gaps(online["step_times"])), steady(step_gaps(cache["step_times"]))
+    paired = [on[s] / ca[s] for s in on if s in ca and ca[s] > 0]
+    # The same comparison by the training ranks' CPU seconds per step: the work a step costs, nearly
+    # independent of how busy other jobs kept the shared box (wall times are not).
+    on_c = steady(cpu_per_step(sampler, online["step_times"]))
+    ca_c = steady(cpu_per_step(sampler, cache["step_times"]))
+    on_s, ca_s = median_or_none(on.values()), median_or_none(ca.values())
+    on_cpu = median_or_none(c["rank_cpu_s"] for c in on_c.values())
+    ca_cpu = median_or_none(c["rank_cpu_s"] for c in ca_c.values())
+    return {
+        "online_step_s": on_s,
+        "cache_step_s": ca_s,
+        "online_step_gaps": on,
+        "cache_step_gaps": ca,
+        "cache_speedup": on_s / ca_s if on_s and ca_s else None,
+        "cache_speedup_paired": median_or_none(paired),
+        "online_step_rank_cpu_s": on_cpu,
+        "cache_step_rank_cpu_s": ca_cpu,
+        "cache_speedup_cpu": on_cpu / ca_cpu if on_cpu and ca_cpu else None,
+        "online_step_cpu": on_c,
+        "cache_step_cpu": ca_c,
+    }
+
+
+def speedup_ceiling(teacher_params: int, student_params: int) -> float:
+    """What dropping the teacher's forward can save on a compute-bound step (forward ~ 1/3 of fwd + bwd)."""
+    return (teacher_params + 3 * student_params) / (3 * student_params)
 
 
 # ----------------------------------------------------------------------------------------------- noise
@@ -593,6 +640,36 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             ),
             ("cache build (one-off)", f"{fmt(r['cache_build_s'], 0)} s", ""),
         ]
+    if r.get("cache_bytes_per_token") is not None:
+        rows.append(
+            (
+                "cache size per token",
+                f"{r['cache_bytes_per_token']} B",
+                f"{fmt(r.get('cache_disk_bytes_per_token'), 0)} B on disk "
+                f"({r.get('cache_precision')} log-probabilities)",
+            )
+        )
+    bt = r.get("big_teacher")
+    if bt:
+        rows += [
+            (
+                f"small student, online KD ({bt['student_params']:,} params; teacher "
+                f"{bt['teacher_over_student_params']:.1f}x)",
+                fmt(bt["online_eval_ppl"]),
+                "",
+            ),
+            (
+                "small student, KD from the cache",
+                fmt(bt["cache_eval_ppl"]),
+                f"vs online {100 * r['cache_ppl_rel_diff']:+.2f} % (cache_ppl_rel_diff)",
+            ),
+            (
+                "small student: step time online / cache (median)",
+                f"{fmt(bt['online_step_s'])} s / {fmt(bt['cache_step_s'])} s",
+                f"cache_speedup_big_teacher = {fmt(bt['cache_speedup'])}x (by the ranks' CPU seconds "
+                f"{fmt(bt['cache_speedup_cpu'])}x; ceiling {bt['cache_speedup_ceiling']:.2f}x)",
+            ),
+        ]
     return rows
 
 
@@ -704,6 +781,21 @@ def markdown_section(r: dict[str, Any]) -> str:
             "The cache trains on a different objective (top-k plus one bucket for the missing mass, a lower "
             "bound of the full KL), so the two students differ by more than float noise.",
         ]
+    bt = r.get("big_teacher")
+    if bt:
+        goal_s = "meets" if (bt["cache_speedup"] or 0) >= 2 else "misses"
+        goal_p = "within" if abs(r["cache_ppl_rel_diff"]) <= 0.01 else "outside"
+        lines += [
+            "",
+            f"Cache with a teacher {bt['teacher_over_student_params']:.1f}x the student (where a cache is meant to "
+            f"pay): the same KD run with a student of {bt['student_params']:,} parameters ({bt['drop_layers']} "
+            f"layers dropped, {bt['mlp_keep']:.0%} of MLP channels kept), online and from the same cache, same "
+            f"steps: {fmt(bt['cache_speedup'])}x per step by wall time ({goal_s} the ≥ 2x goal; "
+            f"{fmt(bt['cache_speedup_cpu'])}x by CPU work; compute-bound ceiling {bt['cache_speedup_ceiling']:.2f}x), "
+            f"eval ppl {100 * r['cache_ppl_rel_diff']:+.2f} % vs online ({goal_p} the 1 % goal). The cache costs "
+            f"{r.get('cache_bytes_per_token')} bytes per token ({fmt(r.get('cache_disk_bytes_per_token'), 0)} on "
+            "disk after Parquet's compression).",
+        ]
     if r.get("generation"):
         lines += ["", *generation_markdown(r)]
     if r.get("notes"):
@@ -790,6 +882,9 @@ def main() -> None:
         help="no KD-from-cache run (the CE student still trains in cache mode unless --ce-online)",
     )
     ap.add_argument("--ce-online", action="store_true", help="run the CE student with the online teacher")
+    ap.add_argument("--skip-big-teacher", action="store_true", help="no cache-vs-online pair with the small student")
+    ap.add_argument("--small-drop-layers", type=int, default=28, help="layers the small student drops")
+    ap.add_argument("--small-mlp-keep", type=float, default=0.5, help="MLP channels the small student keeps")
     ap.add_argument("--skip-bootstrap", action="store_true", help="no per-sequence rescoring / intervals")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the results files alone")
     ap.add_argument(
@@ -842,6 +937,17 @@ def main() -> None:
                 "kd-cache",
                 student_config(args, teacher, train, evals, out, kd={**kd_main, "teacher_mode": "cache"}, lr=args.lr),
                 runs,
+            )
+        small_runs = None  # the cache where it is meant to pay: a teacher >= 4x the student, same steps
+        if cache_run is not None and not args.skip_big_teacher:
+            small_runs = tuple(
+                run_stage(
+                    "distill",
+                    tag,
+                    student_config(args, teacher, train, evals, out, kd=kd, lr=args.lr, small=True),
+                    runs,
+                )
+                for tag, kd in (("kd-small", kd_main), ("kd-small-cache", {**kd_main, "teacher_mode": "cache"}))
             )
         ce_mode = "online" if args.ce_online else "cache"
         ce_kd = {**kd_main, "ce_weight": 1.0, "teacher_mode": ce_mode}
@@ -946,45 +1052,45 @@ def main() -> None:
     ev = [h for h in read_history(Path(kd_run["run_dir"]) / "metrics.jsonl") if "eval_tokens" in h]
     r["eval_tokens"] = ev[0]["eval_tokens"] if ev else None
     if cache_run is not None:
-        on, ca = steady(step_gaps(kd_run["step_times"])), steady(step_gaps(cache_run["step_times"]))
-        paired = [on[s] / ca[s] for s in on if s in ca and ca[s] > 0]
         c_m = metrics_of(cache_run)
+        r.update(cache_comparison(kd_run, cache_run, sampler))
         r.update(
             {
-                "online_step_s": median_or_none(on.values()),
-                "cache_step_s": median_or_none(ca.values()),
-                "online_step_gaps": on,
-                "cache_step_gaps": ca,
-                "cache_speedup_paired": median_or_none(paired),
                 "online_eval_ppl": kd_m["eval_ppl"],
                 "cache_eval_ppl": c_m["eval_ppl"],
                 "cache_build_s": cache_run["cache_build_s"],
                 "cache_run": student_summary(cache_run, {**kd_main, "teacher_mode": "cache"}, args.lr, sampler),
             }
         )
-        # The same comparison by the training ranks' CPU seconds per step: the work a step costs, nearly
-        # independent of how busy other jobs kept the shared box (wall times are not).
-        on_c, ca_c = (
-            steady(cpu_per_step(sampler, kd_run["step_times"])),
-            steady(cpu_per_step(sampler, cache_run["step_times"])),
-        )
-        on_cpu = median_or_none(c["rank_cpu_s"] for c in on_c.values())
-        ca_cpu = median_or_none(c["rank_cpu_s"] for c in ca_c.values())
-        r.update(
-            {
-                "online_step_rank_cpu_s": on_cpu,
-                "cache_step_rank_cpu_s": ca_cpu,
-                "cache_speedup_cpu": on_cpu / ca_cpu if on_cpu and ca_cpu else None,
-                "online_foreign_cores": r["kd"]["mean_foreign_cores"],
-                "cache_foreign_cores": r["cache_run"]["mean_foreign_cores"],
-                "online_step_cpu": on_c,
-                "cache_step_cpu": ca_c,
-            }
-        )
-        r["cache_speedup"] = (r["online_step_s"] / r["cache_step_s"]) if r["cache_step_s"] else None
-        # Compute-bound ceiling (forward ~ 1/3 of forward + backward): what dropping the teacher forward can save.
-        r["cache_speedup_ceiling"] = (teacher_params + 3 * student_params) / (3 * student_params)
+        r["online_foreign_cores"] = r["kd"]["mean_foreign_cores"]
+        r["cache_foreign_cores"] = r["cache_run"]["mean_foreign_cores"]
+        r["cache_speedup_ceiling"] = speedup_ceiling(teacher_params, student_params)
         r["cache_rows"] = cache_run["cache_rows"]
+        cache_manifest = json.loads((out / "teacher_cache" / "cache.json").read_text())
+        r["cache_bytes_per_token"] = cache_manifest.get("payload_bytes_per_token")
+        r["cache_disk_bytes_per_token"] = cache_manifest.get("disk_bytes_per_token")
+        r["cache_precision"] = cache_manifest["key"].get("precision")
+    if small_runs is not None:
+        online_s, cache_s = small_runs
+        small_params = online_s["manifest"]["num_parameters"]
+        cmp = cache_comparison(online_s, cache_s, sampler)
+        on_ppl, ca_ppl = metrics_of(online_s)["eval_ppl"], metrics_of(cache_s)["eval_ppl"]
+        r["big_teacher"] = {
+            "student_params": small_params,
+            "teacher_over_student_params": teacher_params / small_params,
+            "student_shape": online_s["manifest"].get("student", {}).get("after"),
+            "drop_layers": args.small_drop_layers,
+            "mlp_keep": args.small_mlp_keep,
+            "online_eval_ppl": on_ppl,
+            "cache_eval_ppl": ca_ppl,
+            "cache_speedup_ceiling": speedup_ceiling(teacher_params, small_params),
+            **cmp,
+            "online_run": student_summary(online_s, kd_main, args.lr, sampler),
+            "cache_run": student_summary(cache_s, {**kd_main, "teacher_mode": "cache"}, args.lr, sampler),
+        }
+        r["cache_speedup_big_teacher"] = cmp["cache_speedup"]
+        r["cache_speedup_big_teacher_cpu"] = cmp["cache_speedup_cpu"]
+        r["cache_ppl_rel_diff"] = ca_ppl / on_ppl - 1
         r["cache_vs_online_ppl_pct"] = 100 * (c_m["eval_ppl"] / kd_m["eval_ppl"] - 1)
         if cache_run["cache_reused"] or cache_run["reused"]:
             notes.append("the teacher cache was reused from an earlier run (build time not measured now)")
@@ -1028,6 +1134,7 @@ def main() -> None:
             teacher_run and teacher_run["loadavg_at_start"],
             kd_run["loadavg_at_start"],
             cache_run and cache_run["loadavg_at_start"],
+            *[x["loadavg_at_start"] for x in small_runs or ()],
             ce_run["loadavg_at_start"],
             *[v["loadavg_at_start"] for v in variants],
             *[v["loadavg_at_start"] for v in on_policy],

@@ -32,8 +32,10 @@ def test_cache_rows_round_trip_through_parquet(tmp_path, precision):
         batch[name] = out
     table = cache_table(batch, 8, precision, vocab_size=512)
     expected = {"float16": "halffloat", "float32": "float"}[precision]
-    assert str(table.schema.field("topk_logprobs").type.value_type.value_type) == expected
-    assert str(table.schema.field("topk_indices").type.value_type.value_type) == "uint16"
+    # stored flat per row (T * k values), so a reader gets one array per row, not T of them
+    assert str(table.schema.field("topk_logprobs").type.value_type) == expected
+    assert str(table.schema.field("topk_indices").type.value_type) == "uint16"
+    assert [len(x) for x in table.column("topk_indices").to_pylist()] == [8 * len(r) for r in rows]
     pq.write_table(table, tmp_path / "part.parquet")
     back = pq.read_table(tmp_path / "part.parquet").to_pydict()
     read = {k: np.array([np.array(x) for x in v], dtype=object) for k, v in back.items()}
