@@ -318,7 +318,7 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
             shutil.rmtree(ckpt, ignore_errors=True)
     manifest = read_manifest(run_dir / "artifact")
     times = step_times(run_dir)
-    m = re.search(r"teacher cache: (\d+) sequences, top-(\d+), in (\d+)s", log)
+    m = re.search(r"teacher cache: (\d+) sequences, top-(\d+)[^\n]*?, in (\d+)s", log)
     return {
         "tag": tag,
         "run_dir": str(run_dir),
