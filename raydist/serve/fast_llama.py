@@ -12,8 +12,12 @@ layer:
   RMSNorm weight in front of them and down_proj's into up_proj's row scales (exact: per-row int8 scales), so
   no division is left but o_proj's; at one row fbgemm's per-tensor activation scale *is* the per-token
   scale, so the per-token rescaling is skipped there;
+* on raydist's own int8 kernel (``compress/quant/native.py``, CPUs with AVX2 but without VNNI) the RMSNorm in
+  front of q/k/v, gate/up and the head is fused into the product that reads it (one op instead of two);
 * RoPE is applied to q and k in one go; the KV cache is a preallocated buffer per layer (no concatenation
-  per step) that the engine can still select rows from and merge (continuous batching).
+  per step) that the engine can still select rows from and merge (continuous batching);
+* a decode step's attention (one query token per row) runs raydist's kernel (``serve/attention_avx2.cpp``)
+  where it is built: PyTorch's SDPA is built for long queries (about 6x slower at batch 1 on SmolLM2's heads).
 
 ``FastLlama.build(model)`` returns None for anything it does not reproduce exactly (another architecture,
 biases, a rope the model's own ``rotary_emb`` does not cover, int4 or other quantized layers): the engine then
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydist.compress.quant import native
 from raydist.compress.quant.layer import SPLIT_INT8, Packed, QuantizedLinear, int8_dynamic_linear
 
 SUPPORTED_TYPES = ("llama",)
@@ -94,6 +99,7 @@ def _layers(
     nkv: int,
     d: int,
     split: bool,
+    native_attention: bool = False,
 ) -> torch.Tensor:
     """Every decoder layer on ``x`` [B, T, H]; linears 4 per layer (qkv, o, gate_up, down) in the flat lists.
     ``keys`` / ``values`` [B, kv_heads, capacity, d] hold ``past`` positions and get the T new ones."""
@@ -108,14 +114,18 @@ def _layers(
         qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
         keys[i][:, :, past : past + t] = qk[:, :, nq:].transpose(1, 2)
         values[i][:, :, past : past + t] = qkv[:, :, nq + nkv :].transpose(1, 2)
-        a = F.scaled_dot_product_attention(
-            qk[:, :, :nq].transpose(1, 2),
-            keys[i][:, :, : past + t],
-            values[i][:, :, : past + t],
-            attn_mask=mask,
-            enable_gqa=nq != nkv,
-        )
-        a = a.transpose(1, 2).reshape(b * t, nq * d)
+        if t == 1 and native_attention:  # decode: raydist's kernel (SDPA is built for long queries)
+            a = torch.ops.raydist.decode_attention(qk[:, 0, :nq], keys[i], values[i], mask.reshape(b, -1), d**-0.5)
+            a = a.reshape(b, nq * d)
+        else:
+            a = F.scaled_dot_product_attention(
+                qk[:, :, :nq].transpose(1, 2),
+                keys[i][:, :, : past + t],
+                values[i][:, :, : past + t],
+                attn_mask=mask,
+                enable_gqa=nq != nkv,
+            )
+            a = a.transpose(1, 2).reshape(b * t, nq * d)
         x = x + _linear(a, packed[j + 1], dense[j + 1], smooth[j + 1], split, qw[j + 1], qs[j + 1]).view(b, t, -1)
         h = x.reshape(b * t, -1)
         gu = _normed_linear(
@@ -351,6 +361,7 @@ class FastLlama:
             nkv=self.n_kv,
             d=self.head_dim,
             split=SPLIT_INT8,
+            native_attention=self.head_dim in (16, 32, 64, 128) and native.int8_kernel_available(),
         )
 
     @classmethod

@@ -1,4 +1,6 @@
-"""raydist's own int8 CPU kernel (``int8_avx2.cpp``, op ``raydist::int8_linear``), built on first use.
+"""raydist's own CPU kernels, built on first use: the int8 product (``int8_avx2.cpp``, ops ``raydist::int8_linear``
+and ``raydist::int8_linear_rms``) and one decode token's attention (``serve/attention_avx2.cpp``,
+``raydist::decode_attention``, used by the serving engine's fast path).
 
 Why it exists: on x86 CPUs with AVX2 but without VNNI, fbgemm (PyTorch's int8 path) sums u8 x s8 products in
 saturating int16, so exact 8-bit activations needed each weight packed as two codes (twice the bytes and the
@@ -30,7 +32,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("int8_avx2.cpp")
+SOURCES = [
+    Path(__file__).with_name("int8_avx2.cpp"),
+    Path(__file__).parents[2] / "serve" / "attention_avx2.cpp",  # one decode token's attention (fast_llama)
+]
 ROWS_PER_BLOCK = 4  # the kernel's packed layout: [N / 4, K / 32, 4, 32]
 K_STEP = 32
 
@@ -40,6 +45,8 @@ _LIB = torch.library.Library("raydist", "FRAGMENT")
 _LIB.define("int8_linear(Tensor x, Tensor w, Tensor scale) -> Tensor")
 # rms_norm(x, g, eps) then int8_linear in one op (the norm before a decoder layer's first linears).
 _LIB.define("int8_linear_rms(Tensor x, Tensor g, float eps, Tensor w, Tensor scale) -> Tensor")
+# Attention of one new token per row against the KV cache (serve/attention_avx2.cpp).
+_LIB.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor")
 
 _LOCK = threading.Lock()
 _STATE: dict[str, Optional[str]] = {}  # "note": None when loaded, else why not
@@ -77,7 +84,7 @@ def _build() -> None:
         print(f"raydist: building the int8 AVX2 kernel under {root} (once per machine) ...", file=sys.stderr)
     cpp_extension.load(
         name="raydist_int8_avx2",
-        sources=[str(SOURCE)],
+        sources=[str(src) for src in SOURCES],
         extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -99,6 +106,11 @@ def int8_kernel_available() -> bool:
                     y = torch.ops.raydist.int8_linear(x, pack_int8(w), torch.ones(5))
                     if not torch.equal(y, int8_linear_reference(x, w, torch.ones(5))):
                         raise RuntimeError("the built kernel disagrees with the reference on a test product")
+                    q, kv = torch.randn(2, 4, 16), torch.randn(2, 2, 5, 16)
+                    m = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+                    a = torch.ops.raydist.decode_attention(q, kv, kv, m.bool(), 0.35)
+                    if not torch.allclose(a, decode_attention_reference(q, kv, kv, m, 0.35), atol=1e-5):
+                        raise RuntimeError("the built decode attention disagrees with torch's SDPA")
                 except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a failed build: fall back to fbgemm
                     note = f"could not build or load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
             _STATE["note"] = note
@@ -138,3 +150,20 @@ def int8_linear_rms_reference(
     """What ``raydist::int8_linear_rms`` computes: torch's rms_norm, then :func:`int8_linear_reference` (the
     kernel sums the squares in another order, so an activation code may differ by one where it rounds at .5)."""
     return int8_linear_reference(F.rms_norm(x.float(), (x.shape[-1],), g.float(), eps), qweight, scale)
+
+
+def decode_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """What ``raydist::decode_attention`` computes, with torch's SDPA: q [B, nq, d] against the first L = mask's
+    width positions of k, v [B, nkv, capacity, d] where mask [B, L] is true; [B, nq, d]."""
+    n = mask.shape[1]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None].float(),
+        k[:, :, :n].float(),
+        v[:, :, :n].float(),
+        attn_mask=mask.bool()[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out[:, :, 0]

@@ -132,3 +132,45 @@ def test_fused_rms_norm_product_matches_norm_then_product(m, n, k):
     assert ((y - ref).abs() <= 2 * step).all()
     # and elsewhere only the last bits of the scales differ
     assert ((y - ref).abs() > 1e-5 * ref.abs().max()).float().mean() < 0.05
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,nq,nkv,d,length,cap", [(1, 9, 3, 64, 1, 4), (3, 9, 3, 64, 80, 96), (2, 4, 4, 16, 13, 13)])
+def test_decode_attention_matches_sdpa_under_padding(b, nq, nkv, d, length, cap):
+    g = torch.Generator().manual_seed(b * 100 + length)
+    q = torch.randn(b, nq, d, generator=g)
+    k, v = torch.randn(b, nkv, cap, d, generator=g) * 2, torch.randn(b, nkv, cap, d, generator=g)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    for i in range(1, b):  # left padding of different widths; the newest position is always there
+        mask[i, : min(i * 5, length - 1)] = False
+    got = torch.ops.raydist.decode_attention(q, k, v, mask, d**-0.5)
+    want = native.decode_attention_reference(q, k, v, mask, d**-0.5)
+    assert got.shape == (b, nq, d)
+    assert torch.allclose(got, want, atol=2e-6, rtol=1e-5)
+    # positions past the mask's width and masked ones do not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, length:] = 1e4
+    v2[0, :, length:] = float("nan")
+    if b > 1:
+        k2[1, :, 0] = 1e4
+    assert torch.equal(torch.ops.raydist.decode_attention(q, k2, v2, mask, d**-0.5), got)
+
+
+@needs_kernel
+def test_decode_attention_refuses_bad_shapes():
+    with pytest.raises(RuntimeError, match="head_dim 16, 32, 64 or 128"):
+        torch.ops.raydist.decode_attention(
+            torch.randn(1, 2, 6),
+            torch.randn(1, 1, 3, 6),
+            torch.randn(1, 1, 3, 6),
+            torch.ones(1, 3, dtype=torch.bool),
+            0.5,
+        )
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        torch.ops.raydist.decode_attention(
+            torch.randn(1, 2, 8),
+            torch.randn(1, 1, 3, 8),
+            torch.randn(1, 1, 3, 8),
+            torch.ones(1, 4, dtype=torch.bool),
+            0.5,
+        )
