@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from raydist.compress.quant import native
 from raydist.compress.quant.quantize import quantize_model
 from raydist.config import ModelConfig
 from raydist.core.models import load_model
@@ -53,6 +54,8 @@ def test_dense_fast_path_equals_transformers_forward_batched_and_left_padded(den
     fast, hf = BatchGenerator(dense, tiny_tokenizer), BatchGenerator(dense, tiny_tokenizer, fast=False)
     assert isinstance(fast.fast, FastLlama) and hf.fast is None
     assert isinstance(fast.fast.layers[0].qkv, _Dense) and fast.fast._script is not None  # TorchScript layers
+    # decode steps run raydist's attention kernel wherever it is built (so the comparisons below cover it)
+    assert fast.fast._flat["native_attention"] == native.int8_kernel_available()
     assert _max_logprob_diff(fast.generate(_requests(tiny_tokenizer)), hf.generate(_requests(tiny_tokenizer))) < 1e-4
     # all positions' logits of a left-padded prefill, straight against the model's forward
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
