@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from raydist.serve.fast_llama import FastLlama
+from raydist.serve.fast_llama import FastLlama, KVLayer
 
 
 @dataclass(frozen=True)
@@ -528,6 +528,9 @@ class BatchGenerator:
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
         for la, lb in zip(layers_a, layers_b):  # keys/values [B, kv_heads, T, head_dim]
+            if isinstance(la, KVLayer) and isinstance(lb, KVLayer):  # the fast path's cache: one copy
+                la.join(lb, width)
+                continue
             # both computed before either is assigned (a fast-path cache layer's length follows its keys)
             la.keys, la.values = (
                 torch.cat([left_pad(la.keys, t_a, -2), left_pad(lb.keys, t_b, -2)], dim=0),

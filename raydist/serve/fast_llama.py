@@ -300,6 +300,21 @@ class KVLayer:
                 nv[:, :, : self.length] = self.values
             self._k, self._v = nk, nv
 
+    def join(self, other: "KVLayer", width: int, room: int = 64) -> None:
+        """Append ``other``'s rows after this layer's, both left-padded with zeros to ``width`` positions, into
+        one new buffer with ``room`` free positions after them: one copy per merge (a concatenation followed
+        by the next step's growth would copy the cache twice)."""
+        ka, kb = self.keys, other.keys
+        ba, bb = ka.shape[0], kb.shape[0]
+        shape = (ba + bb, ka.shape[1], width + room, ka.shape[-1])
+        nk, nv = ka.new_empty(shape), ka.new_empty(shape)
+        for buf, a, b in ((nk, ka, kb), (nv, self.values, other.values)):
+            buf[:ba, :, : width - a.shape[-2]] = 0  # masked, but must stay finite (0 x NaN is NaN)
+            buf[:ba, :, width - a.shape[-2] : width] = a
+            buf[ba:, :, : width - b.shape[-2]] = 0
+            buf[ba:, :, width - b.shape[-2] : width] = b
+        self._k, self._v, self.length = nk, nv, width
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``/``v`` [B, kv_heads, T, head_dim] after the used part; all keys and values so far."""
         need = self.length + k.shape[-2]

@@ -90,6 +90,24 @@ def test_a_row_merged_into_a_running_fast_batch_decodes_as_if_alone(dense, tiny_
     assert max(abs(p.logprob - q.logprob) for p, q in zip(long.logprobs, ref.logprobs)) < 1e-4
 
 
+def test_a_longer_prompt_joining_pads_the_running_rows_and_both_decode_as_if_alone(dense, tiny_tokenizer):
+    engine = BatchGenerator(dense, tiny_tokenizer)
+    short, long = tiny_tokenizer.encode("x"), tiny_tokenizer.encode("a much longer prompt that joins a short batch")
+    alone = [engine.generate([GenerationRequest(p, SamplingParams(8, 0.0))])[0].token_ids for p in (short, long)]
+    state, first_a = engine.prefill([GenerationRequest(short, SamplingParams(8, 0.0))])
+    second_a = engine.step(state)[0]
+    new, first_b = engine.prefill([GenerationRequest(long, SamplingParams(8, 0.0))])
+    engine.merge(state, new)
+    layer = state.cache.layers[0]
+    assert layer._k.shape[-2] > layer.length  # the merged cache has room: the next step does not copy it again
+    tokens = [[first_a[0].token_id, second_a.token_id], [first_b[0].token_id]]
+    while not state.done:
+        for i, out in enumerate(engine.step(state)):
+            if out is not None:
+                tokens[i].append(out.token_id)
+    assert tokens == alone
+
+
 def test_int8_dynamic_layers_are_fused_with_smoothing_folded_and_match_the_quantized_model(dense, tiny_tokenizer):
     model = copy.deepcopy(dense)
     cal = torch.randint(4, 512, (4, 32), generator=torch.Generator().manual_seed(5))
