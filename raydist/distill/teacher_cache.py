@@ -80,7 +80,8 @@ def cache_table(batch: dict[str, Any], top_k: int, precision: str, vocab_size: i
     import pyarrow as pa
 
     lengths = [len(x) for x in batch["input_ids"]]
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    offsets = pa.array(ends.astype(np.int32))
 
     def flat(col: str, dtype) -> np.ndarray:
         parts = []
@@ -94,7 +95,7 @@ def cache_table(batch: dict[str, Any], top_k: int, precision: str, vocab_size: i
 
     # The [T, k] columns are stored flat per row (T * k values): a reader gets one contiguous array per row
     # (a reshape away from [T, k]) instead of T small arrays, which nested lists become in numpy.
-    k_offsets = pa.array((np.concatenate([[0], np.cumsum(lengths)]) * top_k).astype(np.int32))
+    k_offsets = pa.array((ends * top_k).astype(np.int32))
     topk = lambda col, dtype: pa.ListArray.from_arrays(k_offsets, pa.array(flat(col, dtype)))  # noqa: E731
     return pa.table(
         {

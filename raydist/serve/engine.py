@@ -531,7 +531,6 @@ class BatchGenerator:
             if isinstance(la, KVLayer) and isinstance(lb, KVLayer):  # the fast path's cache: one copy
                 la.join(lb, width)
                 continue
-            # both computed before either is assigned (a fast-path cache layer's length follows its keys)
             la.keys, la.values = (
                 torch.cat([left_pad(la.keys, t_a, -2), left_pad(lb.keys, t_b, -2)], dim=0),
                 torch.cat([left_pad(la.values, t_a, -2), left_pad(lb.values, t_b, -2)], dim=0),

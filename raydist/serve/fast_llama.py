@@ -261,8 +261,8 @@ class _Layer:
 class KVLayer:
     """One layer's keys and values [B, kv_heads, capacity, head_dim], of which ``length`` positions are used.
 
-    ``keys`` / ``values`` are views of the used part; assigning them replaces the buffer (what the engine's
-    merge does), so the engine treats this like a transformers cache layer.
+    ``keys`` / ``values`` are views of the used part, as a transformers cache layer has them; the engine's
+    merge uses :meth:`join`.
     """
 
     is_sliding = False
@@ -276,17 +276,9 @@ class KVLayer:
     def keys(self) -> torch.Tensor:
         return self._k[:, :, : self.length]
 
-    @keys.setter
-    def keys(self, value: torch.Tensor) -> None:
-        self._k, self.length = value, value.shape[-2]
-
     @property
     def values(self) -> torch.Tensor:
         return self._v[:, :, : self.length]
-
-    @values.setter
-    def values(self, value: torch.Tensor) -> None:
-        self._v = value
 
     def reserve(self, like: torch.Tensor) -> None:
         """Grow the buffers (keeping what they hold) so ``like`` [B, kv_heads, T, head_dim] fits after it."""
