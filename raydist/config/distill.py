@@ -77,6 +77,12 @@ class OnPolicySettings(StrictModel):
         "reverse_kl", description="Divergence on the student's own tokens (jsd uses `beta`)."
     )
     beta: float = Field(0.5, ge=0, le=1, description="Generalized JSD mixture weight for loss 'jsd'.")
+    start_step: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps trained on the dataset's responses (off-policy KD) before on-policy batches "
+        "begin: a warm start, as recipes that distil on-policy from a fine-tuned student do (0 = from the start).",
+    )
 
 
 class KDSettings(StrictModel):
@@ -153,5 +159,11 @@ class DistillConfig(StageConfig):
             raise ValueError(
                 "kd.on_policy needs prompts to complete: use instruction or chat data (data.train.format) "
                 "without packing"
+            )
+        op, steps = self.kd.on_policy, self.train.max_steps
+        if op.lmbda > 0 and op.start_step > 0 and steps is not None and op.start_step >= steps:
+            raise ValueError(
+                f"kd.on_policy.start_step ({op.start_step}) must be below train.max_steps ({steps}): "
+                "no on-policy batch would run"
             )
         return self

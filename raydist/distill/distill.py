@@ -124,6 +124,8 @@ def run_distill(cfg: DistillConfig, *, verbose: bool = True) -> Path:
     if cfg.kd.on_policy.lmbda > 0:
         op = cfg.kd.on_policy
         what += f", on-policy {op.loss} on {op.lmbda:g} of the batches"
+        if op.start_step:
+            what += f" from step {op.start_step + 1}"
     train_on_ray(distill_loop_per_worker, cfg, run_dir, counts, extra, say, what, train_files=train_files)
     return finish_run(run_dir, ARTIFACT_DIR, cfg.run.stop_after_steps, f"{run_dir.name} (distill)", say)
 
@@ -394,7 +396,7 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
         teacher_pad = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else teacher_tok.eos_token_id
 
     def loss_fn(b: dict[str, torch.Tensor], step_targets: int) -> torch.Tensor:
-        on_policy = is_on_policy(cfg.train.seed, session.micro, op.lmbda)
+        on_policy = session.step >= op.start_step and is_on_policy(cfg.train.seed, session.micro, op.lmbda)
         if on_policy:  # the student completes the prompts; the teacher scores the student's tokens
             b = on_policy_batch(
                 engine.module.student,

@@ -74,6 +74,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``_upcast(logits) / temperature``, without the division (a pass over [N, V], and one more in the
+    backward) at temperature 1."""
+    z = _upcast(logits)
+    return z if temperature == 1 else z / temperature
+
+
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) per row from log-probabilities [N, V] → [N]. Rows need not be exactly normalised."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -175,8 +182,8 @@ def kd_loss_on_rows(
             f"{list(teacher_logits.shape)}"
         )
     vocab = min(student_logits.size(-1), teacher_logits.size(-1))
-    s_logp = torch.log_softmax(_upcast(student_logits[:, :vocab]) / temperature, dim=-1)  # [N, V] float32
-    t_logp = torch.log_softmax(_upcast(teacher_logits.detach()[:, :vocab]) / temperature, dim=-1)  # [N, V]
+    s_logp = torch.log_softmax(_tempered(student_logits[:, :vocab], temperature), dim=-1)  # [N, V] float32
+    t_logp = torch.log_softmax(_tempered(teacher_logits.detach()[:, :vocab], temperature), dim=-1)  # [N, V]
     return _divergence(s_logp, t_logp, kind, beta).sum() * temperature**2
 
 
@@ -214,7 +221,7 @@ def teacher_topk(
     logits = teacher_logits[..., :vocab_size] if vocab_size is not None else teacher_logits
     if not 1 <= k <= logits.size(-1):
         raise ValueError(f"k must be in [1, {logits.size(-1)}], got {k}")
-    logp = torch.log_softmax(_upcast(logits) / temperature, dim=-1)  # [B, T, V]
+    logp = torch.log_softmax(_tempered(logits, temperature), dim=-1)  # [B, T, V]
     values, indices = logp.topk(k, dim=-1, sorted=True)  # [B, T, k] each
     # Leftover mass summed over the complement rather than 1 - sum(top-k): no cancellation when it is
     # tiny (peaked teachers) and exactly 0 when k == V. In place: logp is not needed any more.
@@ -339,7 +346,7 @@ def topk_kd_loss_on_rows(
             f"with teacher_topk(..., vocab_size=<student vocab>)"
         )
 
-    z = _upcast(s) / temperature  # [N, V]
+    z = _tempered(s, temperature)  # [N, V]
     # Only the normaliser and k gathered entries are needed, not a full [N, V] log_softmax.
     s_k = z.gather(-1, idx) - z.logsumexp(-1, keepdim=True)  # [N, k]
     s_rest = (1.0 - s_k.exp().sum(-1)).clamp_min(0.0)  # [N]; clamp: rounding can push it below 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -185,14 +186,27 @@ class TrainingSession:
         while self.step < stop_at:
             # One optimizer step's micro-batches are drawn together so a loss can be normalised by the
             # target-token count of the whole step (all micro-batches, all ranks) — see ``LossFn``.
+            # This rank's seconds per phase (logged with the step): waiting for data, the loss (the model's
+            # forward, plus whatever the stage adds: a teacher, generation), DeepSpeed's backward (with
+            # ZeRO's gradient reduction) and its step (clipping, optimizer, parameter gather).
+            phases = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
+            t0 = time.perf_counter()
             group = [next(batches) for _ in range(gas)]
+            phases["data"] = time.perf_counter() - t0
             step_targets = sum(g[2] for g in group)
             step_loss, step_tokens = 0.0, 0
             for batch, global_tokens, _ in group:
+                t0 = time.perf_counter()
                 loss = loss_fn({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, step_targets)
+                t1 = time.perf_counter()
                 engine.backward(loss)
+                t2 = time.perf_counter()
                 engine.step()
                 step_loss += loss.item() / gas
+                t3 = time.perf_counter()
+                phases["forward"] += t1 - t0
+                phases["backward"] += t2 - t1
+                phases["optimizer"] += t3 - t2
                 step_tokens += global_tokens
                 self.micro += 1
             self.step += 1
@@ -202,7 +216,8 @@ class TrainingSession:
             lr = engine.get_lr()[0]
             tok_s = self.progress.update(self.step, loss=mean_loss, lr=lr, tokens=step_tokens)
             if self.step % cfg.train.log_every == 0 or self.step == stop_at:
-                self.log({"step": self.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tok_s})
+                phase_s = {k: round(v, 4) for k, v in phases.items()}
+                self.log({"step": self.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tok_s, "phase_s": phase_s})
             self._maybe_fault()
 
             metrics: dict[str, Any] = {"step": self.step, "loss": mean_loss, "lr": lr}

@@ -197,10 +197,10 @@ def test_hidden_state_loss_under_zero3(teacher, tmp_path):
 
 
 def test_on_policy_kd_through_the_cli_under_zero3(teacher, tmp_path):
-    """kd.on_policy: for about half of the micro-batches (a seeded coin per micro-batch) the student, sharded
-    by ZeRO-3 over two workers (ranks kept in step while decoding), completes the instruction prompts and
-    learns the teacher's distribution on its own tokens (reverse KL); the rest train on the dataset's
-    responses."""
+    """kd.on_policy: after start_step off-policy steps, for about half of the micro-batches (a seeded coin per
+    micro-batch) the student, sharded by ZeRO-3 over two workers (ranks kept in step while decoding),
+    completes the instruction prompts and learns the teacher's distribution on its own tokens (reverse KL);
+    the rest train on the dataset's responses. Every step logs its phases' seconds."""
     from raydist.core.data import pydoc_topics_text
     from raydist.distill.on_policy import is_on_policy
 
@@ -211,7 +211,8 @@ def test_on_policy_kd_through_the_cli_under_zero3(teacher, tmp_path):
     ]
     data_file = tmp_path / "tasks.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = distill_cfg(teacher, tmp_path, on_policy={"lmbda": 0.5, "max_new_tokens": 8, "temperature": 1.0})
+    op = {"lmbda": 0.5, "max_new_tokens": 8, "temperature": 1.0, "start_step": 2}
+    cfg = distill_cfg(teacher, tmp_path, on_policy=op)
     cfg["data"] = {"train": {"path": str(data_file), "format": "instruction"}, "seq_len": 64, "max_eval_sequences": 8}
     cfg["deepspeed"]["zero_stage"] = 3
     cfg["train"].update(max_steps=6, eval_every=None, checkpoint_every=None)
@@ -221,8 +222,12 @@ def test_on_policy_kd_through_the_cli_under_zero3(teacher, tmp_path):
     run_dir = tmp_path / "kd"
     history = read_history(run_dir / "metrics.jsonl")
     on = [h for h in history if h.get("event") == "on_policy"]
-    assert [h["micro"] for h in on] == [m for m in range(6) if is_on_policy(0, m, 0.5)]
-    assert 0 < len(on) < 6 and all(0 < h["completion_tokens"] <= 4 * 8 for h in on)
+    # one micro-batch per step here: micro m is step m + 1; the coin picks 1, 2, 3 and 5, start_step drops 1
+    assert [h["micro"] for h in on] == [m for m in range(2, 6) if is_on_policy(0, m, 0.5)] == [2, 3, 5]
+    assert all(h["step"] > 2 and 0 < h["completion_tokens"] <= 4 * 8 for h in on)
+    phases = [h["phase_s"] for h in history if "tokens_per_s" in h]
+    assert len(phases) == 6 and all(set(p) == {"data", "forward", "backward", "optimizer"} for p in phases)
+    assert all(v >= 0 for p in phases for v in p.values()) and all(p["forward"] > 0 for p in phases)
     losses = train_losses(run_dir)
     assert len(losses) == 6 and all(v == v and v < 1e6 for v in losses.values())
     m = read_manifest(run_dir / "artifact")

@@ -19,6 +19,7 @@ def bench(load_bench):
 def test_variants_take_on_policy_keys(bench):
     v = bench.parse_variant("lmbda=0.5,op_loss=jsd,op_temperature=0.7,temperature=2,lr=1e-4")
     assert v == {"on_policy": {"lmbda": 0.5, "loss": "jsd", "temperature": 0.7}, "temperature": 2.0, "lr": 1e-4}
+    assert bench.parse_variant("lmbda=1,op_start_step=15") == {"on_policy": {"lmbda": 1.0, "start_step": 15}}
     with pytest.raises(SystemExit, match="unknown key 'lambda'"):
         bench.parse_variant("lambda=1")
 
