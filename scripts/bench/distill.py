@@ -66,7 +66,10 @@ Data (``--seed-tasks``, default ``../shared/data/seed_tasks.jsonl``; CC BY-NC, n
 
    With a teacher >= 4x the student (``--skip-big-teacher`` skips it): the same pair of KD runs, online and
    from the same cache, with a much smaller student (``--small-drop-layers`` 28, ``--small-mlp-keep`` 0.5:
-   ~33M parameters, most of them the tied embedding, against the teacher's 135M): ``cache_speedup_big_teacher``
+   ~33M parameters, most of them the tied embedding, against the teacher's 135M), once per
+   ``--small-zero-stage`` (default: 2, the protocol's, and 0, plain data parallelism, which is what a student
+   this small needs: ZeRO-2 shards optimizer state and gradients at the price of extra passes and collectives
+   per step, and the goal figures are the lowest stage's): ``cache_speedup_big_teacher``
    (goal >= 2), ``cache_ppl_rel_diff`` (cache / online eval ppl - 1, goal within 1 %), and the cache's
    ``cache_bytes_per_token`` (payload; ``cache_disk_bytes_per_token`` after Parquet's compression).
 
@@ -220,6 +223,7 @@ def student_config(
     kd: dict[str, Any],
     lr: float,
     shape: Optional[tuple[int, float]] = None,
+    zero_stage: int = 2,
 ) -> dict[str, Any]:
     """A student run's config; ``shape``: (layers dropped, MLP share kept) of another student than the headline
     one (the cache-speed comparison's small student, the generation comparison's mildly pruned one)."""
@@ -247,7 +251,7 @@ def student_config(
             "grad_clip": 1.0,
         },
         "train": {"max_steps": args.steps, "micro_batch_size": 2, "seed": args.seed},
-        "deepspeed": {"zero_stage": 2},
+        "deepspeed": {"zero_stage": zero_stage},
         "scaling": {"num_workers": 2},
     }
 
@@ -619,7 +623,13 @@ def ci(b: Optional[dict[str, float]], what: str = "") -> str:
     return f" ({what + ' ' if what else ''}95 % CI {b['ci95_low']:.3f}-{b['ci95_high']:.3f} over eval sequences)"
 
 
+def vs_ce_row(label: str, ppl: float, ce_ppl: float, boot: Optional[dict[str, float]]) -> tuple[str, str, str]:
+    """A KD-like run's table row: its eval ppl and KD/CE ratio (with the bootstrap interval when there is one)."""
+    return (label, fmt(ppl), f"KD/CE ppl = {fmt(ppl / ce_ppl, 3)}{ci(boot)}")
+
+
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
+    ce_ppl = r["ce_student_ppl"]
     rows = [
         (
             "teacher (SmolLM2-135M-Instruct), uncorrected",
@@ -632,23 +642,13 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             fmt(r["pruned_before_training_ppl"]),
             f"{r['student_params']:,} params ({r['student_param_fraction']:.0%} of teacher)",
         ),
-        (f"student, CE only ({r['settings']['steps']} steps)", fmt(r["ce_student_ppl"]), ""),
-        (
-            f"student, KD ({r['kd_label']})",
-            fmt(r["kd_student_ppl"]),
-            f"KD/CE ppl = {fmt(r['kd_over_ce_ppl'], 3)}{ci(r.get('kd_vs_ce'))}",
-        ),
+        (f"student, CE only ({r['settings']['steps']} steps)", fmt(ce_ppl), ""),
+        vs_ce_row(f"student, KD ({r['kd_label']})", r["kd_student_ppl"], ce_ppl, r.get("kd_vs_ce")),
     ]
     for v in r.get("kd_variants", []):
-        rows.append(
-            (
-                f"student, KD variant ({v['label']})",
-                fmt(v["eval_ppl"]),
-                f"KD/CE ppl = {fmt(v['eval_ppl'] / r['ce_student_ppl'], 3)}{ci(v.get('vs_ce'))}",
-            )
-        )
+        rows.append(vs_ce_row(f"student, KD variant ({v['label']})", v["eval_ppl"], ce_ppl, v.get("vs_ce")))
     g = r.get("generation_student")
-    gen_ce_ppl, who = r["ce_student_ppl"], "student"
+    gen_ce_ppl, who = ce_ppl, "student"
     if g and not g["same_as_headline"]:
         gen_ce_ppl, who = g["ce_ppl"], "generation student"
         rows += [
@@ -658,22 +658,13 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"{g['student_params']:,} params ({g['student_param_fraction']:.0%} of teacher), before training",
             ),
             (f"{who}, CE only", fmt(g["ce_ppl"]), ""),
-            (
-                f"{who}, KD ({r['kd_label']})",
-                fmt(g["kd_ppl"]),
-                f"KD/CE ppl = {fmt(g['kd_ppl'] / g['ce_ppl'], 3)}{ci(g.get('kd_vs_ce'))}",
-            ),
+            vs_ce_row(f"{who}, KD ({r['kd_label']})", g["kd_ppl"], g["ce_ppl"], g.get("kd_vs_ce")),
         ]
     for v in r.get("on_policy_runs", []):
         op = v["kd"]["on_policy"]
         start = f", from step {op['start_step'] + 1}" if op.get("start_step") else ""
-        rows.append(
-            (
-                f"{who}, on-policy KD (λ = {v['lmbda']:g}, {op['loss']}{start})",
-                fmt(v["eval_ppl"]),
-                f"KD/CE ppl = {fmt(v['eval_ppl'] / gen_ce_ppl, 3)}{ci(v.get('vs_ce'))}",
-            )
-        )
+        label = f"{who}, on-policy KD (λ = {v['lmbda']:g}, {op['loss']}{start})"
+        rows.append(vs_ce_row(label, v["eval_ppl"], gen_ce_ppl, v.get("vs_ce")))
     if r.get("cache_speedup") is not None:
         rows += [
             (
@@ -719,12 +710,22 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"vs online {100 * r['cache_ppl_rel_diff']:+.2f} % (cache_ppl_rel_diff)",
             ),
             (
-                "small student: step time online / cache (median)",
+                f"small student, ZeRO-{bt.get('zero_stage', 2)}: step time online / cache (median)",
                 f"{fmt(bt['online_step_s'])} s / {fmt(bt['cache_step_s'])} s",
                 f"cache_speedup_big_teacher = {fmt(bt['cache_speedup'])}x (by the ranks' CPU seconds "
                 f"{fmt(bt['cache_speedup_cpu'])}x; ceiling {bt['cache_speedup_ceiling']:.2f}x)",
             ),
         ]
+        for stage, o in (r.get("big_teacher_by_zero_stage") or {}).items():
+            if int(stage) != bt.get("zero_stage", 2):
+                rows.append(
+                    (
+                        f"small student, ZeRO-{stage}: step time online / cache (median)",
+                        f"{fmt(o['online_step_s'])} s / {fmt(o['cache_step_s'])} s",
+                        f"{fmt(o['cache_speedup'])}x (by CPU seconds {fmt(o['cache_speedup_cpu'])}x); eval ppl "
+                        f"{fmt(o['online_eval_ppl'])} / {fmt(o['cache_eval_ppl'])}",
+                    )
+                )
     return rows
 
 
@@ -856,7 +857,8 @@ def markdown_section(r: dict[str, Any]) -> str:
             f"Cache with a teacher {bt['teacher_over_student_params']:.1f}x the student (where a cache is meant to "
             f"pay): the same KD run with a student of {bt['student_params']:,} parameters ({bt['drop_layers']} "
             f"layers dropped, {bt['mlp_keep']:.0%} of MLP channels kept), online and from the same cache, same "
-            f"steps: {fmt(bt['cache_speedup'])}x per step by wall time ({goal_s} the ≥ 2x goal; "
+            f"steps, DeepSpeed ZeRO-{bt.get('zero_stage', 2)}: {fmt(bt['cache_speedup'])}x per step by wall time "
+            f"({goal_s} the ≥ 2x goal; "
             f"{fmt(bt['cache_speedup_cpu'])}x by CPU work; compute-bound ceiling {bt['cache_speedup_ceiling']:.2f}x), "
             f"eval ppl {100 * r['cache_ppl_rel_diff']:+.2f} % vs online ({goal_p} the 1 % goal"
             + (
@@ -870,6 +872,32 @@ def markdown_section(r: dict[str, Any]) -> str:
             f"{r.get('cache_bytes_per_token')} bytes per token ({fmt(r.get('cache_disk_bytes_per_token'), 0)} on "
             "disk after Parquet's compression).",
         ]
+        on_p, ca_p = bt.get("online_phase_s"), bt.get("cache_phase_s")
+        if on_p and ca_p:
+            kept = ca_p["backward"] + ca_p["optimizer"]
+            lines[-1] += (
+                " Where rank 0's step goes (medians, `phase_s` in `metrics.jsonl`): online "
+                + ", ".join(f"{k} {on_p[k]:.2f} s" for k in ("forward", "backward", "optimizer"))
+                + "; from the cache "
+                + ", ".join(f"{k} {ca_p[k]:.2f} s" for k in ("forward", "backward", "optimizer"))
+                + ". The cache removes the teacher's forward; the student's backward (with the gradient "
+                f"reduction over the ranks) and DeepSpeed's optimizer step stay, {kept:.2f} s or "
+                f"{kept / max(sum(ca_p.values()), 1e-9):.0%} of the cached step: with a 49K-token tied embedding "
+                "as most of a ~30M student, those do not shrink with the student's depth."
+            )
+        others = [o for k, o in (r.get("big_teacher_by_zero_stage") or {}).items() if int(k) != bt.get("zero_stage", 2)]
+        for o in others:
+            lines[-1] += (
+                f" With ZeRO-{o['zero_stage']}"
+                + (
+                    " (the protocol's stage, which shards optimizer state and gradients a ~30M student does not "
+                    "need sharded)"
+                    if o["zero_stage"] == 2
+                    else ""
+                )
+                + f": {fmt(o['cache_speedup'])}x "
+                f"({fmt(o['online_step_s'])} s / {fmt(o['cache_step_s'])} s per step)."
+            )
     if r.get("generation"):
         lines += ["", *generation_markdown(r)]
     if r.get("notes"):
@@ -974,6 +1002,14 @@ def main() -> None:
     ap.add_argument("--skip-big-teacher", action="store_true", help="no cache-vs-online pair with the small student")
     ap.add_argument("--small-drop-layers", type=int, default=28, help="layers the small student drops")
     ap.add_argument("--small-mlp-keep", type=float, default=0.5, help="MLP channels the small student keeps")
+    ap.add_argument(
+        "--small-zero-stage",
+        type=int,
+        action="append",
+        choices=(0, 1, 2, 3),
+        help="ZeRO stage of one cache-vs-online pair with the small student; repeatable; default: 2 (the "
+        "protocol's) and 0 (a ~30M student has nothing to shard); the goal figures are the lowest stage's",
+    )
     ap.add_argument("--skip-bootstrap", action="store_true", help="no per-sequence rescoring / intervals")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the results files alone")
     ap.add_argument(
@@ -987,6 +1023,7 @@ def main() -> None:
         say(f"rewrote the {SECTION[3:]} section of {BENCHMARKS_MD.name} from {RESULTS.relative_to(REPO)}")
         return
     args.teacher_steps = args.teacher_steps or args.steps
+    args.small_zero_stage = sorted(set(args.small_zero_stage or [2, 0]))
     args.kd_variant = [] if args.no_variants else (args.kd_variant or list(DEFAULT_VARIANTS))
     args.on_policy_lmbda = [] if args.skip_on_policy else (args.on_policy_lmbda or [1.0, 0.5])
 
@@ -1027,18 +1064,22 @@ def main() -> None:
                 student_config(args, teacher, train, evals, out, kd={**kd_main, "teacher_mode": "cache"}, lr=args.lr),
                 runs,
             )
-        small_runs = None  # the cache where it is meant to pay: a teacher >= 4x the student, same steps
+        small_runs = {}  # the cache where it is meant to pay: a teacher >= 4x the student, same steps; per ZeRO stage
         small_shape = (args.small_drop_layers, args.small_mlp_keep)
         if cache_run is not None and not args.skip_big_teacher:
-            small_runs = tuple(
-                run_stage(
-                    "distill",
-                    tag,
-                    student_config(args, teacher, train, evals, out, kd=kd, lr=args.lr, shape=small_shape),
-                    runs,
+            for stage in args.small_zero_stage:
+                suffix = "" if stage == 2 else f"-z{stage}"
+                small_runs[stage] = tuple(
+                    run_stage(
+                        "distill",
+                        tag + suffix,
+                        student_config(
+                            args, teacher, train, evals, out, kd=kd, lr=args.lr, shape=small_shape, zero_stage=stage
+                        ),
+                        runs,
+                    )
+                    for tag, kd in (("kd-small", kd_main), ("kd-small-cache", {**kd_main, "teacher_mode": "cache"}))
                 )
-                for tag, kd in (("kd-small", kd_main), ("kd-small-cache", {**kd_main, "teacher_mode": "cache"}))
-            )
         ce_mode = "online" if args.ce_online else "cache"
         ce_kd = {**kd_main, "ce_weight": 1.0, "teacher_mode": ce_mode}
         ce_run = run_stage(
@@ -1193,12 +1234,16 @@ def main() -> None:
         r["cache_bytes_per_token"] = cache_manifest.get("payload_bytes_per_token")
         r["cache_disk_bytes_per_token"] = cache_manifest.get("disk_bytes_per_token")
         r["cache_precision"] = cache_manifest["key"].get("precision")
-    if small_runs is not None:
-        online_s, cache_s = small_runs
+        r["cache_vs_online_ppl_pct"] = 100 * (c_m["eval_ppl"] / kd_m["eval_ppl"] - 1)
+        if cache_run["cache_reused"] or cache_run["reused"]:
+            notes.append("the teacher cache was reused from an earlier run (build time not measured now)")
+    by_stage = {}
+    for stage, (online_s, cache_s) in small_runs.items():
         small_params = online_s["manifest"]["num_parameters"]
         cmp = cache_comparison(online_s, cache_s, sampler)
         on_ppl, ca_ppl = metrics_of(online_s)["eval_ppl"], metrics_of(cache_s)["eval_ppl"]
-        r["big_teacher"] = {
+        by_stage[stage] = {
+            "zero_stage": stage,
             "student_params": small_params,
             "teacher_over_student_params": teacher_params / small_params,
             "student_shape": online_s["manifest"].get("student", {}).get("after"),
@@ -1210,13 +1255,14 @@ def main() -> None:
             **cmp,
             "online_run": student_summary(online_s, kd_main, args.lr, sampler),
             "cache_run": student_summary(cache_s, {**kd_main, "teacher_mode": "cache"}, args.lr, sampler),
+            "cache_ppl_rel_diff": ca_ppl / on_ppl - 1,
         }
-        r["cache_speedup_big_teacher"] = cmp["cache_speedup"]
-        r["cache_speedup_big_teacher_cpu"] = cmp["cache_speedup_cpu"]
-        r["cache_ppl_rel_diff"] = ca_ppl / on_ppl - 1
-        r["cache_vs_online_ppl_pct"] = 100 * (c_m["eval_ppl"] / kd_m["eval_ppl"] - 1)
-        if cache_run["cache_reused"] or cache_run["reused"]:
-            notes.append("the teacher cache was reused from an earlier run (build time not measured now)")
+    if by_stage:  # the goal figures: the lowest stage asked for (ZeRO-0 by default: nothing to shard at ~30M)
+        bt = r["big_teacher"] = by_stage[min(by_stage)]
+        r["big_teacher_by_zero_stage"] = {str(k): v for k, v in sorted(by_stage.items())}
+        r["cache_speedup_big_teacher"] = bt["cache_speedup"]
+        r["cache_speedup_big_teacher_cpu"] = bt["cache_speedup_cpu"]
+        r["cache_ppl_rel_diff"] = bt["cache_ppl_rel_diff"]
     # eval-set noise: per-sequence NLLs of every model, paired bootstrap of the ratios that matter
     if not args.skip_bootstrap:
         import math
@@ -1267,7 +1313,7 @@ def main() -> None:
             teacher_run and teacher_run["loadavg_at_start"],
             kd_run["loadavg_at_start"],
             cache_run and cache_run["loadavg_at_start"],
-            *[x["loadavg_at_start"] for x in small_runs or ()],
+            *[x["loadavg_at_start"] for pair in small_runs.values() for x in pair],
             ce_run["loadavg_at_start"],
             *[v["loadavg_at_start"] for v in variants],
             *[v["loadavg_at_start"] for v in on_policy],
