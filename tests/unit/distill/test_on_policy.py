@@ -113,4 +113,6 @@ def test_on_policy_config_defaults_and_refusals():
     assert op.start_step == 0
     with pytest.raises(ConfigError, match=r"start_step \(30\) must be below train.max_steps \(30\)"):
         base(kd={"on_policy": {"lmbda": 1.0, "start_step": 30}}, train={"max_steps": 30})
-    assert base(kd={"on_policy": {"lmbda": 1.0, "start_step": 29}}, train={"max_steps": 30}).kd.on_policy.start_step == 29
+    assert (
+        base(kd={"on_policy": {"lmbda": 1.0, "start_step": 29}}, train={"max_steps": 30}).kd.on_policy.start_step == 29
+    )
