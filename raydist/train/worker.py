@@ -188,7 +188,8 @@ class TrainingSession:
             # target-token count of the whole step (all micro-batches, all ranks) — see ``LossFn``.
             # This rank's seconds per phase (logged with the step): waiting for data, the loss (the model's
             # forward, plus whatever the stage adds: a teacher, generation), DeepSpeed's backward (with
-            # ZeRO's gradient reduction) and its step (clipping, optimizer, parameter gather).
+            # ZeRO's gradient reduction) and its step (clipping, optimizer, parameter gather). On a GPU, kernels
+            # run asynchronously: a phase's time lands where the host next waits, so the split is approximate.
             phases = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
             t0 = time.perf_counter()
             group = [next(batches) for _ in range(gas)]
