@@ -57,10 +57,16 @@ def test_generation_results_and_the_markdown_section(bench):
         {"lmbda": 1.0, "eval_ppl": r["kd_student_ppl"] * 1.01, "kd": {"on_policy": {"loss": "reverse_kl"}}}
     ]
     r.update(g)
+    # the results file's generation comparison trains its own (mildly pruned) student: its rows say so
+    assert r["generation_student"] and not r["generation_student"]["same_as_headline"]
     md = bench.markdown_section(r)
-    assert "student, on-policy KD (λ = 1, reverse_kl)" in md
-    assert "Generation metric: ROUGE-L F1" in md and "| student, on-policy KD (λ = 0.5) | 0.350 |" in md
+    assert "| generation student, on-policy KD (λ = 1, reverse_kl) |" in md
+    assert "Generation metric: ROUGE-L F1" in md and "| generation student, on-policy KD (λ = 0.5) | 0.350 |" in md
     assert "Goal (beat both on this metric): met" in md
+    # a comparison on the headline student (or a results file from before there was another) keeps plain labels
+    md = bench.markdown_section({**r, "generation_student": None})
+    assert "| student, on-policy KD (λ = 1, reverse_kl) |" in md
+    assert "| student, on-policy KD (λ = 0.5) | 0.350 |" in md
 
 
 def test_generation_metric_on_a_tiny_model(bench, tiny_tokenizer, tmp_path):
