@@ -340,7 +340,7 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
         for ckpt in run_dir.glob("checkpoint_*"):  # ~1 GB of DeepSpeed state each; the artifact is what counts
             shutil.rmtree(ckpt, ignore_errors=True)
     manifest = read_manifest(run_dir / "artifact")
-    times = step_times(run_dir)
+    times, phases = step_records(run_dir)
     m = re.search(r"teacher cache: (\d+) sequences, top-(\d+)[^\n]*?, in (\d+)s", log)
     return {
         "tag": tag,
@@ -351,28 +351,27 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
         "loadavg_at_start": load0,
         "manifest": manifest,
         "step_times": times,
+        "step_phases": phases,
         "cache_build_s": float(m.group(3)) if m else None,
         "cache_rows": int(m.group(1)) if m else None,
         "cache_reused": "reusing teacher cache" in log,
     }
 
 
-def step_times(run_dir: Path) -> dict[int, float]:
+def step_records(run_dir: Path) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
+    """Each step's record time, and rank 0's seconds per phase of it (data, forward, backward, optimizer) as
+    the worker logs them, from one read of ``metrics.jsonl``."""
     from raydist.core.progress import read_history
 
-    return {int(h["step"]): float(h["time"]) for h in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in h}
-
-
-def step_phases(run_dir: Path) -> dict[int, dict[str, float]]:
-    """Rank 0's seconds per phase of each step (data, forward, backward, optimizer), as the worker logs them."""
-    from raydist.core.progress import read_history
-
-    return {int(h["step"]): h["phase_s"] for h in read_history(run_dir / "metrics.jsonl") if "phase_s" in h}
+    steps = [h for h in read_history(run_dir / "metrics.jsonl") if "tokens_per_s" in h]
+    return {int(h["step"]): float(h["time"]) for h in steps}, {
+        int(h["step"]): h["phase_s"] for h in steps if "phase_s" in h
+    }
 
 
 def median_phases(run: dict[str, Any]) -> Optional[dict[str, float]]:
     """The median of each phase over the steady steps (None for runs logged before phases were)."""
-    phases = steady(step_phases(Path(run["run_dir"])))
+    phases = steady(run["step_phases"])
     if not phases:
         return None
     return {k: median_or_none(p[k] for p in phases.values()) for k in next(iter(phases.values()))}
