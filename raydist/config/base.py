@@ -120,6 +120,11 @@ class OptimConfig(StrictModel):
     warmup_fraction: Optional[float] = Field(None, ge=0, lt=1, description="Warmup as a fraction of max_steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of the peak.")
+    fused: Optional[bool] = Field(
+        None,
+        description="torch's fused AdamW kernel (one pass over each tensor's state; on CPU ~10x faster than the "
+        "per-parameter loop torch uses by default); null = fused wherever torch supports the parameters' device.",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self) -> "OptimConfig":

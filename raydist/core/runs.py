@@ -218,6 +218,23 @@ def embedded_ray_options(num_cpus: int, *, dashboard: bool = False, metrics: boo
 # fine-tune trial's ~80 s start (scripts/bench: jobs/sweep_finetune_tiny.yaml, 326 s -> 151 s).
 RAY_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
+# glibc malloc settings of CPU training workers (a user's `job.env` wins). By default glibc serves every
+# allocation over 32 MiB with a fresh mmap and unmaps it on free, so each step's big tensors (a [V, H]
+# embedding gradient, [N, V] logits) arrive as untouched pages and fault in one 4 KiB page at a time: that
+# was ~40 % of a 33M-parameter student's backward here (0.71 -> 0.40 s, scripts/bench/distill.py measures
+# the steps). No mmap and no trimming keep the freed memory in the process for the next step, as the caching
+# allocators (jemalloc, tcmalloc) that PyTorch's CPU tuning guides preload do; the price is that a worker's
+# resident memory stays at its peak until it exits.
+CPU_WORKER_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+
+
+def train_worker_env(job_env: dict[str, str], *, on_gpu: bool) -> dict[str, str]:
+    """Environment of the Ray Train workers: raydist's settings (the CPU allocator ones only on CPU), then
+    the user's ``job.env``, which wins."""
+    base = {"TOKENIZERS_PARALLELISM": "false", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0")}
+    return {**base, **({} if on_gpu else CPU_WORKER_MALLOC_ENV), **job_env}
+
+
 EMBEDDED_RAY_ENV = {
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "1.0",
@@ -399,7 +416,7 @@ def train_on_ray(
         "fault": fault_from_env(),
         **extra,
     }
-    worker_env = {"TOKENIZERS_PARALLELISM": "false", VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "0"), **cfg.job.env}
+    worker_env = train_worker_env(cfg.job.env, on_gpu=use_gpu)
     for var, value in storage.storage_env().items():  # the workers reach the same storage the driver does
         worker_env.setdefault(var, value)
     fs, storage_path = storage.filesystem(storage.parent_of(run_dir.location))

@@ -68,6 +68,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return groups
 
 
+def adamw(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.AdamW:
+    """torch's AdamW over ``groups``, fused unless ``optim.fused`` is False or torch has no fused kernel for
+    the parameters' device (torch's default on CPU is the per-parameter loop: 0.25 s a step for a 32M-parameter
+    student on one core here, against 0.024 s fused)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    fused = optim.fused
+    if fused is None:
+        params = [p for g in groups for p in g["params"]]
+        devices = _get_fused_kernels_supported_devices()
+        fused = bool(params) and all(p.is_floating_point() and p.device.type in devices for p in params)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
+
+
 def warmup_steps(optim: OptimConfig, total_steps: int) -> int:
     if optim.warmup_steps is not None:
         return optim.warmup_steps

@@ -24,7 +24,7 @@ from raydist.core.progress import ProgressPrinter, append_jsonl, console, read_h
 from raydist.core.resources import assigned_accelerators, unit_device
 from raydist.core.runs import quiet_ray_worker_logs
 from raydist.core.storage import Mirror
-from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups, rng_state, set_rng_state
+from raydist.train.plumbing import adamw, deepspeed_config, lr_lambda, param_groups, rng_state, set_rng_state
 
 _CKPT_TAG = "state"
 
@@ -76,9 +76,7 @@ class TrainingSession:
         import deepspeed
 
         cfg = self.cfg
-        optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
-        )
+        optimizer = adamw(param_groups(model, cfg.optim.weight_decay), cfg.optim)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, self.total_steps))
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.engine, _, _, _ = deepspeed.initialize(

@@ -49,7 +49,7 @@ def main() -> None:
 
     from raydist.config.finetune import FinetuneConfig
     from raydist.core.data import build_datasets, collate
-    from raydist.train.plumbing import deepspeed_config, lr_lambda, param_groups, seed_everything
+    from raydist.train.plumbing import adamw, deepspeed_config, lr_lambda, param_groups, seed_everything
 
     cfg = FinetuneConfig.model_validate_json(Path(args.config).read_text())
     assert not cfg.lora.enabled, "the overhead baseline is a full fine-tune"
@@ -78,9 +78,7 @@ def main() -> None:
     if len(train) < need:
         raise SystemExit(f"only {len(train)} training blocks, {need} needed")
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps
-    )
+    optimizer = adamw(param_groups(model, cfg.optim.weight_decay), cfg.optim)  # the optimizer raydist builds
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -234,14 +234,19 @@ def overhead_config(work: Path, args) -> "FinetuneConfig":  # noqa: F821
 
 def run_baseline(cfg, work: Path, tag: str) -> dict[str, Any]:
     """One torchrun launch of the hand-written loop; returns its per-step gaps and wall time."""
+    from raydist.core.runs import train_worker_env
+
     cfg_file = work / "baseline_config.json"
     cfg_file.write_text(cfg.model_dump_json())
     out = work / f"baseline_{tag}.json"
     log = work / f"baseline_{tag}.log"
     # OMP_NUM_THREADS=1: the same one thread per rank a 1-CPU Ray Train worker gets. DS_ACCELERATOR: cpu here
-    # (set above), cuda when gpu.py runs this loop on a GPU.
+    # (set above), cuda when gpu.py runs this loop on a GPU. The allocator settings raydist gives CPU workers
+    # too: the comparison is of raydist's work around the same loop, not of glibc's defaults.
+    on_gpu = os.environ.get("DS_ACCELERATOR") == "cuda"
     env = {
         **os.environ,
+        **train_worker_env({}, on_gpu=on_gpu),
         "OMP_NUM_THREADS": str(int(cfg.resources.num_cpus)),
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
     }

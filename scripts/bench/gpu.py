@@ -369,12 +369,12 @@ def replay_distill_arithmetic(ctx: SimpleNamespace, teacher_dir: Path, student_d
     import torch
     import torch.distributed as dist
 
-    from raydist.config.base import DeepSpeedSettings, ModelConfig
+    from raydist.config.base import DeepSpeedSettings, ModelConfig, OptimConfig
     from raydist.core.models import load_model
     from raydist.core.runs import free_port
     from raydist.distill.distill import DistillStudent, logits_at_targets
     from raydist.distill.losses import kd_loss_on_rows
-    from raydist.train.plumbing import deepspeed_config, param_groups
+    from raydist.train.plumbing import adamw, deepspeed_config, param_groups
 
     s, device, cuda = ctx.s, ctx.device, ctx.gpu
     mb, seq = s["distill_micro"], s["distill_seq_len"]
@@ -384,7 +384,7 @@ def replay_distill_arithmetic(ctx: SimpleNamespace, teacher_dir: Path, student_d
         teacher = load_model(ModelConfig(path=str(teacher_dir)), dtype=ctx.dtype).to(device).eval()
         teacher.requires_grad_(False)
         student = DistillStudent(load_model(ModelConfig(path=str(student_dir))))
-        optimizer = torch.optim.AdamW(param_groups(student, 0.0), lr=1e-4)
+        optimizer = adamw(param_groups(student, 0.0), OptimConfig(lr=1e-4))
         engine, _, _, _ = deepspeed.initialize(
             model=student,
             optimizer=optimizer,
