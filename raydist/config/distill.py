@@ -103,6 +103,12 @@ class KDSettings(StrictModel):
         None, description="Teacher cache directory; default <output_dir>/teacher_cache/<name>."
     )
     top_k: int = Field(64, gt=0, description="Teacher log-probabilities kept per token in the cache.")
+    cache_entries: Literal["top_k", "sampled"] = Field(
+        "top_k",
+        description="What the cache keeps per token: the teacher's top_k log-probabilities plus the leftover mass "
+        "(a lower bound of the KD loss, any kd.loss), or top_k draws from the teacher's distribution as distinct "
+        "tokens and counts (random-sampling KD: an unbiased forward-KL gradient; kd.loss forward_kl only).",
+    )
     cache_precision: Literal["float16", "float32"] = Field(
         "float16",
         description="How the cache stores log-probabilities (float16 halves them; ids take 2 bytes "
@@ -124,6 +130,11 @@ class KDSettings(StrictModel):
             raise ValueError(
                 "kd.loss uld runs with the online teacher, without the hidden-state loss and off-policy "
                 "(teacher_mode: online, hidden.weight: 0, on_policy.lmbda: 0)"
+            )
+        if self.teacher_mode == "cache" and self.cache_entries == "sampled" and self.loss != "forward_kl":
+            raise ValueError(
+                f"kd.cache_entries sampled gives an unbiased gradient for kd.loss forward_kl only, not {self.loss!r} "
+                "(use cache_entries: top_k for reverse_kl / jsd)"
             )
         if self.teacher_mode == "cache" and self.on_policy.lmbda > 0:
             raise ValueError(

@@ -64,6 +64,7 @@ from raydist.distill.losses import (
     default_layer_mapping,
     hidden_state_loss,
     kd_loss_on_rows,
+    sampled_kd_loss_on_rows,
     topk_kd_loss_on_rows,
 )
 from raydist.distill.on_policy import is_on_policy, on_policy_batch
@@ -205,13 +206,22 @@ class TeacherTopK:
 
         cfg = DistillConfig.model_validate(cfg_json)
         self.k, self.temperature = cfg.kd.top_k, cfg.kd.temperature
+        self.entries, self.seed = cfg.kd.cache_entries, cfg.train.seed
         self.pad_id = load_tokenizer(cfg.teacher).pad_token_id
         device = unit_device(cfg.resources.device, "teacher-cache actor")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = load_model(cfg.teacher, dtype=dtype).to(device).eval()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        cols = topk_rows(self.model, list(batch["input_ids"]), self.k, self.temperature, self.pad_id)
+        cols = topk_rows(
+            self.model,
+            list(batch["input_ids"]),
+            self.k,
+            self.temperature,
+            self.pad_id,
+            entries=self.entries,
+            seed=self.seed,
+        )
         return {**batch, **{name: _object_array(v) for name, v in cols.items()}}
 
 
@@ -247,6 +257,8 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         top_k=cfg.kd.top_k,
         temperature=cfg.kd.temperature,
         precision=cfg.kd.cache_precision,
+        entries=cfg.kd.cache_entries,
+        seed=cfg.train.seed,
     )
     cache = Mirror(cfg.kd.cache_dir or storage.join(cfg.run.output_dir, "teacher_cache", cfg.run.name))
     cache_dir = cache.local
@@ -298,8 +310,9 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         if cache_dir.exists():
             cache_dir.rmdir()  # empty: check_cache refuses a non-empty directory without a manifest
         os.replace(tmp, cache_dir)  # the cache appears complete or not at all
+    what = f"top-{k}" if cfg.kd.cache_entries == "top_k" else f"{k} draws per token"
     say(
-        f"[raydist] teacher cache: {n_rows} sequences, top-{k} ({cfg.kd.cache_precision} log-probabilities, "
+        f"[raydist] teacher cache: {n_rows} sequences, {what} ({cfg.kd.cache_precision} log-probabilities, "
         f"{sizes['payload_bytes_per_token']} bytes per token, {sizes['disk_bytes_per_token']:.0f} on disk), in "
         f"{time.time() - t0:.0f}s -> {cache.location}"
     )
@@ -438,6 +451,13 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             kd_sum = uld_loss_on_rows(s_logits[si.to(device)], t_logits[ti.to(device)], temperature=kd.temperature)
         elif w == 1 and not want_hidden:  # pure cross-entropy: the teacher is not needed at all
             kd_sum = s_logits.new_zeros(())
+        elif cached and kd.cache_entries == "sampled":  # the teacher's empirical distribution from k draws
+            kd_sum = sampled_kd_loss_on_rows(
+                s_logits,
+                b["topk_logprobs"][:, :-1][targets],
+                b["topk_indices"][:, :-1][targets],
+                temperature=kd.temperature,
+            )
         elif cached:  # the teacher's stored top-k, with the missing mass as one extra bucket
             kd_sum = topk_kd_loss_on_rows(
                 s_logits,

@@ -356,6 +356,92 @@ def topk_kd_loss_on_rows(
     return per_token.sum() * temperature**2
 
 
+@torch.no_grad()
+def teacher_samples(
+    teacher_logits: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    *,
+    vocab_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A sampled cache entry (random-sampling KD, Anshumann et al. 2025): ``k`` tokens drawn with replacement
+    from the teacher's next-token distribution at every position, kept as the distinct tokens drawn and their
+    empirical probabilities (count / k), for :func:`sampled_kd_loss_on_rows`. Unlike the top k, the empirical
+    distribution is an unbiased estimate of the teacher's, so the forward-KL gradient it gives the student
+    (``p_s - q̂``) is unbiased too; the top-k bucket loss systematically ignores how the teacher spreads its
+    tail.
+
+    Args:
+        teacher_logits: [B, T, V_t]; k: draws per position; temperature: draws from softmax(z / T);
+        vocab_size: as in :func:`teacher_topk`; generator: the draws' RNG (None: torch's global one).
+
+    Returns:
+        ``(logprobs, indices, rest_mass)`` shaped as :func:`teacher_topk`'s: [B, T, k] log empirical
+        probabilities sorted descending, -inf in the slots past the distinct tokens (whose index repeats
+        the first one); [B, T, k] ids; [B, T] zeros (the draws carry all the mass).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = teacher_logits[..., :vocab_size] if vocab_size is not None else teacher_logits
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    bt, v = logits.shape[:-1], logits.size(-1)
+    probs = torch.softmax(_tempered(logits, temperature).float(), dim=-1).reshape(-1, v)  # [N, V]
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator).sort(-1).values  # [N, k]
+    # Run-length counts of the sorted draws: a run starts where the id changes; its count sits at its start.
+    start = torch.ones_like(draws, dtype=torch.bool)
+    start[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    run = start.long().cumsum(-1) - 1  # [N, k] run number of every slot
+    counts = torch.zeros_like(draws).scatter_add_(-1, run, torch.ones_like(draws))  # [N, k] per run number
+    firsts = torch.zeros_like(draws).scatter_(-1, run, draws)  # [N, k] the id of each run
+    n_runs = start.sum(-1, keepdim=True)  # [N, 1]
+    used = torch.arange(k, device=draws.device).expand_as(draws) < n_runs
+    logp = torch.where(used, (counts.float() / k).log(), torch.full_like(counts, float("-inf"), dtype=torch.float))
+    logp, order = logp.sort(-1, descending=True)
+    ids = firsts.gather(-1, order)
+    ids = torch.where(logp > float("-inf"), ids, ids[:, :1])  # padding slots point at a drawn token
+    return logp.reshape(*bt, k), ids.reshape(*bt, k), logp.new_zeros(bt)
+
+
+def sampled_kd_loss_on_rows(
+    student_logits: torch.Tensor,
+    sampled_logprobs: torch.Tensor,
+    sampled_indices: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    vocab_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Forward KL from the empirical teacher distribution of a sampled cache (:func:`teacher_samples`) to the
+    student, on the N selected rows: ``Σ_j q̂_j (log q̂_j - log p_s[i_j])``, × T². Its gradient in the student's
+    logits is ``p_s - q̂`` per row, whose expectation over the draws is the full forward-KL gradient
+    ``p_s - p_t``. Slots with log-probability -inf (padding) weigh nothing.
+
+    Args:
+        student_logits: [N, V_s]; sampled_logprobs / sampled_indices: [N, k]; temperature: T > 0 (the
+            student's; the cache was drawn at the same T); vocab_size: as in :func:`topk_kd_loss_on_rows`.
+
+    Returns:
+        The loss summed over the N rows, × T².
+    """
+    _check_kd_args("forward_kl", temperature, 0.5)
+    if student_logits.dim() != 2 or sampled_logprobs.shape != sampled_indices.shape or sampled_logprobs.dim() != 2:
+        raise ValueError(
+            f"rows must be student [N, V] and sampled log-probs / indices [N, k]; got {list(student_logits.shape)}, "
+            f"{list(sampled_logprobs.shape)}, {list(sampled_indices.shape)}"
+        )
+    vocab = student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
+    idx = sampled_indices.long()
+    if idx.numel() and (int(idx.max()) >= vocab or int(idx.min()) < 0):
+        raise ValueError(f"sampled indices fall outside the student's vocabulary [0, {vocab})")
+    z = _tempered(student_logits[:, :vocab], temperature)
+    s_logp = z.gather(-1, idx) - z.logsumexp(-1, keepdim=True)  # [N, k]
+    w = _upcast(sampled_logprobs.detach()).exp()  # [N, k]; 0 in the padding slots
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)  # stored at float16: renormalise
+    per_token = torch.xlogy(w, w).sum(-1) - (w * s_logp).sum(-1)
+    return per_token.sum() * temperature**2
+
+
 # -------------------------------------------------------------------------------- hidden-state KD
 
 

@@ -1,4 +1,5 @@
-"""The offline teacher cache: the teacher's top-k next-token log-probabilities per training token.
+"""The offline teacher cache: the teacher's top-k next-token log-probabilities per training token (or, with
+``kd.cache_entries: sampled``, the tokens of k draws from its distribution and their empirical probabilities).
 
 Layout of a cache directory (written to a temporary sibling and renamed into place, so a half-written
 cache is never read):
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydist.distill.losses import teacher_topk
+from raydist.distill.losses import teacher_samples, teacher_topk
 
 CACHE_MANIFEST = "cache.json"
 CACHE_FORMAT = 3  # 3: the top-k columns flat per row
@@ -51,8 +52,10 @@ def cache_key(
     top_k: int,
     temperature: float,
     precision: str = "float16",
+    entries: str = "top_k",
+    seed: int = 0,
 ) -> dict[str, Any]:
-    return {
+    key = {
         "format": CACHE_FORMAT,
         "teacher": teacher_hash,
         "data": data_fingerprint,
@@ -61,6 +64,8 @@ def cache_key(
         "temperature": float(temperature),
         "precision": precision,
     }
+    # A top-k cache's key is as before (caches built earlier stay valid); a sampled one also names its draws.
+    return key if entries == "top_k" else {**key, "entries": entries, "seed": seed}
 
 
 def index_dtype(vocab_size: int) -> type:
@@ -129,9 +134,27 @@ def check_cache(cache_dir: Path, key: dict[str, Any]) -> bool:
     return True
 
 
+def row_generator(row: np.ndarray, seed: int) -> torch.Generator:
+    """The RNG of one row's sampled cache entries: seeded by the row's tokens and ``seed``, so the draws do not
+    depend on how rows are batched or which actor builds them."""
+    digest = hashlib.sha256(np.asarray(row, dtype=np.int64).tobytes() + str(seed).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
 @torch.no_grad()
-def topk_rows(model, input_ids: list[np.ndarray], k: int, temperature: float, pad_id: int) -> dict[str, list]:
-    """Top-k cache columns for a batch of token rows (variable lengths; right-padded internally).
+def topk_rows(
+    model,
+    input_ids: list[np.ndarray],
+    k: int,
+    temperature: float,
+    pad_id: int,
+    *,
+    entries: str = "top_k",
+    seed: int = 0,
+) -> dict[str, list]:
+    """Cache columns for a batch of token rows (variable lengths; right-padded internally): the teacher's
+    top k per position, or (``entries="sampled"``) k draws from it, as :func:`~raydist.distill.losses.
+    teacher_samples` keeps them.
 
     Returns lists (one entry per row, trimmed to the row's length): ``topk_logprobs`` [T, k] float32,
     ``topk_indices`` [T, k] int32, ``rest_mass`` [T] float32.
@@ -145,10 +168,18 @@ def topk_rows(model, input_ids: list[np.ndarray], k: int, temperature: float, pa
         ids[i, : len(x)] = torch.as_tensor(np.asarray(x), dtype=torch.long)
         mask[i, : len(x)] = 1
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
-    logp, idx, rest = teacher_topk(logits, k, temperature)
-    logp, idx, rest = logp.float().cpu().numpy(), idx.int().cpu().numpy(), rest.float().cpu().numpy()
+    if entries == "sampled":
+        rows = [
+            teacher_samples(logits[i, :n].cpu(), k, temperature, generator=row_generator(input_ids[i], seed))
+            for i, n in enumerate(lengths)
+        ]
+    elif entries == "top_k":
+        logp, idx, rest = teacher_topk(logits, k, temperature)
+        rows = [(logp[i, :n], idx[i, :n], rest[i, :n]) for i, n in enumerate(lengths)]
+    else:
+        raise ValueError(f"cache entries must be 'top_k' or 'sampled', got {entries!r}")
     return {
-        "topk_logprobs": [logp[i, :n] for i, n in enumerate(lengths)],
-        "topk_indices": [idx[i, :n] for i, n in enumerate(lengths)],
-        "rest_mass": [rest[i, :n] for i, n in enumerate(lengths)],
+        "topk_logprobs": [r[0].float().cpu().numpy() for r in rows],
+        "topk_indices": [r[1].int().cpu().numpy() for r in rows],
+        "rest_mass": [r[2].float().cpu().numpy() for r in rows],
     }

@@ -667,7 +667,9 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     if r.get("cache_speedup") is not None:
         rows += [
             (
-                f"KD from the top-{r['settings']['top_k']} cache",
+                f"KD from the cache of {r['settings']['top_k']} teacher draws per token"
+                if r.get("cache_entries") == "sampled"
+                else f"KD from the top-{r['settings']['top_k']} cache",
                 fmt(r["cache_eval_ppl"]),
                 f"vs online {fmt(r['online_eval_ppl'])}: {r['cache_vs_online_ppl_pct']:+.2f} %"
                 f"{ci(r.get('cache_vs_online'), 'cache/online')}",
@@ -957,6 +959,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--ce-weight", type=float, default=0.0, help="CE share of the headline KD run's loss")
     ap.add_argument("--top-k", type=int, default=64)
+    ap.add_argument(
+        "--cache-entries",
+        choices=("top_k", "sampled"),
+        default="top_k",
+        help="what the KD-from-cache runs' cache keeps (kd.cache_entries): the top --top-k, or --top-k draws",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--kd-variant",
@@ -1056,11 +1064,16 @@ def main() -> None:
             "distill", "kd", student_config(args, teacher, train, evals, out, kd=kd_main, lr=args.lr), runs
         )
         cache_run = None
+        # the KD-from-cache runs' settings; a sampled cache lives in its own directory (its key differs)
+        kd_cached = {**kd_main, "teacher_mode": "cache"}
+        if args.cache_entries != "top_k":
+            cache_dir = str(out / f"teacher_cache_{args.cache_entries}")
+            kd_cached.update(cache_entries=args.cache_entries, cache_dir=cache_dir)
         if not args.skip_cache:
             cache_run = run_stage(
                 "distill",
                 "kd-cache",
-                student_config(args, teacher, train, evals, out, kd={**kd_main, "teacher_mode": "cache"}, lr=args.lr),
+                student_config(args, teacher, train, evals, out, kd=kd_cached, lr=args.lr),
                 runs,
             )
         small_runs = {}  # the cache where it is meant to pay: a teacher >= 4x the student, same steps; per ZeRO stage
@@ -1077,7 +1090,7 @@ def main() -> None:
                         ),
                         runs,
                     )
-                    for tag, kd in (("kd-small", kd_main), ("kd-small-cache", {**kd_main, "teacher_mode": "cache"}))
+                    for tag, kd in (("kd-small", kd_main), ("kd-small-cache", kd_cached))
                 )
         ce_mode = "online" if args.ce_online else "cache"
         ce_kd = {**kd_main, "ce_weight": 1.0, "teacher_mode": ce_mode}
@@ -1200,6 +1213,7 @@ def main() -> None:
             "temperature": args.temperature,
             "ce_weight": args.ce_weight,
             "top_k": args.top_k,
+            "cache_entries": args.cache_entries,
             "seed": args.seed,
             "ce_mode": ce_mode,
             "cache_actors": CACHE_ACTORS,
@@ -1222,14 +1236,16 @@ def main() -> None:
                 "online_eval_ppl": kd_m["eval_ppl"],
                 "cache_eval_ppl": c_m["eval_ppl"],
                 "cache_build_s": cache_run["cache_build_s"],
-                "cache_run": student_summary(cache_run, {**kd_main, "teacher_mode": "cache"}, args.lr, sampler),
+                "cache_run": student_summary(cache_run, kd_cached, args.lr, sampler),
             }
         )
         r["online_foreign_cores"] = r["kd"]["mean_foreign_cores"]
         r["cache_foreign_cores"] = r["cache_run"]["mean_foreign_cores"]
         r["cache_speedup_ceiling"] = speedup_ceiling(teacher_params, student_params)
         r["cache_rows"] = cache_run["cache_rows"]
-        cache_manifest = json.loads((out / "teacher_cache" / "cache.json").read_text())
+        cache_manifest_path = Path(kd_cached.get("cache_dir", out / "teacher_cache")) / "cache.json"
+        cache_manifest = json.loads(cache_manifest_path.read_text())
+        r["cache_entries"] = cache_manifest["key"].get("entries", "top_k")
         r["cache_bytes_per_token"] = cache_manifest.get("payload_bytes_per_token")
         r["cache_disk_bytes_per_token"] = cache_manifest.get("disk_bytes_per_token")
         r["cache_precision"] = cache_manifest["key"].get("precision")
@@ -1253,7 +1269,7 @@ def main() -> None:
             "cache_speedup_ceiling": speedup_ceiling(teacher_params, small_params),
             **cmp,
             "online_run": student_summary(online_s, kd_main, args.lr, sampler),
-            "cache_run": student_summary(cache_s, {**kd_main, "teacher_mode": "cache"}, args.lr, sampler),
+            "cache_run": student_summary(cache_s, kd_cached, args.lr, sampler),
             "cache_ppl_rel_diff": ca_ppl / on_ppl - 1,
         }
     if by_stage:  # the goal figures: the lowest stage asked for (ZeRO-0 by default: nothing to shard at ~30M)

@@ -27,6 +27,10 @@ def test_defaults_prune_from_teacher_online():
         ({"student": {"source": "config"}}, "needs `tiny`"),
         ({"student": {"source": "pruned", "path": "x"}}, "only used with source 'pretrained'"),
         ({"kd": {"teacher_mode": "cache", "hidden": {"weight": 1.0}}}, "needs the online teacher"),
+        (
+            {"kd": {"teacher_mode": "cache", "cache_entries": "sampled", "loss": "jsd"}},
+            "unbiased gradient for kd.loss forward_kl only",
+        ),
         ({"kd": {"beta": 1.5}}, "kd.beta"),
         ({"kd": {"temperature": 0}}, "kd.temperature"),
         ({"kd": {"lss": "jsd"}}, "kd.lss: unknown field"),

@@ -10,8 +10,12 @@ from raydist.distill.losses import (
     default_layer_mapping,
     hidden_state_loss,
     kd_loss,
+    kd_loss_on_rows,
+    sampled_kd_loss_on_rows,
+    teacher_samples,
     teacher_topk,
     topk_kd_loss,
+    topk_kd_loss_on_rows,
 )
 
 KINDS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), ("jsd", 0.0), ("jsd", 1.0)]
@@ -386,3 +390,61 @@ def test_hidden_projection_shared_and_errors():
     assert out.dtype == torch.float32 and torch.isfinite(out) and _val(out) > 0
     zero = hidden_state_loss(s_h, t_h, [(1, 1)], proj.double(), torch.zeros(1, 3))
     assert _val(zero) == 0.0
+
+
+def test_teacher_samples_are_an_empirical_distribution_of_the_draws():
+    t = _logits(2, 5, 30, seed=40)
+    logp, idx, rest = teacher_samples(t, 16, generator=torch.Generator().manual_seed(0))
+    assert logp.shape == idx.shape == (2, 5, 16) and rest.shape == (2, 5) and (rest == 0).all()
+    w = logp.exp()
+    assert torch.allclose(w.sum(-1), torch.ones(2, 5, dtype=w.dtype)) and (logp[..., :-1] >= logp[..., 1:]).all()
+    # every probability is a count over 16 draws; distinct tokens first, padding (-inf) points at a drawn one
+    assert torch.allclose(w * 16, (w * 16).round(), atol=1e-5)
+    used = logp > float("-inf")
+    for row_ids, row_used in zip(idx.reshape(-1, 16), used.reshape(-1, 16)):
+        assert len(set(row_ids[row_used].tolist())) == int(row_used.sum())
+        assert set(row_ids[~row_used].tolist()) <= set(row_ids[row_used].tolist())
+    again = teacher_samples(t, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], logp) and torch.equal(again[1], idx)
+    assert teacher_samples(_logits(2, 5, 40, seed=41), 8, vocab_size=30)[1].max() < 30
+
+
+def test_sampled_cache_gradient_is_unbiased_where_the_top_k_is_not():
+    v, n = 40, 3
+    s = _logits(n, v, seed=42, scale=1.0, dtype=torch.float64)
+    t = _logits(1, n, v, seed=43, scale=1.0)  # a flat teacher: a third of its mass outside its top 8
+
+    def grad(loss_of):
+        x = s.clone().requires_grad_()
+        loss_of(x).backward()
+        return x.grad
+
+    full = grad(lambda x: kd_loss_on_rows(x, t[0]))  # p_s - p_t per row
+    draws = 400
+    g = torch.Generator().manual_seed(1)
+    mean = sum(
+        grad(lambda x: sampled_kd_loss_on_rows(x, *teacher_samples(t[0], 8, generator=g)[:2])) for _ in range(draws)
+    )
+    mean = mean / draws
+    topk = grad(lambda x: topk_kd_loss_on_rows(x, *(c[0] for c in teacher_topk(t, 8))))
+    err_sampled = float((mean - full).abs().max())
+    err_topk = float((topk - full).abs().max())
+    # 400 draws of 8 tokens: the mean's error is ~ sqrt(p (1 - p) / 3200) <= 0.01; the top-k's bias is not
+    # averaged away (it never tells the student how the teacher spreads its tail).
+    assert err_sampled < 0.02 and err_topk > 3 * err_sampled, (err_sampled, err_topk)
+
+
+def test_sampled_loss_is_the_kl_from_the_empirical_distribution():
+    s = _logits(4, 12, seed=44)
+    t = _logits(1, 4, 12, seed=45)
+    logp, idx, _ = teacher_samples(t, 6, generator=torch.Generator().manual_seed(3))
+    got = sampled_kd_loss_on_rows(s, logp[0], idx[0], temperature=2.0)
+    want = 0.0
+    for r in range(4):
+        s_logp = torch.log_softmax(s[r] / 2.0, -1)
+        for lp, i in zip(logp[0, r].tolist(), idx[0, r].tolist()):
+            if lp > float("-inf"):
+                want += math.exp(lp) * (lp - float(s_logp[i]))
+    assert float(got) == pytest.approx(want * 4.0, rel=1e-6)
+    with pytest.raises(ValueError, match="vocabulary"):
+        sampled_kd_loss_on_rows(s[:, :5], logp[0], idx[0].clamp_min(6))

@@ -49,3 +49,20 @@ def test_cache_rows_round_trip_through_parquet(tmp_path, precision):
     if precision == "float16":  # what half precision costs the log-probabilities: ~1e-3 relative
         err = (got["topk_logprobs"][0, :7] - torch.from_numpy(cols["topk_logprobs"][0])).abs()
         assert float(err.max()) < 1e-2
+
+
+def test_sampled_rows_do_not_depend_on_the_batching():
+    model = load_model(ModelConfig(path="tiny-random"), seed=0).eval()
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(4, 512, (n,), generator=g).numpy() for n in (9, 4)]
+    together = topk_rows(model, rows, k=8, temperature=1.0, pad_id=0, entries="sampled", seed=3)
+    alone = topk_rows(model, rows[1:], k=8, temperature=1.0, pad_id=0, entries="sampled", seed=3)
+    assert np.array_equal(together["topk_indices"][1], alone["topk_indices"][0])
+    np.testing.assert_allclose(together["topk_logprobs"][1], alone["topk_logprobs"][0], atol=1e-6)
+    for lp, rest, n in zip(together["topk_logprobs"], together["rest_mass"], (9, 4)):
+        assert lp.shape == (n, 8) and (rest == 0).all()
+        np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, atol=1e-6)
+    other = topk_rows(model, rows, k=8, temperature=1.0, pad_id=0, entries="sampled", seed=4)
+    assert not np.array_equal(other["topk_indices"][0], together["topk_indices"][0])
+    with pytest.raises(ValueError, match="top_k' or 'sampled"):
+        topk_rows(model, rows, k=8, temperature=1.0, pad_id=0, entries="top_p")
