@@ -125,7 +125,7 @@ def check_cache(cache_dir: Path, key: dict[str, Any]) -> bool:
             raise CacheMismatchError(f"{cache_dir} exists but holds no {CACHE_MANIFEST}; it is not a teacher cache")
         return False
     found = json.loads(manifest.read_text())["key"]
-    differ = [k for k in key if found.get(k) != key[k]]
+    differ = [k for k in {**found, **key} if found.get(k) != key.get(k)]  # both ways: a sampled cache has more
     if differ:
         raise CacheMismatchError(
             f"teacher cache {cache_dir} was built for a different {', '.join(differ)}; point kd.cache_dir at a "

@@ -687,6 +687,16 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             ),
             ("cache build (one-off)", f"{fmt(r['cache_build_s'], 0)} s", ""),
         ]
+    for o in r.get("other_cache_entries", []):
+        what = "the top-k" if o["cache_entries"] == "top_k" else f"{r['settings']['top_k']} teacher draws per token"
+        rows.append(
+            (
+                f"KD from a cache of {what}",
+                fmt(o["eval_ppl"]),
+                f"vs online {o['vs_online_ppl_pct']:+.2f} %; {o['payload_bytes_per_token']} B per token, "
+                f"{fmt(o.get('disk_bytes_per_token'), 0)} B on disk",
+            )
+        )
     if r.get("cache_bytes_per_token") is not None:
         rows.append(
             (
@@ -965,6 +975,13 @@ def main() -> None:
         default="top_k",
         help="what the KD-from-cache runs' cache keeps (kd.cache_entries): the top --top-k, or --top-k draws",
     )
+    ap.add_argument(
+        "--also-cache-entries",
+        choices=("top_k", "sampled"),
+        action="append",
+        help="one more KD-from-cache run (quality and cache size only) per kind; repeatable; default: the kind "
+        "--cache-entries is not; --no-variants drops it",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--kd-variant",
@@ -1031,6 +1048,8 @@ def main() -> None:
         return
     args.teacher_steps = args.teacher_steps or args.steps
     args.small_zero_stage = sorted(set(args.small_zero_stage or [2, 0]))
+    other_kind = {"top_k": "sampled", "sampled": "top_k"}[args.cache_entries]
+    args.also_cache_entries = args.also_cache_entries or ([] if args.no_variants else [other_kind])
     args.kd_variant = [] if args.no_variants else (args.kd_variant or list(DEFAULT_VARIANTS))
     args.on_policy_lmbda = [] if args.skip_on_policy else (args.on_policy_lmbda or [1.0, 0.5])
 
@@ -1064,11 +1083,16 @@ def main() -> None:
             "distill", "kd", student_config(args, teacher, train, evals, out, kd=kd_main, lr=args.lr), runs
         )
         cache_run = None
-        # the KD-from-cache runs' settings; a sampled cache lives in its own directory (its key differs)
-        kd_cached = {**kd_main, "teacher_mode": "cache"}
-        if args.cache_entries != "top_k":
-            cache_dir = str(out / f"teacher_cache_{args.cache_entries}")
-            kd_cached.update(cache_entries=args.cache_entries, cache_dir=cache_dir)
+
+        def cached_kd(entries: str) -> dict[str, Any]:
+            """A KD-from-cache run's kd settings; a sampled cache lives in its own directory (its key differs)."""
+            if entries == "top_k":
+                return {**kd_main, "teacher_mode": "cache"}
+            cache_dir = str(out / f"teacher_cache_{entries}")
+            return {**kd_main, "teacher_mode": "cache", "cache_entries": entries, "cache_dir": cache_dir}
+
+        kd_cached = cached_kd(args.cache_entries)
+        other_caches = []  # the same KD run from a cache of the other kind(s): quality and size only
         if not args.skip_cache:
             cache_run = run_stage(
                 "distill",
@@ -1092,6 +1116,26 @@ def main() -> None:
                     )
                     for tag, kd in (("kd-small", kd_main), ("kd-small-cache", kd_cached))
                 )
+        for entries in args.also_cache_entries if cache_run is not None else []:
+            kd_other = cached_kd(entries)
+            run = run_stage(
+                "distill",
+                f"kd-cache-{entries}",
+                student_config(args, teacher, train, evals, out, kd=kd_other, lr=args.lr),
+                runs,
+            )
+            manifest = json.loads((Path(kd_other.get("cache_dir", out / "teacher_cache")) / "cache.json").read_text())
+            other_caches.append(
+                {
+                    "cache_entries": entries,
+                    "eval_ppl": metrics_of(run)["eval_ppl"],
+                    "vs_online_ppl_pct": 100 * (metrics_of(run)["eval_ppl"] / metrics_of(kd_run)["eval_ppl"] - 1),
+                    "payload_bytes_per_token": manifest.get("payload_bytes_per_token"),
+                    "disk_bytes_per_token": manifest.get("disk_bytes_per_token"),
+                    "cache_build_s": run["cache_build_s"],
+                    "run": student_summary(run, kd_other, args.lr, sampler),
+                }
+            )
         ce_mode = "online" if args.ce_online else "cache"
         ce_kd = {**kd_main, "ce_weight": 1.0, "teacher_mode": ce_mode}
         ce_run = run_stage(
@@ -1250,6 +1294,7 @@ def main() -> None:
         r["cache_disk_bytes_per_token"] = cache_manifest.get("disk_bytes_per_token")
         r["cache_precision"] = cache_manifest["key"].get("precision")
         r["cache_vs_online_ppl_pct"] = 100 * (c_m["eval_ppl"] / kd_m["eval_ppl"] - 1)
+        r["other_cache_entries"] = other_caches
         if cache_run["cache_reused"] or cache_run["reused"]:
             notes.append("the teacher cache was reused from an earlier run (build time not measured now)")
     by_stage = {}

@@ -152,6 +152,25 @@ def test_cache_with_full_vocab_reproduces_online_training(teacher, online_run, t
     assert not list((tmp_path / "kd-k16").glob("checkpoint_*"))
 
 
+def test_sampled_cache_through_the_cli(teacher, online_run, tmp_path):
+    """kd.cache_entries sampled: the cache holds 64 draws per token; training from it tracks the online run
+    (an unbiased gradient), and a top-k run pointed at that cache is refused."""
+    cache = tmp_path / "cache"
+    cfg = distill_cfg(teacher, tmp_path, teacher_mode="cache", cache_entries="sampled", cache_dir=str(cache))
+    cfg["train"] = {**cfg["train"], "max_steps": 4, "checkpoint_every": None}
+    cfg_file = tmp_path / "distill.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "-c", str(cfg_file)]) == 0
+    key = json.loads((cache / "cache.json").read_text())["key"]
+    assert key["entries"] == "sampled" and key["seed"] == 0 and key["top_k"] == 64
+    sampled = {h["step"]: h["eval_ppl"] for h in read_history(tmp_path / "kd" / "metrics.jsonl") if "eval_ppl" in h}
+    online = {h["step"]: h["eval_ppl"] for h in read_history(online_run / "metrics.jsonl") if "eval_ppl" in h}
+    assert sampled[4] < sampled[0] and sampled[4] == pytest.approx(online[4], rel=0.05), (sampled, online)
+    top_k = {**cfg, "kd": {**cfg["kd"], "cache_entries": "top_k"}, "run": {**cfg["run"], "name": "kd-topk"}}
+    with pytest.raises(CacheMismatchError, match="different"):
+        run_distill(config_from_dict(DistillConfig, top_k))
+
+
 def test_distill_resumes_exactly(teacher, online_run, tmp_path):
     """Resume works as in fine-tuning: stop after 4 steps, rerun, and the losses match the online run."""
     cfg = distill_cfg(teacher, tmp_path)

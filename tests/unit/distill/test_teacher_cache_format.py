@@ -1,5 +1,7 @@
 """The teacher cache's on-disk format: compact columns that read back into the tensors the loss expects."""
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -8,7 +10,16 @@ import torch
 from raydist.config import ModelConfig
 from raydist.core.data import collate, iter_rows
 from raydist.core.models import load_model
-from raydist.distill.teacher_cache import cache_table, index_dtype, payload_bytes_per_token, topk_rows
+from raydist.distill.teacher_cache import (
+    CACHE_MANIFEST,
+    CacheMismatchError,
+    cache_key,
+    cache_table,
+    check_cache,
+    index_dtype,
+    payload_bytes_per_token,
+    topk_rows,
+)
 
 
 def test_bytes_per_token():
@@ -66,3 +77,16 @@ def test_sampled_rows_do_not_depend_on_the_batching():
     assert not np.array_equal(other["topk_indices"][0], together["topk_indices"][0])
     with pytest.raises(ValueError, match="top_k' or 'sampled"):
         topk_rows(model, rows, k=8, temperature=1.0, pad_id=0, entries="top_p")
+
+
+def test_a_cache_matches_only_its_own_entries(tmp_path):
+    common = dict(teacher_hash="t", data_fingerprint="d", tokenizer_hash="v", top_k=8, temperature=1.0)
+    top_k, sampled = cache_key(**common), cache_key(**common, entries="sampled", seed=0)
+    assert "entries" not in top_k  # the key of top-k caches built before sampled ones existed
+    for built, asked in ((sampled, top_k), (top_k, sampled), (sampled, cache_key(**common, entries="sampled", seed=1))):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        (d / CACHE_MANIFEST).write_text(json.dumps({"key": built}))
+        assert check_cache(d, built)
+        with pytest.raises(CacheMismatchError, match="different (entries|seed)"):
+            check_cache(d, asked)
