@@ -6,20 +6,25 @@ import sys
 
 from raydist.core.runs import CPU_WORKER_MALLOC_ENV, train_worker_env
 
-# A training step's pattern: the same big tensors (here 112 and 12 MiB) allocated and freed every step.
-# Prints the minor page faults of 16 such steps after 3 warm-up steps.
+# A training step's pattern: the same big tensors (here 112 and 12 MiB) allocated and freed every step, in a
+# thread other than the main one, as Ray Train runs the loop. Prints the minor page faults of 16 such steps
+# after 3 warm-up steps.
 _FAULTS = """
-import resource, torch
+import resource, threading, torch
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def step():
     a = torch.ones(28 * 2**20); b = torch.ones(3 * 2**20); del a, b
-for _ in range(3):
-    step()
-before = faults()
-for _ in range(16):
-    step()
-print(faults() - before)
+def loop():
+    for _ in range(3):
+        step()
+    before = faults()
+    for _ in range(16):
+        step()
+    print(faults() - before)
+t = threading.Thread(target=loop)
+t.start()
+t.join()
 """
 
 
