@@ -301,6 +301,26 @@ def topk_kd_loss(
     return loss, mask.sum()
 
 
+def _student_logprobs_at(
+    student_logits: torch.Tensor,
+    indices: torch.Tensor,
+    temperature: float,
+    vocab_size: Optional[int],
+    what: str,
+    hint: str = "",
+) -> torch.Tensor:
+    """The student's tempered log-probabilities [N, k] at a cache's token ids [N, k], over its vocabulary
+    truncated to ``vocab_size``. Only the normaliser and k gathered entries are needed, not a full [N, V]
+    log_softmax. Raises ValueError (naming ``what``, then ``hint``) for an id outside that vocabulary; the
+    check reads one scalar back from the device."""
+    vocab = student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
+    idx = indices.long()
+    if idx.numel() and (int(idx.max()) >= vocab or int(idx.min()) < 0):
+        raise ValueError(f"{what} fall outside the student's vocabulary [0, {vocab}){hint}")
+    z = _tempered(student_logits[:, :vocab], temperature)  # [N, V]
+    return z.gather(-1, idx) - z.logsumexp(-1, keepdim=True)
+
+
 def topk_kd_loss_on_rows(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -335,20 +355,16 @@ def topk_kd_loss_on_rows(
             f"{list(student_logits.shape)}, {list(teacher_topk_logprobs.shape)}, "
             f"{list(teacher_topk_indices.shape)}, {list(teacher_rest_mass.shape)}"
         )
-    vocab = student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
-    s = student_logits[:, :vocab]  # [N, V]
-    idx = teacher_topk_indices.long()  # [N, k]
+    s_k = _student_logprobs_at(
+        student_logits,
+        teacher_topk_indices,
+        temperature,
+        vocab_size,
+        "teacher top-k indices",
+        "; build the cache with teacher_topk(..., vocab_size=<student vocab>)",
+    )  # [N, k]
     t_k = _upcast(teacher_topk_logprobs.detach())  # [N, k]
     t_rest = _upcast(teacher_rest_mass.detach())  # [N]
-    if idx.numel() and (int(idx.max()) >= vocab or int(idx.min()) < 0):
-        raise ValueError(
-            f"teacher top-k indices fall outside the student's vocabulary [0, {vocab}); build the cache "
-            f"with teacher_topk(..., vocab_size=<student vocab>)"
-        )
-
-    z = _tempered(s, temperature)  # [N, V]
-    # Only the normaliser and k gathered entries are needed, not a full [N, V] log_softmax.
-    s_k = z.gather(-1, idx) - z.logsumexp(-1, keepdim=True)  # [N, k]
     s_rest = (1.0 - s_k.exp().sum(-1)).clamp_min(0.0)  # [N]; clamp: rounding can push it below 0
     s_buckets = torch.cat([s_k, (s_rest + REST_FLOOR).log().unsqueeze(-1)], dim=-1)  # [N, k+1]
     t_buckets = torch.cat([t_k, (t_rest.clamp_min(0.0) + REST_FLOOR).log().unsqueeze(-1)], dim=-1)  # [N, k+1]
@@ -430,12 +446,7 @@ def sampled_kd_loss_on_rows(
             f"rows must be student [N, V] and sampled log-probs / indices [N, k]; got {list(student_logits.shape)}, "
             f"{list(sampled_logprobs.shape)}, {list(sampled_indices.shape)}"
         )
-    vocab = student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
-    idx = sampled_indices.long()
-    if idx.numel() and (int(idx.max()) >= vocab or int(idx.min()) < 0):
-        raise ValueError(f"sampled indices fall outside the student's vocabulary [0, {vocab})")
-    z = _tempered(student_logits[:, :vocab], temperature)
-    s_logp = z.gather(-1, idx) - z.logsumexp(-1, keepdim=True)  # [N, k]
+    s_logp = _student_logprobs_at(student_logits, sampled_indices, temperature, vocab_size, "sampled indices")
     w = _upcast(sampled_logprobs.detach()).exp()  # [N, k]; 0 in the padding slots
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)  # stored at float16: renormalise
     per_token = torch.xlogy(w, w).sum(-1) - (w * s_logp).sum(-1)

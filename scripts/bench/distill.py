@@ -341,7 +341,7 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
             shutil.rmtree(ckpt, ignore_errors=True)
     manifest = read_manifest(run_dir / "artifact")
     times, phases = step_records(run_dir)
-    m = re.search(r"teacher cache: (\d+) sequences, top-(\d+)[^\n]*?, in (\d+)s", log)
+    m = re.search(r"teacher cache: (\d+) sequences, (?:top-\d+|\d+ draws per token)[^\n]*?, in (\d+)s", log)
     return {
         "tag": tag,
         "run_dir": str(run_dir),
@@ -352,10 +352,16 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
         "manifest": manifest,
         "step_times": times,
         "step_phases": phases,
-        "cache_build_s": float(m.group(3)) if m else None,
+        "cache_build_s": float(m.group(2)) if m else None,
         "cache_rows": int(m.group(1)) if m else None,
         "cache_reused": "reusing teacher cache" in log,
     }
+
+
+def cache_manifest_of(kd: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The ``cache.json`` of the teacher cache a run's kd settings point at (the work dir's default one unless
+    ``cache_dir`` is set)."""
+    return json.loads((Path(kd.get("cache_dir", out / "teacher_cache")) / "cache.json").read_text())
 
 
 def step_records(run_dir: Path) -> tuple[dict[int, float], dict[int, dict[str, float]]]:
@@ -627,6 +633,11 @@ def vs_ce_row(label: str, ppl: float, ce_ppl: float, boot: Optional[dict[str, fl
     return (label, fmt(ppl), f"KD/CE ppl = {fmt(ppl / ce_ppl, 3)}{ci(boot)}")
 
 
+def cache_label(entries: str, k: int) -> str:
+    """How the tables name a teacher cache of either kind (``kd.cache_entries``)."""
+    return f"the top-{k} cache" if entries == "top_k" else f"the cache of {k} teacher draws per token"
+
+
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     ce_ppl = r["ce_student_ppl"]
     rows = [
@@ -667,9 +678,7 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     if r.get("cache_speedup") is not None:
         rows += [
             (
-                f"KD from the cache of {r['settings']['top_k']} teacher draws per token"
-                if r.get("cache_entries") == "sampled"
-                else f"KD from the top-{r['settings']['top_k']} cache",
+                f"KD from {cache_label(r.get('cache_entries', 'top_k'), r['settings']['top_k'])}",
                 fmt(r["cache_eval_ppl"]),
                 f"vs online {fmt(r['online_eval_ppl'])}: {r['cache_vs_online_ppl_pct']:+.2f} %"
                 f"{ci(r.get('cache_vs_online'), 'cache/online')}",
@@ -689,10 +698,9 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             ("cache build (one-off)", f"{fmt(r['cache_build_s'], 0)} s", ""),
         ]
     for o in r.get("other_cache_entries", []):
-        what = "the top-k" if o["cache_entries"] == "top_k" else f"{r['settings']['top_k']} teacher draws per token"
         rows.append(
             (
-                f"KD from a cache of {what}",
+                f"KD from {cache_label(o['cache_entries'], r['settings']['top_k'])}",
                 fmt(o["eval_ppl"]),
                 f"vs online {o['vs_online_ppl_pct']:+.2f} %; {o['payload_bytes_per_token']} B per token, "
                 f"{fmt(o.get('disk_bytes_per_token'), 0)} B on disk",
@@ -1129,7 +1137,7 @@ def main() -> None:
                 student_config(args, teacher, train, evals, out, kd=kd_other, lr=args.lr),
                 runs,
             )
-            manifest = json.loads((Path(kd_other.get("cache_dir", out / "teacher_cache")) / "cache.json").read_text())
+            manifest = cache_manifest_of(kd_other, out)
             other_caches.append(
                 {
                     "cache_entries": entries,
@@ -1292,8 +1300,7 @@ def main() -> None:
         r["cache_foreign_cores"] = r["cache_run"]["mean_foreign_cores"]
         r["cache_speedup_ceiling"] = speedup_ceiling(teacher_params, student_params)
         r["cache_rows"] = cache_run["cache_rows"]
-        cache_manifest_path = Path(kd_cached.get("cache_dir", out / "teacher_cache")) / "cache.json"
-        cache_manifest = json.loads(cache_manifest_path.read_text())
+        cache_manifest = cache_manifest_of(kd_cached, out)
         r["cache_entries"] = cache_manifest["key"].get("entries", "top_k")
         r["cache_bytes_per_token"] = cache_manifest.get("payload_bytes_per_token")
         r["cache_disk_bytes_per_token"] = cache_manifest.get("disk_bytes_per_token")
