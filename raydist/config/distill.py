@@ -103,11 +103,19 @@ class KDSettings(StrictModel):
         None, description="Teacher cache directory; default <output_dir>/teacher_cache/<name>."
     )
     top_k: int = Field(64, gt=0, description="Teacher log-probabilities kept per token in the cache.")
-    cache_entries: Literal["top_k", "sampled"] = Field(
+    cache_entries: Literal["top_k", "sampled", "top_k_tail"] = Field(
         "top_k",
         description="What the cache keeps per token: the teacher's top_k log-probabilities plus the leftover mass "
-        "(a lower bound of the KD loss, any kd.loss), or top_k draws from the teacher's distribution as distinct "
-        "tokens and counts (random-sampling KD: an unbiased forward-KL gradient; kd.loss forward_kl only).",
+        "(a lower bound of the KD loss, any kd.loss); or top_k draws from the teacher's distribution as distinct "
+        "tokens and counts (random-sampling KD: an unbiased forward-KL gradient; kd.loss forward_kl only); or "
+        "top_k_tail: the exact top top_k - cache_tail_draws plus cache_tail_draws draws from the rest (unbiased, "
+        "the sampling noise confined to the tail; forward_kl only).",
+    )
+    cache_tail_draws: Optional[int] = Field(
+        None,
+        gt=0,
+        description="With cache_entries top_k_tail: how many of the top_k slots are draws from the tail "
+        "(default top_k // 2).",
     )
     cache_precision: Literal["float16", "float32"] = Field(
         "float16",
@@ -131,10 +139,19 @@ class KDSettings(StrictModel):
                 "kd.loss uld runs with the online teacher, without the hidden-state loss and off-policy "
                 "(teacher_mode: online, hidden.weight: 0, on_policy.lmbda: 0)"
             )
-        if self.teacher_mode == "cache" and self.cache_entries == "sampled" and self.loss != "forward_kl":
+        if self.teacher_mode == "cache" and self.cache_entries != "top_k" and self.loss != "forward_kl":
             raise ValueError(
-                f"kd.cache_entries sampled gives an unbiased gradient for kd.loss forward_kl only, not {self.loss!r} "
-                "(use cache_entries: top_k for reverse_kl / jsd)"
+                f"kd.cache_entries {self.cache_entries} gives an unbiased gradient for kd.loss forward_kl only, not "
+                f"{self.loss!r} (use cache_entries: top_k for reverse_kl / jsd)"
+            )
+        if self.cache_tail_draws is not None and self.cache_entries != "top_k_tail":
+            raise ValueError(
+                f"kd.cache_tail_draws applies to cache_entries top_k_tail only (cache_entries is {self.cache_entries})"
+            )
+        if self.cache_entries == "top_k_tail" and not 0 < self.tail_draws < self.top_k:
+            raise ValueError(
+                f"kd.cache_tail_draws must leave at least one exact entry and draw at least one: 0 < "
+                f"{self.tail_draws} < top_k ({self.top_k})"
             )
         if self.teacher_mode == "cache" and self.on_policy.lmbda > 0:
             raise ValueError(
@@ -142,6 +159,13 @@ class KDSettings(StrictModel):
                 "student writes during training"
             )
         return self
+
+    @property
+    def tail_draws(self) -> int:
+        """How many cache slots per token are draws from the tail (top_k_tail; 0 for the other kinds)."""
+        if self.cache_entries != "top_k_tail":
+            return 0
+        return self.cache_tail_draws if self.cache_tail_draws is not None else self.top_k // 2
 
 
 class DistillConfig(StageConfig):

@@ -206,7 +206,7 @@ class TeacherTopK:
 
         cfg = DistillConfig.model_validate(cfg_json)
         self.k, self.temperature = cfg.kd.top_k, cfg.kd.temperature
-        self.entries, self.seed = cfg.kd.cache_entries, cfg.train.seed
+        self.entries, self.seed, self.tail_draws = cfg.kd.cache_entries, cfg.train.seed, cfg.kd.tail_draws
         self.pad_id = load_tokenizer(cfg.teacher).pad_token_id
         device = unit_device(cfg.resources.device, "teacher-cache actor")
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -221,6 +221,7 @@ class TeacherTopK:
             self.pad_id,
             entries=self.entries,
             seed=self.seed,
+            tail_draws=self.tail_draws,
         )
         return {**batch, **{name: _object_array(v) for name, v in cols.items()}}
 
@@ -259,6 +260,7 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         precision=cfg.kd.cache_precision,
         entries=cfg.kd.cache_entries,
         seed=cfg.train.seed,
+        tail_draws=cfg.kd.tail_draws,
     )
     cache = Mirror(cfg.kd.cache_dir or storage.join(cfg.run.output_dir, "teacher_cache", cfg.run.name))
     cache_dir = cache.local
@@ -310,7 +312,11 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         if cache_dir.exists():
             cache_dir.rmdir()  # empty: check_cache refuses a non-empty directory without a manifest
         os.replace(tmp, cache_dir)  # the cache appears complete or not at all
-    what = f"top-{k}" if cfg.kd.cache_entries == "top_k" else f"{k} draws per token"
+    what = {
+        "top_k": f"top-{k}",
+        "sampled": f"{k} draws per token",
+        "top_k_tail": f"top-{k - cfg.kd.tail_draws} + {cfg.kd.tail_draws} tail draws per token",
+    }[cfg.kd.cache_entries]
     say(
         f"[raydist] teacher cache: {n_rows} sequences, {what} ({cfg.kd.cache_precision} log-probabilities, "
         f"{sizes['payload_bytes_per_token']} bytes per token, {sizes['disk_bytes_per_token']:.0f} on disk), in "
@@ -451,7 +457,7 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             kd_sum = uld_loss_on_rows(s_logits[si.to(device)], t_logits[ti.to(device)], temperature=kd.temperature)
         elif w == 1 and not want_hidden:  # pure cross-entropy: the teacher is not needed at all
             kd_sum = s_logits.new_zeros(())
-        elif cached and kd.cache_entries == "sampled":  # the teacher's empirical distribution from k draws
+        elif cached and kd.cache_entries != "top_k":  # the teacher's distribution estimated from draws
             kd_sum = sampled_kd_loss_on_rows(
                 s_logits,
                 b["topk_logprobs"][:, :-1][targets],

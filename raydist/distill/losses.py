@@ -380,6 +380,7 @@ def teacher_samples(
     *,
     vocab_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    exact: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A sampled cache entry (random-sampling KD, Anshumann et al. 2025): ``k`` tokens drawn with replacement
     from the teacher's next-token distribution at every position, kept as the distinct tokens drawn and their
@@ -388,35 +389,54 @@ def teacher_samples(
     (``p_s - q̂``) is unbiased too; the top-k bucket loss systematically ignores how the teacher spreads its
     tail.
 
+    With ``exact = e > 0`` the teacher's top e tokens are kept with their exact probabilities and the other
+    ``k - e`` slots are draws from the rest of the distribution (renormalised), each weighing
+    ``rest_mass · count / (k - e)``: still unbiased, and the noise is confined to the tail, whose mass is small.
+
     Args:
-        teacher_logits: [B, T, V_t]; k: draws per position; temperature: draws from softmax(z / T);
-        vocab_size: as in :func:`teacher_topk`; generator: the draws' RNG (None: torch's global one).
+        teacher_logits: [B, T, V_t]; k: slots per position; temperature: draws from softmax(z / T);
+        vocab_size: as in :func:`teacher_topk`; generator: the draws' RNG (None: torch's global one);
+        exact: how many of the k slots hold the exact top tokens (0 <= exact < k).
 
     Returns:
-        ``(logprobs, indices, rest_mass)`` shaped as :func:`teacher_topk`'s: [B, T, k] log empirical
-        probabilities sorted descending, -inf in the slots past the distinct tokens (whose index repeats
-        the first one); [B, T, k] ids; [B, T] zeros (the draws carry all the mass).
+        ``(logprobs, indices, rest_mass)`` shaped as :func:`teacher_topk`'s: [B, T, k] log probabilities
+        sorted descending, -inf in the slots past the distinct tokens (whose index repeats the first one);
+        [B, T, k] ids; [B, T] zeros (the entries carry all the mass).
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = teacher_logits[..., :vocab_size] if vocab_size is not None else teacher_logits
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if not 0 <= exact < k:
+        raise ValueError(f"exact must be in [0, k) = [0, {k}), got {exact}")
     bt, v = logits.shape[:-1], logits.size(-1)
     probs = torch.softmax(_tempered(logits, temperature).float(), dim=-1).reshape(-1, v)  # [N, V]
-    draws = torch.multinomial(probs, k, replacement=True, generator=generator).sort(-1).values  # [N, k]
+    m = k - exact  # draws
+    if exact:
+        top_p, top_i = probs.topk(exact, dim=-1)
+        rest = probs.scatter(-1, top_i, 0.0)
+        mass = rest.sum(-1, keepdim=True)  # [N, 1]
+        # A row whose tail has no mass draws anything: its draws weigh mass · count / m = 0 (padding below).
+        draw_from = torch.where(mass > 0, rest, torch.ones_like(rest))
+    else:
+        draw_from, mass = probs, probs.new_ones(probs.size(0), 1)
+    draws = torch.multinomial(draw_from, m, replacement=True, generator=generator).sort(-1).values  # [N, m]
     # Run-length counts of the sorted draws: a run starts where the id changes; its count sits at its start.
     start = torch.ones_like(draws, dtype=torch.bool)
     start[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    run = start.long().cumsum(-1) - 1  # [N, k] run number of every slot
-    counts = torch.zeros_like(draws).scatter_add_(-1, run, torch.ones_like(draws))  # [N, k] per run number
-    firsts = torch.zeros_like(draws).scatter_(-1, run, draws)  # [N, k] the id of each run
+    run = start.long().cumsum(-1) - 1  # [N, m] run number of every slot
+    counts = torch.zeros_like(draws).scatter_add_(-1, run, torch.ones_like(draws))  # [N, m] per run number
+    firsts = torch.zeros_like(draws).scatter_(-1, run, draws)  # [N, m] the id of each run
     n_runs = start.sum(-1, keepdim=True)  # [N, 1]
-    used = torch.arange(k, device=draws.device).expand_as(draws) < n_runs
-    logp = torch.where(used, (counts.float() / k).log(), torch.full_like(counts, float("-inf"), dtype=torch.float))
+    used = torch.arange(m, device=draws.device).expand_as(draws) < n_runs
+    w = torch.where(used, counts.float() / m * mass, torch.zeros_like(mass))
+    logp, ids = w.log(), firsts  # log 0 = -inf marks padding
+    if exact:
+        logp, ids = torch.cat([top_p.log(), logp], -1), torch.cat([top_i, ids], -1)
     logp, order = logp.sort(-1, descending=True)
-    ids = firsts.gather(-1, order)
-    ids = torch.where(logp > float("-inf"), ids, ids[:, :1])  # padding slots point at a drawn token
+    ids = ids.gather(-1, order)
+    ids = torch.where(logp > float("-inf"), ids, ids[:, :1])  # padding slots point at a kept token
     return logp.reshape(*bt, k), ids.reshape(*bt, k), logp.new_zeros(bt)
 
 

@@ -1,5 +1,6 @@
 """The offline teacher cache: the teacher's top-k next-token log-probabilities per training token (or, with
-``kd.cache_entries: sampled``, the tokens of k draws from its distribution and their empirical probabilities).
+``kd.cache_entries: sampled``, the tokens of k draws from its distribution and their empirical probabilities;
+with ``top_k_tail``, its top k - d exactly and d draws from the rest).
 
 Layout of a cache directory (written to a temporary sibling and renamed into place, so a half-written
 cache is never read):
@@ -54,6 +55,7 @@ def cache_key(
     precision: str = "float16",
     entries: str = "top_k",
     seed: int = 0,
+    tail_draws: int = 0,
 ) -> dict[str, Any]:
     key = {
         "format": CACHE_FORMAT,
@@ -65,7 +67,10 @@ def cache_key(
         "precision": precision,
     }
     # A top-k cache's key is as before (caches built earlier stay valid); a sampled one also names its draws.
-    return key if entries == "top_k" else {**key, "entries": entries, "seed": seed}
+    if entries == "top_k":
+        return key
+    drawn = {"entries": entries, "seed": seed}
+    return {**key, **drawn} if entries == "sampled" else {**key, **drawn, "tail_draws": tail_draws}
 
 
 def index_dtype(vocab_size: int) -> type:
@@ -151,9 +156,11 @@ def topk_rows(
     *,
     entries: str = "top_k",
     seed: int = 0,
+    tail_draws: int = 0,
 ) -> dict[str, list]:
     """Cache columns for a batch of token rows (variable lengths; right-padded internally): the teacher's
-    top k per position, or (``entries="sampled"``) k draws from it, as :func:`~raydist.distill.losses.
+    top k per position, or (``entries="sampled"``) k draws from it, or (``"top_k_tail"``) its top
+    ``k - tail_draws`` and ``tail_draws`` draws from the rest, as :func:`~raydist.distill.losses.
     teacher_samples` keeps them.
 
     Returns lists (one entry per row, trimmed to the row's length): ``topk_logprobs`` [T, k] float32,
@@ -168,16 +175,19 @@ def topk_rows(
         ids[i, : len(x)] = torch.as_tensor(np.asarray(x), dtype=torch.long)
         mask[i, : len(x)] = 1
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
-    if entries == "sampled":
+    if entries in ("sampled", "top_k_tail"):
+        exact = k - tail_draws if entries == "top_k_tail" else 0
         rows = [
-            teacher_samples(logits[i, :n].cpu(), k, temperature, generator=row_generator(input_ids[i], seed))
+            teacher_samples(
+                logits[i, :n].cpu(), k, temperature, generator=row_generator(input_ids[i], seed), exact=exact
+            )
             for i, n in enumerate(lengths)
         ]
     elif entries == "top_k":
         logp, idx, rest = teacher_topk(logits, k, temperature)
         rows = [(logp[i, :n], idx[i, :n], rest[i, :n]) for i, n in enumerate(lengths)]
     else:
-        raise ValueError(f"cache entries must be 'top_k' or 'sampled', got {entries!r}")
+        raise ValueError(f"cache entries must be 'top_k', 'sampled' or 'top_k_tail', got {entries!r}")
     return {
         "topk_logprobs": [r[0].float().cpu().numpy() for r in rows],
         "topk_indices": [r[1].int().cpu().numpy() for r in rows],

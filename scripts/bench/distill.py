@@ -633,8 +633,14 @@ def vs_ce_row(label: str, ppl: float, ce_ppl: float, boot: Optional[dict[str, fl
     return (label, fmt(ppl), f"KD/CE ppl = {fmt(ppl / ce_ppl, 3)}{ci(boot)}")
 
 
-def cache_label(entries: str, k: int) -> str:
-    """How the tables name a teacher cache of either kind (``kd.cache_entries``)."""
+CACHE_KINDS = ("top_k", "sampled", "top_k_tail")  # kd.cache_entries
+
+
+def cache_label(entries: str, k: int, tail_draws: Optional[int] = None) -> str:
+    """How the tables name a teacher cache of any kind (``kd.cache_entries``)."""
+    if entries == "top_k_tail":
+        d = tail_draws or k // 2
+        return f"the cache of the top {k - d} + {d} tail draws per token"
     return f"the top-{k} cache" if entries == "top_k" else f"the cache of {k} teacher draws per token"
 
 
@@ -676,9 +682,10 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         label = f"{who}, on-policy KD (λ = {v['lmbda']:g}, {op['loss']}{start})"
         rows.append(vs_ce_row(label, v["eval_ppl"], gen_ce_ppl, v.get("vs_ce")))
     if r.get("cache_speedup") is not None:
+        label = cache_label(r.get("cache_entries", "top_k"), r["settings"]["top_k"], r.get("cache_tail_draws"))
         rows += [
             (
-                f"KD from {cache_label(r.get('cache_entries', 'top_k'), r['settings']['top_k'])}",
+                f"KD from {label}",
                 fmt(r["cache_eval_ppl"]),
                 f"vs online {fmt(r['online_eval_ppl'])}: {r['cache_vs_online_ppl_pct']:+.2f} %"
                 f"{ci(r.get('cache_vs_online'), 'cache/online')}",
@@ -700,7 +707,7 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     for o in r.get("other_cache_entries", []):
         rows.append(
             (
-                f"KD from {cache_label(o['cache_entries'], r['settings']['top_k'])}",
+                f"KD from {cache_label(o['cache_entries'], r['settings']['top_k'], o.get('tail_draws'))}",
                 fmt(o["eval_ppl"]),
                 f"vs online {o['vs_online_ppl_pct']:+.2f} %; {o['payload_bytes_per_token']} B per token, "
                 f"{fmt(o.get('disk_bytes_per_token'), 0)} B on disk",
@@ -984,16 +991,20 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument(
         "--cache-entries",
-        choices=("top_k", "sampled"),
+        choices=CACHE_KINDS,
         default="top_k",
-        help="what the KD-from-cache runs' cache keeps (kd.cache_entries): the top --top-k, or --top-k draws",
+        help="what the KD-from-cache runs' cache keeps (kd.cache_entries): the top --top-k, --top-k draws, or "
+        "the top --top-k minus --cache-tail-draws plus that many draws from the tail",
     )
     ap.add_argument(
         "--also-cache-entries",
-        choices=("top_k", "sampled"),
+        choices=CACHE_KINDS,
         action="append",
-        help="one more KD-from-cache run (quality and cache size only) per kind; repeatable; default: the kind "
-        "--cache-entries is not; --no-variants drops it",
+        help="one more KD-from-cache run (quality and cache size only) per kind; repeatable; default: the kinds "
+        "--cache-entries is not; --no-variants drops them",
+    )
+    ap.add_argument(
+        "--cache-tail-draws", type=int, default=None, help="kd.cache_tail_draws of top_k_tail caches (default k/2)"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -1061,8 +1072,8 @@ def main() -> None:
         return
     args.teacher_steps = args.teacher_steps or args.steps
     args.small_zero_stage = sorted(set(args.small_zero_stage or [2, 0]))
-    other_kind = {"top_k": "sampled", "sampled": "top_k"}[args.cache_entries]
-    args.also_cache_entries = args.also_cache_entries or ([] if args.no_variants else [other_kind])
+    other_kinds = [kind for kind in CACHE_KINDS if kind != args.cache_entries]
+    args.also_cache_entries = args.also_cache_entries or ([] if args.no_variants else other_kinds)
     args.kd_variant = [] if args.no_variants else (args.kd_variant or list(DEFAULT_VARIANTS))
     args.on_policy_lmbda = [] if args.skip_on_policy else (args.on_policy_lmbda or [1.0, 0.5])
 
@@ -1098,11 +1109,15 @@ def main() -> None:
         cache_run = None
 
         def cached_kd(entries: str) -> dict[str, Any]:
-            """A KD-from-cache run's kd settings; a sampled cache lives in its own directory (its key differs)."""
+            """A KD-from-cache run's kd settings; a cache of draws lives in its own directory (its key differs)."""
             if entries == "top_k":
                 return {**kd_main, "teacher_mode": "cache"}
             cache_dir = str(out / f"teacher_cache_{entries}")
-            return {**kd_main, "teacher_mode": "cache", "cache_entries": entries, "cache_dir": cache_dir}
+            kd = {**kd_main, "teacher_mode": "cache", "cache_entries": entries, "cache_dir": cache_dir}
+            if entries == "top_k_tail" and args.cache_tail_draws is not None:
+                kd["cache_tail_draws"] = args.cache_tail_draws
+                kd["cache_dir"] = f"{cache_dir}_{args.cache_tail_draws}"
+            return kd
 
         kd_cached = cached_kd(args.cache_entries)
         other_caches = []  # the same KD run from a cache of the other kind(s): quality and size only
@@ -1141,6 +1156,7 @@ def main() -> None:
             other_caches.append(
                 {
                     "cache_entries": entries,
+                    "tail_draws": manifest["key"].get("tail_draws"),
                     "eval_ppl": metrics_of(run)["eval_ppl"],
                     "vs_online_ppl_pct": 100 * (metrics_of(run)["eval_ppl"] / metrics_of(kd_run)["eval_ppl"] - 1),
                     "payload_bytes_per_token": manifest.get("payload_bytes_per_token"),
@@ -1302,6 +1318,7 @@ def main() -> None:
         r["cache_rows"] = cache_run["cache_rows"]
         cache_manifest = cache_manifest_of(kd_cached, out)
         r["cache_entries"] = cache_manifest["key"].get("entries", "top_k")
+        r["cache_tail_draws"] = cache_manifest["key"].get("tail_draws")
         r["cache_bytes_per_token"] = cache_manifest.get("payload_bytes_per_token")
         r["cache_disk_bytes_per_token"] = cache_manifest.get("disk_bytes_per_token")
         r["cache_precision"] = cache_manifest["key"].get("precision")

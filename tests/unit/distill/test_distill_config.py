@@ -31,6 +31,12 @@ def test_defaults_prune_from_teacher_online():
             {"kd": {"teacher_mode": "cache", "cache_entries": "sampled", "loss": "jsd"}},
             "unbiased gradient for kd.loss forward_kl only",
         ),
+        (
+            {"kd": {"teacher_mode": "cache", "cache_entries": "top_k_tail", "loss": "reverse_kl"}},
+            "cache_entries top_k_tail gives an unbiased gradient",
+        ),
+        ({"kd": {"cache_tail_draws": 8}}, "applies to cache_entries top_k_tail only"),
+        ({"kd": {"cache_entries": "top_k_tail", "top_k": 8, "cache_tail_draws": 8}}, "at least one exact"),
         ({"kd": {"beta": 1.5}}, "kd.beta"),
         ({"kd": {"temperature": 0}}, "kd.temperature"),
         ({"kd": {"lss": "jsd"}}, "kd.lss: unknown field"),

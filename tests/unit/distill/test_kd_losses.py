@@ -434,6 +434,49 @@ def test_sampled_cache_gradient_is_unbiased_where_the_top_k_is_not():
     assert err_sampled < 0.02 and err_topk > 3 * err_sampled, (err_sampled, err_topk)
 
 
+def test_top_k_tail_keeps_the_exact_top_and_draws_the_rest():
+    t = _logits(2, 5, 30, seed=46)
+    logp, idx, rest = teacher_samples(t, 12, generator=torch.Generator().manual_seed(0), exact=4)
+    assert logp.shape == idx.shape == (2, 5, 12) and (rest == 0).all() and (logp[..., :-1] >= logp[..., 1:]).all()
+    probs = torch.softmax(t.float(), -1)
+    top_p, top_i = probs.topk(4, -1)
+    w = logp.exp()
+    assert torch.allclose(w.sum(-1), torch.ones(2, 5), atol=1e-5)
+    tail_mass = 1 - top_p.sum(-1)
+    for r in range(2):
+        for p in range(5):
+            kept = {int(i): float(x) for i, x in zip(idx[r, p], w[r, p]) if x > 0}
+            for i, x in zip(top_i[r, p].tolist(), top_p[r, p].tolist()):
+                assert kept.pop(i) == pytest.approx(x, rel=1e-6)  # the top 4, exactly
+            # the rest: distinct tokens outside the top 4, each weighing tail mass x count / 8
+            counts = [x / float(tail_mass[r, p]) * 8 for x in kept.values()]
+            assert sum(counts) == pytest.approx(8, abs=1e-4) and all(abs(c - round(c)) < 1e-4 for c in counts)
+    with pytest.raises(ValueError, match="exact"):
+        teacher_samples(t, 4, exact=4)
+
+
+def test_top_k_tail_gradient_is_unbiased_with_less_noise_than_sampling():
+    v, n, draws = 40, 3, 400
+    s = _logits(n, v, seed=47, scale=1.0, dtype=torch.float64)
+    t = _logits(1, n, v, seed=48, scale=1.0)
+
+    def grad(cache):
+        x = s.clone().requires_grad_()
+        sampled_kd_loss_on_rows(x, *cache[:2]).backward()
+        return x.grad
+
+    x = s.clone().requires_grad_()
+    kd_loss_on_rows(x, t[0]).backward()
+    full = x.grad
+    g = torch.Generator().manual_seed(2)
+    sampled = torch.stack([grad(teacher_samples(t[0], 8, generator=g)) for _ in range(draws)])
+    tail = torch.stack([grad(teacher_samples(t[0], 8, generator=g, exact=4)) for _ in range(draws)])
+    assert float((tail.mean(0) - full).abs().max()) < 0.02  # unbiased, as the sampled cache
+    # the same 8 slots per token, but the noise is only the tail's: a smaller spread around the full gradient
+    spread = lambda gs: float(((gs - full) ** 2).sum((1, 2)).mean())  # noqa: E731
+    assert spread(tail) < 0.7 * spread(sampled), (spread(tail), spread(sampled))
+
+
 def test_sampled_loss_is_the_kl_from_the_empirical_distribution():
     s = _logits(4, 12, seed=44)
     t = _logits(1, 4, 12, seed=45)

@@ -75,18 +75,30 @@ def test_sampled_rows_do_not_depend_on_the_batching():
         np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, atol=1e-6)
     other = topk_rows(model, rows, k=8, temperature=1.0, pad_id=0, entries="sampled", seed=4)
     assert not np.array_equal(other["topk_indices"][0], together["topk_indices"][0])
-    with pytest.raises(ValueError, match="top_k' or 'sampled"):
+    with pytest.raises(ValueError, match="'sampled' or 'top_k_tail'"):
         topk_rows(model, rows, k=8, temperature=1.0, pad_id=0, entries="top_p")
+    # top_k_tail: every position holds the top-5 cache's entries, exactly, and 3 draws from the rest
+    tail = topk_rows(model, rows, k=8, temperature=1.0, pad_id=0, entries="top_k_tail", seed=3, tail_draws=3)
+    exact = topk_rows(model, rows, k=5, temperature=1.0, pad_id=0)
+    for row in range(2):
+        cols = (tail["topk_logprobs"], tail["topk_indices"], exact["topk_logprobs"], exact["topk_indices"])
+        for lp, ids, want_lp, want_ids in zip(*(c[row] for c in cols)):
+            kept = dict(zip(ids.tolist(), lp.tolist()))
+            assert [kept[i] for i in want_ids.tolist()] == pytest.approx(want_lp.tolist(), abs=1e-5)
+            assert np.exp(lp).sum() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_a_cache_matches_only_its_own_entries(tmp_path):
     common = dict(teacher_hash="t", data_fingerprint="d", tokenizer_hash="v", top_k=8, temperature=1.0)
     top_k, sampled = cache_key(**common), cache_key(**common, entries="sampled", seed=0)
     assert "entries" not in top_k  # the key of top-k caches built before sampled ones existed
-    for built, asked in ((sampled, top_k), (top_k, sampled), (sampled, cache_key(**common, entries="sampled", seed=1))):
+    tail = lambda d: cache_key(**common, entries="top_k_tail", seed=0, tail_draws=d)  # noqa: E731
+    assert "tail_draws" not in sampled and tail(4)["tail_draws"] == 4
+    others = ((sampled, cache_key(**common, entries="sampled", seed=1)), (tail(4), tail(2)), (tail(4), sampled))
+    for built, asked in ((sampled, top_k), (top_k, sampled), *others):
         d = tmp_path / str(len(list(tmp_path.iterdir())))
         d.mkdir()
         (d / CACHE_MANIFEST).write_text(json.dumps({"key": built}))
         assert check_cache(d, built)
-        with pytest.raises(CacheMismatchError, match="different (entries|seed)"):
+        with pytest.raises(CacheMismatchError, match="different (entries|seed|tail_draws)"):
             check_cache(d, asked)
