@@ -1,6 +1,6 @@
 """The shipped SmolLM2 pipeline, run as a user runs it, timed stage by stage.
 
-    .venv/bin/python scripts/bench/pipeline_smollm2.py          # ~25-35 min on a quiet 2-core box
+    .venv/bin/python scripts/bench/pipeline_smollm2.py          # ~15-20 min on a quiet 2-core box
 
 It runs ``python -m raydist pipeline -c jobs/pipeline_smollm2.yaml`` unchanged except where it lives
 (``output_dir`` in a temporary directory, a free HTTP port), in its own embedded Ray, waits until the chain
