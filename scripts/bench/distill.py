@@ -637,10 +637,10 @@ CACHE_KINDS = ("top_k", "sampled", "top_k_tail")  # kd.cache_entries
 
 
 def cache_label(entries: str, k: int, tail_draws: Optional[int] = None) -> str:
-    """How the tables name a teacher cache of any kind (``kd.cache_entries``)."""
+    """How the tables name a teacher cache of any kind (``kd.cache_entries``; ``tail_draws`` from the cache's
+    key, which names it for top_k_tail caches)."""
     if entries == "top_k_tail":
-        d = tail_draws or k // 2
-        return f"the cache of the top {k - d} + {d} tail draws per token"
+        return f"the cache of the top {k - tail_draws} + {tail_draws} tail draws per token"
     return f"the top-{k} cache" if entries == "top_k" else f"the cache of {k} teacher draws per token"
 
 
