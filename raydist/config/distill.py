@@ -65,6 +65,9 @@ class HiddenLossSettings(StrictModel):
     )
 
 
+DRAWN_ENTRIES = ("sampled", "top_k_tail")  # cache entries drawn from the teacher's distribution
+
+
 class OnPolicySettings(StrictModel):
     """On-policy distillation (GKD): the student samples completions of the data's prompts, the teacher scores them."""
 
@@ -103,13 +106,16 @@ class KDSettings(StrictModel):
         None, description="Teacher cache directory; default <output_dir>/teacher_cache/<name>."
     )
     top_k: int = Field(64, gt=0, description="Teacher log-probabilities kept per token in the cache.")
-    cache_entries: Literal["top_k", "sampled", "top_k_tail"] = Field(
+    cache_entries: Literal["top_k", "sampled", "top_k_tail", "last_hidden"] = Field(
         "top_k",
         description="What the cache keeps per token: the teacher's top_k log-probabilities plus the leftover mass "
         "(a lower bound of the KD loss, any kd.loss); or top_k draws from the teacher's distribution as distinct "
         "tokens and counts (random-sampling KD: an unbiased forward-KL gradient; kd.loss forward_kl only); or "
         "top_k_tail: the exact top top_k - cache_tail_draws plus cache_tail_draws draws from the rest (unbiased, "
-        "the sampling noise confined to the tail; forward_kl only).",
+        "the sampling noise confined to the tail; forward_kl only); or last_hidden: the teacher's last hidden state, "
+        "from which the workers recompute its full logits with its output layer (stored with the cache): the "
+        "online teacher's loss exactly, any kd.loss, at 2 x hidden_size bytes per token (float16); top_k and "
+        "temperature do not enter the cache.",
     )
     cache_tail_draws: Optional[int] = Field(
         None,
@@ -119,8 +125,8 @@ class KDSettings(StrictModel):
     )
     cache_precision: Literal["float16", "float32"] = Field(
         "float16",
-        description="How the cache stores log-probabilities (float16 halves them; ids take 2 bytes "
-        "when the vocabulary fits).",
+        description="How the cache stores log-probabilities or hidden states (float16 halves them; ids take 2 "
+        "bytes when the vocabulary fits).",
     )
     cache_actors: int = Field(1, gt=0, description="Teacher replicas (Ray Data actors) building the cache.")
     cache_batch_size: int = Field(8, gt=0, description="Sequences per teacher forward while building the cache.")
@@ -133,13 +139,13 @@ class KDSettings(StrictModel):
     @model_validator(mode="after")
     def _cache_compatible(self) -> "KDSettings":
         if self.teacher_mode == "cache" and self.hidden.weight > 0:
-            raise ValueError("the hidden-state loss needs the online teacher (the cache stores logits only)")
+            raise ValueError("the hidden-state loss needs the online teacher (a cache keeps the last layer only)")
         if self.loss == "uld" and (self.teacher_mode == "cache" or self.hidden.weight > 0 or self.on_policy.lmbda > 0):
             raise ValueError(
                 "kd.loss uld runs with the online teacher, without the hidden-state loss and off-policy "
                 "(teacher_mode: online, hidden.weight: 0, on_policy.lmbda: 0)"
             )
-        if self.teacher_mode == "cache" and self.cache_entries != "top_k" and self.loss != "forward_kl":
+        if self.teacher_mode == "cache" and self.cache_entries in DRAWN_ENTRIES and self.loss != "forward_kl":
             raise ValueError(
                 f"kd.cache_entries {self.cache_entries} gives an unbiased gradient for kd.loss forward_kl only, not "
                 f"{self.loss!r} (use cache_entries: top_k for reverse_kl / jsd)"

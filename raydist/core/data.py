@@ -306,7 +306,8 @@ def collate(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str, 
     Returns:
         ``input_ids`` [B, T] long, ``labels`` [B, T] long (-100 on padding), ``attention_mask`` [B, T] long;
         with a teacher cache's columns also ``topk_logprobs`` [B, T, k] float, ``topk_indices`` [B, T, k]
-        long and ``rest_mass`` [B, T] float (zeros on padding, which the labels mask anyway).
+        long and ``rest_mass`` [B, T] float (zeros on padding, which the labels mask anyway); with a hidden
+        cache's column ``teacher_hidden`` [B, T, H] float instead.
     """
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -320,6 +321,8 @@ def collate(rows: Sequence[dict[str, Sequence[int]]], pad_id: int) -> dict[str, 
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     if "topk_indices" in rows[0]:
         out.update(_collate_teacher_cache(rows, width))
+    elif "teacher_hidden" in rows[0]:
+        out["teacher_hidden"] = _collate_flat_rows(rows, "teacher_hidden", width)
     return out
 
 
@@ -349,6 +352,17 @@ def _collate_teacher_cache(rows, width: int) -> dict[str, torch.Tensor]:
         idx[i, :n] = torch.from_numpy(np.asarray(r["topk_indices"]).reshape(n, k).astype(np.int64))
         rest[i, :n] = torch.from_numpy(np.asarray(r["rest_mass"], dtype=np.float32))
     return {"topk_logprobs": logp, "topk_indices": idx, "rest_mass": rest}
+
+
+def _collate_flat_rows(rows, column: str, width: int) -> torch.Tensor:
+    """A cache column stored flat per row ([T * H]) into a zero-padded float32 [B, width, H]: one copy per row."""
+    n0 = len(rows[0]["input_ids"])
+    h = len(rows[0][column]) // max(n0, 1)
+    out = torch.zeros((len(rows), width, h), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        out[i, :n] = torch.from_numpy(np.asarray(r[column]).reshape(n, h).astype(np.float32))
+    return out
 
 
 def iter_rows(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:

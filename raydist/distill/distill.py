@@ -70,10 +70,14 @@ from raydist.distill.losses import (
 from raydist.distill.on_policy import is_on_policy, on_policy_batch
 from raydist.distill.teacher_cache import (
     CACHE_MANIFEST,
+    HEAD_FILE,
     cache_key,
     cache_table,
     check_cache,
+    hidden_rows,
+    load_head,
     payload_bytes_per_token,
+    save_head,
     tokenizer_hash,
     topk_rows,
 )
@@ -200,7 +204,8 @@ def build_student(cfg: DistillConfig, run_dir: Mirror, tokenizer, say):
 
 
 class TeacherTopK:
-    """A Ray Data actor holding one teacher replica; turns token rows into rows with top-k columns."""
+    """A Ray Data actor holding one teacher replica; turns token rows into rows with top-k columns (or, for a
+    ``last_hidden`` cache, the teacher's last hidden states)."""
 
     def __init__(self, cfg_json: dict[str, Any]):
 
@@ -213,6 +218,9 @@ class TeacherTopK:
         self.model = load_model(cfg.teacher, dtype=dtype).to(device).eval()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.entries == "last_hidden":
+            cols = hidden_rows(self.model, list(batch["input_ids"]), self.pad_id)
+            return {**batch, **{name: _object_array(v) for name, v in cols.items()}}
         cols = topk_rows(
             self.model,
             list(batch["input_ids"]),
@@ -287,7 +295,9 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     n_rows = n_shards = 0
     k = cfg.kd.top_k
-    vocab = load_model_config(cfg.teacher).vocab_size
+    model_config = load_model_config(cfg.teacher)
+    vocab = model_config.vocab_size
+    hidden_size = model_config.hidden_size if cfg.kd.cache_entries == "last_hidden" else None
     n_tokens = 0
     for batch in ds.iter_batches(batch_size=rows_per_shard, batch_format="numpy"):
         table = cache_table(batch, k, cfg.kd.cache_precision, vocab)
@@ -295,10 +305,12 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         n_rows += len(table)
         n_tokens += sum(len(x) for x in batch["input_ids"])
         n_shards += 1
+    if hidden_size is not None:  # the workers turn hidden states into logits with the teacher's own output layer
+        save_head(load_model(cfg.teacher), tmp / HEAD_FILE)
     disk = sum(f.stat().st_size for f in tmp.glob("part-*.parquet"))
     sizes = {
         "tokens": n_tokens,
-        "payload_bytes_per_token": payload_bytes_per_token(k, cfg.kd.cache_precision, vocab),
+        "payload_bytes_per_token": payload_bytes_per_token(k, cfg.kd.cache_precision, vocab, hidden_size),
         "disk_bytes": disk,
         "disk_bytes_per_token": disk / max(n_tokens, 1),
     }
@@ -316,9 +328,11 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         "top_k": f"top-{k}",
         "sampled": f"{k} draws per token",
         "top_k_tail": f"top-{k - cfg.kd.tail_draws} + {cfg.kd.tail_draws} tail draws per token",
+        "last_hidden": f"last hidden states ({hidden_size} values) per token",
     }[cfg.kd.cache_entries]
+    values = "hidden states" if hidden_size is not None else "log-probabilities"
     say(
-        f"[raydist] teacher cache: {n_rows} sequences, {what} ({cfg.kd.cache_precision} log-probabilities, "
+        f"[raydist] teacher cache: {n_rows} sequences, {what} ({cfg.kd.cache_precision} {values}, "
         f"{sizes['payload_bytes_per_token']} bytes per token, {sizes['disk_bytes_per_token']:.0f} on disk), in "
         f"{time.time() - t0:.0f}s -> {cache.location}"
     )
@@ -387,6 +401,10 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
 
     cached = cfg.kd.teacher_mode == "cache"
     teacher = None if cached else load_teacher()
+    teacher_head = None  # a hidden cache's teacher output layer: the exact logits from the stored hidden states
+    if cached and cfg.kd.cache_entries == "last_hidden":
+        head_file = Mirror(config["teacher_cache"], role=f"rank{session.rank}").pull(HEAD_FILE)
+        teacher_head = load_head(head_file, device, torch.bfloat16 if session.bf16 else torch.float32)
     teacher_config = load_model_config(cfg.teacher)
     student = load_model(ModelConfig(path=config["student_dir"]), seed=cfg.train.seed)
     hidden = cfg.kd.hidden
@@ -457,6 +475,10 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             kd_sum = uld_loss_on_rows(s_logits[si.to(device)], t_logits[ti.to(device)], temperature=kd.temperature)
         elif w == 1 and not want_hidden:  # pure cross-entropy: the teacher is not needed at all
             kd_sum = s_logits.new_zeros(())
+        elif teacher_head is not None:  # the teacher's exact logits from its cached last hidden states
+            with torch.no_grad():
+                t_logits = teacher_head(b["teacher_hidden"][:, :-1][targets].to(teacher_head.weight.dtype))
+            kd_sum = kd_loss_on_rows(s_logits, t_logits, kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
         elif cached and kd.cache_entries != "top_k":  # the teacher's distribution estimated from draws
             kd_sum = sampled_kd_loss_on_rows(
                 s_logits,

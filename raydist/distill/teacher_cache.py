@@ -1,6 +1,7 @@
 """The offline teacher cache: the teacher's top-k next-token log-probabilities per training token (or, with
 ``kd.cache_entries: sampled``, the tokens of k draws from its distribution and their empirical probabilities;
-with ``top_k_tail``, its top k - d exactly and d draws from the rest).
+with ``top_k_tail``, its top k - d exactly and d draws from the rest; with ``last_hidden``, its last hidden state per
+token, from which the workers recompute its exact logits with its output layer, saved beside the shards).
 
 Layout of a cache directory (written to a temporary sibling and renamed into place, so a half-written
 cache is never read):
@@ -9,7 +10,10 @@ cache is never read):
                        bytes per token (the payload, and on disk)
   part-*.parquet       rows in training order: input_ids, labels (as tokenized), topk_logprobs [T * k] (row-major
                        [T, k], float16 by default, ``kd.cache_precision``), topk_indices [T * k] (uint16 when the
-                       vocabulary fits, else int32), rest_mass [T] (float32: the leftover mass is often tiny)
+                       vocabulary fits, else int32), rest_mass [T] (float32: the leftover mass is often tiny);
+                       a ``last_hidden`` cache has teacher_hidden [T * H] (row-major [T, H], ``kd.cache_precision``)
+                       instead of the three top-k columns
+  head.safetensors     ``last_hidden`` caches only: the teacher's output layer (``weight`` [V, H], ``bias`` [V] if any)
 
 With k = 64, float16 log-probabilities and 2-byte ids a token costs 260 bytes of payload (516 with float32 and
 int32), in DistillKit's range (~300 bytes per token).
@@ -23,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,6 +35,7 @@ import torch
 from raydist.distill.losses import teacher_samples, teacher_topk
 
 CACHE_MANIFEST = "cache.json"
+HEAD_FILE = "head.safetensors"  # a hidden-state cache's copy of the teacher's output layer
 CACHE_FORMAT = 3  # 3: the top-k columns flat per row
 PRECISIONS = {"float16": np.float16, "float32": np.float32}  # of the stored log-probabilities
 
@@ -69,6 +74,8 @@ def cache_key(
     # A top-k cache's key is as before (caches built earlier stay valid); a sampled one also names its draws.
     if entries == "top_k":
         return key
+    if entries == "last_hidden":  # hidden states do not depend on k or T: one cache serves every temperature
+        return {k: v for k, v in key.items() if k not in ("top_k", "temperature")} | {"entries": entries}
     drawn = {"entries": entries, "seed": seed}
     return {**key, **drawn} if entries == "sampled" else {**key, **drawn, "tail_draws": tail_draws}
 
@@ -78,15 +85,18 @@ def index_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 1 << 16 else np.int32
 
 
-def payload_bytes_per_token(top_k: int, precision: str, vocab_size: int) -> int:
-    """Bytes a cached token costs before Parquet's compression: k log-probabilities, k ids, the leftover mass."""
+def payload_bytes_per_token(top_k: int, precision: str, vocab_size: int, hidden_size: Optional[int] = None) -> int:
+    """Bytes a cached token costs before Parquet's compression: k log-probabilities, k ids, the leftover mass;
+    or, given ``hidden_size`` (a ``last_hidden`` cache), the hidden state's H values."""
+    if hidden_size is not None:
+        return hidden_size * np.dtype(PRECISIONS[precision]).itemsize
     return top_k * (np.dtype(PRECISIONS[precision]).itemsize + np.dtype(index_dtype(vocab_size)).itemsize) + 4
 
 
 def cache_table(batch: dict[str, Any], top_k: int, precision: str, vocab_size: int):
     """One Parquet shard's table from a batch of cache rows (``input_ids``, ``labels``, ``topk_logprobs`` [T, k],
-    ``topk_indices`` [T, k], ``rest_mass`` [T] per row), built from flat numpy arrays and row offsets (no Python
-    loop over tokens)."""
+    ``topk_indices`` [T, k], ``rest_mass`` [T] per row; or ``teacher_hidden`` [T, H] instead of the three),
+    built from flat numpy arrays and row offsets (no Python loop over tokens)."""
     import pyarrow as pa
 
     lengths = [len(x) for x in batch["input_ids"]]
@@ -103,14 +113,22 @@ def cache_table(batch: dict[str, Any], top_k: int, precision: str, vocab_size: i
     def listed(values):
         return pa.ListArray.from_arrays(offsets, values)
 
-    # The [T, k] columns are stored flat per row (T * k values): a reader gets one contiguous array per row
-    # (a reshape away from [T, k]) instead of T small arrays, which nested lists become in numpy.
+    tokens = {
+        "input_ids": listed(pa.array(flat("input_ids", np.int32))),
+        "labels": listed(pa.array(flat("labels", np.int32))),
+    }
+    # The [T, k] (or [T, H]) columns are stored flat per row (T * k values): a reader gets one contiguous array per
+    # row (a reshape away from [T, k]) instead of T small arrays, which nested lists become in numpy.
+    if "teacher_hidden" in batch:
+        values = flat("teacher_hidden", PRECISIONS[precision])
+        width = values.size // max(int(ends[-1]), 1)
+        h_offsets = pa.array((ends * width).astype(np.int32))
+        return pa.table({**tokens, "teacher_hidden": pa.ListArray.from_arrays(h_offsets, pa.array(values))})
     k_offsets = pa.array((ends * top_k).astype(np.int32))
     topk = lambda col, dtype: pa.ListArray.from_arrays(k_offsets, pa.array(flat(col, dtype)))  # noqa: E731
     return pa.table(
         {
-            "input_ids": listed(pa.array(flat("input_ids", np.int32))),
-            "labels": listed(pa.array(flat("labels", np.int32))),
+            **tokens,
             "topk_logprobs": topk("topk_logprobs", PRECISIONS[precision]),
             "topk_indices": topk("topk_indices", index_dtype(vocab_size)),
             "rest_mass": listed(pa.array(flat("rest_mass", np.float32))),
@@ -146,6 +164,51 @@ def row_generator(row: np.ndarray, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+def _right_padded(model, input_ids: list[np.ndarray], pad_id: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """``(lengths, input_ids [B, T], attention_mask [B, T])`` of variable-length rows, right-padded, on the
+    model's device."""
+    device = next(model.parameters()).device
+    lengths = [len(x) for x in input_ids]
+    ids = torch.full((len(input_ids), max(lengths)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, x in enumerate(input_ids):
+        ids[i, : len(x)] = torch.as_tensor(np.asarray(x), dtype=torch.long)
+        mask[i, : len(x)] = 1
+    return lengths, ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def hidden_rows(model, input_ids: list[np.ndarray], pad_id: int) -> dict[str, list]:
+    """A ``last_hidden`` cache's column for a batch of token rows: the teacher's last hidden state (what its output
+    layer turns into logits, as the online teacher's ``logits_at_targets`` computes them), ``teacher_hidden``
+    [T, H] float32 per row, trimmed to the row's length."""
+    lengths, ids, mask = _right_padded(model, input_ids, pad_id)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+    return {"teacher_hidden": [hidden[i, :n].float().cpu().numpy() for i, n in enumerate(lengths)]}
+
+
+def save_head(model, path: Path) -> None:
+    """Write the teacher's output layer (``weight`` [V, H], and ``bias`` [V] when it has one) for a hidden cache."""
+    from safetensors.torch import save_file
+
+    head = model.get_output_embeddings()
+    tensors = {"weight": head.weight.detach().float().contiguous()}
+    if getattr(head, "bias", None) is not None:
+        tensors["bias"] = head.bias.detach().float().contiguous()
+    save_file(tensors, str(path))
+
+
+def load_head(path: Path, device: torch.device, dtype: torch.dtype) -> torch.nn.Linear:
+    """The teacher's output layer of a hidden cache, frozen, as a ``Linear`` on ``device`` in ``dtype``."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    weight = tensors["weight"]
+    head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in tensors, device="meta")
+    head.load_state_dict(tensors, assign=True)
+    return head.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def topk_rows(
     model,
@@ -166,15 +229,8 @@ def topk_rows(
     Returns lists (one entry per row, trimmed to the row's length): ``topk_logprobs`` [T, k] float32,
     ``topk_indices`` [T, k] int32, ``rest_mass`` [T] float32.
     """
-    device = next(model.parameters()).device
-    lengths = [len(x) for x in input_ids]
-    width = max(lengths)
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, x in enumerate(input_ids):
-        ids[i, : len(x)] = torch.as_tensor(np.asarray(x), dtype=torch.long)
-        mask[i, : len(x)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, T, V]
+    lengths, ids, mask = _right_padded(model, input_ids, pad_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
     if entries in ("sampled", "top_k_tail"):
         exact = k - tail_draws if entries == "top_k_tail" else 0
         rows = [

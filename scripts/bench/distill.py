@@ -341,7 +341,9 @@ def run_stage(stage: str, tag: str, cfg: dict[str, Any], runs: Path) -> dict[str
             shutil.rmtree(ckpt, ignore_errors=True)
     manifest = read_manifest(run_dir / "artifact")
     times, phases = step_records(run_dir)
-    m = re.search(r"teacher cache: (\d+) sequences, (?:top-\d+|\d+ draws per token)[^\n]*?, in (\d+)s", log)
+    m = re.search(
+        r"teacher cache: (\d+) sequences, (?:top-\d+|\d+ draws per token|last hidden states)[^\n]*?, in (\d+)s", log
+    )
     return {
         "tag": tag,
         "run_dir": str(run_dir),
@@ -633,7 +635,7 @@ def vs_ce_row(label: str, ppl: float, ce_ppl: float, boot: Optional[dict[str, fl
     return (label, fmt(ppl), f"KD/CE ppl = {fmt(ppl / ce_ppl, 3)}{ci(boot)}")
 
 
-CACHE_KINDS = ("top_k", "sampled", "top_k_tail")  # kd.cache_entries
+CACHE_KINDS = ("top_k", "sampled", "top_k_tail", "last_hidden")  # kd.cache_entries
 
 
 def cache_label(entries: str, k: int, tail_draws: Optional[int] = None) -> str:
@@ -641,6 +643,8 @@ def cache_label(entries: str, k: int, tail_draws: Optional[int] = None) -> str:
     key, which names it for top_k_tail caches)."""
     if entries == "top_k_tail":
         return f"the cache of the top {k - tail_draws} + {tail_draws} tail draws per token"
+    if entries == "last_hidden":
+        return "the cache of the teacher's last hidden states (exact logits)"
     return f"the top-{k} cache" if entries == "top_k" else f"the cache of {k} teacher draws per token"
 
 

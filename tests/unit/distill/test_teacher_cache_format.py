@@ -16,8 +16,11 @@ from raydist.distill.teacher_cache import (
     cache_key,
     cache_table,
     check_cache,
+    hidden_rows,
     index_dtype,
+    load_head,
     payload_bytes_per_token,
+    save_head,
     topk_rows,
 )
 
@@ -27,6 +30,7 @@ def test_bytes_per_token():
     assert payload_bytes_per_token(64, "float32", 49152) == 64 * 4 + 64 * 2 + 4
     assert payload_bytes_per_token(64, "float32", 151_936) == 516  # ids need int32 beyond 65536 tokens
     assert index_dtype(65536) is np.uint16 and index_dtype(65537) is np.int32
+    assert payload_bytes_per_token(64, "float16", 49152, hidden_size=576) == 1152  # a hidden cache: H values
 
 
 @pytest.mark.parametrize("precision", ["float16", "float32"])
@@ -102,3 +106,45 @@ def test_a_cache_matches_only_its_own_entries(tmp_path):
         assert check_cache(d, built)
         with pytest.raises(CacheMismatchError, match="different (entries|seed|tail_draws)"):
             check_cache(d, asked)
+
+
+@pytest.mark.parametrize("precision", ["float16", "float32"])
+def test_a_hidden_cache_gives_back_the_online_teachers_logits(tmp_path, precision):
+    """A hidden cache stores the teacher's last hidden states; with its saved output layer the worker gets the
+    logits the online teacher computes (logits_at_targets), up to the storage precision."""
+    from raydist.distill.distill import logits_at_targets
+
+    model = load_model(ModelConfig(path="tiny-random"), seed=0).eval()
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(4, 512, (n,), generator=g).numpy() for n in (7, 12, 3)]
+    cols = hidden_rows(model, rows, pad_id=0)
+    assert [c.shape for c in cols["teacher_hidden"]] == [(n, model.config.hidden_size) for n in (7, 12, 3)]
+    batch = {"input_ids": np.array(rows, dtype=object), "labels": np.array(rows, dtype=object)}
+    batch["teacher_hidden"] = np.empty(3, dtype=object)
+    batch["teacher_hidden"][:] = [np.array(list(v), dtype=object) for v in cols["teacher_hidden"]]
+    table = cache_table(batch, 8, precision, vocab_size=512)
+    assert set(table.column_names) == {"input_ids", "labels", "teacher_hidden"}
+    pq.write_table(table, tmp_path / "part.parquet")
+    back = pq.read_table(tmp_path / "part.parquet").to_pydict()
+    got = collate(list(iter_rows({k: np.array([np.array(x) for x in v], dtype=object) for k, v in back.items()})), 0)
+    assert got["teacher_hidden"].shape == (3, 12, model.config.hidden_size) and "topk_indices" not in got
+    save_head(model, tmp_path / "head.safetensors")
+    head = load_head(tmp_path / "head.safetensors", torch.device("cpu"), torch.float32)
+    assert not head.weight.requires_grad
+    targets = got["labels"][:, 1:] != -100
+    targets &= got["attention_mask"][:, 1:].bool()
+    with torch.no_grad():
+        online, _ = logits_at_targets(model, targets, input_ids=got["input_ids"], attention_mask=got["attention_mask"])
+        cached = head(got["teacher_hidden"][:, :-1][targets])
+    tol = {"float16": 2e-3, "float32": 1e-5}[precision]
+    assert cached.shape == online.shape and float((cached - online).abs().max()) < tol
+
+
+def test_a_hidden_cache_key_leaves_out_k_and_temperature(tmp_path):
+    common = dict(teacher_hash="t", data_fingerprint="d", tokenizer_hash="v")
+    hidden = cache_key(**common, top_k=8, temperature=1.0, entries="last_hidden")
+    assert hidden == cache_key(**common, top_k=64, temperature=2.0, entries="last_hidden")  # one cache, any T and k
+    assert hidden["entries"] == "last_hidden" and "top_k" not in hidden and "temperature" not in hidden
+    (tmp_path / CACHE_MANIFEST).write_text(json.dumps({"key": hidden}))
+    with pytest.raises(CacheMismatchError, match="different"):
+        check_cache(tmp_path, cache_key(**common, top_k=8, temperature=1.0))
