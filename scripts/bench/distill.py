@@ -648,6 +648,14 @@ def cache_label(entries: str, k: int, tail_draws: Optional[int] = None) -> str:
     return f"the top-{k} cache" if entries == "top_k" else f"the cache of {k} teacher draws per token"
 
 
+def small_cache_label(r: dict[str, Any], o: dict[str, Any]) -> str:
+    """The label of a small-student cache run's cache (results written before the kind was recorded: the
+    headline's kind)."""
+    entries = o.get("cache_entries", r.get("cache_entries", "top_k"))
+    draws = o.get("tail_draws", r.get("cache_tail_draws") if entries == r.get("cache_entries") else None)
+    return cache_label(entries, r["settings"]["top_k"], draws)
+
+
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
     ce_ppl = r["ce_student_ppl"]
     rows = [
@@ -736,9 +744,10 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 "",
             ),
             (
-                "small student, KD from the cache",
+                f"small student, KD from {small_cache_label(r, bt)}",
                 fmt(bt["cache_eval_ppl"]),
-                f"vs online {100 * r['cache_ppl_rel_diff']:+.2f} % (cache_ppl_rel_diff)",
+                f"vs online {100 * r['cache_ppl_rel_diff']:+.2f} % (cache_ppl_rel_diff); "
+                f"{bt.get('cache_bytes_per_token', r.get('cache_bytes_per_token'))} B per token",
             ),
             (
                 f"small student, ZeRO-{bt.get('zero_stage', 2)}: step time online / cache (median)",
@@ -747,6 +756,15 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"{fmt(bt['cache_speedup_cpu'])}x; parameter-count estimate {bt['cache_speedup_ceiling']:.2f}x)",
             ),
         ]
+        for o in bt.get("other_caches", []):
+            rows.append(
+                (
+                    f"small student, KD from {small_cache_label(r, o)}",
+                    fmt(o["eval_ppl"]),
+                    f"vs online {100 * o['cache_ppl_rel_diff']:+.2f} %; {o['cache_bytes_per_token']} B per token; "
+                    f"step {fmt(o['cache_step_s'])} s ({fmt(o['cache_speedup'])}x)",
+                )
+            )
         for stage, o in (r.get("big_teacher_by_zero_stage") or {}).items():
             if int(stage) != bt.get("zero_stage", 2):
                 rows.append(
@@ -903,10 +921,16 @@ def markdown_section(r: dict[str, Any]) -> str:
                 if bt["online_eval_ppl"] > 10 * r["teacher_ppl"]
                 else ""
             )
-            + f"). The cache costs "
-            f"{r.get('cache_bytes_per_token')} bytes per token ({fmt(r.get('cache_disk_bytes_per_token'), 0)} on "
+            + f"). That cache ({small_cache_label(r, bt)}) costs "
+            f"{bt.get('cache_bytes_per_token', r.get('cache_bytes_per_token'))} bytes per token "
+            f"({fmt(bt.get('cache_disk_bytes_per_token', r.get('cache_disk_bytes_per_token')), 0)} on "
             "disk after Parquet's compression).",
         ]
+        for o in bt.get("other_caches", []):
+            lines[-1] += (
+                f" From {small_cache_label(r, o)} ({o['cache_bytes_per_token']} bytes per token) the same student "
+                f"ends {100 * o['cache_ppl_rel_diff']:+.2f} % vs online, at {fmt(o['cache_speedup'])}x per step."
+            )
         on_p, ca_p = bt.get("online_phase_s"), bt.get("cache_phase_s")
         if on_p and ca_p:
             kept = ca_p["backward"] + ca_p["optimizer"]
@@ -1055,6 +1079,13 @@ def main() -> None:
     ap.add_argument("--small-drop-layers", type=int, default=28, help="layers the small student drops")
     ap.add_argument("--small-mlp-keep", type=float, default=0.5, help="MLP channels the small student keeps")
     ap.add_argument(
+        "--small-cache-entries",
+        choices=CACHE_KINDS,
+        action="append",
+        help="cache kind of one KD-from-cache run of the small student (per --small-zero-stage); repeatable; "
+        "default: --cache-entries; the goal figures are the first kind's",
+    )
+    ap.add_argument(
         "--small-zero-stage",
         type=int,
         action="append",
@@ -1076,6 +1107,7 @@ def main() -> None:
         return
     args.teacher_steps = args.teacher_steps or args.steps
     args.small_zero_stage = sorted(set(args.small_zero_stage or [2, 0]))
+    args.small_cache_entries = list(dict.fromkeys(args.small_cache_entries or [args.cache_entries]))
     other_kinds = [kind for kind in CACHE_KINDS if kind != args.cache_entries]
     args.also_cache_entries = args.also_cache_entries or ([] if args.no_variants else other_kinds)
     args.kd_variant = [] if args.no_variants else (args.kd_variant or list(DEFAULT_VARIANTS))
@@ -1132,22 +1164,27 @@ def main() -> None:
                 student_config(args, teacher, train, evals, out, kd=kd_cached, lr=args.lr),
                 runs,
             )
-        small_runs = {}  # the cache where it is meant to pay: a teacher >= 4x the student, same steps; per ZeRO stage
+        # the cache where it is meant to pay: a teacher >= 4x the student, same steps; per ZeRO stage the online run
+        # and one cache run per --small-cache-entries kind (the first one's are the goal figures)
+        small_runs: dict[int, tuple[dict[str, Any], list[tuple[str, dict[str, Any], dict[str, Any]]]]] = {}
         small_shape = (args.small_drop_layers, args.small_mlp_keep)
         if cache_run is not None and not args.skip_big_teacher:
             for stage in args.small_zero_stage:
                 suffix = "" if stage == 2 else f"-z{stage}"
-                small_runs[stage] = tuple(
-                    run_stage(
-                        "distill",
-                        tag + suffix,
-                        student_config(
-                            args, teacher, train, evals, out, kd=kd, lr=args.lr, shape=small_shape, zero_stage=stage
-                        ),
-                        runs,
+
+                def small(tag: str, kd: dict[str, Any]) -> dict[str, Any]:
+                    cfg = student_config(
+                        args, teacher, train, evals, out, kd=kd, lr=args.lr, shape=small_shape, zero_stage=stage
                     )
-                    for tag, kd in (("kd-small", kd_main), ("kd-small-cache", kd_cached))
-                )
+                    return run_stage("distill", tag + suffix, cfg, runs)
+
+                online_small = small("kd-small", kd_main)
+                caches = []
+                for entries in args.small_cache_entries:
+                    kd = cached_kd(entries)
+                    tag = "kd-small-cache" if entries == args.cache_entries else f"kd-small-cache-{entries}"
+                    caches.append((entries, kd, small(tag, kd)))
+                small_runs[stage] = (online_small, caches)
         for entries in args.also_cache_entries if cache_run is not None else []:
             kd_other = cached_kd(entries)
             run = run_stage(
@@ -1331,11 +1368,16 @@ def main() -> None:
         if cache_run["cache_reused"] or cache_run["reused"]:
             notes.append("the teacher cache was reused from an earlier run (build time not measured now)")
     by_stage = {}
-    for stage, (online_s, cache_s) in small_runs.items():
+    for stage, (online_s, caches) in small_runs.items():
         small_params = online_s["manifest"]["num_parameters"]
+        (entries_s, kd_s, cache_s), rest = caches[0], caches[1:]
         cmp = cache_comparison(online_s, cache_s, sampler)
         on_ppl, ca_ppl = metrics_of(online_s)["eval_ppl"], metrics_of(cache_s)["eval_ppl"]
+        manifest_s = cache_manifest_of(kd_s, out)
         by_stage[stage] = {
+            "cache_entries": entries_s,
+            "cache_bytes_per_token": manifest_s.get("payload_bytes_per_token"),
+            "cache_disk_bytes_per_token": manifest_s.get("disk_bytes_per_token"),
             "zero_stage": stage,
             "student_params": small_params,
             "teacher_over_student_params": teacher_params / small_params,
@@ -1347,8 +1389,20 @@ def main() -> None:
             "cache_speedup_ceiling": speedup_ceiling(teacher_params, small_params),
             **cmp,
             "online_run": student_summary(online_s, kd_main, args.lr, sampler),
-            "cache_run": student_summary(cache_s, kd_cached, args.lr, sampler),
+            "cache_run": student_summary(cache_s, kd_s, args.lr, sampler),
             "cache_ppl_rel_diff": ca_ppl / on_ppl - 1,
+            "other_caches": [
+                {
+                    "cache_entries": entries,
+                    "tail_draws": cache_manifest_of(kd, out)["key"].get("tail_draws"),
+                    "cache_bytes_per_token": cache_manifest_of(kd, out).get("payload_bytes_per_token"),
+                    "eval_ppl": metrics_of(run)["eval_ppl"],
+                    "cache_ppl_rel_diff": metrics_of(run)["eval_ppl"] / on_ppl - 1,
+                    **cache_comparison(online_s, run, sampler),
+                    "cache_run": student_summary(run, kd, args.lr, sampler),
+                }
+                for entries, kd, run in rest
+            ],
         }
     if by_stage:  # the goal figures: the lowest stage asked for (ZeRO-0 by default: nothing to shard at ~30M)
         bt = r["big_teacher"] = by_stage[min(by_stage)]
@@ -1356,6 +1410,7 @@ def main() -> None:
         r["cache_speedup_big_teacher"] = bt["cache_speedup"]
         r["cache_speedup_big_teacher_cpu"] = bt["cache_speedup_cpu"]
         r["cache_ppl_rel_diff"] = bt["cache_ppl_rel_diff"]
+        r["cache_bytes_per_token_big_teacher"] = bt["cache_bytes_per_token"]
     # eval-set noise: per-sequence NLLs of every model, paired bootstrap of the ratios that matter
     if not args.skip_bootstrap:
         import math
@@ -1406,7 +1461,7 @@ def main() -> None:
             teacher_run and teacher_run["loadavg_at_start"],
             kd_run["loadavg_at_start"],
             cache_run and cache_run["loadavg_at_start"],
-            *[x["loadavg_at_start"] for pair in small_runs.values() for x in pair],
+            *[x["loadavg_at_start"] for on, caches in small_runs.values() for x in (on, *(c[2] for c in caches))],
             ce_run["loadavg_at_start"],
             *[v["loadavg_at_start"] for v in variants],
             *[v["loadavg_at_start"] for v in on_policy],

@@ -193,6 +193,30 @@ def test_drawn_cache_through_the_cli(teacher, online_run, tmp_path, entries):
         run_distill(config_from_dict(DistillConfig, top_k))
 
 
+def test_last_hidden_cache_trains_as_the_online_teacher(teacher, online_run, tmp_path):
+    """kd.cache_entries last_hidden through the CLI: the cache keeps the teacher's last hidden states (and its
+    output layer), and training from it follows the online run step by step (the same loss, exact up to the
+    float16 storage)."""
+    cache = tmp_path / "cache"
+    cfg = distill_cfg(teacher, tmp_path, teacher_mode="cache", cache_dir=str(cache), cache_entries="last_hidden")
+    cfg["train"] = {**cfg["train"], "max_steps": 4, "checkpoint_every": None}
+    cfg_file = tmp_path / "distill.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert main(["distill", "-c", str(cfg_file)]) == 0
+    manifest = json.loads((cache / "cache.json").read_text())
+    hidden_size = load_model(ModelConfig(path=str(teacher))).config.hidden_size
+    assert manifest["key"]["entries"] == "last_hidden" and "top_k" not in manifest["key"]
+    assert manifest["payload_bytes_per_token"] == 2 * hidden_size and (cache / "head.safetensors").is_file()
+    row = pq.read_table(sorted(cache.glob("part-*.parquet"))[0]).slice(0, 1).to_pylist()[0]
+    assert len(row["teacher_hidden"]) == len(row["input_ids"]) * hidden_size
+    cached, online = train_losses(tmp_path / "kd"), train_losses(online_run)
+    for step in range(1, 5):
+        assert cached[step] == pytest.approx(online[step], rel=2e-3), (step, cached, online)
+    evals = {h["step"]: h["eval_ppl"] for h in read_history(tmp_path / "kd" / "metrics.jsonl") if "eval_ppl" in h}
+    want = {h["step"]: h["eval_ppl"] for h in read_history(online_run / "metrics.jsonl") if "eval_ppl" in h}
+    assert evals[4] != evals[0] and evals[4] == pytest.approx(want[4], rel=1e-3)
+
+
 def test_distill_resumes_exactly(teacher, online_run, tmp_path):
     """Resume works as in fine-tuning: stop after 4 steps, rerun, and the losses match the online run."""
     cfg = distill_cfg(teacher, tmp_path)

@@ -48,6 +48,18 @@ def test_bad_distill_configs(patch, message):
         cfg(**patch)
 
 
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_last_hidden_cache_serves_every_logit_loss(loss):
+    """Its logits are the teacher's own, so unlike the drawn caches it takes any logit divergence; the
+    hidden-state loss and ULD still need the online teacher."""
+    c = cfg(kd={"teacher_mode": "cache", "cache_entries": "last_hidden", "loss": loss})
+    assert c.kd.cache_entries == "last_hidden" and c.kd.tail_draws == 0
+    with pytest.raises(ConfigError, match="needs the online teacher"):
+        cfg(kd={"teacher_mode": "cache", "cache_entries": "last_hidden", "hidden": {"weight": 1.0}})
+    with pytest.raises(ConfigError, match="kd.loss uld runs with the online teacher"):
+        cfg(kd={"teacher_mode": "cache", "cache_entries": "last_hidden", "loss": "uld"})
+
+
 @pytest.mark.parametrize(
     "prune, message",
     [
