@@ -314,6 +314,8 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         "disk_bytes": disk,
         "disk_bytes_per_token": disk / max(n_tokens, 1),
     }
+    if hidden_size is not None:  # once per cache, beside the per-token bytes
+        sizes["head_bytes"] = (tmp / HEAD_FILE).stat().st_size
     manifest = {"key": key, "rows": n_rows, "shards": n_shards, **sizes}
     (tmp / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2))
     make_shareable(tmp)
@@ -331,9 +333,10 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         "last_hidden": f"last hidden states ({hidden_size} values) per token",
     }[cfg.kd.cache_entries]
     values = "hidden states" if hidden_size is not None else "log-probabilities"
+    head = f", output layer {sizes['head_bytes'] / 2**20:.0f} MiB" if "head_bytes" in sizes else ""
     say(
         f"[raydist] teacher cache: {n_rows} sequences, {what} ({cfg.kd.cache_precision} {values}, "
-        f"{sizes['payload_bytes_per_token']} bytes per token, {sizes['disk_bytes_per_token']:.0f} on disk), in "
+        f"{sizes['payload_bytes_per_token']} bytes per token, {sizes['disk_bytes_per_token']:.0f} on disk{head}), in "
         f"{time.time() - t0:.0f}s -> {cache.location}"
     )
     return cache.location, n_shards

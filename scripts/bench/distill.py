@@ -764,7 +764,13 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"small student, ZeRO-{bt.get('zero_stage', 2)}: step time online / cache (median)",
                 f"{fmt(bt['online_step_s'])} s / {fmt(bt['cache_step_s'])} s",
                 f"cache_speedup_big_teacher = {fmt(bt['cache_speedup'])}x (by the ranks' CPU seconds "
-                f"{fmt(bt['cache_speedup_cpu'])}x; parameter-count estimate {bt['cache_speedup_ceiling']:.2f}x)",
+                f"{fmt(bt['cache_speedup_cpu'])}x; parameter-count estimate {bt['cache_speedup_ceiling']:.2f}x"
+                + (
+                    " without the teacher's output layer"
+                    if bt.get("cache_entries") == "last_hidden" and not bt.get("cache_speedup_ceiling_counts_head")
+                    else ""
+                )
+                + ")",
             ),
         ]
         for o in bt.get("other_caches", []):

@@ -206,7 +206,8 @@ def test_last_hidden_cache_trains_as_the_online_teacher(teacher, online_run, tmp
     manifest = json.loads((cache / "cache.json").read_text())
     hidden_size = load_model(ModelConfig(path=str(teacher))).config.hidden_size
     assert manifest["key"]["entries"] == "last_hidden" and "top_k" not in manifest["key"]
-    assert manifest["payload_bytes_per_token"] == 2 * hidden_size and (cache / "head.safetensors").is_file()
+    assert manifest["payload_bytes_per_token"] == 2 * hidden_size
+    assert manifest["head_bytes"] == (cache / "head.safetensors").stat().st_size > 0
     row = pq.read_table(sorted(cache.glob("part-*.parquet"))[0]).slice(0, 1).to_pylist()[0]
     assert len(row["teacher_hidden"]) == len(row["input_ids"]) * hidden_size
     cached, online = train_losses(tmp_path / "kd"), train_losses(online_run)
