@@ -341,27 +341,25 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 def _collate_teacher_cache(rows, width: int) -> dict[str, torch.Tensor]:
     """The cache's columns of each row (``topk_*`` flat [T * k], as the cache stores them) into padded tensors:
     one copy per row and column."""
-    n0 = len(rows[0]["input_ids"])
-    k = len(rows[0]["topk_indices"]) // max(n0, 1)
-    logp = torch.zeros((len(rows), width, k), dtype=torch.float32)
-    idx = torch.zeros((len(rows), width, k), dtype=torch.long)
     rest = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        logp[i, :n] = torch.from_numpy(np.asarray(r["topk_logprobs"]).reshape(n, k).astype(np.float32))
-        idx[i, :n] = torch.from_numpy(np.asarray(r["topk_indices"]).reshape(n, k).astype(np.int64))
-        rest[i, :n] = torch.from_numpy(np.asarray(r["rest_mass"], dtype=np.float32))
-    return {"topk_logprobs": logp, "topk_indices": idx, "rest_mass": rest}
+        rest[i, : len(r["input_ids"])] = torch.from_numpy(np.asarray(r["rest_mass"], dtype=np.float32))
+    return {
+        "topk_logprobs": _collate_flat_rows(rows, "topk_logprobs", width),
+        "topk_indices": _collate_flat_rows(rows, "topk_indices", width, np.int64),
+        "rest_mass": rest,
+    }
 
 
-def _collate_flat_rows(rows, column: str, width: int) -> torch.Tensor:
-    """A cache column stored flat per row ([T * H]) into a zero-padded float32 [B, width, H]: one copy per row."""
+def _collate_flat_rows(rows, column: str, width: int, dtype: type = np.float32) -> torch.Tensor:
+    """A cache column stored flat per row ([T * k] or [T * H]) into a zero-padded [B, width, k] of ``dtype``
+    (float32 or int64; the conversion happens in numpy, which also widens uint16 ids): one copy per row."""
     n0 = len(rows[0]["input_ids"])
-    h = len(rows[0][column]) // max(n0, 1)
-    out = torch.zeros((len(rows), width, h), dtype=torch.float32)
+    k = len(rows[0][column]) // max(n0, 1)
+    out = torch.from_numpy(np.zeros((len(rows), width, k), dtype=dtype))
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
-        out[i, :n] = torch.from_numpy(np.asarray(r[column]).reshape(n, h).astype(np.float32))
+        out[i, :n] = torch.from_numpy(np.asarray(r[column]).reshape(n, k).astype(dtype))
     return out
 
 

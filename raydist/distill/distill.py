@@ -29,7 +29,7 @@ import torch
 
 from raydist.compress.structured import collect_importance, prune_model
 from raydist.config.base import ModelConfig
-from raydist.config.distill import DistillConfig
+from raydist.config.distill import DRAWN_ENTRIES, DistillConfig
 from raydist.core import storage
 from raydist.core.artifact import write_manifest
 from raydist.core.data import IGNORE_INDEX
@@ -482,7 +482,7 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
             with torch.no_grad():
                 t_logits = teacher_head(b["teacher_hidden"][:, :-1][targets].to(teacher_head.weight.dtype))
             kd_sum = kd_loss_on_rows(s_logits, t_logits, kind=kd.loss, temperature=kd.temperature, beta=kd.beta)
-        elif cached and kd.cache_entries != "top_k":  # the teacher's distribution estimated from draws
+        elif cached and kd.cache_entries in DRAWN_ENTRIES:  # the teacher's distribution estimated from draws
             kd_sum = sampled_kd_loss_on_rows(
                 s_logits,
                 b["topk_logprobs"][:, :-1][targets],

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from raydist.config.distill import DRAWN_ENTRIES
 from raydist.distill.losses import teacher_samples, teacher_topk
 
 CACHE_MANIFEST = "cache.json"
@@ -231,7 +232,7 @@ def topk_rows(
     """
     lengths, ids, mask = _right_padded(model, input_ids, pad_id)
     logits = model(input_ids=ids, attention_mask=mask).logits  # [B, T, V]
-    if entries in ("sampled", "top_k_tail"):
+    if entries in DRAWN_ENTRIES:
         exact = k - tail_draws if entries == "top_k_tail" else 0
         rows = [
             teacher_samples(

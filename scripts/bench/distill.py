@@ -660,11 +660,8 @@ def cache_label(entries: str, k: int, tail_draws: Optional[int] = None) -> str:
 
 
 def small_cache_label(r: dict[str, Any], o: dict[str, Any]) -> str:
-    """The label of a small-student cache run's cache (results written before the kind was recorded: the
-    headline's kind)."""
-    entries = o.get("cache_entries", r.get("cache_entries", "top_k"))
-    draws = o.get("tail_draws", r.get("cache_tail_draws") if entries == r.get("cache_entries") else None)
-    return cache_label(entries, r["settings"]["top_k"], draws)
+    """The label of a small-student cache run's cache (``big_teacher`` or one of its ``other_caches``)."""
+    return cache_label(o["cache_entries"], r["settings"]["top_k"], o.get("tail_draws"))
 
 
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -758,7 +755,7 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                 f"small student, KD from {small_cache_label(r, bt)}",
                 fmt(bt["cache_eval_ppl"]),
                 f"vs online {100 * r['cache_ppl_rel_diff']:+.2f} % (cache_ppl_rel_diff); "
-                f"{bt.get('cache_bytes_per_token', r.get('cache_bytes_per_token'))} B per token",
+                f"{bt['cache_bytes_per_token']} B per token",
             ),
             (
                 f"small student, ZeRO-{bt.get('zero_stage', 2)}: step time online / cache (median)",
@@ -959,8 +956,8 @@ def markdown_section(r: dict[str, Any]) -> str:
                 else ""
             )
             + f"). That cache, {small_cache_label(r, bt)}, costs "
-            f"{bt.get('cache_bytes_per_token', r.get('cache_bytes_per_token'))} bytes per token "
-            f"({fmt(bt.get('cache_disk_bytes_per_token', r.get('cache_disk_bytes_per_token')), 0)} on "
+            f"{bt['cache_bytes_per_token']} bytes per token "
+            f"({fmt(bt['cache_disk_bytes_per_token'], 0)} on "
             "disk after Parquet's compression).",
         ]
         for o in bt.get("other_caches", []):
@@ -1409,14 +1406,23 @@ def main() -> None:
     by_stage = {}
     for stage, (online_s, caches) in small_runs.items():
         small_params = online_s["manifest"]["num_parameters"]
+        on_ppl = metrics_of(online_s)["eval_ppl"]
+
+        def small_cache(entries: str, kd: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+            """What a small-student cache run adds to the online one: its cache and how it compares."""
+            manifest = cache_manifest_of(kd, out)
+            return {
+                "cache_entries": entries,
+                "tail_draws": manifest["key"].get("tail_draws"),
+                "cache_bytes_per_token": manifest.get("payload_bytes_per_token"),
+                "cache_disk_bytes_per_token": manifest.get("disk_bytes_per_token"),
+                "cache_ppl_rel_diff": metrics_of(run)["eval_ppl"] / on_ppl - 1,
+                **cache_comparison(online_s, run, sampler),
+                "cache_run": student_summary(run, kd, args.lr, sampler),
+            }
+
         (entries_s, kd_s, cache_s), rest = caches[0], caches[1:]
-        cmp = cache_comparison(online_s, cache_s, sampler)
-        on_ppl, ca_ppl = metrics_of(online_s)["eval_ppl"], metrics_of(cache_s)["eval_ppl"]
-        manifest_s = cache_manifest_of(kd_s, out)
         by_stage[stage] = {
-            "cache_entries": entries_s,
-            "cache_bytes_per_token": manifest_s.get("payload_bytes_per_token"),
-            "cache_disk_bytes_per_token": manifest_s.get("disk_bytes_per_token"),
             "zero_stage": stage,
             "student_params": small_params,
             "teacher_over_student_params": teacher_params / small_params,
@@ -1424,26 +1430,15 @@ def main() -> None:
             "drop_layers": args.small_drop_layers,
             "mlp_keep": args.small_mlp_keep,
             "online_eval_ppl": on_ppl,
-            "cache_eval_ppl": ca_ppl,
+            "cache_eval_ppl": metrics_of(cache_s)["eval_ppl"],
             "cache_speedup_ceiling": speedup_ceiling(
                 teacher_params, small_params, teacher_head_params(teacher) if entries_s == "last_hidden" else 0
             ),
             "cache_speedup_ceiling_counts_head": entries_s == "last_hidden",
-            **cmp,
             "online_run": student_summary(online_s, kd_main, args.lr, sampler),
-            "cache_run": student_summary(cache_s, kd_s, args.lr, sampler),
-            "cache_ppl_rel_diff": ca_ppl / on_ppl - 1,
+            **small_cache(entries_s, kd_s, cache_s),
             "other_caches": [
-                {
-                    "cache_entries": entries,
-                    "tail_draws": cache_manifest_of(kd, out)["key"].get("tail_draws"),
-                    "cache_bytes_per_token": cache_manifest_of(kd, out).get("payload_bytes_per_token"),
-                    "eval_ppl": metrics_of(run)["eval_ppl"],
-                    "cache_ppl_rel_diff": metrics_of(run)["eval_ppl"] / on_ppl - 1,
-                    **cache_comparison(online_s, run, sampler),
-                    "cache_run": student_summary(run, kd, args.lr, sampler),
-                }
-                for entries, kd, run in rest
+                {"eval_ppl": metrics_of(run)["eval_ppl"], **small_cache(entries, kd, run)} for entries, kd, run in rest
             ],
         }
     if by_stage:  # the goal figures: the lowest stage asked for (ZeRO-0 by default: nothing to shard at ~30M)
