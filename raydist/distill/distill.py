@@ -386,6 +386,14 @@ def logits_at_targets(
     return model.get_output_embeddings()(rows), out.hidden_states  # [N, V]
 
 
+def kd_head_dtype(setting: str | None, bf16: bool) -> torch.dtype:
+    """The dtype of a ``last_hidden`` cache's teacher output layer in the workers (``kd.cache_head_dtype``;
+    default: the training's)."""
+    if setting is None:
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
 def distill_loop_per_worker(config: dict[str, Any]) -> None:
     """One data-parallel rank: frozen teacher, DeepSpeed-wrapped student, KD loss, eval with gap recovered."""
     cfg = DistillConfig.model_validate(config["cfg"])
@@ -407,7 +415,8 @@ def distill_loop_per_worker(config: dict[str, Any]) -> None:
     teacher_head = None  # a hidden cache's teacher output layer: the exact logits from the stored hidden states
     if cached and cfg.kd.cache_entries == "last_hidden":
         head_file = Mirror(config["teacher_cache"], role=f"rank{session.rank}").pull(HEAD_FILE)
-        teacher_head = load_head(head_file, device, torch.bfloat16 if session.bf16 else torch.float32)
+        head_dtype = kd_head_dtype(cfg.kd.cache_head_dtype, session.bf16)
+        teacher_head = load_head(head_file, device, head_dtype)
     teacher_config = load_model_config(cfg.teacher)
     student = load_model(ModelConfig(path=config["student_dir"]), seed=cfg.train.seed)
     hidden = cfg.kd.hidden

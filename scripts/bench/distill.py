@@ -649,19 +649,26 @@ def vs_ce_row(label: str, ppl: float, ce_ppl: float, boot: Optional[dict[str, fl
 CACHE_KINDS = ("top_k", "sampled", "top_k_tail", "last_hidden")  # kd.cache_entries
 
 
-def cache_label(entries: str, k: int, tail_draws: Optional[int] = None) -> str:
+def cache_label(entries: str, k: int, tail_draws: Optional[int] = None, head_dtype: Optional[str] = None) -> str:
     """How the tables name a teacher cache of any kind (``kd.cache_entries``; ``tail_draws`` from the cache's
-    key, which names it for top_k_tail caches)."""
+    key, which names it for top_k_tail caches; ``head_dtype``: ``kd.cache_head_dtype`` of a last_hidden run)."""
     if entries == "top_k_tail":
         return f"the cache of the top {k - tail_draws} + {tail_draws} tail draws per token"
     if entries == "last_hidden":
+        if head_dtype == "bfloat16":
+            return "the cache of the teacher's last hidden states (its logits from a bfloat16 output layer)"
         return "the cache of the teacher's last hidden states (exact logits)"
     return f"the top-{k} cache" if entries == "top_k" else f"the cache of {k} teacher draws per token"
 
 
 def small_cache_label(r: dict[str, Any], o: dict[str, Any]) -> str:
     """The label of a small-student cache run's cache (``big_teacher`` or one of its ``other_caches``)."""
-    return cache_label(o["cache_entries"], r["settings"]["top_k"], o.get("tail_draws"))
+    return cache_label(o["cache_entries"], r["settings"]["top_k"], o.get("tail_draws"), head_dtype_of(r))
+
+
+def head_dtype_of(r: dict[str, Any]) -> Optional[str]:
+    """``--cache-head-dtype`` of a results file (None: the training's precision, float32 here)."""
+    return r["settings"].get("cache_head_dtype")
 
 
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -702,7 +709,9 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
         label = f"{who}, on-policy KD (λ = {v['lmbda']:g}, {op['loss']}{start})"
         rows.append(vs_ce_row(label, v["eval_ppl"], gen_ce_ppl, v.get("vs_ce")))
     if r.get("cache_speedup") is not None:
-        label = cache_label(r.get("cache_entries", "top_k"), r["settings"]["top_k"], r.get("cache_tail_draws"))
+        label = cache_label(
+            r.get("cache_entries", "top_k"), r["settings"]["top_k"], r.get("cache_tail_draws"), head_dtype_of(r)
+        )
         rows += [
             (
                 f"KD from {label}",
@@ -725,9 +734,10 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             ("cache build (one-off)", f"{fmt(r['cache_build_s'], 0)} s", ""),
         ]
     for o in r.get("other_cache_entries", []):
+        label = cache_label(o["cache_entries"], r["settings"]["top_k"], o.get("tail_draws"), head_dtype_of(r))
         rows.append(
             (
-                f"KD from {cache_label(o['cache_entries'], r['settings']['top_k'], o.get('tail_draws'))}",
+                f"KD from {label}",
                 fmt(o["eval_ppl"]),
                 f"vs online {o['vs_online_ppl_pct']:+.2f} %; {o['payload_bytes_per_token']} B per token, "
                 f"{fmt(o.get('disk_bytes_per_token'), 0)} B on disk",
@@ -917,7 +927,9 @@ def markdown_section(r: dict[str, Any]) -> str:
                 "top_k_tail": "The cache gives the full KL's gradient exactly on its top entries and in "
                 "expectation over its tail draws, so the two students differ by more than float noise.",
                 "last_hidden": "The cache gives the online teacher's logits (up to float16 storage of its hidden "
-                "states), so the two students should differ by float noise only.",
+                "states"
+                + (" and the bfloat16 output layer" if head_dtype_of(r) == "bfloat16" else "")
+                + "), so the two students should differ by float noise only.",
             }[r.get("cache_entries", "top_k")],
         ]
     bt = r.get("big_teacher")
@@ -948,6 +960,7 @@ def markdown_section(r: dict[str, Any]) -> str:
             + f"), eval ppl {100 * r['cache_ppl_rel_diff']:+.2f} % vs online ({goal_p} the 1 % goal"
             + (
                 ": the same loss as online KD, up to the float16 storage of the hidden states"
+                + (" and the bfloat16 output layer" if head_dtype_of(r) == "bfloat16" else "")
                 if exact
                 else f"; but a student this small does not learn the task in {s['steps']} steps — eval ppl "
                 f"{fmt(bt['online_eval_ppl'])} against the teacher's {fmt(r['teacher_ppl'])} — so that difference "
@@ -1070,6 +1083,12 @@ def main() -> None:
     ap.add_argument(
         "--cache-tail-draws", type=int, default=None, help="kd.cache_tail_draws of top_k_tail caches (default k/2)"
     )
+    ap.add_argument(
+        "--cache-head-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="kd.cache_head_dtype of every last_hidden cache run (default: the training's precision, float32)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--kd-variant",
@@ -1186,6 +1205,8 @@ def main() -> None:
                 return {**kd_main, "teacher_mode": "cache"}
             cache_dir = str(out / f"teacher_cache_{entries}")
             kd = {**kd_main, "teacher_mode": "cache", "cache_entries": entries, "cache_dir": cache_dir}
+            if entries == "last_hidden" and args.cache_head_dtype:
+                kd["cache_head_dtype"] = args.cache_head_dtype
             if entries == "top_k_tail" and args.cache_tail_draws is not None:
                 kd["cache_tail_draws"] = args.cache_tail_draws
                 kd["cache_dir"] = f"{cache_dir}_{args.cache_tail_draws}"
@@ -1364,6 +1385,7 @@ def main() -> None:
             "ce_weight": args.ce_weight,
             "top_k": args.top_k,
             "cache_entries": args.cache_entries,
+            "cache_head_dtype": args.cache_head_dtype,
             "seed": args.seed,
             "ce_mode": ce_mode,
             "cache_actors": CACHE_ACTORS,

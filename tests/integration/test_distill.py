@@ -216,6 +216,14 @@ def test_last_hidden_cache_trains_as_the_online_teacher(teacher, online_run, tmp
     evals = {h["step"]: h["eval_ppl"] for h in read_history(tmp_path / "kd" / "metrics.jsonl") if "eval_ppl" in h}
     want = {h["step"]: h["eval_ppl"] for h in read_history(online_run / "metrics.jsonl") if "eval_ppl" in h}
     assert evals[4] != evals[0] and evals[4] == pytest.approx(want[4], rel=1e-3)
+    # The same cache with the output layer run in bfloat16 (kd.cache_head_dtype): the first step's loss (same
+    # student, same batch) moves by the head's rounding only, and does move (the setting reaches the workers).
+    cfg["kd"]["cache_head_dtype"] = "bfloat16"
+    cfg["run"]["name"] = "kd-bf16-head"
+    cfg["train"].update(max_steps=1, eval_every=None)
+    run_distill(config_from_dict(DistillConfig, cfg))
+    bf16_head = train_losses(tmp_path / "kd-bf16-head")
+    assert bf16_head[1] == pytest.approx(cached[1], rel=1e-2) and bf16_head[1] != cached[1]
 
 
 def test_distill_resumes_exactly(teacher, online_run, tmp_path):

@@ -60,6 +60,23 @@ def test_a_last_hidden_cache_serves_every_logit_loss(loss):
         cfg(kd={"teacher_mode": "cache", "cache_entries": "last_hidden", "loss": "uld"})
 
 
+def test_cache_head_dtype_is_a_last_hidden_setting():
+    """The teacher output layer's precision in the workers: the training's by default, bfloat16 on request;
+    refused for the caches that store log-probabilities (they have no output layer to run)."""
+    import torch
+
+    from raydist.distill.distill import kd_head_dtype
+
+    c = cfg(kd={"teacher_mode": "cache", "cache_entries": "last_hidden", "cache_head_dtype": "bfloat16"})
+    assert kd_head_dtype(c.kd.cache_head_dtype, bf16=False) == torch.bfloat16
+    assert kd_head_dtype(None, bf16=False) == torch.float32 and kd_head_dtype(None, bf16=True) == torch.bfloat16
+    assert kd_head_dtype("float32", bf16=True) == torch.float32
+    with pytest.raises(ConfigError, match="cache_head_dtype applies to cache_entries last_hidden only"):
+        cfg(kd={"teacher_mode": "cache", "cache_entries": "top_k", "cache_head_dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="cache_head_dtype"):
+        cfg(kd={"teacher_mode": "cache", "cache_entries": "last_hidden", "cache_head_dtype": "float16"})
+
+
 @pytest.mark.parametrize(
     "prune, message",
     [

@@ -491,3 +491,61 @@ def test_sampled_loss_is_the_kl_from_the_empirical_distribution():
     assert float(got) == pytest.approx(want * 4.0, rel=1e-6)
     with pytest.raises(ValueError, match="vocabulary"):
         sampled_kd_loss_on_rows(s[:, :5], logp[0], idx[0].clamp_min(6))
+
+
+# ------------------------------------------------------------------------------- row-chunked losses
+
+
+def _loss_and_grad(fn, s: torch.Tensor):
+    x = s.clone().requires_grad_(True)
+    loss = fn(x)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t, idx, lp: lambda x: kd_loss_on_rows(x, t, kind="forward_kl", temperature=2.0),
+        lambda t, idx, lp: lambda x: kd_loss_on_rows(x, t, kind="reverse_kl"),
+        lambda t, idx, lp: lambda x: kd_loss_on_rows(x, t, kind="jsd", beta=0.3),
+        lambda t, idx, lp: lambda x: topk_kd_loss_on_rows(x, *teacher_topk(t, 8)),
+        lambda t, idx, lp: lambda x: sampled_kd_loss_on_rows(x, lp, idx),
+    ],
+    ids=["forward_kl", "reverse_kl", "jsd", "top_k", "sampled"],
+)
+def test_row_chunked_losses_equal_the_whole_batch_computation(make, monkeypatch):
+    """The row losses run chunk by chunk (each chunk differentiated in the forward) when rows are many: the
+    loss and the student's gradient are those of one computation over every row, and the forward keeps no
+    autograd graph of the [N, V] intermediates."""
+    import raydist.distill.losses as losses
+
+    g = torch.Generator().manual_seed(0)
+    n, v = 11, 300
+    s, t = torch.randn(n, v, generator=g, dtype=torch.float64) * 3, torch.randn(n, v, generator=g) * 3
+    lp, idx = teacher_samples(t, 8, generator=g)[:2]
+    fn = make(t, idx, lp)
+    monkeypatch.setattr(losses, "_row_chunk", lambda vocab, device: 10**9)  # one chunk: plain autograd
+    whole, whole_grad = _loss_and_grad(fn, s)
+    calls = []
+    real = losses._RowChunkedSum.forward
+
+    def counting(ctx, f, chunk_rows, *args):
+        calls.append(chunk_rows)
+        return real(ctx, f, chunk_rows, *args)
+
+    monkeypatch.setattr(losses, "_row_chunk", lambda vocab, device: 4)  # chunks of 4, 4 and 3 rows
+    monkeypatch.setattr(losses._RowChunkedSum, "forward", staticmethod(counting))
+    chunked, chunked_grad = _loss_and_grad(fn, s)
+    assert calls == [4]
+    assert torch.allclose(chunked, whole, rtol=1e-12, atol=0)
+    assert torch.allclose(chunked_grad, whole_grad, rtol=1e-9, atol=1e-15)
+    assert chunked_grad.abs().sum() > 0
+
+
+def test_row_chunks_fit_a_cpu_cache_and_an_accelerator_batch():
+    from raydist.distill.losses import _row_chunk
+
+    assert _row_chunk(49152, torch.device("cpu")) == 21  # 4 MiB of float32 rows
+    assert _row_chunk(49152, torch.device("cuda")) == 1365
+    assert _row_chunk(10**9, torch.device("cpu")) == 1
