@@ -47,7 +47,10 @@ Data (``--seed-tasks``, default ``../shared/data/seed_tasks.jsonl``; CC BY-NC, n
    λ = 0.5 (``--on-policy-lmbda``, repeatable): for those micro-batches the student samples
    ``--op-max-new-tokens`` tokens of each prompt at ``--op-temperature`` and learns the teacher's
    distribution on them (``--op-loss``, reverse KL by default; ``--op-start-step`` steps of off-policy KD
-   first); the rest train on the responses.
+   first); the rest train on the responses. ``--op-warm-start S`` adds one more run, λ = 1 from step S + 1
+   after S steps of off-policy KD (on-policy distillation of a student that has first learned from the
+   responses, as the published recipes do); it is recorded beside the others, and the goal stays decided by
+   the λ = 1 run.
 
    Generation metric (``--skip-generation`` skips it): every student (and the teacher) answers each held-out
    instance greedily (``--gen-max-new-tokens``, the prompt rendered as in training); score = ROUGE-L F1 against
@@ -562,6 +565,18 @@ def paired_difference(a: list[float], b: list[float], n: int = 4000, seed: int =
     return {"diff": m["mean"], "ci95_low": m["ci95_low"], "ci95_high": m["ci95_high"], "above_zero": m["ci95_low"] > 0}
 
 
+def op_key(lmbda: float, start: int, protocol_start: int) -> str:
+    """An on-policy run's name in the generation scores: ``onpolicy<λ>``, and ``-from<S>`` when it starts at
+    another step than the protocol's runs (``--op-warm-start``)."""
+    return f"onpolicy{lmbda:g}" + ("" if start == protocol_start else f"-from{start}")
+
+
+def op_label(key: str) -> str:
+    """``onpolicy1-from15`` → ``λ = 1, from step 16``."""
+    lmbda, _, start = key[len("onpolicy") :].partition("-from")
+    return f"λ = {lmbda}" + (f", from step {int(start) + 1}" if start else "")
+
+
 def generation_results(scores: dict[str, list[float]], args) -> dict[str, Any]:
     """The results keys of the generation metric: each model's mean score and interval, and the paired
     differences that decide the on-policy goal (beat both CE and off-policy KD)."""
@@ -593,6 +608,14 @@ def generation_results(scores: dict[str, list[float]], args) -> dict[str, Any]:
         out["onpolicy_gen_goal_met"] = (
             out["onpolicy_vs_offpolicy_gen"]["diff"] > 0 and out["onpolicy_vs_ce_gen"]["diff"] > 0
         )
+        out["generation"]["other_onpolicy"] = {  # the runs beside the one the goal is decided by
+            k: {
+                "vs_offpolicy": paired_difference(scores[k], scores["offpolicy"]),
+                "vs_ce": paired_difference(scores[k], scores["ce"]),
+            }
+            for k in scores
+            if k.startswith("onpolicy") and k != full
+        }
     return out
 
 
@@ -1021,7 +1044,7 @@ def generation_markdown(r: dict[str, Any]) -> list[str]:
     names = {"teacher": "teacher, corrected", "ce": f"{who}, CE only", "offpolicy": f"{who}, KD ({r['kd_label']})"}
     rows = []
     for k, m in g["scores"].items():
-        label = names.get(k) or f"{who}, on-policy KD (λ = {k[len('onpolicy') :]})"
+        label = names.get(k) or f"{who}, on-policy KD ({op_label(k)})"
         rows.append((label, f"{m['mean']:.3f}", f"95 % CI {m['ci95_low']:.3f}–{m['ci95_high']:.3f}"))
     lines = [
         f"Generation metric: {g['metric']}, {g['instances']} held-out instances, greedy, up to "
@@ -1040,6 +1063,12 @@ def generation_markdown(r: dict[str, Any]) -> list[str]:
             + ("" if a["above_zero"] and b["above_zero"] else " (not beyond the eval's noise)")
             + ".",
         ]
+        for k, o in g.get("other_onpolicy", {}).items():
+            a2, b2 = o["vs_offpolicy"], o["vs_ce"]
+            lines[-1] += (
+                f" On-policy KD ({op_label(k)}) − off-policy KD: {a2['diff']:+.3f} ({a2['ci95_low']:+.3f} to "
+                f"{a2['ci95_high']:+.3f}); − CE: {b2['diff']:+.3f} ({b2['ci95_low']:+.3f} to {b2['ci95_high']:+.3f})."
+            )
     return lines
 
 
@@ -1113,6 +1142,13 @@ def main() -> None:
         type=int,
         default=0,
         help="steps of off-policy KD before the on-policy batches begin (kd.on_policy.start_step), within --steps",
+    )
+    ap.add_argument(
+        "--op-warm-start",
+        type=int,
+        default=None,
+        metavar="S",
+        help="one more on-policy KD run: lambda 1 after S steps of off-policy KD (recorded beside the others)",
     )
     ap.add_argument("--skip-generation", action="store_true", help="no generation metric (greedy answers, ROUGE-L)")
     ap.add_argument(
@@ -1295,23 +1331,27 @@ def main() -> None:
                     )
                     for tag, kd in (("gen-kd", kd_main), ("gen-ce", ce_kd))
                 )
-        on_policy = []  # the generation student's KD run with kd.on_policy at each --on-policy-lmbda
-        for lmbda in args.on_policy_lmbda:
+        on_policy = []  # the generation student's KD run with kd.on_policy at each --on-policy-lmbda (+ warm start)
+        schedule = [(lmbda, args.op_start_step) for lmbda in args.on_policy_lmbda]
+        if args.op_warm_start is not None and args.on_policy_lmbda:
+            schedule.append((1.0, args.op_warm_start))
+        for lmbda, start in schedule:
             op = {
                 "lmbda": lmbda,
                 "max_new_tokens": args.op_max_new_tokens,
                 "temperature": args.op_temperature,
                 "loss": args.op_loss,
-                "start_step": args.op_start_step,
+                "start_step": start,
             }
             kd = {**kd_main, "on_policy": op}
+            key = op_key(lmbda, start, args.op_start_step)
             run = run_stage(
                 "distill",
-                f"{'kd' if same_student else 'gen'}-onpolicy{lmbda:g}",
+                f"{'kd' if same_student else 'gen'}-{key}",
                 student_config(args, teacher, train, evals, out, kd=kd, lr=args.lr, shape=gen_shape),
                 runs,
             )
-            on_policy.append({"lmbda": lmbda, **student_summary(run, kd, args.lr, sampler)})
+            on_policy.append({"lmbda": lmbda, "key": key, **student_summary(run, kd, args.lr, sampler)})
     finally:
         sampler.__exit__()
         import ray
@@ -1512,7 +1552,7 @@ def main() -> None:
     if not args.skip_generation:
         say("greedy answers of every model on the held-out instances (generation metric)")
         gen_arts = {"teacher": str(teacher), "ce": gen_ce["artifact"], "offpolicy": gen_kd["artifact"]}
-        gen_arts.update({f"onpolicy{v['lmbda']:g}": v["run_dir"] + "/artifact" for v in on_policy})
+        gen_arts.update({v["key"]: v["run_dir"] + "/artifact" for v in on_policy})
         r.update(generation_results(generation_scores(gen_arts, evals, args.gen_max_new_tokens), args))
     loads = [
         x

@@ -69,6 +69,30 @@ def test_generation_results_and_the_markdown_section(bench):
     assert "| student, on-policy KD (λ = 0.5) | 0.350 |" in md
 
 
+def test_a_warm_started_on_policy_run_is_recorded_beside_the_goal_run(bench):
+    """--op-warm-start: one more λ = 1 run after S off-policy steps, named apart from the protocol's runs, with
+    its own paired differences; the goal stays decided by the protocol's λ = 1 run."""
+    assert bench.op_key(1.0, 0, 0) == "onpolicy1" and bench.op_key(0.5, 0, 0) == "onpolicy0.5"
+    assert bench.op_key(1.0, 15, 0) == "onpolicy1-from15"
+    assert bench.op_label("onpolicy1-from15") == "λ = 1, from step 16" and bench.op_label("onpolicy0.5") == "λ = 0.5"
+    scores = {
+        "teacher": [0.5, 0.6, 0.4, 0.7],
+        "ce": [0.2, 0.3, 0.1, 0.4],
+        "offpolicy": [0.25, 0.3, 0.2, 0.4],
+        "onpolicy1": [0.1, 0.2, 0.1, 0.3],
+        "onpolicy1-from15": [0.4, 0.5, 0.3, 0.6],
+    }
+    g = bench.generation_results(scores, Args())
+    assert g["onpolicy_gen_run"] == "onpolicy1" and not g["onpolicy_gen_goal_met"]
+    warm = g["generation"]["other_onpolicy"]["onpolicy1-from15"]
+    assert warm["vs_offpolicy"]["diff"] == pytest.approx(0.1625) and warm["vs_ce"]["diff"] == pytest.approx(0.2)
+    r = copy.deepcopy(json.loads((REPO / "benchmarks" / "results" / "distill.json").read_text()))
+    r.update(g)
+    md = bench.markdown_section(r)
+    assert "| generation student, on-policy KD (λ = 1, from step 16) | 0.450 |" in md
+    assert f"On-policy KD (λ = 1, from step 16) − off-policy KD: {warm['vs_offpolicy']['diff']:+.3f} (" in md
+
+
 def test_generation_metric_on_a_tiny_model(bench, tiny_tokenizer, tmp_path):
     from rouge_score import rouge_scorer
 
