@@ -1187,6 +1187,12 @@ def main() -> None:
     ap.add_argument("--skip-bootstrap", action="store_true", help="no per-sequence rescoring / intervals")
     ap.add_argument("--no-write", action="store_true", help="print only; leave the results files alone")
     ap.add_argument(
+        "--results-name",
+        default=RESULTS.stem,
+        help=f"write benchmarks/results/<name>.json (default {RESULTS.stem}); only {RESULTS.name} rewrites "
+        "BENCHMARKS.md (a side run, e.g. one more on-policy run reusing an --out, goes to a file of its own)",
+    )
+    ap.add_argument(
         "--markdown-only",
         action="store_true",
         help=f"rewrite the {SECTION[3:]} section of BENCHMARKS.md from {RESULTS.name} without measuring",
@@ -1580,10 +1586,12 @@ def main() -> None:
     print_table(rows)
     say(f"runtime {r['runtime_s'] / 60:.1f} min; work dir {out}")
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(r, indent=2, default=str) + "\n")
-        replace_section(markdown_section(r))
-        say(f"wrote {RESULTS} and the {SECTION[3:]} section of {BENCHMARKS_MD}")
+        target = RESULTS.with_name(f"{args.results_name}.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(r, indent=2, default=str) + "\n")
+        if target == RESULTS:
+            replace_section(markdown_section(r))
+        say(f"wrote {target}" + (f" and the {SECTION[3:]} section of {BENCHMARKS_MD}" if target == RESULTS else ""))
     if args.out is None:
         shutil.rmtree(out, ignore_errors=True)
 
