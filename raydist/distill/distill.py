@@ -74,6 +74,7 @@ from raydist.distill.teacher_cache import (
     cache_key,
     cache_table,
     check_cache,
+    head_tensors,
     hidden_rows,
     load_head,
     payload_bytes_per_token,
@@ -306,7 +307,7 @@ def build_teacher_cache(cfg: DistillConfig, run_dir: Mirror, tokenizer, say, row
         n_tokens += sum(len(x) for x in batch["input_ids"])
         n_shards += 1
     if hidden_size is not None:  # the workers turn hidden states into logits with the teacher's own output layer
-        save_head(load_model(cfg.teacher), tmp / HEAD_FILE)
+        save_head(head_tensors(cfg.teacher), tmp / HEAD_FILE)
     disk = sum(f.stat().st_size for f in tmp.glob("part-*.parquet"))
     sizes = {
         "tokens": n_tokens,

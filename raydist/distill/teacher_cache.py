@@ -13,7 +13,8 @@ cache is never read):
                        vocabulary fits, else int32), rest_mass [T] (float32: the leftover mass is often tiny);
                        a ``last_hidden`` cache has teacher_hidden [T * H] (row-major [T, H], ``kd.cache_precision``)
                        instead of the three top-k columns
-  head.safetensors     ``last_hidden`` caches only: the teacher's output layer (``weight`` [V, H], ``bias`` [V] if any)
+  head.safetensors     ``last_hidden`` caches only: the teacher's output layer (``weight`` [V, H], ``bias`` [V] if any),
+                       in its checkpoint's dtype
 
 With k = 64, float16 log-probabilities and 2-byte ids a token costs 260 bytes of payload (516 with float32 and
 int32), in DistillKit's range (~300 bytes per token).
@@ -27,12 +28,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
 
 from raydist.config.distill import DRAWN_ENTRIES
+
+if TYPE_CHECKING:
+    from raydist.config import ModelConfig
 from raydist.distill.losses import teacher_samples, teacher_topk
 
 CACHE_MANIFEST = "cache.json"
@@ -188,14 +192,59 @@ def hidden_rows(model, input_ids: list[np.ndarray], pad_id: int) -> dict[str, li
     return {"teacher_hidden": [hidden[i, :n].float().cpu().numpy() for i, n in enumerate(lengths)]}
 
 
-def save_head(model, path: Path) -> None:
-    """Write the teacher's output layer (``weight`` [V, H], and ``bias`` [V] when it has one) for a hidden cache."""
-    from safetensors.torch import save_file
+def head_tensors(teacher: "ModelConfig") -> dict[str, torch.Tensor]:
+    """The teacher's output layer (``weight`` [V, H], and ``bias`` [V] when it has one) for a hidden cache.
 
-    head = model.get_output_embeddings()
+    From a Hugging Face directory of safetensors only those tensors are read, in the checkpoint's dtype, so the
+    driver never holds the teacher (a 7B one would take 28 GB in float32); other sources (tiny, GGUF, ``.bin``
+    checkpoints, names the checkpoint does not have) load the model once, in float32."""
+    from raydist.core.models import load_model, resolve_model_source
+
+    src = resolve_model_source(teacher)
+    found = _head_from_safetensors(Path(src.path)) if src.kind == "hf_dir" else None
+    if found is not None:
+        return found
+    head = load_model(teacher).get_output_embeddings()
     tensors = {"weight": head.weight.detach().float().contiguous()}
     if getattr(head, "bias", None) is not None:
         tensors["bias"] = head.bias.detach().float().contiguous()
+    return tensors
+
+
+def _head_from_safetensors(model_dir: Path) -> Optional[dict[str, torch.Tensor]]:
+    """The output layer's tensors read from ``model_dir``'s safetensors (one file or an index), or None.
+
+    The layer's parameter names come from the model built on the meta device (no memory); a tied head has two
+    (``lm_head.weight`` and the input embedding's), and the checkpoint keeps one of them."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: model_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (model_dir / "model.safetensors").is_file():
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+            where = {k: model_dir / "model.safetensors" for k in f.keys()}
+    else:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    head = model.get_output_embeddings()
+    params = [("weight", head.weight)] + ([("bias", head.bias)] if getattr(head, "bias", None) is not None else [])
+    tensors = {}
+    for field, param in params:
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is param and n in where]
+        if not names:
+            return None
+        with safe_open(str(where[names[0]]), "pt") as f:
+            tensors[field] = f.get_tensor(names[0]).contiguous()
+    return tensors
+
+
+def save_head(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a hidden cache's copy of the teacher's output layer (:func:`head_tensors`)."""
+    from safetensors.torch import save_file
+
     save_file(tensors, str(path))
 
 

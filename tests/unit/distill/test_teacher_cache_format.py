@@ -16,6 +16,7 @@ from raydist.distill.teacher_cache import (
     cache_key,
     cache_table,
     check_cache,
+    head_tensors,
     hidden_rows,
     index_dtype,
     load_head,
@@ -128,7 +129,8 @@ def test_a_hidden_cache_gives_back_the_online_teachers_logits(tmp_path, precisio
     back = pq.read_table(tmp_path / "part.parquet").to_pydict()
     got = collate(list(iter_rows({k: np.array([np.array(x) for x in v], dtype=object) for k, v in back.items()})), 0)
     assert got["teacher_hidden"].shape == (3, 12, model.config.hidden_size) and "topk_indices" not in got
-    save_head(model, tmp_path / "head.safetensors")
+    model.save_pretrained(tmp_path / "teacher")
+    save_head(head_tensors(ModelConfig(path=str(tmp_path / "teacher"))), tmp_path / "head.safetensors")
     head = load_head(tmp_path / "head.safetensors", torch.device("cpu"), torch.float32)
     assert not head.weight.requires_grad
     targets = got["labels"][:, 1:] != -100
@@ -148,3 +150,35 @@ def test_a_hidden_cache_key_leaves_out_k_and_temperature(tmp_path):
     (tmp_path / CACHE_MANIFEST).write_text(json.dumps({"key": hidden}))
     with pytest.raises(CacheMismatchError, match="different"):
         check_cache(tmp_path, cache_key(**common, top_k=8, temperature=1.0))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_head_is_read_from_the_checkpoint_without_loading_the_teacher(tmp_path, monkeypatch, tied):
+    """A hidden cache's output layer comes out of the teacher's safetensors alone (in its dtype, tied to the input
+    embedding or not, one file or sharded with an index); sources without safetensors load the model."""
+    import raydist.core.models as models
+    from raydist.core.models import tiny_llama_config
+
+    cfg = tiny_llama_config(ModelConfig(path="tiny-random").tiny)
+    cfg.tie_word_embeddings = tied
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    want = model.get_output_embeddings().weight.detach()
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "load_model", no_load)
+        for d in ("one", "sharded"):
+            got = head_tensors(ModelConfig(path=str(tmp_path / d)))
+            assert set(got) == {"weight"} and got["weight"].dtype == torch.bfloat16
+            assert torch.equal(got["weight"], want)
+    fallback = head_tensors(ModelConfig(path="tiny-random"))  # nothing to read: built and loaded, float32
+    assert fallback["weight"].dtype == torch.float32
+    assert fallback["weight"].shape == (cfg.vocab_size, cfg.hidden_size)
