@@ -97,6 +97,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -562,7 +563,21 @@ def paired_difference(a: list[float], b: list[float], n: int = 4000, seed: int =
         raise ValueError(f"paired scores of different lengths: {len(a)} vs {len(b)}")
     d = [x - y for x, y in zip(a, b)]
     m = bootstrap_mean(d, n, seed)
-    return {"diff": m["mean"], "ci95_low": m["ci95_low"], "ci95_high": m["ci95_high"], "above_zero": m["ci95_low"] > 0}
+    return {
+        "diff": m["mean"],
+        "ci95_low": m["ci95_low"],
+        "ci95_high": m["ci95_high"],
+        "above_zero": m["ci95_low"] > 0,
+        **resolving_power(d),
+    }
+
+
+def resolving_power(d: list[float]) -> dict[str, Any]:
+    """How far the eval is from deciding a paired difference: the per-instance standard deviation of ``d`` and
+    the instances at which a normal 95 % interval of its mean would exclude 0, were the mean and spread the
+    same: (1.96 · sd / |mean|)² (None for a zero mean)."""
+    mean, sd = statistics.fmean(d), statistics.stdev(d)
+    return {"sd": sd, "instances_to_resolve": math.ceil((1.96 * sd / abs(mean)) ** 2) if mean else None}
 
 
 def op_key(lmbda: float, start: int, protocol_start: int) -> str:
@@ -1063,6 +1078,24 @@ def generation_markdown(r: dict[str, Any]) -> list[str]:
             + ("" if a["above_zero"] and b["above_zero"] else " (not beyond the eval's noise)")
             + ".",
         ]
+        per = g["per_instance"]
+        power = {
+            what: resolving_power([x - y for x, y in zip(per[r["onpolicy_gen_run"]], per[other])])
+            for what, other in (("off-policy KD", "offpolicy"), ("CE", "ce"))
+        }
+        lines[-1] += " How far these instances are from deciding it: " + "; ".join(
+            f"against {what} the per-instance differences spread with SD {p['sd']:.3f}, so a 95 % interval "
+            + (
+                f"would settle the sign of this mean difference only from about {p['instances_to_resolve']:,} instances"
+                if p["instances_to_resolve"]
+                else "cannot exclude 0 at a zero mean difference"
+            )
+            for what, p in power.items()
+        )
+        lines[-1] += (
+            f" (the seed tasks hold {r['data']['train_instances'] + r['data']['eval_instances']} instances in all, "
+            "so even cross-validated folds over every task cannot settle a difference this small)."
+        )
         for k, o in g.get("other_onpolicy", {}).items():
             a2, b2 = o["vs_offpolicy"], o["vs_ce"]
             lines[-1] += (
