@@ -4,6 +4,7 @@ model (the benchmark's full run takes about an hour and is not a test)."""
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,11 @@ def test_bootstrap_intervals(bench):
     d = bench.paired_difference([0.5, 0.6, 0.7, 0.9], [0.4, 0.5, 0.6, 0.8])
     assert d["diff"] == pytest.approx(0.1) and d["above_zero"]
     assert not bench.paired_difference([0.5, 0.1], [0.1, 0.5])["above_zero"]
+    # differences 0.3 and -0.1 alternating: mean 0.1, sd 0.214, so (1.96 * 0.214 / 0.1)^2 = 17.6 -> 18 instances
+    spread = bench.paired_difference([0.3, -0.1] * 4, [0.0] * 8)
+    assert spread["diff"] == pytest.approx(0.1) and spread["sd"] == pytest.approx(0.2138, abs=1e-4)
+    assert spread["instances_to_resolve"] == 18 == math.ceil((1.96 * spread["sd"] / spread["diff"]) ** 2)
+    assert bench.paired_difference([0.5, 0.1], [0.1, 0.5])["instances_to_resolve"] is None  # no difference
     with pytest.raises(ValueError, match="different lengths"):
         bench.paired_difference([1.0], [1.0, 2.0])
 
