@@ -165,3 +165,39 @@ def test_unreachable_storage_is_refused_before_anything_starts():
     r = subprocess.run(finetune_cmd(bad), env=cli_env(), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2 and "run.output_dir" in r.stderr and "127.0.0.1:9" in r.stderr
     assert time.time() - t0 < 60
+
+
+def test_a_last_hidden_teacher_cache_in_the_bucket(s3, tmp_path):
+    """A teacher cache on S3 (kd.cache_dir): the shards, the manifest and a last_hidden cache's output layer go
+    to the bucket, the workers train from there, and the next run with the same key reuses it."""
+    cache = storage.join(s3, "teacher-cache-lh")
+    cmd = [
+        sys.executable,
+        "-m",
+        "raydist",
+        "distill",
+        "-c",
+        "jobs/tiny_distill.yaml",
+        f"run.output_dir={tmp_path}",
+        "kd.teacher_mode=cache",
+        "kd.cache_entries=last_hidden",
+        "kd.ce_weight=0.0",
+        f"kd.cache_dir={cache}",
+        "train.max_steps=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=null",
+        "resources.num_gpus=0",
+    ]
+    first = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    manifest = json.loads(storage.read_text(storage.join(cache, "cache.json")))
+    assert manifest["key"]["entries"] == "last_hidden" and manifest["rows"] > 0
+    assert storage.is_file(storage.join(cache, "head.safetensors")) and manifest["head_bytes"] > 0
+    history = map(json.loads, (tmp_path / "tiny-distill" / "metrics.jsonl").open())
+    losses = [h["loss"] for h in history if "tokens_per_s" in h]
+    assert len(losses) == 2 and all(x > 0 for x in losses)
+    again = subprocess.run(
+        cmd + ["run.name=again"], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "reusing teacher cache" in again.stdout + again.stderr
