@@ -48,6 +48,7 @@ SECTION = "## Provenance of these figures"
 MEASURES: dict[str, list[str]] = {
     "finetune.json": ["raydist/train"],
     "distill.json": ["raydist/distill", "raydist/train"],
+    "distill-warmstart.json": ["raydist/distill", "raydist/train"],  # a side run of distill.py (--results-name)
     "distill_gpu.json": ["raydist/distill", "raydist/train"],
     "serve.json": ["raydist/serve", "raydist/compress/quant", "raydist/core"],
     # generation_speed (the tokens/s of every row) moved from core/evaluation.py to sweep/speed.py
