@@ -131,9 +131,9 @@ class KDSettings(StrictModel):
     cache_head_dtype: Optional[Literal["float32", "bfloat16"]] = Field(
         None,
         description="With cache_entries last_hidden: the precision of the teacher output layer's matmul in the "
-        "workers (default: the training's, bfloat16 under train.bf16, else float32). bfloat16 is ~3x faster than "
-        "float32 on CPUs with bfloat16 matrix units (Intel AMX: Sapphire Rapids and later) and moves the teacher's "
-        "distribution by ~1e-3 nats per token; on CPUs without them it can be slower.",
+        "workers (default: the training's, bfloat16 under train.bf16, else float32). bfloat16 is faster on CPUs with "
+        "bfloat16 matrix units (Intel AMX: Sapphire Rapids and later) and can be slower on CPUs without them; it "
+        "rounds the teacher's logits to bfloat16.",
     )
     cache_actors: int = Field(1, gt=0, description="Teacher replicas (Ray Data actors) building the cache.")
     cache_batch_size: int = Field(8, gt=0, description="Sequences per teacher forward while building the cache.")

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from raydist.config.distill import DRAWN_ENTRIES
+from raydist.distill.losses import teacher_samples, teacher_topk
 
 if TYPE_CHECKING:
     from raydist.config import ModelConfig
-from raydist.distill.losses import teacher_samples, teacher_topk
 
 CACHE_MANIFEST = "cache.json"
 HEAD_FILE = "head.safetensors"  # a hidden-state cache's copy of the teacher's output layer
