@@ -351,24 +351,26 @@ def topk_kd_loss(
     return loss, mask.sum()
 
 
-def _student_logprobs_at(
-    student_logits: torch.Tensor,
-    indices: torch.Tensor,
-    temperature: float,
-    vocab_size: Optional[int],
-    what: str,
-    hint: str = "",
-) -> torch.Tensor:
-    """The student's tempered log-probabilities [N, k] at a cache's token ids [N, k], over its vocabulary
-    truncated to ``vocab_size``. Only the normaliser and k gathered entries are needed, not a full [N, V]
-    log_softmax. Raises ValueError (naming ``what``, then ``hint``) for an id outside that vocabulary; the
-    check reads one scalar back from the device."""
-    vocab = student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
-    idx = indices.long()
-    if idx.numel() and (int(idx.max()) >= vocab or int(idx.min()) < 0):
+def _student_vocab(student_logits: torch.Tensor, vocab_size: Optional[int]) -> int:
+    """The student's vocabulary the cache losses normalise over: its logits' width truncated to ``vocab_size``."""
+    return student_logits.size(-1) if vocab_size is None else min(vocab_size, student_logits.size(-1))
+
+
+def _check_cache_ids(indices: torch.Tensor, vocab: int, what: str, hint: str = "") -> None:
+    """Raises ValueError (naming ``what``, then ``hint``) for a cache token id outside ``[0, vocab)``. Called
+    once per loss, before the rows are split into chunks: the check reads one scalar back from the device."""
+    if indices.numel() and (int(indices.max()) >= vocab or int(indices.min()) < 0):
         raise ValueError(f"{what} fall outside the student's vocabulary [0, {vocab}){hint}")
+
+
+def _student_logprobs_at(
+    student_logits: torch.Tensor, indices: torch.Tensor, temperature: float, vocab: int
+) -> torch.Tensor:
+    """The student's tempered log-probabilities [N, k] at a cache's token ids [N, k] (checked by
+    :func:`_check_cache_ids`), over its first ``vocab`` logits. Only the normaliser and k gathered entries are
+    needed, not a full [N, V] log_softmax."""
     z = _tempered(student_logits[:, :vocab], temperature)  # [N, V]
-    return z.gather(-1, idx) - z.logsumexp(-1, keepdim=True)
+    return z.gather(-1, indices.long()) - z.logsumexp(-1, keepdim=True)
 
 
 def topk_kd_loss_on_rows(
@@ -405,16 +407,16 @@ def topk_kd_loss_on_rows(
             f"{list(student_logits.shape)}, {list(teacher_topk_logprobs.shape)}, "
             f"{list(teacher_topk_indices.shape)}, {list(teacher_rest_mass.shape)}"
         )
+    vocab = _student_vocab(student_logits, vocab_size)
+    _check_cache_ids(
+        teacher_topk_indices,
+        vocab,
+        "teacher top-k indices",
+        "; build the cache with teacher_topk(..., vocab_size=<student vocab>)",
+    )
 
     def rows_sum(s: torch.Tensor, logprobs: torch.Tensor, indices: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
-        s_k = _student_logprobs_at(
-            s,
-            indices,
-            temperature,
-            vocab_size,
-            "teacher top-k indices",
-            "; build the cache with teacher_topk(..., vocab_size=<student vocab>)",
-        )  # [n, k]
+        s_k = _student_logprobs_at(s, indices, temperature, vocab)  # [n, k]
         t_k = _upcast(logprobs.detach())  # [n, k]
         t_rest = _upcast(rest.detach())  # [n]
         s_rest = (1.0 - s_k.exp().sum(-1)).clamp_min(0.0)  # [n]; clamp: rounding can push it below 0
@@ -519,9 +521,11 @@ def sampled_kd_loss_on_rows(
             f"rows must be student [N, V] and sampled log-probs / indices [N, k]; got {list(student_logits.shape)}, "
             f"{list(sampled_logprobs.shape)}, {list(sampled_indices.shape)}"
         )
+    vocab = _student_vocab(student_logits, vocab_size)
+    _check_cache_ids(sampled_indices, vocab, "sampled indices")
 
     def rows_sum(s: torch.Tensor, logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        s_logp = _student_logprobs_at(s, indices, temperature, vocab_size, "sampled indices")
+        s_logp = _student_logprobs_at(s, indices, temperature, vocab)
         w = _upcast(logprobs.detach()).exp()  # [n, k]; 0 in the padding slots
         w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)  # stored at float16: renormalise
         return (torch.xlogy(w, w).sum(-1) - (w * s_logp).sum(-1)).sum() * temperature**2
